@@ -1,0 +1,206 @@
+"""Typed configuration: ``config.yaml`` validated by pydantic (``extra="forbid"``).
+
+``load_config(path)`` returns a :class:`Config` or raises :class:`ConfigError` with one readable
+message naming the offending key. Relative paths in the file are resolved against the file's folder.
+Environment overrides exist only for paths and secrets:
+
+- ``DICOM_NODE_STORAGE_ROOT`` overrides ``storage.root``
+- ``DICOM_NODE_DATABASE_URL`` overrides ``storage.database_url``
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "config.yaml"
+OutputKind = Literal["sr", "sc", "gsps"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16 or not value.isascii() or "\\" in value or value.strip() != value:
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 ASCII characters, no backslash, "
+                         "no leading/trailing spaces)")
+    return value
+
+
+class NodeConfig(_Strict):
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)  # [] = any
+    max_associations: int = Field(16, ge=1)
+    acse_timeout_s: float = Field(30, gt=0)
+    dimse_timeout_s: float = Field(60, gt=0)
+    network_timeout_s: float = Field(120, gt=0)
+    max_pdu_bytes: int = Field(0, ge=0)  # 0 = unlimited
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_aets(cls, v: list[str]) -> list[str]:
+        return [_ae_title(a) for a in v]
+
+
+class StorageConfig(_Strict):
+    root: Path = Path("./var")
+    database_url: str | None = None  # null = SQLite file under root
+    min_free_disk_mb: int = Field(1024, ge=0)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.root / 'dicom-node.sqlite3').resolve()}"
+
+
+class StudiesConfig(_Strict):
+    stable_after_s: float = Field(10, ge=0)
+
+
+class SelectionConfig(_Strict):
+    """Which received instances are analysed. Everything else is stored and marked skipped."""
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP"])
+    body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG", "TORAX", "THORAX_AP", "CHEST_AP", "CHEST_PA"])
+    # Many modalities leave BodyPartExamined empty: accept a missing body part by default.
+    allow_missing_body_part: bool = True
+    # A missing ViewPosition is common on older CR: analyse it only when this is true.
+    allow_missing_view_position: bool = False
+
+
+class ModelsConfig(_Strict):
+    classifier: Path = Path("models/classifier.pt")
+    detector: Path = Path("models/detector.pt")
+    device: str = "cpu"
+
+
+class FusionConfig(_Strict):
+    mode: Literal["gate", "soft"] = "soft"
+    abnormal_threshold: float = Field(0.5, ge=0, le=1)   # gate: detect only when p_abnormal >= this
+    min_score: float = Field(0.25, ge=0, le=1)          # findings below this fused score are dropped
+    detector_conf: float = Field(0.05, ge=0, le=1)      # raw detector confidence floor
+    max_findings: int = Field(20, ge=1)
+
+
+class InferenceConfig(_Strict):
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+
+
+class WorkersConfig(_Strict):
+    count: int = Field(1, ge=0)          # worker processes started by `serve` (0 = none, run `dicom-node worker`)
+    poll_interval_s: float = Field(1.0, gt=0)
+    job_lease_s: float = Field(600, gt=0)  # a claimed job not finished after this is claimed again
+
+
+class OutputsConfig(_Strict):
+    institution_name: str | None = None
+    series_number_sr: int = 9001
+    series_number_sc: int = 9002
+    series_number_gsps: int = 9003
+
+
+class DestinationConfig(_Strict):
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc"])
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+class DeliveryConfig(_Strict):
+    backoff_initial_s: float = Field(5, gt=0)
+    backoff_max_s: float = Field(600, gt=0)
+    max_attempts: int = Field(50, ge=1)       # transient failures after this many tries -> failed
+    connect_timeout_s: float = Field(10, gt=0)
+    dimse_timeout_s: float = Field(60, gt=0)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(_Strict):
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    studies: StudiesConfig = Field(default_factory=StudiesConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> "Config":
+        names = [d.name for d in self.destinations]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"destination names must be unique; repeated: {sorted(dupes)}")
+        return self
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    cfg.storage.root = fix(Path(os.environ.get("DICOM_NODE_STORAGE_ROOT", cfg.storage.root)))
+    if os.environ.get("DICOM_NODE_DATABASE_URL"):
+        cfg.storage.database_url = os.environ["DICOM_NODE_DATABASE_URL"]
+    cfg.inference.models.classifier = fix(cfg.inference.models.classifier)
+    cfg.inference.models.detector = fix(cfg.inference.models.detector)
+    return cfg
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see config.yaml for the documented keys)"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict | None, base: Path, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (node, storage, ...)")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc
+    return _resolve_paths(cfg, base)
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Load and validate a config file; ``None`` means ./config.yaml if present, else defaults."""
+    if path is None:
+        candidate = Path(DEFAULT_CONFIG_NAME)
+        if not candidate.exists():
+            return parse_config({}, Path.cwd(), "defaults")
+        path = candidate
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return parse_config(data, path.resolve().parent, str(path))

@@ -1,0 +1,71 @@
+"""Plain result types shared by the pipeline, the CLI and the DICOM encoders.
+
+Boxes are always ``(x_min, y_min, x_max, y_max)`` in *source* pixel coordinates (columns, rows)
+of the image handed to the pipeline, as floats.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# VinDr-CXR / VinBigData class ids 0-13; 14 is "No finding".
+FINDING_CLASSES: tuple[str, ...] = (
+    "Aortic enlargement",
+    "Atelectasis",
+    "Calcification",
+    "Cardiomegaly",
+    "Consolidation",
+    "ILD",
+    "Infiltration",
+    "Lung Opacity",
+    "Nodule/Mass",
+    "Other lesion",
+    "Pleural effusion",
+    "Pleural thickening",
+    "Pneumothorax",
+    "Pulmonary fibrosis",
+)
+NO_FINDING = "No finding"
+NO_FINDING_ID = 14
+
+
+@dataclass(frozen=True)
+class Finding:
+    class_id: int                                  # 0-13, index into FINDING_CLASSES
+    label: str                                     # FINDING_CLASSES[class_id]
+    score: float                                   # fused score in [0, 1]
+    box: tuple[float, float, float, float]         # x_min, y_min, x_max, y_max in source pixels
+    detector_score: float                          # raw detector confidence
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance of one model file, carried into the DICOM outputs."""
+    name: str          # e.g. "classifier" / "detector"
+    architecture: str  # e.g. "efficientnet_b0" / "yolov8n"
+    version: str       # semantic version from the model card
+    sha256: str        # of the weights file; drives the Contributing Equipment Device UID
+
+
+@dataclass(frozen=True)
+class Prediction:
+    p_abnormal: float                     # classifier probability that the image is abnormal
+    p_no_finding: float                   # probability of "No finding" after fusion
+    findings: tuple[Finding, ...]
+    fusion_mode: str                      # "gate" or "soft"
+    models: tuple[ModelInfo, ...]
+    image_size: tuple[int, int]           # (rows, columns) of the source image
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def abnormal(self) -> bool:
+        return bool(self.findings) or self.p_no_finding < 0.5
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["findings"] = [
+            {"label": f.label, "class_id": f.class_id, "score": round(f.score, 4),
+             "detector_score": round(f.detector_score, 4), "box": [round(v, 1) for v in f.box]}
+            for f in self.findings
+        ]
+        d["abnormal"] = self.abnormal
+        return d
