@@ -2,22 +2,21 @@
 
     DicomNodeError
     ├── ConfigError            bad or missing configuration (names the key)
-    ├── StorageError           spool or database trouble
-    │   └── DiskFullError      free disk below storage.min_free_disk_mb
     ├── PixelDataError         pixel data that cannot be turned into an image (multi-frame, colour, codec)
-    ├── ModelError             model file missing, corrupt or mismatched (raised by inference.modelfile)
     ├── EncodingError          an output object (SR/SC/GSPS) could not be built or failed validation
     └── DeliveryError          sending a result to a destination failed
         ├── TransientDeliveryError   worth retrying: refused, timeout, abort, A7xx
         └── PermanentDeliveryError   not worth retrying: association rejected, Cxxx, A9xx
 
 Third-party exceptions are translated at the boundary with ``raise ... from exc``.
-``inference`` keeps its own ``inference.errors.ModelError`` (it may not import this package);
-this module re-exports it so callers catch one tree.
+``inference`` and ``storage`` keep their own small trees (they may not import this package):
+``inference.errors.ModelError`` / ``InferenceError`` and ``storage.errors.StorageError`` / ``DiskFullError``
+are re-exported here so that callers import every error from one place.
 """
 from __future__ import annotations
 
 from inference.errors import InferenceError, ModelError  # noqa: F401  (re-exported)
+from storage.errors import DiskFullError, StorageError  # noqa: F401  (re-exported)
 
 
 class DicomNodeError(Exception):
@@ -26,14 +25,6 @@ class DicomNodeError(Exception):
 
 class ConfigError(DicomNodeError):
     """Configuration file missing, unreadable or invalid."""
-
-
-class StorageError(DicomNodeError):
-    """Spool or database failure."""
-
-
-class DiskFullError(StorageError):
-    """Free disk space is below the configured watermark."""
 
 
 class PixelDataError(DicomNodeError):

@@ -1,0 +1,78 @@
+"""Normal/abnormal classifier: a timm backbone with one input channel and one output logit.
+
+``build_classifier(arch)`` builds the architecture offline (``pretrained=False``, random weights);
+``Classifier.load(path, device)`` builds it from a dicom-node model file (kind "classifier", classes
+``("abnormal",)``) and ``Classifier.predict(batch)`` returns P(abnormal) = sigmoid(logit) per image.
+The batch is what :func:`inference.preprocess.to_model_input` produces (N x 1 x S x S, normalised
+with the mean/std stored in the model file).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .modelfile import LoadedModel, load_model_file
+from .preprocess import PreprocessParams
+
+__all__ = ["build_classifier", "Classifier"]
+
+
+def build_classifier(arch: str, in_chans: int = 1) -> nn.Module:
+    """A timm model by name (e.g. densenet121, efficientnet_b0, davit_tiny, mobilenetv2_100)."""
+    import timm  # imported here: importing timm is slow and only model code needs it
+
+    try:
+        return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=1)
+    except RuntimeError as exc:   # timm: "Unknown model (...)"
+        raise ModelError(f"unknown classifier architecture {arch!r} ({exc})") from exc
+
+
+class Classifier:
+    """A loaded classifier in eval mode on one device."""
+
+    def __init__(self, model: nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.loaded = loaded
+
+    @property
+    def preprocess(self) -> PreprocessParams:
+        return self.loaded.metadata.preprocess
+
+    @property
+    def info(self):
+        return self.loaded.model_info()
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu") -> "Classifier":
+        meta = loaded.metadata
+        if meta.preprocess.channels != 1:
+            raise ModelError(f"{loaded.path}: classifier preprocess must have 1 channel, "
+                             f"has {meta.preprocess.channels}")
+        model = build_classifier(meta.architecture, in_chans=1)
+        try:
+            model.load_state_dict(loaded.state_dict, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0:2]
+            raise ModelError(f"{loaded.path}: weights do not fit architecture {meta.architecture!r}: "
+                             f"{' '.join(first)}") from exc
+        return cls(model, loaded, device)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Classifier":
+        return cls.from_loaded(load_model_file(path, "classifier"), device)
+
+    @torch.inference_mode()
+    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """N x 1 x S x S prepared batch (or a single 1 x S x S) -> float array of N P(abnormal)."""
+        x = torch.as_tensor(batch, dtype=torch.float32)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"classifier input must be N x 1 x S x S, got {tuple(x.shape)}")
+        logits = self.model(x.to(self.device))
+        return torch.sigmoid(logits.float().reshape(x.shape[0], -1)[:, 0]).cpu().numpy()

@@ -1,0 +1,126 @@
+"""YOLOv8 finding detector: an ultralytics ``DetectionModel`` driven with our own letterbox.
+
+``build_detector("yolov8n", nc=14)`` builds the architecture offline from ultralytics' bundled
+yaml (random weights) and returns ``(model, model_yaml)``; the yaml dict is stored in the model file
+so that the exact architecture (scale, nc) is rebuilt on load. ``Detector.load(path)`` rebuilds,
+loads the weights, fuses Conv+BN for inference. ``Detector.detect(x, letterbox, conf)`` runs the
+network on one prepared 3 x S x S input, applies ultralytics' NMS and maps the boxes back to
+source pixels with the :class:`~inference.preprocess.Letterbox`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ultralytics_env  # noqa: F401  (must run before ultralytics is imported)
+from .errors import ModelError
+from .modelfile import LoadedModel, load_model_file
+from .preprocess import Letterbox, PreprocessParams
+
+__all__ = ["build_detector", "Detector", "Detections"]
+
+
+def _nms():
+    try:
+        from ultralytics.utils.nms import non_max_suppression   # ultralytics >= 8.3.17x
+    except ImportError:  # older 8.x
+        from ultralytics.utils.ops import non_max_suppression
+    return non_max_suppression
+
+
+def build_detector(arch: str | dict = "yolov8n", nc: int = 14) -> tuple[nn.Module, dict]:
+    """(DetectionModel with random weights, its model yaml dict). ``arch``: "yolov8n", a yaml path
+    ("yolov8s.yaml") or a yaml dict."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    cfg: str | dict
+    if isinstance(arch, dict):
+        cfg = copy.deepcopy(arch)
+    else:
+        cfg = arch if str(arch).endswith((".yaml", ".yml")) else f"{arch}.yaml"
+    try:
+        model = DetectionModel(cfg=cfg, ch=3, nc=nc, verbose=False)
+    except (FileNotFoundError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelError(f"cannot build detector architecture {arch if isinstance(arch, str) else '(yaml dict)'}: "
+                         f"{exc}") from exc
+    return model, copy.deepcopy(model.yaml)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections of one image: boxes (N x 4, xyxy), scores (N,), class_ids (N,)."""
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+class Detector:
+    """A loaded detector in eval mode (Conv+BN fused) on one device."""
+
+    def __init__(self, model: nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu",
+                 iou: float = 0.7):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.loaded = loaded
+        self.iou = iou
+        self.nc = len(loaded.metadata.classes)
+        self._nms = _nms()
+
+    @property
+    def preprocess(self) -> PreprocessParams:
+        return self.loaded.metadata.preprocess
+
+    @property
+    def info(self):
+        return self.loaded.model_info()
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu", iou: float = 0.7) -> "Detector":
+        meta = loaded.metadata
+        if meta.preprocess.channels != 3:
+            raise ModelError(f"{loaded.path}: detector preprocess must have 3 channels, has {meta.preprocess.channels}")
+        if meta.input_size % 32:
+            raise ModelError(f"{loaded.path}: detector input_size {meta.input_size} is not a multiple of 32")
+        model, _ = build_detector(loaded.model_yaml, nc=len(meta.classes))
+        try:
+            model.load_state_dict(loaded.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise ModelError(f"{loaded.path}: weights do not fit the detector architecture "
+                             f"{meta.architecture!r}: {str(exc).splitlines()[0]}") from exc
+        model.names = dict(enumerate(meta.classes))
+        model.eval()
+        model.fuse(verbose=False)
+        return cls(model, loaded, device, iou)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", iou: float = 0.7) -> "Detector":
+        return cls.from_loaded(load_model_file(path, "detector"), device, iou)
+
+    @torch.inference_mode()
+    def predict(self, batch: np.ndarray | torch.Tensor, conf: float = 0.05, max_det: int = 300) -> list[np.ndarray]:
+        """N x 3 x S x S batch -> per image an (K, 6) array x1, y1, x2, y2, score, class in INPUT pixels."""
+        x = torch.as_tensor(batch, dtype=torch.float32)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"detector input must be N x 3 x S x S, got {tuple(x.shape)}")
+        out = self.model(x.to(self.device))
+        dets = self._nms(out, conf_thres=float(conf), iou_thres=float(self.iou), max_det=int(max_det),
+                         nc=self.nc)
+        return [d[:, :6].float().cpu().numpy() for d in dets]
+
+    def detect(self, x: np.ndarray, geom: Letterbox, conf: float = 0.05, max_det: int = 300) -> Detections:
+        """One prepared 3 x S x S input -> detections with boxes in SOURCE pixels (clipped)."""
+        d = self.predict(x, conf=conf, max_det=max_det)[0]
+        boxes = geom.to_source(d[:, :4]) if len(d) else np.zeros((0, 4))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])   # drop boxes wholly in padding
+        return Detections(boxes=boxes[keep].astype(np.float64), scores=d[keep, 4].astype(np.float64),
+                          class_ids=d[keep, 5].astype(np.int64))

@@ -1,0 +1,243 @@
+"""Model files that carry their own metadata.
+
+One ``torch.save`` file per model, loadable with ``torch.load(weights_only=True)`` (no pickled
+code, so a model file cannot run anything on load)::
+
+    {
+      "dicom_node_model": {                 # ModelMetadata.to_dict()
+        "format_version": 1,
+        "kind": "classifier" | "detector",
+        "name": "classifier",               # shown in ModelInfo / DICOM outputs
+        "architecture": "efficientnet_b0",  # timm model name, or ultralytics yaml stem ("yolov8n")
+        "input_size": 384,                  # = preprocess["input_size"]
+        "preprocess": {...},                # PreprocessParams.to_dict()
+        "classes": ["abnormal"],            # classifier: the single sigmoid output;
+                                            # detector: the 14 FINDING_CLASSES in id order
+        "version": "0.1.0",
+        "training_data": "free text: datasets, splits, licences",
+        "created": "2025-01-31T12:00:00+00:00",
+        "metrics": {"auroc": 0.91, ...},    # str -> number
+        "weights_dtype": "float16",
+        "extra": {...}                      # anything else JSON-like (training args, ...)
+      },
+      "state_dict": {name: tensor},         # floating tensors stored as float16
+      "model_yaml": {...}                   # detector only: the ultralytics model dict (nc = 14)
+    }
+
+Weights are stored as float16 (half the size) and cast back to float32 on load; a tensor whose
+values do not fit float16 is kept in float32.
+"""
+from __future__ import annotations
+
+import hashlib
+import numbers
+import os
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import ModelError
+from .preprocess import PreprocessParams
+from .types import FINDING_CLASSES, ModelInfo
+
+FORMAT_VERSION = 1
+METADATA_KEY = "dicom_node_model"
+CLASSIFIER_CLASSES: tuple[str, ...] = ("abnormal",)
+KINDS = ("classifier", "detector")
+ModelKind = Literal["classifier", "detector"]
+_FP16_MAX = 65000.0
+
+__all__ = [
+    "FORMAT_VERSION", "METADATA_KEY", "CLASSIFIER_CLASSES", "ModelMetadata", "LoadedModel",
+    "save_model_file", "load_model_file", "read_metadata", "sha256_of", "default_classes",
+]
+
+
+def default_classes(kind: str) -> tuple[str, ...]:
+    return CLASSIFIER_CLASSES if kind == "classifier" else tuple(FINDING_CLASSES)
+
+
+@dataclass
+class ModelMetadata:
+    kind: str
+    architecture: str
+    preprocess: PreprocessParams
+    classes: tuple[str, ...] = ()
+    version: str = "0.0.0"
+    name: str = ""
+    training_data: str = ""
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    weights_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ModelError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.classes:
+            self.classes = default_classes(self.kind)
+        self.classes = tuple(self.classes)
+        self.name = self.name or self.kind
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.input_size
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        d["classes"] = list(self.classes)
+        d["input_size"] = self.input_size
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "model file") -> "ModelMetadata":
+        try:
+            d = dict(d)
+            d.pop("input_size", None)
+            pre = PreprocessParams.from_dict(d.pop("preprocess"))
+            return cls(preprocess=pre, **d)
+        except ModelError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: malformed dicom-node model metadata ({exc})") from exc
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    metadata: ModelMetadata
+    state_dict: dict[str, torch.Tensor]     # float32
+    model_yaml: dict | None
+    sha256: str
+
+    def model_info(self) -> ModelInfo:
+        m = self.metadata
+        return ModelInfo(name=m.name, architecture=m.architecture, version=m.version, sha256=self.sha256)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _to_storage(sd: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, t in sd.items():
+        t = t.detach().cpu()
+        if dtype == "float16" and t.is_floating_point():
+            if t.numel() == 0 or float(t.abs().max()) <= _FP16_MAX:
+                t = t.half()
+            else:
+                t = t.float()
+        out[k] = t.clone().contiguous()
+    return out
+
+
+def save_model_file(path: str | os.PathLike, metadata: ModelMetadata, state_dict: dict[str, torch.Tensor],
+                    model_yaml: dict | None = None) -> Path:
+    """Write a model file atomically (temp file + rename). Detectors must pass ``model_yaml``."""
+    path = Path(path)
+    if metadata.kind == "detector" and not model_yaml:
+        raise ModelError("a detector model file needs the ultralytics model yaml dict (model_yaml)")
+    payload: dict[str, Any] = {METADATA_KEY: _plain(metadata.to_dict()),
+                               "state_dict": _to_storage(state_dict, metadata.weights_dtype)}
+    if model_yaml is not None:
+        payload["model_yaml"] = _plain(model_yaml)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _plain(obj: Any) -> Any:
+    """Reduce to what ``weights_only`` loading accepts (dict/list/str/int/float/bool/None)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:   # numpy / torch scalars
+        return _plain(obj.item())
+    return str(obj)
+
+
+def _read(path: Path) -> dict:
+    if not path.exists():
+        raise ModelError(f"{path}: model file not found")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"{path}: not a dicom-node model file (it holds pickled Python objects, e.g. a "
+                         "raw ultralytics/timm checkpoint; convert it with the project's training "
+                         "commands)") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{path}: not a dicom-node model file (not a readable torch file: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    if not isinstance(payload, dict) or METADATA_KEY not in payload:
+        raise ModelError(f"{path}: not a dicom-node model file (no '{METADATA_KEY}' metadata)")
+    return payload
+
+
+def read_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """Metadata of a model file without checking its kind (for `inspect`-style commands)."""
+    path = Path(path)
+    return _metadata(_read(path), path)
+
+
+def _metadata(payload: dict, path: Path) -> ModelMetadata:
+    meta = payload[METADATA_KEY]
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: malformed dicom-node model metadata")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ModelError(f"{path}: unsupported model file format version {version!r} "
+                         f"(this dicom-node reads versions 1..{FORMAT_VERSION})")
+    return ModelMetadata.from_dict(meta, str(path))
+
+
+def load_model_file(path: str | os.PathLike, expected_kind: ModelKind,
+                    expected_classes: tuple[str, ...] | None = None) -> LoadedModel:
+    """Load and check a model file; raise :class:`ModelError` naming the file and the problem."""
+    path = Path(path)
+    if expected_kind not in KINDS:
+        raise ValueError(f"expected_kind must be one of {KINDS}")
+    payload = _read(path)
+    meta = _metadata(payload, path)
+    if meta.kind != expected_kind:
+        raise ModelError(f"{path}: is a {meta.kind} model file, but a {expected_kind} is expected here "
+                         "(are the classifier and detector paths swapped in the config?)")
+    want = tuple(expected_classes) if expected_classes is not None else default_classes(expected_kind)
+    if meta.classes != want:
+        raise ModelError(f"{path}: class list mismatch: the file has {len(meta.classes)} classes "
+                         f"{list(meta.classes)[:5]}..., expected {len(want)} {list(want)[:5]}...")
+    sd = payload.get("state_dict")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"{path}: the model file holds no usable state_dict")
+    model_yaml = payload.get("model_yaml")
+    if expected_kind == "detector" and not isinstance(model_yaml, dict):
+        raise ModelError(f"{path}: detector model file without its model yaml")
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    return LoadedModel(path=path, metadata=meta, state_dict=sd, model_yaml=model_yaml,
+                       sha256=sha256_of(path))

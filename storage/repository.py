@@ -1,0 +1,306 @@
+"""The Store: every durable state change of the node goes through here.
+
+Callers pass bytes and plain fields; the Store writes spool files (fsync'd) and commits rows, so that an
+acknowledged instance, a queued job and a pending delivery all survive a crash.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .db import Delivery, Instance, Job, Result, Study, make_engine
+from .errors import DiskFullError
+from .spool import Spool
+from .states import DeliveryState, JobState
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    body_part: str
+    view_position: str
+    calling_ae: str
+    eligible: bool
+    skip_reason: str | None
+
+
+@dataclass(frozen=True)
+class Stored:
+    duplicate: bool
+    path: Path
+    stable_due_at: datetime | None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    id: int
+    study_uid: str
+    attempts: int
+    instances: tuple[tuple[str, Path], ...]   # (SOP Instance UID, spool path) of the eligible instances
+
+
+@dataclass(frozen=True)
+class ResultSpec:
+    kind: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    source_sop_uid: str | None
+    data: bytes
+    destinations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    id: int
+    destination: str
+    attempts: int
+    kind: str
+    sop_instance_uid: str
+    path: Path
+
+
+class Store:
+    def __init__(self, database_url: str, root: Path, min_free_disk_mb: float = 0):
+        self.spool = Spool(root)
+        self.engine = make_engine(database_url)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.min_free_disk_mb = min_free_disk_mb
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- ingest ------------------------------------------------------------------------------------
+    def has_instance(self, sop_uid: str) -> bool:
+        with self._session() as s:
+            return s.get(Instance, sop_uid) is not None
+
+    def add_instance(self, data: bytes | memoryview, meta: InstanceMeta, stable_after_s: float) -> Stored:
+        """Store one received instance durably. Returns only after the file is fsync'd and the row committed.
+
+        The same SOP Instance UID twice is stored once (the second copy is discarded)."""
+        if self.min_free_disk_mb and self.spool.free_mb() < self.min_free_disk_mb:
+            raise DiskFullError(f"free disk below storage.min_free_disk_mb ({self.min_free_disk_mb} MB)")
+        final = self.spool.instance_path(meta.study_uid, meta.sop_instance_uid)
+        if self.has_instance(meta.sop_instance_uid):
+            return Stored(True, final, None)
+        temp = self.spool.write_temp(data)
+        if not self.spool.place(temp, final):
+            # The name exists: either a concurrent copy of the same instance, or a file left by a crash between
+            # placing it and committing its row (never acknowledged). Keep the committed one, else replace.
+            if self.has_instance(meta.sop_instance_uid):
+                self.spool.discard(temp)
+                return Stored(True, final, None)
+            self.spool.place(temp, final, replace=True)
+        now = utcnow()
+        due = now + timedelta(seconds=stable_after_s) if meta.eligible else None
+        try:
+            with self._session.begin() as s:
+                study = s.get(Study, meta.study_uid)
+                if study is None:
+                    study = Study(study_uid=meta.study_uid, first_received_at=now, last_received_at=now,
+                                  stable_due_at=due)
+                    s.add(study)
+                    s.flush()
+                else:
+                    study.last_received_at = now
+                    if due is not None:
+                        study.stable_due_at = due
+                s.add(Instance(**meta.__dict__, size_bytes=len(data), path=str(final), received_at=now))
+        except IntegrityError:
+            if self.has_instance(meta.sop_instance_uid):   # lost a race with a concurrent copy: same file name
+                return Stored(True, final, None)
+            raise
+        return Stored(False, final, due)
+
+    # ---- study assembly ----------------------------------------------------------------------------
+    def pending_study_timers(self) -> list[tuple[str, datetime]]:
+        with self._session() as s:
+            rows = s.execute(select(Study.study_uid, Study.stable_due_at).where(Study.stable_due_at.is_not(None)))
+            return [(r[0], r[1]) for r in rows]
+
+    def study_due_at(self, study_uid: str) -> datetime | None:
+        with self._session() as s:
+            return s.scalar(select(Study.stable_due_at).where(Study.study_uid == study_uid))
+
+    def study_stable(self, study_uid: str, now: datetime | None = None) -> int | None:
+        """The study's timer fired: hand its not-yet-covered eligible instances to a job.
+
+        Returns the job id, or None when the timer was re-armed meanwhile or nothing new is eligible.
+        A job still queued for the study absorbs the new instances instead of a second job being made."""
+        now = now or utcnow()
+        with self._session.begin() as s:
+            cleared = s.execute(update(Study).where(Study.study_uid == study_uid, Study.stable_due_at <= now)
+                                .values(stable_due_at=None)).rowcount
+            if not cleared:
+                return None
+            new = s.scalars(select(Instance.sop_instance_uid).where(
+                Instance.study_uid == study_uid, Instance.eligible.is_(True), Instance.job_id.is_(None))).all()
+            if not new:
+                return None
+            job = s.scalars(select(Job).where(Job.study_uid == study_uid, Job.state == JobState.QUEUED)
+                            .order_by(Job.id.desc()).limit(1)).first()
+            if job is None:
+                analysed_before = s.scalar(select(func.count()).select_from(Job).where(Job.study_uid == study_uid))
+                job = Job(study_uid=study_uid, state=JobState.QUEUED, created_at=now,
+                          reason="re-analysis: new instances after an earlier job" if analysed_before else "study stable")
+                s.add(job)
+                s.flush()
+            s.execute(update(Instance).where(Instance.sop_instance_uid.in_(new)).values(job_id=job.id))
+            return job.id
+
+    def reanalyze(self, study_uid: str) -> int:
+        """Queue an operator-requested re-analysis of a study (all its eligible instances)."""
+        with self._session.begin() as s:
+            n = s.scalar(select(func.count()).select_from(Instance).where(
+                Instance.study_uid == study_uid, Instance.eligible.is_(True)))
+            if not n:
+                raise LookupError(f"no eligible instances stored for study {study_uid}")
+            job = Job(study_uid=study_uid, state=JobState.QUEUED, created_at=utcnow(), reason="re-analysis requested")
+            s.add(job)
+            s.flush()
+            s.execute(update(Instance).where(Instance.study_uid == study_uid, Instance.eligible.is_(True))
+                      .values(job_id=job.id))
+            return job.id
+
+    # ---- jobs --------------------------------------------------------------------------------------
+    def claim_job(self, worker: str, lease_s: float) -> JobInfo | None:
+        """Atomically take the oldest queued job, or a running one whose worker's lease ran out."""
+        now = utcnow()
+        with self._session.begin() as s:
+            while True:
+                cand = s.scalars(select(Job).where(or_(
+                    Job.state == JobState.QUEUED,
+                    and_(Job.state == JobState.RUNNING, Job.lease_until < now))).order_by(Job.id).limit(1)).first()
+                if cand is None:
+                    return None
+                got = s.execute(update(Job).where(Job.id == cand.id, Job.state == cand.state,
+                                                  Job.attempts == cand.attempts)
+                                .values(state=JobState.RUNNING, worker=worker, started_at=now,
+                                        lease_until=now + timedelta(seconds=lease_s),
+                                        attempts=Job.attempts + 1)).rowcount
+                if got:
+                    break
+            rows = s.execute(select(Instance.sop_instance_uid, Instance.path).where(
+                Instance.study_uid == cand.study_uid, Instance.eligible.is_(True)).order_by(Instance.received_at))
+            return JobInfo(cand.id, cand.study_uid, cand.attempts + 1, tuple((r[0], Path(r[1])) for r in rows))
+
+    def renew_lease(self, job_id: int, worker: str, lease_s: float) -> bool:
+        with self._session.begin() as s:
+            return bool(s.execute(update(Job).where(Job.id == job_id, Job.worker == worker,
+                                                    Job.state == JobState.RUNNING)
+                                  .values(lease_until=utcnow() + timedelta(seconds=lease_s))).rowcount)
+
+    def results_of_study(self, study_uid: str) -> list[Result]:
+        with self._session() as s:
+            return list(s.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id)))
+
+    def finish_job(self, job_id: int, results: list[ResultSpec], pipeline_s: float | None = None) -> None:
+        """Write result files, then commit their rows, one delivery per destination, and the job's end at once."""
+        now = utcnow()
+        with self._session() as s:
+            study_uid = s.get(Job, job_id).study_uid
+        paths = [self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid))
+                 for r in results]
+        with self._session.begin() as s:
+            for spec, path in zip(results, paths):
+                row = Result(job_id=job_id, study_uid=study_uid, kind=spec.kind,
+                             sop_instance_uid=spec.sop_instance_uid, sop_class_uid=spec.sop_class_uid,
+                             series_uid=spec.series_uid, source_sop_uid=spec.source_sop_uid, path=str(path),
+                             created_at=now)
+                s.add(row)
+                s.flush()
+                for dest in spec.destinations:
+                    s.add(Delivery(result_id=row.id, destination=dest, state=DeliveryState.PENDING, attempts=0,
+                                   next_attempt_at=now, created_at=now))
+            s.execute(update(Job).where(Job.id == job_id).values(
+                state=JobState.DONE, finished_at=now, lease_until=None, reason=None, pipeline_s=pipeline_s))
+
+    def fail_job(self, job_id: int, reason: str) -> None:
+        with self._session.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(
+                state=JobState.FAILED, finished_at=utcnow(), lease_until=None, reason=reason[:2000]))
+
+    # ---- deliveries --------------------------------------------------------------------------------
+    def due_deliveries(self, limit: int = 50, now: datetime | None = None) -> list[DueDelivery]:
+        now = now or utcnow()
+        with self._session() as s:
+            rows = s.execute(select(Delivery.id, Delivery.destination, Delivery.attempts, Result.kind,
+                                    Result.sop_instance_uid, Result.path)
+                             .join(Result, Result.id == Delivery.result_id)
+                             .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                             .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
+            return [DueDelivery(r[0], r[1], r[2], r[3], r[4], Path(r[5])) for r in rows]
+
+    def next_delivery_due(self) -> datetime | None:
+        with self._session() as s:
+            return s.scalar(select(func.min(Delivery.next_attempt_at)).where(Delivery.state == DeliveryState.PENDING))
+
+    def _set_delivery(self, delivery_id: int, **values) -> None:
+        with self._session.begin() as s:
+            s.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
+
+    def mark_delivered(self, delivery_id: int) -> None:
+        self._set_delivery(delivery_id, state=DeliveryState.DELIVERED, delivered_at=utcnow(), last_error=None,
+                           attempts=Delivery.attempts + 1)
+
+    def mark_retry(self, delivery_id: int, next_attempt_at: datetime, error: str) -> None:
+        self._set_delivery(delivery_id, next_attempt_at=next_attempt_at, last_error=error[:2000],
+                           attempts=Delivery.attempts + 1)
+
+    def mark_failed(self, delivery_id: int, error: str) -> None:
+        self._set_delivery(delivery_id, state=DeliveryState.FAILED, last_error=error[:2000],
+                           attempts=Delivery.attempts + 1)
+
+    def retry_failed(self) -> int:
+        """Re-queue every failed delivery (operator action); returns how many."""
+        with self._session.begin() as s:
+            return s.execute(update(Delivery).where(Delivery.state == DeliveryState.FAILED)
+                             .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), attempts=0)).rowcount
+
+    def is_own_output(self, sop_uid: str) -> bool:
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(Result).where(Result.sop_instance_uid == sop_uid)) > 0
+
+    # ---- reporting ---------------------------------------------------------------------------------
+    def status(self) -> dict:
+        """Counts by state and the latest activity; no patient identifiers (there are none in the DB)."""
+        def counts(s: Session, col, states) -> dict:
+            got = dict(s.execute(select(col, func.count()).group_by(col)).all())
+            return {str(k): int(got.get(k, 0)) for k in states}
+
+        def iso(t: datetime | None) -> str | None:
+            return t.replace(tzinfo=timezone.utc).isoformat() if t else None
+
+        with self._session() as s:
+            total = s.scalar(select(func.count()).select_from(Instance))
+            eligible = s.scalar(select(func.count()).select_from(Instance).where(Instance.eligible.is_(True)))
+            studies = s.scalar(select(func.count()).select_from(Study))
+            receiving = s.scalar(select(func.count()).select_from(Study).where(Study.stable_due_at.is_not(None)))
+            jobs = counts(s, Job.state, list(JobState))
+            deliveries = counts(s, Delivery.state, list(DeliveryState))
+            return {
+                "instances": {"total": total, "eligible": eligible, "skipped": total - eligible},
+                "studies": {"total": studies, "receiving": receiving, "complete": studies - receiving},
+                "jobs": {"total": sum(jobs.values()), **jobs},
+                "deliveries": {"total": sum(deliveries.values()), **deliveries},
+                "last_activity": {
+                    "instance_received_at": iso(s.scalar(select(func.max(Instance.received_at)))),
+                    "job_finished_at": iso(s.scalar(select(func.max(Job.finished_at)))),
+                    "delivery_at": iso(s.scalar(select(func.max(Delivery.delivered_at)))),
+                },
+            }
