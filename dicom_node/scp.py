@@ -1,7 +1,9 @@
 """The DICOM listener: C-ECHO and C-STORE for every storage SOP class and the common transfer syntaxes.
 
-A C-STORE is answered 0x0000 only after the received bytes (``event.encoded_dataset()``, never decoded and
-re-encoded) are fsync'd in the spool and the instance row is committed. The handler never raises into
+A C-STORE is answered 0x0000 only after the received bytes (never decoded and re-encoded) are fsync'd in the
+spool and the instance row is committed. pynetdicom streams each received data set straight into a file in
+the spool's tmp folder (``STORE_RECV_CHUNKED_DATASET``: preamble, file meta, then the bytes as received), so
+the handler reads only the header and hard-links that file into place: no copy of the pixel data in memory. The handler never raises into
 pynetdicom: every failure becomes a status with an ErrorComment, and the reason is logged without PHI.
 
 Statuses: 0x0000 stored (or already stored: duplicates are stored once); 0xA700 out of resources (disk below
@@ -10,6 +12,8 @@ the watermark, or storage failing); 0xC210 dataset cannot be decoded; 0xC211 a r
 from __future__ import annotations
 
 import logging
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,6 +30,11 @@ from storage.repository import InstanceMeta
 
 from .config import Config
 from .selection import header_fields, select
+from .transport import FastThreadedAssociationServer
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pynetdicom import _config as pynetdicom_config
 
 try:  # JPEG Lossless (Process 14, non-SV1) exists under this name in pydicom 3
     from pydicom.uid import JPEGLossless
@@ -54,6 +63,19 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
+def _check_decodable(ds: Dataset) -> None:
+    """pydicom converts values lazily: convert every element now (except deferred large values such as
+    Pixel Data) so that broken data is refused at once rather than found by the worker later."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _check_decodable(item)
+
+
 def _sop_class_name(uid: str) -> str:
     try:
         return UID(uid).name
@@ -70,6 +92,10 @@ class StoreSCP:
         self.on_stored = on_stored
         self._server = None
         self.ae = self._make_ae()
+        # Received data sets go to files in the spool's tmp folder, on the spool's filesystem, so that they
+        # can be hard-linked into place. Both settings are process-wide: this process is the node.
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(store.spool.tmp)
 
     def _make_ae(self) -> AE:
         node = self.config.node
@@ -95,8 +121,10 @@ class StoreSCP:
         """Start listening (non-blocking); returns the bound port (useful with port 0)."""
         handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ABORTED, self._on_aborted)]
-        self._server = self.ae.start_server((self.config.node.host, self.config.node.port), block=False,
-                                            evt_handlers=handlers)
+        self._server = self.ae.make_server((self.config.node.host, self.config.node.port),
+                                           evt_handlers=handlers, server_class=FastThreadedAssociationServer)
+        self.ae._servers.append(self._server)   # as AE.start_server does: the server removes itself at shutdown
+        threading.Thread(target=self._server.serve_forever, name="dicom-scp", daemon=True).start()
         log.info("listening as %s on %s:%d", self.config.node.ae_title, self.config.node.host, self.port)
         return self.port
 
@@ -125,8 +153,9 @@ class StoreSCP:
         calling = event.assoc.requestor.ae_title
         sop_class = str(event.request.AffectedSOPClassUID)
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            received = event.dataset_path
+            ds = dcmread(received, defer_size=4096)   # header only: large values stay on disk
+            _check_decodable(ds)
             study_uid = str(ds.get("StudyInstanceUID", "") or "")
             sop_uid = str(ds.get("SOPInstanceUID", "") or event.request.AffectedSOPInstanceUID or "")
             series_uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -151,7 +180,7 @@ class StoreSCP:
             transfer_syntax_uid=str(event.context.transfer_syntax), calling_ae=calling,
             eligible=eligible, skip_reason=reason, **{k: v[:64] for k, v in eligible_fields.items()})
         try:
-            stored = self.store.add_instance(event.encoded_dataset(), meta, self.config.studies.stable_after_s)
+            stored = self.store.add_instance(received, meta, self.config.studies.stable_after_s)
         except DiskFullError as exc:
             log.error("C-STORE from %s refused: %s", calling, exc)
             return _status(OUT_OF_RESOURCES, "out of disk space")

@@ -89,22 +89,31 @@ class Store:
         with self._session() as s:
             return s.get(Instance, sop_uid) is not None
 
-    def add_instance(self, data: bytes | memoryview, meta: InstanceMeta, stable_after_s: float) -> Stored:
+    def add_instance(self, data: bytes | memoryview | Path, meta: InstanceMeta, stable_after_s: float) -> Stored:
         """Store one received instance durably. Returns only after the file is fsync'd and the row committed.
 
-        The same SOP Instance UID twice is stored once (the second copy is discarded)."""
+        ``data`` is the encoded file, as bytes or as the path of a complete file in the spool's tmp folder
+        (which the caller still owns). The same SOP Instance UID twice is stored once."""
         if self.min_free_disk_mb and self.spool.free_mb() < self.min_free_disk_mb:
             raise DiskFullError(f"free disk below storage.min_free_disk_mb ({self.min_free_disk_mb} MB)")
         final = self.spool.instance_path(meta.study_uid, meta.sop_instance_uid)
-        if self.has_instance(meta.sop_instance_uid):
-            return Stored(True, final, None)
-        temp = self.spool.write_temp(data)
-        if not self.spool.place(temp, final):
-            # The name exists: either a concurrent copy of the same instance, or a file left by a crash between
-            # placing it and committing its row (never acknowledged). Keep the committed one, else replace.
+        if isinstance(data, Path):
+            size = data.stat().st_size
+            placed = self.spool.adopt(data, final)
+            temp = data
+        else:
+            size = len(data)
+            temp = self.spool.write_temp(data)
+            placed = self.spool.place(temp, final)
+        if not placed:
+            # The name exists: a copy of the same instance stored earlier or concurrently, or a file left by a
+            # crash between placing it and committing its row (never acknowledged): keep a committed one.
             if self.has_instance(meta.sop_instance_uid):
-                self.spool.discard(temp)
+                if not isinstance(data, Path):
+                    self.spool.discard(temp)
                 return Stored(True, final, None)
+            if isinstance(data, Path):
+                temp = self.spool.write_temp(data.read_bytes())
             self.spool.place(temp, final, replace=True)
         now = utcnow()
         due = now + timedelta(seconds=stable_after_s) if meta.eligible else None
@@ -112,17 +121,16 @@ class Store:
             with self._session.begin() as s:
                 study = s.get(Study, meta.study_uid)
                 if study is None:
-                    study = Study(study_uid=meta.study_uid, first_received_at=now, last_received_at=now,
-                                  stable_due_at=due)
-                    s.add(study)
+                    s.add(Study(study_uid=meta.study_uid, first_received_at=now, last_received_at=now,
+                                stable_due_at=due))
                     s.flush()
                 else:
                     study.last_received_at = now
                     if due is not None:
                         study.stable_due_at = due
-                s.add(Instance(**meta.__dict__, size_bytes=len(data), path=str(final), received_at=now))
+                s.add(Instance(**meta.__dict__, size_bytes=size, path=str(final), received_at=now))
         except IntegrityError:
-            if self.has_instance(meta.sop_instance_uid):   # lost a race with a concurrent copy: same file name
+            if self.has_instance(meta.sop_instance_uid):   # a concurrent copy committed first: same file name
                 return Stored(True, final, None)
             raise
         return Stored(False, final, due)

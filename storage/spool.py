@@ -5,6 +5,7 @@ folder fsync'd, so a file that exists under ``spool/`` is always complete.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -76,6 +77,32 @@ class Spool:
         _fsync_dir(final.parent)
         return True
 
+    def adopt(self, path: Path, final: Path) -> bool:
+        """Make a complete file written by someone else (the DICOM receiver) durable at ``final``.
+
+        The file is fsync'd and hard-linked (never overwriting; the caller's name stays theirs to delete).
+        Returns False when ``final`` already exists. Falls back to a copy across filesystems."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, final)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise StorageError(f"cannot store received file: {exc.strerror}") from exc
+            temp = self.tmp / f"{final.name}.{os.getpid()}.part"
+            shutil.copyfile(path, temp)
+            with open(temp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            return self.place(temp, final)
+        _fsync_dir(final.parent)
+        return True
+
     def write_file(self, data: bytes, final: Path) -> Path:
         """Durably write ``data`` at ``final`` (replacing any earlier file of the same name)."""
         self.place(self.write_temp(data), final, replace=True)
@@ -85,9 +112,10 @@ class Spool:
         temp.unlink(missing_ok=True)
 
     def clean_tmp(self) -> int:
-        """Remove leftovers of interrupted writes (never acknowledged, so nothing is lost)."""
+        """Remove leftovers of interrupted transfers and writes (never acknowledged, so nothing is lost)."""
         n = 0
-        for p in self.tmp.glob("*.part"):
-            p.unlink(missing_ok=True)
-            n += 1
+        for p in self.tmp.iterdir():
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
         return n

@@ -1,0 +1,53 @@
+"""Shared fixtures. Real processes, real associations on 127.0.0.1, real dcmtk tools; no mocks."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLES = SHARED / "samples"
+DATASETS = SHARED / "datasets"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("YOLO_CONFIG_DIR", str(REPO / ".yolo"))
+os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".yolo" / "mpl"))
+
+from nodeproc import NodeProcess, free_port, wait_for  # noqa: E402
+
+__all__ = ["NodeProcess", "free_port", "wait_for"]
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests read real data from ../shared beside the repository")
+    return path
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    return _need(SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    return _need(DATASETS)
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    """Start `dicom-node serve` processes with a config written into tmp_path; all are killed at the end."""
+    started: list[NodeProcess] = []
+
+    def make(**overrides) -> NodeProcess:
+        proc = NodeProcess(tmp_path / f"node{len(started)}", **overrides)
+        proc.start()
+        started.append(proc)
+        return proc
+
+    yield make
+    for p in started:
+        p.kill()

@@ -1,0 +1,258 @@
+"""Receiving over DICOM: real `dicom-node serve` processes, dcmtk clients and pynetdicom on 127.0.0.1."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
+
+from dicom_factory import compress, make_cxr
+from nodeproc import wait_for
+
+
+def instances(node) -> list[dict]:
+    db = Path(node.config["storage"]["root"]) / "dicom-node.sqlite3"
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM instances")]
+    finally:
+        con.close()
+
+
+def by_sop(node) -> dict[str, dict]:
+    return {r["sop_instance_uid"]: r for r in instances(node)}
+
+
+def ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Store Failed" not in result.stderr and "Failed" not in result.stdout, result.stderr
+
+
+def test_echoscu_and_pynetdicom_echo(node_factory):
+    node = node_factory()
+    r = subprocess.run(["echoscu", "-aec", node.ae_title, "127.0.0.1", str(node.port)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_real_samples_stored_byte_for_byte(node_factory, samples_dir):
+    node = node_factory()
+    j2k, nometa = samples_dir / "pydicomdata_RG1_J2KI.dcm", samples_dir / "fodicom_CR-MONO1-10-chest.dcm"
+    ok(node.storescu(j2k, extra=("-xw",)))
+    ok(node.storescu(nometa))
+    rows = by_sop(node)
+    for src, syntax in ((j2k, "1.2.840.10008.1.2.4.91"), (nometa, None)):
+        original = pydicom.dcmread(src, force=True)
+        row = rows[original.SOPInstanceUID]
+        assert row["eligible"] == 1 and row["skip_reason"] is None
+        assert row["modality"] == "CR" and row["view_position"] == "PA" and row["calling_ae"] == "STORESCU"
+        stored = pydicom.dcmread(row["path"])
+        assert stored.StudyInstanceUID == original.StudyInstanceUID
+        if syntax:   # compressed data is kept as received, never decoded and re-encoded
+            assert stored.file_meta.TransferSyntaxUID == syntax
+            assert stored.PixelData == original.PixelData
+    assert node.status()["instances"] == {"total": 2, "eligible": 2, "skipped": 0}
+
+
+@pytest.mark.parametrize("photometric,bits,syntax,flag", [
+    ("MONOCHROME2", 12, None, ()),
+    ("MONOCHROME1", 16, None, ()),
+    ("MONOCHROME2", 8, "jpeg-baseline", ("-xy",)),
+    ("MONOCHROME1", 12, "jpeg-ls", ("-xt",)),
+    ("MONOCHROME2", 16, "rle", ("-xr",)),
+    ("MONOCHROME2", 12, "jpeg-lossless", ("-xs",)),
+    ("MONOCHROME2", 12, "deflate", ("-xd",)),
+])
+def test_synthetic_radiographs_in_every_transfer_syntax(node_factory, tmp_path, photometric, bits, syntax, flag):
+    node = node_factory()
+    make_cxr(tmp_path / "img.dcm", modality="CR" if bits == 16 else "DX", photometric=photometric,
+                  bits_stored=bits, rows=128, cols=96)
+    path = compress(tmp_path / "img.dcm", syntax) if syntax else tmp_path / "img.dcm"
+    sent = pydicom.dcmread(path)
+    ok(node.storescu(path, extra=flag))
+    row = by_sop(node)[sent.SOPInstanceUID]   # lossy compression gives the copy a new UID
+    assert row["eligible"] == 1
+    stored = pydicom.dcmread(row["path"])
+    assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert stored.pixel_array.tolist() == sent.pixel_array.tolist()
+
+
+def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(node_factory, tmp_path):
+    node = node_factory()
+    hand = make_cxr(tmp_path / "hand.dcm", body_part="HAND")
+    lateral = make_cxr(tmp_path / "lat.dcm", view="LL")
+    ok(node.storescu(tmp_path / "hand.dcm", tmp_path / "lat.dcm"))
+    rows = by_sop(node)
+    assert rows[hand.SOPInstanceUID]["eligible"] == 0
+    assert "body part HAND" in rows[hand.SOPInstanceUID]["skip_reason"]
+    assert rows[lateral.SOPInstanceUID]["eligible"] == 0
+    assert "view position LL is not frontal" in rows[lateral.SOPInstanceUID]["skip_reason"]
+    assert "skipped: view position LL" in node.log()
+    st = node.status()
+    assert st["instances"] == {"total": 2, "eligible": 0, "skipped": 2}
+    assert st["jobs"]["total"] == 0   # nothing to analyse: no job, even after the stable delay
+    assert Path(rows[hand.SOPInstanceUID]["path"]).exists()
+
+
+@pytest.mark.parametrize("garbage,comment", [
+    (b"\x08\x00\x16\x00ZZ\x04\x00abcd", "cannot be decoded"),                     # unknown VR
+    (b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\x01\x02\x03\x04\x05", "cannot be decoded"),  # broken sequence
+    (b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40, "missing StudyInstanceUID"),   # length past the end
+])
+def test_malformed_dataset_gets_a_clear_status_and_node_keeps_serving(node_factory, tmp_path, monkeypatch,
+                                                                       garbage, comment):
+    from pynetdicom import _config
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)   # send the file's bytes as they are
+    node = node_factory()
+    good = make_cxr(tmp_path / "good.dcm")
+    # Valid file meta, garbage data set: the SCU streams the bytes as they are.
+    raw = (tmp_path / "good.dcm").read_bytes()
+    meta_end = raw.index(b"\x08\x00\x05\x00")   # first data set element (0008,0005)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(raw[:meta_end] + garbage)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    status = assoc.send_c_store(bad)
+    assert 0xC000 <= status.Status <= 0xCFFF, hex(status.Status)
+    assert comment in status.ErrorComment
+    assert assoc.send_c_store(tmp_path / "good.dcm").Status == 0x0000   # the same association still works
+    assoc.release()
+    ok(node.storescu(tmp_path / "good.dcm"))                 # and new ones too
+    assert node.proc.poll() is None
+    assert node.status()["instances"]["total"] == 1
+    assert "Traceback" not in node.log()
+
+
+def test_missing_study_uid_refused(node_factory, tmp_path):
+    node = node_factory()
+    ds = make_cxr(rows=32, cols=32)
+    del ds.StudyInstanceUID
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC211 and "StudyInstanceUID" in status.ErrorComment
+
+
+def test_calling_and_called_ae_checks(node_factory, tmp_path):
+    node = node_factory(node={"allowed_calling_aets": ["PACS"]})
+    make_cxr(tmp_path / "a.dcm")
+    rejected = node.storescu(tmp_path / "a.dcm", calling="INTRUDER")
+    assert rejected.returncode != 0 and "Association Rejected" in rejected.stderr
+    wrong_called = node.storescu(tmp_path / "a.dcm", calling="PACS", called="SOMEONE_ELSE")
+    assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
+    assert node.status()["instances"]["total"] == 0
+    ok(node.storescu(tmp_path / "a.dcm", calling="PACS"))
+    assert node.status()["instances"]["total"] == 1
+
+
+def test_same_instance_twice_is_stored_once(node_factory, tmp_path):
+    node = node_factory()
+    make_cxr(tmp_path / "a.dcm")
+    ok(node.storescu(tmp_path / "a.dcm"))
+    ok(node.storescu(tmp_path / "a.dcm"))
+    assert node.status()["instances"]["total"] == 1
+    assert len(list(Path(node.config["storage"]["root"], "spool").rglob("*.dcm"))) == 1
+
+
+def test_disk_watermark_answers_out_of_resources(node_factory, tmp_path):
+    node = node_factory(storage={"min_free_disk_mb": 10**12})
+    ds = make_cxr(rows=32, cols=32)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xA700
+    assert node.status()["instances"]["total"] == 0
+
+
+def test_four_parallel_associations_of_fifty(node_factory, tmp_path):
+    node = node_factory()
+    batches = []
+    for b in range(4):
+        study = generate_uid()
+        files = []
+        for i in range(50):
+            p = tmp_path / f"b{b}" / f"{i}.dcm"
+            make_cxr(p, rows=64, cols=64, study_uid=study, sop_uid=generate_uid(), modality="CR")
+            files.append(p)
+        batches.append(files)
+    # a fifth association re-sends batch 0 concurrently: duplicates must still be stored once
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda files: node.storescu(*files), batches + [batches[0]]))
+    for r in results:
+        ok(r)
+    rows = instances(node)
+    assert len(rows) == 200
+    assert len({r["sop_instance_uid"] for r in rows}) == 200
+    assert len(list(Path(node.config["storage"]["root"], "spool").rglob("*.dcm"))) == 200
+    assert wait_for(lambda: node.status()["jobs"]["queued"] == 4, 30, what="4 study jobs")
+
+
+def test_sigterm_shuts_down_cleanly(node_factory):
+    node = node_factory()
+    assert node.stop() == 0
+    assert "stopped" in node.log()
+
+
+def test_status_json_documented_shape(node_factory, tmp_path):
+    node = node_factory()
+    make_cxr(tmp_path / "a.dcm")
+    ok(node.storescu(tmp_path / "a.dcm"))
+    st = wait_for(lambda: (s := node.status())["jobs"]["queued"] == 1 and s, 20, what="job queued")
+    assert set(st) == {"instances", "studies", "jobs", "deliveries", "last_activity"}
+    assert st["studies"] == {"total": 1, "receiving": 0, "complete": 1}
+    assert set(st["jobs"]) == {"total", "queued", "running", "done", "failed"}
+    assert set(st["deliveries"]) == {"total", "pending", "delivered", "failed"}
+    assert st["last_activity"]["instance_received_at"].startswith("20")
+    node.stop()
+    assert node.status() == st      # read straight from storage: works with the node stopped
+
+
+def test_no_phi_in_logs(node_factory, tmp_path):
+    node = node_factory(logging={"level": "DEBUG"})
+    canaries = {"PatientName": "CANARY^PHIXQZ", "PatientID": "CANARYID7731", "AccessionNumber": "CANACC9913",
+                "PatientBirthDate": "19010203", "StudyDescription": "CANARYDESC"}
+    make_cxr(tmp_path / "a.dcm", patient_name=canaries["PatientName"], patient_id=canaries["PatientID"],
+             AccessionNumber=canaries["AccessionNumber"], PatientBirthDate=canaries["PatientBirthDate"],
+             StudyDescription=canaries["StudyDescription"])
+    make_cxr(tmp_path / "b.dcm", patient_name=canaries["PatientName"], view="LL")
+    ok(node.storescu(tmp_path / "a.dcm", tmp_path / "b.dcm"))
+    wait_for(lambda: node.status()["jobs"]["total"] == 1, 20, what="job")
+    status_text = node.cli("status").stdout + node.cli("status", "--json").stdout
+    node.stop()
+    log = node.log()
+    assert "C-STORE" in log        # the log is not simply empty
+    for value in canaries.values():
+        assert value not in log, f"{value} leaked into the log"
+        assert value not in status_text
+
+
+def test_check_config_names_the_bad_key(tmp_path):
+    import sys
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  port: 70000\nstudies:\n  stable_after: 3\n")
+    r = subprocess.run([sys.executable, "-m", "dicom_node", "check-config", "--config", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "node.port" in r.stderr and "studies.stable_after" in r.stderr and "Traceback" not in r.stderr
+    repo_cfg = Path(__file__).resolve().parents[1] / "config.yaml"
+    r = subprocess.run([sys.executable, "-m", "dicom_node", "check-config", "--config", str(repo_cfg)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
