@@ -105,17 +105,26 @@ class Detector:
         return cls.from_loaded(load_model_file(path, "detector"), device, iou)
 
     @torch.inference_mode()
-    def predict(self, batch: np.ndarray | torch.Tensor, conf: float = 0.05, max_det: int = 300) -> list[np.ndarray]:
-        """N x 3 x S x S batch -> per image an (K, 6) array x1, y1, x2, y2, score, class in INPUT pixels."""
+    def forward(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw network output for an N x 3 x S x S batch: (N, 4 + nc, anchors), xywh in input pixels."""
         x = torch.as_tensor(batch, dtype=torch.float32)
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"detector input must be N x 3 x S x S, got {tuple(x.shape)}")
         out = self.model(x.to(self.device))
-        dets = self._nms(out, conf_thres=float(conf), iou_thres=float(self.iou), max_det=int(max_det),
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.inference_mode()
+    def postprocess(self, raw: torch.Tensor, conf: float = 0.05, max_det: int = 300) -> list[np.ndarray]:
+        """ultralytics NMS -> per image a (K, 6) array x1, y1, x2, y2, score, class in INPUT pixels."""
+        dets = self._nms(raw, conf_thres=float(conf), iou_thres=float(self.iou), max_det=int(max_det),
                          nc=self.nc)
         return [d[:, :6].float().cpu().numpy() for d in dets]
+
+    def predict(self, batch: np.ndarray | torch.Tensor, conf: float = 0.05, max_det: int = 300) -> list[np.ndarray]:
+        """N x 3 x S x S batch -> per image an (K, 6) array x1, y1, x2, y2, score, class in INPUT pixels."""
+        return self.postprocess(self.forward(batch), conf=conf, max_det=max_det)
 
     def detect(self, x: np.ndarray, geom: Letterbox, conf: float = 0.05, max_det: int = 300) -> Detections:
         """One prepared 3 x S x S input -> detections with boxes in SOURCE pixels (clipped)."""

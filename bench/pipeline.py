@@ -1,0 +1,128 @@
+"""Per-stage timings of the inference pipeline on the real DICOM samples.
+
+    .venv/bin/python bench/pipeline.py [--reps 5] [--threads 1] [--classifier PATH --detector PATH]
+
+Stages per image (median over ``--reps`` after one warm-up): decode (dicom_node.pixels.load_image),
+CLAHE, classifier input (letterbox/normalise), classifier forward, detector input, detector
+forward, NMS (+ mapping boxes to source pixels), fusion; then the whole path as the node runs it
+(decode + ``Pipeline.run``) and the overhead ratio
+
+    overhead = whole / (classifier forward + detector forward)
+
+i.e. how much the non-network work costs on top of the two networks (1.0 = none).
+
+Models: the files named in ``config.yaml`` (``models/classifier.pt``, ``models/detector.pt``) when
+they exist, else tiny random-weight models (printed), which time the plumbing, not real networks.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from dicom_node.pixels import load_image  # noqa: E402
+from inference.fusion import FusionParams, fuse  # noqa: E402
+from inference.pipeline import Pipeline  # noqa: E402
+from inference.preprocess import apply_clahe, to_model_input  # noqa: E402
+
+
+def _default_models() -> tuple[Path, Path, FusionParams, str]:
+    from dicom_node.config import load_config
+    cfg_file = REPO / "config.yaml"
+    cfg = load_config(cfg_file) if cfg_file.exists() else load_config(None)
+    m = cfg.inference.models
+    return m.classifier, m.detector, FusionParams.from_obj(cfg.inference.fusion), m.device
+
+
+def _timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+def bench_file(pipe: Pipeline, path: Path, reps: int) -> dict[str, float]:
+    clf, det, fusion = pipe.classifier, pipe.detector, pipe.fusion
+    runs: dict[str, list[float]] = {}
+    for i in range(reps + 1):
+        t: dict[str, float] = {}
+        img, t["decode"] = _timed(load_image, path)
+        clahe, t["clahe"] = _timed(apply_clahe, img, clf.preprocess)
+        (xc, _), t["classifier input"] = _timed(to_model_input, clahe, clf.preprocess)
+        p, t["classifier forward"] = _timed(clf.predict, xc[None])
+        (xd, geom), t["detector input"] = _timed(to_model_input, clahe, det.preprocess)
+        raw, t["detector forward"] = _timed(det.forward, xd[None])
+
+        def nms():
+            d = det.postprocess(raw, conf=fusion.detector_conf, max_det=300)[0]
+            return d, geom.to_source(d[:, :4])
+        (d, boxes), t["nms + mapping"] = _timed(nms)
+        _, t["fusion"] = _timed(fuse, float(p[0]), boxes, d[:, 4], d[:, 5], fusion)
+        t0 = time.perf_counter()
+        pipe.run(load_image(path))
+        t["whole (decode + Pipeline.run)"] = time.perf_counter() - t0
+        if i:                                   # first round is warm-up
+            for k, v in t.items():
+                runs.setdefault(k, []).append(v)
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--classifier", type=Path)
+    ap.add_argument("--detector", type=Path)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--samples", type=Path, default=SHARED / "samples")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    clf_path, det_path, fusion, device = _default_models()
+    clf_path, det_path = args.classifier or clf_path, args.detector or det_path
+    device = args.device or device
+    tmp = None
+    if clf_path.exists() and det_path.exists():
+        print(f"models: {clf_path} and {det_path}")
+    else:
+        from tests.model_fixtures import make_tiny_models
+        tmp = tempfile.TemporaryDirectory(prefix="bench-models-")
+        clf_path, det_path = make_tiny_models(tmp.name, p_abnormal=0.9, detector_logit=1.0)
+        print(f"models: {REPO / 'models'} has no classifier.pt/detector.pt -> TINY RANDOM models "
+              "(mobilenetv2_050 @64, yolov8n @128): plumbing timings only, not real networks")
+    pipe = Pipeline.from_files(clf_path, det_path, fusion, device=device)
+    for m, kind in zip(pipe.models, ("classifier", "detector")):
+        size = (pipe.classifier if kind == "classifier" else pipe.detector).preprocess.input_size
+        print(f"  {kind}: {m.architecture} v{m.version} input {size} sha256 {m.sha256[:12]}")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, fusion {fusion.mode}, "
+          f"median of {args.reps} runs after 1 warm-up\n")
+
+    files = sorted(args.samples.glob("*.dcm"))
+    if not files:
+        print(f"no *.dcm under {args.samples}", file=sys.stderr)
+        return 1
+    for f in files:
+        med = bench_file(pipe, f, args.reps)
+        shape = load_image(f).shape
+        print(f"{f.name}  ({shape[0]} x {shape[1]})")
+        for k, v in med.items():
+            print(f"  {k:32s} {v * 1000:9.1f} ms")
+        nets = med["classifier forward"] + med["detector forward"]
+        print(f"  {'overhead ratio':32s} {med['whole (decode + Pipeline.run)'] / nets:9.2f}  "
+              "(whole / (classifier forward + detector forward))\n")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
