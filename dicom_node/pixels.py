@@ -22,12 +22,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import PixelDataError
 
-__all__ = ["load_image", "read_dataset", "read_header", "ensure_transfer_syntax"]
+__all__ = ["load_image", "display_window", "first_value", "read_dataset", "read_header", "ensure_transfer_syntax"]
 
 # A window that sends more than this share of the pixels to black or white is treated as nonsense.
 SATURATED_FRACTION = 0.99
@@ -114,11 +115,11 @@ def _modality(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def _first(value) -> float | None:
+def first_value(value) -> float | None:
     """First value of a possibly multi-valued DS, or None."""
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+    if isinstance(value, (list, tuple, MultiValue)):
         if not value:
             return None
         value = value[0]
@@ -145,14 +146,14 @@ def _saturated(out: np.ndarray, mask: np.ndarray | None) -> bool:
     return float(np.mean((sample <= 0.0) | (sample >= 1.0))) > SATURATED_FRACTION
 
 
-def _percentile_window(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def _percentile_window(values: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, float, float]:
     sample = values[mask] if mask is not None and mask.any() else values
-    lo, hi = np.percentile(sample, FALLBACK_PERCENTILES)
+    lo, hi = (float(v) for v in np.percentile(sample, FALLBACK_PERCENTILES))
     if hi <= lo:
         lo, hi = float(sample.min()), float(sample.max())
     if hi <= lo:  # constant image: nothing to show
-        return np.zeros_like(values)
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+        return np.zeros_like(values), lo, lo + 1.0
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0), lo, hi
 
 
 def _voi_lut_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
@@ -192,6 +193,29 @@ def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return mask if mask.any() else None
 
 
+def _voi(values: np.ndarray, ds: Dataset, mask: np.ndarray | None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """VOI stage: (image in [0, 1], the linear window used as (center, width), None for a LUT)."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        out = _voi_lut_sequence(values, ds)
+        if out is not None and not _saturated(out, mask):
+            return out, None
+    center, width = first_value(ds.get("WindowCenter")), first_value(ds.get("WindowWidth"))
+    if center is not None and width is not None and width > 1:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+        out = _window(values, center, width, function)
+        if not _saturated(out, mask):
+            return out, (center, width)
+    out, lo, hi = _percentile_window(values, mask)
+    return out, ((lo + hi) / 2.0, max(hi - lo, 1.0))
+
+
+def _prepare(src: Dataset | str | os.PathLike):
+    ds = src if isinstance(src, Dataset) else read_dataset(src)
+    _check_image(ds)
+    stored = _decode(ds)
+    return ds, _padding_mask(stored, ds), _modality(stored, ds)
+
+
 def load_image(src: Dataset | str | os.PathLike) -> np.ndarray:
     """Decode ``src`` (a dataset or a file path) to a float32 ``rows x columns`` array in [0, 1].
 
@@ -199,27 +223,15 @@ def load_image(src: Dataset | str | os.PathLike) -> np.ndarray:
     Raises :class:`PixelDataError` for multi-frame, colour or missing/undecodable pixel data.
     A dataset without file meta gets a Transfer Syntax UID (implicit VR little endian by default).
     """
-    ds = src if isinstance(src, Dataset) else read_dataset(src)
-    _check_image(ds)
-    stored = _decode(ds)
-    mask = _padding_mask(stored, ds)
-    values = _modality(stored, ds)
-
-    out = None
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        out = _voi_lut_sequence(values, ds)
-        if out is not None and _saturated(out, mask):
-            out = None
-    if out is None:
-        center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-        if center is not None and width is not None and width > 1:
-            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-            out = _window(values, center, width, function)
-            if _saturated(out, mask):
-                out = None
-    if out is None:
-        out = _percentile_window(values, mask)
-
+    ds, mask, values = _prepare(src)
+    out, _ = _voi(values, ds, mask)
     if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
         out = 1.0 - out
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def display_window(src: Dataset | str | os.PathLike) -> tuple[float, float] | None:
+    """The (center, width) in modality units that :func:`load_image` windows with, including the
+    percentile fallback; None when the image's VOI LUT Sequence is used. For presentation states."""
+    ds, mask, values = _prepare(src)
+    return _voi(values, ds, mask)[1]
