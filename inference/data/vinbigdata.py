@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import DatasetError
 from ..types import FINDING_CLASSES, NO_FINDING_ID
