@@ -8,6 +8,8 @@ with the mean/std stored in the model file).
 """
 from __future__ import annotations
 
+import math
+
 import os
 
 import numpy as np
@@ -74,5 +76,24 @@ class Classifier:
             x = x[None]
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"classifier input must be N x 1 x S x S, got {tuple(x.shape)}")
-        logits = self.model(x.to(self.device))
-        return torch.sigmoid(logits.float().reshape(x.shape[0], -1)[:, 0]).cpu().numpy()
+        logits = self.model(x.to(self.device)).float().reshape(x.shape[0], -1)[:, 0]
+        return torch.sigmoid(logits - self.logit_shift).cpu().numpy()
+
+    @property
+    def operating_threshold(self) -> float | None:
+        """The decision threshold chosen on validation data at training time (``extra.abnormal_threshold``)."""
+        t = self.loaded.metadata.extra.get("abnormal_threshold")
+        return float(t) if t is not None else None
+
+    @property
+    def logit_shift(self) -> float:
+        """Calibrate to the trained operating point: the validation-chosen threshold maps to P = 0.5.
+
+        A classifier trained on an imbalanced set (here 2 abnormal : 1 normal) puts its best threshold far
+        from 0.5 (e.g. 0.97). Shifting the logit by logit(threshold) keeps the ranking (ROC AUC unchanged)
+        and makes 0.5 mean "at the operating point", so the gate threshold, the soft fusion and
+        P(no finding) all work on one scale. Files without a stored threshold are used as they are."""
+        t = self.operating_threshold
+        if t is None or not 0.0 < t < 1.0:
+            return 0.0
+        return math.log(t / (1.0 - t))
