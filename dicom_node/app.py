@@ -12,8 +12,12 @@ from storage import Store
 from .assembly import StudyAssembler
 from .config import Config
 from .scp import StoreSCP
+from .sender import Sender
+from .processes import WorkerProcess
 
 log = logging.getLogger(__name__)
+
+SENDER_POLL_S = 0.25   # how often the outbox is checked for due deliveries (a cheap indexed query)
 
 
 def open_store(config: Config) -> Store:
@@ -30,7 +34,8 @@ class Node:
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"max_instances": 1})
         self.assembler = StudyAssembler(self.store, self.scheduler)
         self.scp = StoreSCP(config, self.store, on_stored=self.assembler.arm)
-        self.workers = []
+        self.sender = Sender(config, self.store)
+        self.workers: list[WorkerProcess] = []
         self._stopped = threading.Event()
 
     def start(self) -> int:
@@ -46,7 +51,14 @@ class Node:
         return port
 
     def _start_extras(self) -> None:
-        """Workers and the sender (added by the results issue)."""
+        for i in range(self.config.workers.count):
+            w = WorkerProcess(self.config, i)
+            w.start()
+            self.workers.append(w)
+        if self.config.workers.count:
+            log.info("started %d worker process(es)", self.config.workers.count)
+        self.scheduler.add_job(self.sender.run_due, "interval", seconds=SENDER_POLL_S, id="sender",
+                               max_instances=1, coalesce=True, misfire_grace_time=None)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -54,6 +66,8 @@ class Node:
         self._stopped.set()
         log.info("shutting down")
         self.scp.stop()
+        for w in self.workers:
+            w.process.terminate()
         for w in self.workers:
             w.stop()
         self.scheduler.shutdown(wait=True)

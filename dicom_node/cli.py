@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import Config, load_config
@@ -51,6 +53,73 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from .processes import worker_main
+    cfg = _config(args)
+    setup_logging(cfg.logging.level)
+    worker_main(cfg.model_dump(mode="json"), f"worker-{os.getpid()}", None)
+    return 0
+
+
+def cmd_retry(args) -> int:
+    from .app import open_store
+    store = open_store(_config(args))
+    try:
+        n = store.retry_failed()
+    finally:
+        store.close()
+    print(f"re-queued {n} failed deliver{'y' if n == 1 else 'ies'}; the running node sends them now")
+    return 0
+
+
+def cmd_reanalyze(args) -> int:
+    from .app import open_store
+    store = open_store(_config(args))
+    try:
+        job_id = store.reanalyze(args.study_uid)
+    except LookupError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"queued job {job_id}: re-analysis of the study; results go to the configured destinations")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analyze import analyze_files, expand_inputs
+    from .worker import load_pipeline
+    cfg = _config(args)
+    setup_logging("WARNING")
+    files = expand_inputs(args.files)
+    if not files:
+        print("dicom-node: no input files", file=sys.stderr)
+        return 2
+    results = analyze_files(load_pipeline(cfg), files, args.output)
+    for r in results:
+        if "error" in r:
+            print(f"{r['file']}: ERROR {r['error']}")
+            continue
+        verdict = "abnormal" if r["abnormal"] else "no finding"
+        print(f"{r['file']}: {verdict} (P(abnormal) {r['p_abnormal']:.2f}, P(no finding) {r['p_no_finding']:.2f})")
+        for f in r["findings"]:
+            x0, y0, x1, y1 = f["box"]
+            print(f"  {f['label']:<20s} {f['score']:.2f}  box [{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]")
+    print(f"results written to {Path(args.output).resolve()}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _training_command(run_name: str):
+    """`train` / `evaluate` live in inference.commands; DICOM export of VinBigData folders happens here."""
+    def run(args) -> int:
+        from inference import commands
+        from .vinbigdata_export import prepare_args
+        setup_logging("INFO")
+        prepare_args(args)
+        return getattr(commands, run_name)(args)
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description="Chest X-ray AI DICOM node")
     p.add_argument("--version", action="version", version=f"dicom-node {__version__}")
@@ -66,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     command("check-config", cmd_check_config, "validate the configuration file and exit")
     command("status", cmd_status, "counts of instances, studies, jobs and deliveries (no patient data)") \
         .add_argument("--json", action="store_true", help="print the documented JSON form")
+    command("worker", cmd_worker, "run one analysis worker against the same storage (add more to scale out)")
+    command("retry", cmd_retry, "re-queue every failed delivery")
+    command("reanalyze", cmd_reanalyze, "queue a re-analysis of a study").add_argument(
+        "study_uid", help="Study Instance UID")
+    sp = command("analyze", cmd_analyze, "analyse DICOM, PNG or JPEG files offline; writes JSON + overlay PNG")
+    sp.add_argument("files", nargs="+", help="files or folders")
+    sp.add_argument("--output", "-o", default="analysis", help="output folder (default: ./analysis)")
+
+    from inference import commands as training
+    train = sub.add_parser("train", help="train a model (classifier or detector) on VinBigData or the NIH sets")
+    train_sub = train.add_subparsers(dest="model_kind", required=True)
+    for kind, add, run in (("classifier", training.add_train_classifier_arguments, "run_train_classifier"),
+                           ("detector", training.add_train_detector_arguments, "run_train_detector")):
+        tp = train_sub.add_parser(kind, help=f"train the {kind}")
+        add(tp)
+        tp.set_defaults(func=_training_command(run))
+    ev = sub.add_parser("evaluate", help="evaluate classifier + detector (both fusion modes) on a held-out split")
+    training.add_evaluate_arguments(ev)
+    ev.set_defaults(func=_training_command("run_evaluate"))
     return p
 
 

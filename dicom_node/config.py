@@ -98,8 +98,8 @@ class InferenceConfig(_Strict):
 
 class WorkersConfig(_Strict):
     count: int = Field(1, ge=0)          # worker processes started by `serve` (0 = none, run `dicom-node worker`)
-    poll_interval_s: float = Field(1.0, gt=0)
-    job_lease_s: float = Field(600, gt=0)  # a claimed job not finished after this is claimed again
+    poll_interval_s: float = Field(0.25, gt=0)
+    job_lease_s: float = Field(60, gt=0)  # renewed while a worker works; a job whose worker died is taken over after this
 
 
 class OutputsConfig(_Strict):

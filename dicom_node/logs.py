@@ -24,6 +24,8 @@ def setup_logging(level: str = "INFO") -> None:
         handler._dicom_node = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("pynetdicom", "apscheduler", "PIL", "matplotlib", "urllib3", "ultralytics", "timm"):
+    # Third-party loggers: pynetdicom and highdicom would log identifiers at INFO/DEBUG.
+    for noisy in ("pynetdicom", "highdicom", "apscheduler", "PIL", "matplotlib", "urllib3", "ultralytics", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("apscheduler.executors.default").setLevel(logging.ERROR)
+    for chatty in ("apscheduler.executors.default", "apscheduler.scheduler"):   # "job skipped: still running"
+        logging.getLogger(chatty).setLevel(logging.ERROR)

@@ -216,6 +216,15 @@ def _prepare(src: Dataset | str | os.PathLike):
     return ds, _padding_mask(stored, ds), _modality(stored, ds)
 
 
+def decode_image(src: Dataset | str | os.PathLike) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """:func:`load_image` and :func:`display_window` in one decode: ``(image01, (center, width) or None)``."""
+    ds, mask, values = _prepare(src)
+    out, window = _voi(values, ds, mask)
+    if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
+        out = 1.0 - out
+    return np.ascontiguousarray(out, dtype=np.float32), window
+
+
 def load_image(src: Dataset | str | os.PathLike) -> np.ndarray:
     """Decode ``src`` (a dataset or a file path) to a float32 ``rows x columns`` array in [0, 1].
 
@@ -223,15 +232,10 @@ def load_image(src: Dataset | str | os.PathLike) -> np.ndarray:
     Raises :class:`PixelDataError` for multi-frame, colour or missing/undecodable pixel data.
     A dataset without file meta gets a Transfer Syntax UID (implicit VR little endian by default).
     """
-    ds, mask, values = _prepare(src)
-    out, _ = _voi(values, ds, mask)
-    if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
-        out = 1.0 - out
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return decode_image(src)[0]
 
 
 def display_window(src: Dataset | str | os.PathLike) -> tuple[float, float] | None:
     """The (center, width) in modality units that :func:`load_image` windows with, including the
     percentile fallback; None when the image's VOI LUT Sequence is used. For presentation states."""
-    ds, mask, values = _prepare(src)
-    return _voi(values, ds, mask)[1]
+    return decode_image(src)[1]

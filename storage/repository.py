@@ -196,6 +196,7 @@ class Store:
                     and_(Job.state == JobState.RUNNING, Job.lease_until < now))).order_by(Job.id).limit(1)).first()
                 if cand is None:
                     return None
+                job_id, study_uid, attempts = cand.id, cand.study_uid, cand.attempts
                 got = s.execute(update(Job).where(Job.id == cand.id, Job.state == cand.state,
                                                   Job.attempts == cand.attempts)
                                 .values(state=JobState.RUNNING, worker=worker, started_at=now,
@@ -204,8 +205,8 @@ class Store:
                 if got:
                     break
             rows = s.execute(select(Instance.sop_instance_uid, Instance.path).where(
-                Instance.study_uid == cand.study_uid, Instance.eligible.is_(True)).order_by(Instance.received_at))
-            return JobInfo(cand.id, cand.study_uid, cand.attempts + 1, tuple((r[0], Path(r[1])) for r in rows))
+                Instance.study_uid == study_uid, Instance.eligible.is_(True)).order_by(Instance.received_at))
+            return JobInfo(job_id, study_uid, attempts + 1, tuple((r[0], Path(r[1])) for r in rows))
 
     def renew_lease(self, job_id: int, worker: str, lease_s: float) -> bool:
         with self._session.begin() as s:

@@ -1,0 +1,194 @@
+"""Workers and the sender: results reach a real DICOM peer (dcmtk storescp), failures are classified and retried.
+
+The node runs as a real process with a worker process and tiny random-weight models.
+"""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_factory import make_cxr
+from model_fixtures import make_tiny_models
+from nodeproc import free_port, wait_for
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"     # Comprehensive 3D SR
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+class StoreSCP:
+    """dcmtk storescp as the receiving PACS."""
+
+    def __init__(self, folder: Path, port: int | None = None, refuse: bool = False):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.refuse = refuse
+        self.proc = None
+
+    def start(self) -> "StoreSCP":
+        cmd = ["storescp", "-aet", "PACS", "-od", str(self.folder)]
+        if self.refuse:
+            cmd.append("--refuse")
+        self.proc = subprocess.Popen([*cmd, str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(self.port)],
+                                        capture_output=True).returncode == 0 or self.refuse, 20, what="storescp")
+        time.sleep(0.3 if self.refuse else 0)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def received(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
+
+
+@pytest.fixture
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    clf, det = make_tiny_models(folder, p_abnormal=0.8, detector_logit=-0.3)
+    return {"classifier": str(clf), "detector": str(det)}
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    scps = []
+
+    def make(**kw) -> StoreSCP:
+        scp = StoreSCP(tmp_path / f"pacs{len(scps)}", **kw)
+        scps.append(scp)
+        return scp
+
+    yield make
+    for s in scps:
+        s.stop()
+
+
+def result_node(node_factory, models, port, outputs=("sr", "sc", "gsps"), **over):
+    cfg = dict(workers={"count": 1, "job_lease_s": 5},
+               inference={"models": models},
+               destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port,
+                              "outputs": list(outputs)}],
+               delivery={"backoff_initial_s": 0.5, "backoff_max_s": 1.0, "connect_timeout_s": 3})
+    cfg.update(over)
+    return node_factory(**cfg)
+
+
+def deliveries(node) -> list[dict]:
+    db = Path(node.config["storage"]["root"]) / "dicom-node.sqlite3"
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM deliveries")]
+    finally:
+        con.close()
+
+
+def test_study_results_arrive_at_pacs(node_factory, models, pacs, tmp_path):
+    scp = pacs().start()
+    node = result_node(node_factory, models, scp.port)
+    study = generate_uid()
+    pa = make_cxr(tmp_path / "pa.dcm", study_uid=study, view="PA", rows=300, cols=240)
+    ap = make_cxr(tmp_path / "ap.dcm", study_uid=study, view="AP", modality="CR", photometric="MONOCHROME1")
+    lat = make_cxr(tmp_path / "lat.dcm", study_uid=study, view="LL")
+    r = node.storescu(tmp_path / "pa.dcm", tmp_path / "ap.dcm", tmp_path / "lat.dcm")
+    assert r.returncode == 0, r.stderr
+    st = wait_for(lambda: (s := node.status())["deliveries"]["delivered"] == 5 and s, 180, what="5 deliveries")
+    assert st["jobs"]["done"] == 1 and st["deliveries"]["failed"] == 0
+    got = scp.received()
+    by_class = {c: [d for d in got if d.SOPClassUID == c] for c in (SR_CLASS, SC_CLASS, GSPS_CLASS)}
+    assert [len(by_class[c]) for c in (SR_CLASS, SC_CLASS, GSPS_CLASS)] == [1, 2, 2]
+    sr = by_class[SR_CLASS][0]
+    assert sr.StudyInstanceUID == study and sr.PatientID == pa.PatientID
+    assert sr.SeriesInstanceUID not in {pa.SeriesInstanceUID, ap.SeriesInstanceUID}
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    referenced = {ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                  for ref in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence}
+    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for ser in s.ReferencedSeriesSequence for i in ser.ReferencedSOPSequence}
+    assert evidence == {pa.SOPInstanceUID, ap.SOPInstanceUID} and referenced <= evidence   # lateral not analysed
+    for sc in by_class[SC_CLASS]:
+        assert sc.StudyInstanceUID == study and sc.BurnedInAnnotation == "YES"
+        assert sc.PhotometricInterpretation == "RGB"
+        assert lat.SOPInstanceUID != sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+    # every object arrived exactly once
+    assert len({d.SOPInstanceUID for d in got}) == len(got) == 5
+
+
+def test_transient_failure_is_retried_until_delivered_once(node_factory, models, pacs, tmp_path):
+    port = free_port()
+    node = result_node(node_factory, models, port, outputs=("sr",))
+    make_cxr(tmp_path / "a.dcm")
+    assert node.storescu(tmp_path / "a.dcm").returncode == 0
+    wait_for(lambda: any(d["attempts"] >= 2 for d in deliveries(node)), 180, what="retries while PACS is down")
+    d = deliveries(node)[0]
+    assert d["state"] == "pending" and "cannot connect" in d["last_error"]
+    scp = pacs(port=port).start()
+    wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 60, what="delivery after PACS came back")
+    time.sleep(2)
+    assert len(scp.received()) == 1
+    assert deliveries(node)[0]["last_error"] is None
+
+
+def test_rejected_association_fails_at_once_and_retry_requeues(node_factory, models, pacs, tmp_path):
+    refusing = pacs(refuse=True).start()
+    node = result_node(node_factory, models, refusing.port, outputs=("sr",))
+    make_cxr(tmp_path / "a.dcm")
+    assert node.storescu(tmp_path / "a.dcm").returncode == 0
+    wait_for(lambda: node.status()["deliveries"]["failed"] == 1, 180, what="permanent failure")
+    time.sleep(3)    # no retry storm: still one attempt
+    d = deliveries(node)[0]
+    assert d["attempts"] == 1 and "rejected" in d["last_error"]
+    refusing.stop()
+    scp = pacs(port=refusing.port).start()
+    out = node.cli("retry").stdout
+    assert "re-queued 1 failed delivery" in out
+    wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 60, what="delivery after retry")
+    assert len(scp.received()) == 1
+
+
+def test_failed_job_is_recorded_and_worker_goes_on(node_factory, models, pacs, tmp_path):
+    scp = pacs().start()
+    node = result_node(node_factory, models, scp.port, outputs=("sr",))
+    bad = make_cxr(rows=64, cols=64)
+    bad.PixelData = bad.PixelData[:100]     # header says 64x64x16 bit; the data is truncated
+    bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    make_cxr(tmp_path / "good.dcm")
+    assert node.storescu(tmp_path / "bad.dcm").returncode == 0
+    wait_for(lambda: node.status()["jobs"]["failed"] == 1, 180, what="failed job")
+    assert node.storescu(tmp_path / "good.dcm").returncode == 0
+    wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 120, what="next job delivered")
+    db = Path(node.config["storage"]["root"]) / "dicom-node.sqlite3"
+    reason = sqlite3.connect(db).execute("SELECT reason FROM jobs WHERE state='failed'").fetchone()[0]
+    assert "PixelDataError" in reason and "image 1 of 1" in reason
+
+
+def test_reanalyze_and_own_outputs_are_ignored(node_factory, models, pacs, tmp_path):
+    scp = pacs().start()
+    node = result_node(node_factory, models, scp.port, outputs=("sr", "sc"))
+    ds = make_cxr(tmp_path / "a.dcm")
+    assert node.storescu(tmp_path / "a.dcm").returncode == 0
+    wait_for(lambda: node.status()["deliveries"]["delivered"] == 2, 180, what="first results")
+    # a PACS that routes everything back: the node stores its own outputs but never analyses them
+    outputs = sorted(p for p in scp.folder.iterdir() if p.is_file())
+    r = node.storescu(*outputs, extra=("-R",))
+    assert r.returncode == 0, r.stderr
+    time.sleep(3)
+    st = node.status()
+    assert st["instances"] == {"total": 3, "eligible": 1, "skipped": 2}
+    assert st["jobs"]["total"] == 1
+    assert "output of this node" in node.log()
+    # explicit re-analysis: a new job and a new SR
+    out = node.cli("reanalyze", ds.StudyInstanceUID).stdout
+    assert "queued job 2" in out
+    wait_for(lambda: node.status()["deliveries"]["delivered"] == 4, 120, what="re-analysis results")
+    srs = [d for d in scp.received() if d.SOPClassUID == SR_CLASS]
+    assert len(srs) == 2 and srs[0].SOPInstanceUID != srs[1].SOPInstanceUID
