@@ -42,15 +42,20 @@ def make_tiny_classifier(path: str | Path, *, arch: str = "mobilenetv2_050", inp
 
 
 def make_tiny_detector(path: str | Path, *, arch: str = "yolov8n", input_size: int = 128,
-                       detector_logit: float | None = None, seed: int = 0, **meta) -> Path:
-    """``detector_logit`` set: class-head biases = that logit, so random boxes score ~sigmoid(logit)."""
+                       detector_logit: float | None = None, detector_gain: float = 1.0, seed: int = 0,
+                       **meta) -> Path:
+    """``detector_logit`` set: class-head biases = that logit, so random boxes score ~sigmoid(logit).
+    ``detector_gain`` scales the class-head weights: random features are tiny, so with the default gain every
+    box scores the same; a gain of ~1e6 spreads the scores (distinct, reproducible rankings for comparisons)."""
     torch.manual_seed(seed)
     model, yaml = build_detector(arch, nc=14)
-    if detector_logit is not None:
+    if detector_logit is not None or detector_gain != 1.0:
         head = model.model[-1]
         with torch.no_grad():
             for seq in head.cv3:
-                seq[-1].bias.fill_(detector_logit)
+                seq[-1].weight.mul_(detector_gain)
+                if detector_logit is not None:
+                    seq[-1].bias.fill_(detector_logit)
     md = ModelMetadata(kind="detector", architecture=arch, version=meta.pop("version", "0.0.0-test"),
                        preprocess=PreprocessParams.for_detector(input_size),
                        training_data=meta.pop("training_data", "none: random weights for tests"), **meta)
@@ -58,9 +63,11 @@ def make_tiny_detector(path: str | Path, *, arch: str = "yolov8n", input_size: i
 
 
 def make_tiny_models(directory: str | Path, *, p_abnormal: float | None = None,
-                     detector_logit: float | None = None, seed: int = 0) -> tuple[Path, Path]:
+                     detector_logit: float | None = None, detector_gain: float = 1.0,
+                     seed: int = 0) -> tuple[Path, Path]:
     """Write ``classifier.pt`` and ``detector.pt`` into ``directory``; return their paths."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     return (make_tiny_classifier(d / "classifier.pt", p_abnormal=p_abnormal, seed=seed),
-            make_tiny_detector(d / "detector.pt", detector_logit=detector_logit, seed=seed))
+            make_tiny_detector(d / "detector.pt", detector_logit=detector_logit, detector_gain=detector_gain,
+                               seed=seed))

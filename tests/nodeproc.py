@@ -54,6 +54,7 @@ class NodeProcess:
             "destinations": [],
         }
         self.config = deep_merge(base, overrides)
+        self.port = self.config["node"]["port"]
         self.config_path = self.folder / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = self.folder / "node.log"
@@ -66,7 +67,8 @@ class NodeProcess:
     def start(self, timeout: float = 60) -> None:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                     start_new_session=True)   # its own process group, workers included
         wait_for(lambda: self.proc.poll() is not None or self._listening(), timeout, what="node to listen")
         if self.proc.poll() is not None:
             raise RuntimeError(f"node exited at start:\n{self.log()}")
@@ -95,14 +97,14 @@ class NodeProcess:
         return self.proc.returncode if self.proc else 0
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-        self._kill_children()
-
-    def _kill_children(self) -> None:
-        """Worker processes of a killed node are stopped too (they would notice their parent is gone)."""
-        subprocess.run(["pkill", "-9", "-f", f"{self.config_path}"], check=False)
+        """kill -9 the node and its worker processes at once, like a crash of the machine or container."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
 
     def storescu(self, *files: Path | str, extra: tuple[str, ...] = (), calling: str = "STORESCU",
                  called: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -34,13 +33,11 @@ def test_kill9_during_storescu_loses_no_acknowledged_instance(node_factory, tmp_
         elif "Received Store Response (Success)" in line and current:
             acked.append(files[current])
             if len(acked) == 40 and not killed.is_set():
-                node.proc.send_signal(signal.SIGKILL)
+                node.kill()
                 killed.set()
     proc.wait(60)
     assert killed.is_set(), "storescu finished before the node was killed"
     assert 40 <= len(acked) < 150
-    node.proc.wait(10)
-
     node.start()   # same folder, same config
     rows = by_sop(node)
     for sop in acked:
