@@ -21,7 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from dicom_factory import make_cxr  # noqa: E402
-from nodeproc import NodeProcess, free_port, wait_for  # noqa: E402
+from nodeproc import NodeProcess, free_port  # noqa: E402
 
 
 def make_files(folder: Path, count: int, size: int) -> list[Path]:

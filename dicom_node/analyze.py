@@ -1,5 +1,5 @@
 """Offline analysis of files (the ``dicom-node analyze`` command): DICOM, PNG or JPEG in, JSON and
-an overlay PNG out, without any network or storage.
+an overlay PNG (the same picture as the Secondary Capture) out, without any network or storage.
 
 ``analyze_files(pipeline, files, output_dir)`` writes for every input ``<stem>.json`` and
 ``<stem>.png`` (``<stem>_2`` ... when two inputs share a stem) and returns one dict per input.
@@ -48,21 +48,18 @@ from inference.pipeline import Pipeline
 from inference.types import Prediction
 
 from .errors import DicomNodeError
+from .sc import BANNER_TEXT, render_overlay
 
-__all__ = ["analyze_files", "expand_inputs", "read_image", "render_overlay", "prediction_dict",
+__all__ = ["analyze_files", "expand_inputs", "read_image", "prediction_dict",
            "DISCLAIMER", "IMAGE_SUFFIXES", "SCHEMA"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "dicom-node/analyze/1"
-DISCLAIMER = "AI result - not for primary diagnosis"
+DISCLAIMER = BANNER_TEXT
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", "")
 
-# One BGR colour per finding class (0-13), distinct on a grey background.
-_PALETTE = [(0, 0, 255), (0, 165, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0),
-            (255, 0, 255), (128, 0, 255), (0, 128, 255), (255, 128, 0), (128, 255, 0),
-            (0, 255, 128), (255, 0, 128), (180, 180, 255)]
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -119,42 +116,6 @@ def prediction_dict(pred: Prediction, source: str | os.PathLike | None = None) -
     }
 
 
-def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, colour, thick: int) -> None:
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-    x, y = org
-    y = max(y, th + base)
-    cv2.rectangle(img, (x, y - th - base), (x + tw, y + base // 2), (0, 0, 0), -1)
-    cv2.putText(img, text, (x, y - base // 2), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick, cv2.LINE_AA)
-
-
-def render_overlay(img01: np.ndarray, pred: Prediction) -> np.ndarray:
-    """Source image (not CLAHE'd) as BGR uint8, same size, with boxes, "label score" and a banner
-    "AI result - not for primary diagnosis" + the probabilities across the top."""
-    grey = np.rint(np.clip(img01, 0, 1) * 255).astype(np.uint8)
-    out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    h, w = grey.shape
-    unit = max(h, w) / 1000.0
-    thick, scale = max(1, round(2 * unit)), max(0.35, 0.6 * unit)
-    t = max(1, thick // 2)
-    (_, th), base = cv2.getTextSize(DISCLAIMER, cv2.FONT_HERSHEY_SIMPLEX, scale, t)
-    pad, line = max(3, th // 2), th + base
-    banner_h = 2 * line + 3 * pad
-    for f in pred.findings:
-        colour = _PALETTE[f.class_id % len(_PALETTE)]
-        x0, y0, x1, y1 = (int(round(v)) for v in f.box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), colour, thick)
-        label_y = y0 - thick                              # baseline-ish: above the box ...
-        if label_y - line < banner_h:                     # ... unless the banner would hide it
-            label_y = max(y0, banner_h) + thick + line
-        _text(out, f"{f.label} {f.score:.2f}", (max(0, x0), label_y), scale, colour, t)
-    summary = f"P(abnormal) {pred.p_abnormal:.2f}  P(no finding) {pred.p_no_finding:.2f}"
-    cv2.rectangle(out, (0, 0), (w, banner_h), (0, 0, 0), -1)
-    for i, (text, colour) in enumerate(((DISCLAIMER, (0, 255, 255)), (summary, (255, 255, 255)))):
-        y = pad + th + i * (line + pad)
-        cv2.putText(out, text, (pad, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, t, cv2.LINE_AA)
-    return out
-
-
 def _unique_stem(path: Path, used: set[str]) -> str:
     stem, n = path.stem or path.name, 2
     candidate = stem
@@ -193,7 +154,8 @@ def analyze_files(pipeline: Pipeline, files: Iterable[str | os.PathLike], output
             data = prediction_dict(pred, f.resolve())
             if overlay:
                 png_path = out_dir / f"{stem}.png"
-                if not cv2.imwrite(str(png_path), render_overlay(img, pred)):
+                rgb, _ = render_overlay(img, pred)      # the Secondary Capture picture, so both look alike
+                if not cv2.imwrite(str(png_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
                     raise OSError(f"cannot write {png_path}")
                 data["overlay"] = str(png_path)
             log.info("analysed %s: p_abnormal=%.3f findings=%d", f.name, pred.p_abnormal, len(pred.findings))

@@ -86,6 +86,9 @@ class Node:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         try:
-            done.wait()
+            # Wake up now and then: a signal delivered to another thread (pynetdicom's, apscheduler's) only sets
+            # a flag, and the main thread runs the Python handler when it next executes bytecode.
+            while not done.wait(0.5):
+                pass
         finally:
             self.stop()

@@ -11,11 +11,19 @@ anything else of pynetdicom's behaviour:
    ``FastDUL`` turns that sleep into a ``select()`` on the socket with the same 1 ms timeout, so it wakes as
    soon as data arrives and still idles at the same low CPU cost.
 
-Both are applied per association by the request handler of the server class below, which is what
+3. The received data set is streamed into a file (``STORE_RECV_CHUNKED_DATASET``) and must be fsync'd before
+   the C-STORE is acknowledged. Writing 8 MB back to disk takes ~15 ms on its own; ``FastDUL`` asks the kernel
+   (``sync_file_range``, Linux) to start writing each new megabyte while the rest is still arriving, so the
+   final fsync only waits for the tail. Where the call is missing, nothing changes.
+
+All three are applied per association by the request handler of the server class below, which is what
 ``AE.make_server(server_class=...)`` is meant for.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import select
 
 from pynetdicom.dul import DULServiceProvider
@@ -23,6 +31,20 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 CHUNK = 1 << 20
 IDLE_WAIT_S = 0.001
+WRITEBACK_STEP = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range():
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return fn
+
+
+SYNC_FILE_RANGE = _sync_file_range()
 
 
 class FastRecvSocket(AssociationSocket):
@@ -41,9 +63,28 @@ class FastRecvSocket(AssociationSocket):
 
 
 class FastDUL(DULServiceProvider):
+    _writeback: tuple[int, int] = (-1, 0)   # (inode, bytes already handed to the kernel for writing)
+
+    def _start_writeback(self) -> None:
+        """Let the kernel start writing the data set received so far (see the module docstring)."""
+        message = getattr(self.assoc.dimse, "message", None)
+        f = getattr(message, "_data_set_file", None)
+        if f is None or SYNC_FILE_RANGE is None or f.closed:
+            return
+        fd = f.fileno()
+        st = os.fstat(fd)
+        done = self._writeback[1] if self._writeback[0] == st.st_ino else 0
+        if st.st_size - done >= WRITEBACK_STEP:
+            SYNC_FILE_RANGE(fd, done, st.st_size - done, _SYNC_FILE_RANGE_WRITE)
+            self._writeback = (st.st_ino, st.st_size)
+
     @property
     def _run_loop_delay(self) -> float:
         """Wait for socket data (up to 1 ms) instead of sleeping blindly; the reactor then sleeps 0."""
+        try:
+            self._start_writeback()
+        except (OSError, ValueError, AttributeError):   # a closed or finished file: nothing to start
+            pass
         sock = getattr(self.socket, "socket", None)
         if sock is not None:
             try:

@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 from inference.pipeline import Pipeline
 from inference.types import Prediction
 from storage import Store
+from storage.errors import StaleJobError
 from storage.repository import JobInfo, ResultSpec
 
 from . import __version__
@@ -137,11 +138,14 @@ class Worker:
             if not job.instances:
                 raise PixelDataError("no eligible instances left in the study")
             results, pipeline_s = self.analyzer.analyse(job)
-            self.store.finish_job(job.id, results, pipeline_s=pipeline_s)
+            self.store.finish_job(job.id, self.name, results, pipeline_s=pipeline_s)
+        except StaleJobError as exc:
+            log.warning("%s", exc)
+            return True
         except Exception as exc:  # noqa: BLE001 - one bad job must not stop the worker
             reason = f"{type(exc).__name__}: {exc}"
             log.error("job %d failed: %s", job.id, reason)
-            self.store.fail_job(job.id, reason)
+            self.store.fail_job(job.id, self.name, reason)
         else:
             kinds = ", ".join(sorted({r.kind for r in results}))
             log.info("job %d done in %.2f s (pipeline %.2f s): %d result object(s) [%s]", job.id,

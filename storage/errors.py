@@ -1,7 +1,8 @@
 """Storage errors. ``dicom_node.errors`` maps them into the project tree.
 
     StorageError
-    └── DiskFullError
+    ├── DiskFullError
+    └── StaleJobError
 """
 from __future__ import annotations
 
@@ -12,3 +13,7 @@ class StorageError(Exception):
 
 class DiskFullError(StorageError):
     """Free disk space below the configured watermark."""
+
+
+class StaleJobError(StorageError):
+    """A worker tried to finish a job that another worker has taken over (its lease had run out)."""

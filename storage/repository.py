@@ -14,9 +14,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import Delivery, Instance, Job, Result, Study, make_engine
-from .errors import DiskFullError
+from .errors import DiskFullError, StaleJobError
 from .spool import Spool
 from .states import DeliveryState, JobState
+
+
+MAX_JOB_ATTEMPTS = 3   # a job whose worker died this many times is failed instead of taken over again
 
 
 def utcnow() -> datetime:
@@ -197,6 +200,12 @@ class Store:
                 if cand is None:
                     return None
                 job_id, study_uid, attempts = cand.id, cand.study_uid, cand.attempts
+                if cand.state == JobState.RUNNING and attempts >= MAX_JOB_ATTEMPTS:
+                    # its workers died every time (a crash or out of memory on this study): stop trying
+                    s.execute(update(Job).where(Job.id == job_id).values(
+                        state=JobState.FAILED, finished_at=now, lease_until=None,
+                        reason=f"the worker stopped {attempts} times while analysing this study"))
+                    continue
                 got = s.execute(update(Job).where(Job.id == cand.id, Job.state == cand.state,
                                                   Job.attempts == cand.attempts)
                                 .values(state=JobState.RUNNING, worker=worker, started_at=now,
@@ -218,14 +227,25 @@ class Store:
         with self._session() as s:
             return list(s.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id)))
 
-    def finish_job(self, job_id: int, results: list[ResultSpec], pipeline_s: float | None = None) -> None:
-        """Write result files, then commit their rows, one delivery per destination, and the job's end at once."""
+    def finish_job(self, job_id: int, worker: str, results: list[ResultSpec],
+                   pipeline_s: float | None = None) -> None:
+        """Write result files, then commit their rows, one delivery per destination, and the job's end at once.
+
+        Raises StaleJobError (and keeps nothing) when the job is no longer this worker's: its lease ran out and
+        another worker took it over, so exactly one set of results is ever delivered."""
         now = utcnow()
         with self._session() as s:
             study_uid = s.get(Job, job_id).study_uid
         paths = [self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid))
                  for r in results]
         with self._session.begin() as s:
+            owned = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker,
+                                                Job.state == JobState.RUNNING).values(
+                state=JobState.DONE, finished_at=now, lease_until=None, reason=None, pipeline_s=pipeline_s)).rowcount
+            if not owned:
+                for p in paths:
+                    p.unlink(missing_ok=True)
+                raise StaleJobError(f"job {job_id} was taken over by another worker; results discarded")
             for spec, path in zip(results, paths):
                 row = Result(job_id=job_id, study_uid=study_uid, kind=spec.kind,
                              sop_instance_uid=spec.sop_instance_uid, sop_class_uid=spec.sop_class_uid,
@@ -236,13 +256,11 @@ class Store:
                 for dest in spec.destinations:
                     s.add(Delivery(result_id=row.id, destination=dest, state=DeliveryState.PENDING, attempts=0,
                                    next_attempt_at=now, created_at=now))
-            s.execute(update(Job).where(Job.id == job_id).values(
-                state=JobState.DONE, finished_at=now, lease_until=None, reason=None, pipeline_s=pipeline_s))
 
-    def fail_job(self, job_id: int, reason: str) -> None:
+    def fail_job(self, job_id: int, worker: str, reason: str) -> None:
         with self._session.begin() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(
-                state=JobState.FAILED, finished_at=utcnow(), lease_until=None, reason=reason[:2000]))
+            s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
+                      .values(state=JobState.FAILED, finished_at=utcnow(), lease_until=None, reason=reason[:2000]))
 
     # ---- deliveries --------------------------------------------------------------------------------
     def due_deliveries(self, limit: int = 50, now: datetime | None = None) -> list[DueDelivery]:

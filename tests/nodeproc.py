@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -69,7 +70,11 @@ class NodeProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy(),
                                      start_new_session=True)   # its own process group, workers included
-        wait_for(lambda: self.proc.poll() is not None or self._listening(), timeout, what="node to listen")
+        try:
+            wait_for(lambda: self.proc.poll() is not None or self._listening(), timeout, what="node to listen")
+        except AssertionError:
+            self.kill()
+            raise
         if self.proc.poll() is not None:
             raise RuntimeError(f"node exited at start:\n{self.log()}")
 
@@ -86,6 +91,15 @@ class NodeProcess:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dicom_node", *args, "--config", str(self.config_path)],
                               capture_output=True, text=True, check=check, timeout=300)
+
+    def rows(self, sql: str) -> list[dict]:
+        """Rows of a query on the node's SQLite database (what an operator could inspect; no PHI is stored)."""
+        con = sqlite3.connect(Path(self.config["storage"]["root"]) / "dicom-node.sqlite3")
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in con.execute(sql)]
+        finally:
+            con.close()
 
     def status(self) -> dict:
         return json.loads(self.cli("status", "--json").stdout)

@@ -173,9 +173,7 @@ def test_kill9_node_during_job_and_with_pending_deliveries(pacs_and_node, tmp_pa
                         str(tmp_path / "b.dcm")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     wait_for(lambda: node.status()["deliveries"]["pending"] == 3, 180, interval=1, what="pending deliveries")
-    db = Path(node.config["storage"]["root"]) / "dicom-node.sqlite3"
-    import sqlite3
-    pending = {r[0] for r in sqlite3.connect(db).execute(
+    pending = {r["sop_instance_uid"] for r in node.rows(
         "SELECT r.sop_instance_uid FROM deliveries d JOIN results r ON r.id = d.result_id WHERE d.state='pending'")}
     node.kill()
     pacs.restart()

@@ -1,7 +1,6 @@
 """Receiving over DICOM: real `dicom-node serve` processes, dcmtk clients and pynetdicom on 127.0.0.1."""
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,20 +9,14 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from dicom_factory import compress, make_cxr
 from nodeproc import wait_for
 
 
 def instances(node) -> list[dict]:
-    db = Path(node.config["storage"]["root"]) / "dicom-node.sqlite3"
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM instances")]
-    finally:
-        con.close()
+    return node.rows("SELECT * FROM instances")
 
 
 def by_sop(node) -> dict[str, dict]:
@@ -116,7 +109,7 @@ def test_malformed_dataset_gets_a_clear_status_and_node_keeps_serving(node_facto
     from pynetdicom import _config
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)   # send the file's bytes as they are
     node = node_factory()
-    good = make_cxr(tmp_path / "good.dcm")
+    make_cxr(tmp_path / "good.dcm")
     # Valid file meta, garbage data set: the SCU streams the bytes as they are.
     raw = (tmp_path / "good.dcm").read_bytes()
     meta_end = raw.index(b"\x08\x00\x05\x00")   # first data set element (0008,0005)

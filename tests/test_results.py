@@ -4,7 +4,6 @@ The node runs as a real process with a worker process and tiny random-weight mod
 """
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -83,13 +82,7 @@ def result_node(node_factory, models, port, outputs=("sr", "sc", "gsps"), **over
 
 
 def deliveries(node) -> list[dict]:
-    db = Path(node.config["storage"]["root"]) / "dicom-node.sqlite3"
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM deliveries")]
-    finally:
-        con.close()
+    return node.rows("SELECT * FROM deliveries")
 
 
 def test_study_results_arrive_at_pacs(node_factory, models, pacs, tmp_path):
@@ -166,8 +159,7 @@ def test_failed_job_is_recorded_and_worker_goes_on(node_factory, models, pacs, t
     wait_for(lambda: node.status()["jobs"]["failed"] == 1, 180, what="failed job")
     assert node.storescu(tmp_path / "good.dcm").returncode == 0
     wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 120, what="next job delivered")
-    db = Path(node.config["storage"]["root"]) / "dicom-node.sqlite3"
-    reason = sqlite3.connect(db).execute("SELECT reason FROM jobs WHERE state='failed'").fetchone()[0]
+    reason = node.rows("SELECT reason FROM jobs WHERE state='failed'")[0]["reason"]
     assert "PixelDataError" in reason and "image 1 of 1" in reason
 
 
