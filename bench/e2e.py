@@ -28,8 +28,11 @@ first and are not counted. Per study, on the node's clock (its SQLite DB, naive 
 
 Phase 2, burst: ``--burst`` one-image studies in one storescu call into Orthanc, as fast as it goes; waits until
 every SR is delivered. RSS of the node process and its children (the worker) is sampled every second; prints
-RSS at the start, at 25/50/75/100 % of studies done, the max, and the slope over the second half (MB per 10
-studies) to judge "flat memory", plus throughput in studies per minute.
+RSS at the start, at 25/50/75/100 % of studies done, the max, min/median/max per quarter, and the slope over the
+second half (Theil-Sen, MB per 10 studies; "flat" if <= 1) to judge "flat memory", plus studies per minute.
+
+``--torch-threads N`` sets OMP_NUM_THREADS=N for the node (its worker inherits it; torch reads it for its intra-op
+threads); left out, torch uses one thread per CPU.
 
 Work files go to a temporary folder under bench/ (removed at exit) unless ``--out DIR`` keeps them there (logs,
 node DB, results.json); bench/out/ is git-ignored. Orthanc and the node are killed at exit whatever happens.
@@ -87,6 +90,12 @@ def pct(values: list[float], q: float) -> float:
     k = (len(v) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def theil_sen(x: list[float], y: list[float]) -> float:
+    """Median of the pairwise slopes (robust to outliers); nan with fewer than two distinct x."""
+    slopes = [(y[j] - y[i]) / (x[j] - x[i]) for i in range(len(x)) for j in range(i + 1, len(x)) if x[j] != x[i]]
+    return statistics.median(slopes) if slopes else float("nan")
 
 
 def log(msg: str) -> None:
@@ -177,7 +186,10 @@ def parse_reception_date(value: str) -> datetime:
 def models_for(args, work: Path) -> tuple[dict, str]:
     if args.tiny:
         from model_fixtures import make_tiny_models
+        omp = os.environ.get("OMP_NUM_THREADS")
         clf, det = make_tiny_models(work / "models")
+        if omp is None:   # importing ultralytics sets OMP_NUM_THREADS=1; keep it out of the node's environment
+            os.environ.pop("OMP_NUM_THREADS", None)
         return {"classifier": str(clf), "detector": str(det)}, "tiny random-weight models (tests/model_fixtures.py)"
     from dicom_node.config import load_config
     from inference.modelfile import read_metadata
@@ -372,8 +384,8 @@ def print_latency(args, rows: list[dict], meta: dict) -> dict:
     diffs = [b["orthanc_minus_delivered"] for b in bds if "orthanc_minus_delivered" in b]
     if diffs:
         ok = all(-1.05 < d <= 0.05 for d in diffs)
-        print(f"  Orthanc ReceptionDate (metadata keys: {', '.join(sorted(meta))}): e.g. {meta.get('ReceptionDate')!r}; "
-              f"ReceptionDate - SR delivered_at in [{min(diffs):.3f}, {max(diffs):.3f}] s -> "
+        print(f"  Orthanc ReceptionDate (metadata keys: {', '.join(sorted(meta))}): "
+              f"e.g. {meta.get('ReceptionDate')!r}; ReceptionDate - SR delivered_at in [{min(diffs):.3f}, {max(diffs):.3f}] s -> "
               f"{'consistent with UTC, whole seconds' if ok else 'NOT consistent with delivered_at'}")
     met = med["overhead"] < TARGET_OVERHEAD_S
     print(f"  target: median overhead < {TARGET_OVERHEAD_S:g} s -> {med['overhead']:.3f} s: "
@@ -430,16 +442,17 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
 
     marks = {f"{int(f * 100)}%": at_fraction(f) for f in (0.25, 0.5, 0.75, 1.0)}
     half = [s for s in samples if before + n / 2 <= s["done"] <= before + n]
-    slope = {}
-    for key in ("total_mb", "node_mb", "workers_mb"):
-        if len(half) >= 2 and len({s["done"] for s in half}) >= 2:
-            x = np.array([s["done"] for s in half], float)
-            y = np.array([s[key] for s in half], float)
-            slope[key] = float(np.polyfit(x, y, 1)[0] * 10)
-        else:
-            slope[key] = float("nan")
+    # Theil-Sen (median of pairwise slopes): RSS swings by the size of one job's buffers between samples taken
+    # inside and outside a job, and a least-squares fit chases those swings; the median slope does not.
+    slope = {key: theil_sen([s["done"] for s in half], [s[key] for s in half]) * 10
+             for key in ("total_mb", "node_mb", "workers_mb")}
     mx = {k: max(s[k] for s in samples) for k in ("total_mb", "node_mb", "workers_mb")}
-    flat = slope["total_mb"] <= FLAT_MB_PER_10
+    quarters = []
+    for q in range(4):
+        lo, hi = before + q * n / 4, before + (q + 1) * n / 4
+        vals = [s["total_mb"] for s in samples if lo <= s["done"] < hi or (q == 3 and s["done"] >= hi)]
+        quarters.append((min(vals), statistics.median(vals), max(vals)) if vals else (float("nan"),) * 3)
+    flat = None if slope["total_mb"] != slope["total_mb"] else slope["total_mb"] <= FLAT_MB_PER_10   # nan: too few
     throughput_node = n / node_span * 60
     throughput_wall = n / (t_end - t0) * 60
 
@@ -458,13 +471,15 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
         print(f"    {k + ' done':<11} {s['node_mb']:8.1f} {s['workers_mb']:10.1f} {s['total_mb']:8.1f}")
     print(f"    {'max':<11} {mx['node_mb']:8.1f} {mx['workers_mb']:10.1f} {mx['total_mb']:8.1f}")
     print(f"    {'slope':<11} {slope['node_mb']:8.2f} {slope['workers_mb']:10.2f} {slope['total_mb']:8.2f}"
-          f"   MB per 10 studies over the second half (least squares)")
+          f"   MB per 10 studies over the second half (Theil-Sen)")
+    print("  total RSS (MB) min / median / max while the studies of each quarter were done: "
+          + "; ".join(f"Q{i + 1} {a:.0f} / {b:.0f} / {c:.0f}" for i, (a, b, c) in enumerate(quarters)))
     print(f"  flat memory (total slope <= {FLAT_MB_PER_10:g} MB / 10 studies over the second half): "
-          f"{'YES' if flat else 'NO'}")
+          f"{ {True: 'YES', False: 'NO', None: 'n/a (too few samples)'}[flat]}")
     return {"n": n, "accept_s": t_sent - t0, "wall_s": t_end - t0, "node_span_s": node_span,
             "throughput_node_per_min": throughput_node, "throughput_wall_per_min": throughput_wall,
             "pipeline_median_s": statistics.median(pipeline), "rss_start": s0, "rss_marks": marks, "rss_max": mx,
-            "slope_mb_per_10": slope, "flat": flat, "samples": samples}
+            "slope_mb_per_10": slope, "quarters": quarters, "flat": flat, "samples": samples}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -479,6 +494,7 @@ def main() -> int:
     ap.add_argument("--gsps", action="store_true", help="the destination also gets GSPS (default: SR + SC)")
     ap.add_argument("--sample-s", type=float, default=1.0, help="RSS sampling interval in the burst")
     ap.add_argument("--timeout", type=float, default=300, help="seconds to wait for one study's results")
+    ap.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for the node's worker (default: torch's)")
     ap.add_argument("--out", type=Path, help="keep work files, logs and results.json here (e.g. bench/out/e2e)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally blocks: kill Orthanc and the node
@@ -490,10 +506,14 @@ def main() -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-", dir=REPO / "bench")))
         models, model_desc = models_for(args, work)
+        if args.torch_threads:
+            os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)   # NodeProcess passes os.environ on
+        threads = os.environ.get("OMP_NUM_THREADS", f"torch default ({os.cpu_count()})")
         outputs = ("sr", "sc", "gsps") if args.gsps else ("sr", "sc")
         print(f"dicom-node e2e benchmark  {datetime.now().isoformat(timespec='seconds')}")
         print(f"  host: {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
         print(f"  models: {model_desc}")
+        print(f"  worker torch intra-op threads: {threads}")
         print(f"  stable_after_s = {args.stable:g}; 1 worker process; images {args.size}x{args.size} 12-bit DX; "
               f"destination outputs {'+'.join(outputs)}; work folder {work}")
 
@@ -532,7 +552,8 @@ def main() -> int:
         print("SUMMARY (dicom-node bench/e2e.py)")
         print(f"  machine: {os.cpu_count()} CPUs, shared and noisy (load average at end {load_end[0]:.2f}); "
               f"Orthanc {pacs.system().get('Version')} on 127.0.0.1; 1 worker; models: {model_desc}")
-        print(f"  stable_after_s = {args.stable:g}; {args.size}x{args.size} DX; outputs {'+'.join(outputs)}")
+        print(f"  stable_after_s = {args.stable:g}; {args.size}x{args.size} DX; outputs {'+'.join(outputs)}; "
+              f"torch threads {threads}")
         if lat:
             m, p = lat["stats"]["median"], lat["stats"]["p90"]
             print(f"  latency, {lat['n']} studies one at a time (median / p90, s):")
@@ -553,7 +574,7 @@ def main() -> int:
                   f"50% {mk['50%']['total_mb']:.0f}, 75% {mk['75%']['total_mb']:.0f}, "
                   f"100% {mk['100%']['total_mb']:.0f}, max {mx['total_mb']:.0f}; "
                   f"slope {sl['total_mb']:+.2f} MB/10 studies over the second half -> "
-                  f"flat: {'YES' if burst['flat'] else 'NO'}")
+                  f"flat: { {True: 'YES', False: 'NO', None: 'n/a'}[burst['flat']]}")
         print("=" * 100)
         if args.out:
             (work / "results.json").write_text(json.dumps(result, indent=1, default=str))

@@ -17,7 +17,7 @@ from .processes import WorkerProcess
 
 log = logging.getLogger(__name__)
 
-SENDER_POLL_S = 0.25   # how often the outbox is checked for due deliveries (a cheap indexed query)
+SENDER_POLL_S = 0.1   # how often the outbox is checked for due deliveries (a cheap indexed query)
 
 
 def open_store(config: Config) -> Store:

@@ -81,6 +81,7 @@ class ModelsConfig(_Strict):
     classifier: Path = Path("models/classifier.pt")
     detector: Path = Path("models/detector.pt")
     device: str = "cpu"
+    threads: int | None = Field(None, ge=1)   # torch threads per worker; null = torch's default (all cores)
 
 
 class FusionConfig(_Strict):
@@ -98,7 +99,7 @@ class InferenceConfig(_Strict):
 
 class WorkersConfig(_Strict):
     count: int = Field(1, ge=0)          # worker processes started by `serve` (0 = none, run `dicom-node worker`)
-    poll_interval_s: float = Field(0.25, gt=0)
+    poll_interval_s: float = Field(0.1, gt=0)
     job_lease_s: float = Field(60, gt=0)  # renewed while a worker works; a job whose worker died is taken over after this
 
 

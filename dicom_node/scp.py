@@ -49,6 +49,12 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless, JPEG2000, RLELossless,
 ]
 
+IMAGE_CLASSES_ANALYSED = {
+    "1.2.840.10008.5.1.4.1.1.1",      # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",    # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+}
+
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
@@ -171,7 +177,8 @@ class StoreSCP:
                         ", ".join(missing))
             return _status(MISSING_UID, f"missing {', '.join(missing)}")
         try:
-            own = self.store.is_own_output(sop_uid)
+            # The node's outputs are SR, SC and PR objects: only those need the lookup in its results table.
+            own = sop_class not in IMAGE_CLASSES_ANALYSED and self.store.is_own_output(sop_uid)
             eligible, reason = select(ds, self.config.selection, own_output=own)
         except Exception as exc:  # noqa: BLE001 - malformed attribute values (e.g. NumberOfFrames "abc")
             eligible, reason = False, f"header could not be read ({type(exc).__name__})"

@@ -25,6 +25,7 @@ from storage.repository import DueDelivery, utcnow
 
 from .config import Config, DestinationConfig
 from .errors import PermanentDeliveryError, TransientDeliveryError
+from .transport import no_delay
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class Sender:
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        if not assoc.is_established:
+        if assoc.is_established:
+            no_delay(assoc.dul.socket.socket)
+        else:
             if assoc.is_rejected:
                 err: Exception = PermanentDeliveryError(f"association rejected by {dest.ae_title}")
             else:

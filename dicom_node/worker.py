@@ -44,6 +44,8 @@ def node_identity(config: Config, pipeline: Pipeline) -> NodeIdentity:
 
 def load_pipeline(config: Config) -> Pipeline:
     m = config.inference.models
+    if m.threads:
+        Pipeline.limit_threads(m.threads)
     return Pipeline.from_files(m.classifier, m.detector, fusion=config.inference.fusion, device=m.device)
 
 

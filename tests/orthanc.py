@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -148,8 +149,10 @@ class Orthanc:
         self._close_log()
         self._log = open(self.log_path, "ab")
         args = [ORTHANC_BIN, *(["--verbose"] if self.verbose else []), str(self.config_path)]
+        # TCP_NODELAY=1: dcmtk inside Orthanc otherwise keeps Nagle on (~40 ms stalls per small message),
+        # as docs/orthanc/README.md recommends for production too.
         self.proc = subprocess.Popen(args, cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
 
     def _answers(self) -> bool:
         try:
