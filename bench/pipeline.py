@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from dicom_node.pixels import load_image  # noqa: E402
 from inference.fusion import FusionParams, fuse  # noqa: E402
 from inference.pipeline import Pipeline  # noqa: E402
-from inference.preprocess import apply_clahe, to_model_input  # noqa: E402
+from inference.preprocess import apply_clahe, to_model_input, working_image  # noqa: E402
 
 
 def _default_models() -> tuple[Path, Path, FusionParams, str]:
@@ -55,7 +55,9 @@ def bench_file(pipe: Pipeline, path: Path, reps: int) -> dict[str, float]:
     for i in range(reps + 1):
         t: dict[str, float] = {}
         img, t["decode"] = _timed(load_image, path)
-        clahe, t["clahe"] = _timed(apply_clahe, img, clf.preprocess)
+        (work, _), t["resize to working size"] = _timed(working_image, img,
+                                                        max(clf.preprocess.input_size, det.preprocess.input_size))
+        clahe, t["clahe"] = _timed(apply_clahe, work, clf.preprocess)
         (xc, _), t["classifier input"] = _timed(to_model_input, clahe, clf.preprocess)
         p, t["classifier forward"] = _timed(clf.predict, xc[None])
         (xd, geom), t["detector input"] = _timed(to_model_input, clahe, det.preprocess)

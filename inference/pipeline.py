@@ -5,7 +5,8 @@
 applied the LUTs and MONOCHROME1 inversion) and returns an :class:`inference.types.Prediction`
 with findings in source-pixel coordinates and per-stage timings (seconds)::
 
-    clahe            CLAHE, once, shared by both models (twice only if their settings differ)
+    resize           shrinking to the working size (the larger model input size), aspect kept
+    clahe            CLAHE at the working size, once, shared by both models (twice only if their settings differ)
     classifier_input letterbox + normalise for the classifier
     classifier       classifier forward
     detector_input   letterbox for the detector
@@ -25,7 +26,7 @@ import torch
 from .classifier import Classifier
 from .detector import Detector
 from .fusion import FusionParams, detector_needed, fuse
-from .preprocess import apply_clahe, check_image, to_model_input
+from .preprocess import apply_clahe, check_image, to_model_input, working_image
 from .types import ModelInfo, Prediction
 
 __all__ = ["Pipeline"]
@@ -65,8 +66,11 @@ class Pipeline:
         cp, dp = self.classifier.preprocess, self.detector.preprocess
 
         s = time.perf_counter()
-        clahe_c = apply_clahe(img, cp)
-        clahe_d = clahe_c if self._shared_clahe else apply_clahe(img, dp)
+        work, (fx, fy) = working_image(img, max(cp.input_size, dp.input_size))
+        t["resize"] = time.perf_counter() - s
+        s = time.perf_counter()
+        clahe_c = apply_clahe(work, cp)
+        clahe_d = clahe_c if self._shared_clahe else apply_clahe(work, dp)
         t["clahe"] = time.perf_counter() - s
 
         s = time.perf_counter()
@@ -87,6 +91,9 @@ class Pipeline:
                                         max_det=max(300, self.fusion.max_findings))
             t["detector"] = time.perf_counter() - s
             boxes, scores, class_ids = dets.boxes, dets.scores, dets.class_ids
+            if (fx, fy) != (1.0, 1.0):   # working-image pixels -> source pixels
+                boxes = np.minimum(boxes * np.array([fx, fy, fx, fy]),
+                                   np.array([img.shape[1], img.shape[0], img.shape[1], img.shape[0]], float))
 
         s = time.perf_counter()
         findings, p_no_finding = fuse(p_abnormal, boxes, scores, class_ids, self.fusion)

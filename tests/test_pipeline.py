@@ -14,7 +14,7 @@ from inference.detector import Detector
 from inference.errors import ModelError
 from inference.fusion import FusionParams, fuse
 from inference.pipeline import Pipeline
-from inference.preprocess import prepare
+from inference.preprocess import prepare, working_image
 from inference.types import FINDING_CLASSES, Prediction
 from model_fixtures import make_tiny_classifier, make_tiny_detector
 
@@ -86,10 +86,13 @@ def test_boxes_in_source_pixels_on_non_square_image(models, nih_image):
     pred = pipe.run(crop)
     assert pred.findings
     _assert_boxes_inside(pred)
-    # the pipeline's boxes are exactly the detector's input-pixel boxes mapped through the letterbox
-    x, geom = prepare(crop, pipe.detector.preprocess)
+    # the pipeline's boxes are exactly the detector's input-pixel boxes mapped through the letterbox and back
+    # from the working size (CLAHE runs at the models' input size) to the source pixels
+    work, (fx, fy) = working_image(crop, max(pipe.classifier.preprocess.input_size, pipe.detector.preprocess.input_size))
+    assert max(work.shape) < max(crop.shape) and fy > 1
+    x, geom = prepare(work, pipe.detector.preprocess)
     raw = pipe.detector.predict(x, conf=0.01, max_det=300)[0]
-    expected = geom.to_source(raw[:, :4])
+    expected = geom.to_source(raw[:, :4]) * np.array([fx, fy, fx, fy])
     got = np.array(sorted(f.box for f in pred.findings))
     np.testing.assert_allclose(got, np.array(sorted(map(tuple, expected)))[: len(got)], atol=1e-3)
 
