@@ -34,6 +34,7 @@ from .transport import FastThreadedAssociationServer
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
+from pydicom.valuerep import VR
 from pynetdicom import _config as pynetdicom_config
 
 try:  # JPEG Lossless (Process 14, non-SV1) exists under this name in pydicom 3
@@ -69,13 +70,21 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
+_KNOWN_VRS = frozenset(v.value for v in VR)
+PIXEL_DATA = 0x7FE00010
+
+
 def _check_decodable(ds: Dataset) -> None:
-    """pydicom converts values lazily: convert every element now (except deferred large values such as
-    Pixel Data) so that broken data is refused at once rather than found by the worker later."""
+    """pydicom parses lazily: find broken data now rather than in the worker later. Every element must have
+    a known VR (implicit VR data sets get theirs from the dictionary) and every sequence must parse, item by
+    item; plain values (deferred Pixel Data included) are left as received."""
     for tag in ds.keys():
         raw = ds.get_item(tag)
-        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
-            continue
+        if isinstance(raw, RawDataElement):
+            if raw.VR is not None and raw.VR not in _KNOWN_VRS:
+                raise ValueError(f"unknown VR {raw.VR!r} in {tag}")
+            if tag == PIXEL_DATA or (raw.VR not in (None, "SQ", "UN") and raw.length != 0xFFFFFFFF):
+                continue
         elem = ds[tag]
         if elem.VR == "SQ":
             for item in elem.value:
