@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .modelfile import LoadedModel, load_model_file
-from .preprocess import PreprocessParams
+from .modelfile import LoadedModel, LoadedNetwork, load_model_file
 
 __all__ = ["build_classifier", "Classifier"]
 
@@ -33,21 +32,8 @@ def build_classifier(arch: str, in_chans: int = 1) -> nn.Module:
         raise ModelError(f"unknown classifier architecture {arch!r} ({exc})") from exc
 
 
-class Classifier:
+class Classifier(LoadedNetwork):
     """A loaded classifier in eval mode on one device."""
-
-    def __init__(self, model: nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.loaded = loaded
-
-    @property
-    def preprocess(self) -> PreprocessParams:
-        return self.loaded.metadata.preprocess
-
-    @property
-    def info(self):
-        return self.loaded.model_info()
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu") -> "Classifier":

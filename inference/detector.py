@@ -19,8 +19,8 @@ from torch import nn
 
 from . import ultralytics_env  # noqa: F401  (must run before ultralytics is imported)
 from .errors import ModelError
-from .modelfile import LoadedModel, load_model_file
-from .preprocess import Letterbox, PreprocessParams
+from .modelfile import LoadedModel, LoadedNetwork, load_model_file
+from .preprocess import Letterbox
 
 __all__ = ["build_detector", "Detector", "Detections"]
 
@@ -62,25 +62,15 @@ class Detections:
         return int(self.scores.shape[0])
 
 
-class Detector:
+class Detector(LoadedNetwork):
     """A loaded detector in eval mode (Conv+BN fused) on one device."""
 
     def __init__(self, model: nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu",
                  iou: float = 0.7):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.loaded = loaded
+        super().__init__(model, loaded, device)
         self.iou = iou
         self.nc = len(loaded.metadata.classes)
         self._nms = _nms()
-
-    @property
-    def preprocess(self) -> PreprocessParams:
-        return self.loaded.metadata.preprocess
-
-    @property
-    def info(self):
-        return self.loaded.model_info()
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu", iou: float = 0.7) -> "Detector":

@@ -241,3 +241,20 @@ def load_model_file(path: str | os.PathLike, expected_kind: ModelKind,
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     return LoadedModel(path=path, metadata=meta, state_dict=sd, model_yaml=model_yaml,
                        sha256=sha256_of(path))
+
+
+class LoadedNetwork:
+    """A network in eval mode on one device, with the model file it came from (base of Classifier, Detector)."""
+
+    def __init__(self, model: torch.nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.loaded = loaded
+
+    @property
+    def preprocess(self) -> PreprocessParams:
+        return self.loaded.metadata.preprocess
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.loaded.model_info()
