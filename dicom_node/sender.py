@@ -3,9 +3,10 @@
 Each (result object, destination) pair is a persisted delivery. An apscheduler job polls for due deliveries,
 opens one association per destination for the batch, and classifies every failure:
 
-- transient (refused connection, timeout, abort, 0xA7xx out of resources, no response): retried with
-  exponential backoff and jitter, up to ``delivery.max_attempts``;
-- permanent (association rejected, 0xA9xx, 0xCxxx, SOP class not supported): failed at once, no retry storm.
+- transient (refused connection, timeout, abort, association rejected-transient, 0xA7xx out of resources,
+  no response): retried with exponential backoff and jitter, up to ``delivery.max_attempts``;
+- permanent (association rejected-permanent, 0xA9xx, 0xCxxx, SOP class not supported): failed at once, no
+  retry storm.
   ``dicom-node retry`` re-queues failed deliveries.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from storage.repository import DueDelivery, utcnow
 
 from .config import Config, DestinationConfig
 from .errors import PermanentDeliveryError, TransientDeliveryError
-from .transport import no_delay
+from .transport import no_delay, rejection_result
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,11 @@ class Sender:
         if assoc.is_established:
             no_delay(assoc.dul.socket.socket)
         else:
-            if assoc.is_rejected:
+            rejected = rejection_result(assoc)
+            if rejected == 0x01:
                 err: Exception = PermanentDeliveryError(f"association rejected by {dest.ae_title}")
+            elif rejected == 0x02:   # rejected-transient: e.g. the PACS is at its association limit
+                err = TransientDeliveryError(f"association rejected (transient) by {dest.ae_title}")
             else:
                 err = TransientDeliveryError(f"cannot connect to {dest.ae_title} at {dest.host}:{dest.port}")
             for d in batch:

@@ -32,6 +32,7 @@ import select
 import socket
 
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 CHUNK = 1 << 20
@@ -127,6 +128,21 @@ def quick_ack(sock) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         except OSError:
             pass
+
+
+def rejection_result(assoc) -> int | None:
+    """The A-ASSOCIATE-RJ result of a failed association request (1 permanent, 2 transient), or None.
+
+    pynetdicom 3.0 has a race: when the peer rejects and closes the connection at once (dcmtk and most PACS
+    do), the requesting thread can find the socket closed before it reads the queued rejection, and it then
+    reports an abort. The rejection is still in the DUL's queue, so look there too."""
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        return int(assoc.acceptor.primitive.result)
+    queued = list(getattr(assoc.dul.to_user_queue, "queue", ()))
+    for primitive in queued:
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            return int(primitive.result)
+    return 0x01 if assoc.is_rejected else None
 
 
 class FastRequestHandler(RequestHandler):

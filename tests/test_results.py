@@ -184,3 +184,34 @@ def test_reanalyze_and_own_outputs_are_ignored(node_factory, models, pacs, tmp_p
     wait_for(lambda: node.status()["deliveries"]["delivered"] == 4, 120, what="re-analysis results")
     srs = [d for d in scp.received() if d.SOPClassUID == SR_CLASS]
     assert len(srs) == 2 and srs[0].SOPInstanceUID != srs[1].SOPInstanceUID
+
+
+def test_transient_rejection_is_retried(node_factory, models, tmp_path):
+    """A PACS at its association limit rejects with 'rejected-transient': the node retries instead of failing."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    received = []
+    pacs_ae = AE(ae_title="PACS")
+    pacs_ae.maximum_associations = 1
+    pacs_ae.add_supported_context(Verification)
+    pacs_ae.add_supported_context(SR_CLASS)
+    port = free_port()
+    server = pacs_ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: received.append(event.request.AffectedSOPInstanceUID) or 0x0000)])
+    try:
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context(Verification)
+        held = holder.associate("127.0.0.1", port, ae_title="PACS")     # takes the PACS's only association slot
+        assert held.is_established
+        node = result_node(node_factory, models, port, outputs=("sr",))
+        make_cxr(tmp_path / "a.dcm")
+        assert node.storescu(tmp_path / "a.dcm").returncode == 0
+        wait_for(lambda: any(d["attempts"] >= 2 for d in deliveries(node)), 180, what="retries while PACS is full")
+        d = deliveries(node)[0]
+        assert d["state"] == "pending" and "rejected (transient)" in d["last_error"]
+        held.release()
+        wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 60, what="delivery once a slot is free")
+        assert len(received) == 1
+    finally:
+        server.shutdown()
