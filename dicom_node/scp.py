@@ -79,7 +79,7 @@ def _check_decodable(ds: Dataset) -> None:
     a known VR (implicit VR data sets get theirs from the dictionary) and every sequence must parse, item by
     item; plain values (deferred Pixel Data included) are left as received."""
     for tag in ds.keys():
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)   # never load a deferred value (Pixel Data) here
         if isinstance(raw, RawDataElement):
             if raw.VR is not None and raw.VR not in _KNOWN_VRS:
                 raise ValueError(f"unknown VR {raw.VR!r} in {tag}")

@@ -5,6 +5,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
@@ -80,6 +81,31 @@ def test_synthetic_radiographs_in_every_transfer_syntax(node_factory, tmp_path, 
     stored = pydicom.dcmread(row["path"])
     assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
     assert stored.pixel_array.tolist() == sent.pixel_array.tolist()
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384])
+def test_large_radiographs_arrive_intact_in_many_pdus(node_factory, tmp_path, max_pdu):
+    """Multi-megabyte images arrive in many P-DATA PDUs (128 KB from storescu when the node sets no limit, 16 KB
+    with a limit): every byte of every data set ends up in the spool, over dcmtk and over pynetdicom."""
+    node = node_factory(node={"max_pdu_bytes": max_pdu})
+    rng = np.random.default_rng(max_pdu)
+    files = []
+    for i, size in enumerate((1024, 1536, 777)):
+        pixels = rng.integers(0, 4096, (size, size + 3), dtype=np.uint16)
+        files.append(make_cxr(tmp_path / f"{i}.dcm", rows=size, cols=size + 3, pixels=pixels))
+    ok(node.storescu(tmp_path / "0.dcm", tmp_path / "1.dcm"))
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, files[2].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, max_pdu=max_pdu or 16382)
+    assert assoc.is_established
+    assert assoc.send_c_store(tmp_path / "2.dcm").Status == 0x0000
+    assoc.release()
+    rows = by_sop(node)
+    assert len(rows) == 3
+    for i, original in enumerate(files):
+        stored = pydicom.dcmread(rows[original.SOPInstanceUID]["path"])
+        assert stored.PixelData == original.PixelData, f"file {i}"
+        assert stored == original      # every element, not only the pixels
 
 
 def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(node_factory, tmp_path):
