@@ -30,7 +30,7 @@ from storage.repository import InstanceMeta
 
 from .config import Config
 from .selection import header_fields, select
-from .transport import FastThreadedAssociationServer
+from .transport import FastThreadedAssociationServer, start_flush
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -169,6 +169,7 @@ class StoreSCP:
         sop_class = str(event.request.AffectedSOPClassUID)
         try:
             received = event.dataset_path
+            start_flush(received)
             ds = dcmread(received, defer_size=4096)   # header only: large values stay on disk
             _check_decodable(ds)
             study_uid = str(ds.get("StudyInstanceUID", "") or "")

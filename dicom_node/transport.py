@@ -59,6 +59,15 @@ def _flush_dup(fd: int) -> None:
         os.close(fd)
 
 
+def start_flush(path) -> None:
+    """Start flushing a received file now, in the background, so that the disk works while the C-STORE
+    handler reads the header; the handler's own fsync still decides (and then has little left to wait for)."""
+    try:
+        _FLUSHER.submit(_flush_dup, os.open(path, os.O_RDONLY))
+    except (OSError, RuntimeError):   # no such file (the handler reports it) or shutting down
+        pass
+
+
 class FastRecvSocket(AssociationSocket):
     def recv_into(self, view: memoryview, ack: bool = True) -> int:
         """Fill ``view``; returns the number of bytes read (fewer only when the peer closed the connection).

@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import Delivery, Instance, Job, Result, Study, make_engine
-from .errors import DiskFullError, StaleJobError
+from .errors import DiskFullError, StaleJobError, StorageError
 from .spool import Spool
 from .states import DeliveryState, JobState
 
+
+_UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}   # INSERT ... ON CONFLICT
 
 MAX_JOB_ATTEMPTS = 3   # a job whose worker died this many times is failed instead of taken over again
 
@@ -82,6 +85,16 @@ class Store:
         self.spool = Spool(root)
         self.engine = make_engine(database_url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        if self.engine.dialect.name not in _UPSERT:
+            raise StorageError(f"storage.database_url: {self.engine.dialect.name} is not supported "
+                               "(use SQLite or PostgreSQL)")
+        # Built once: these run for every received image, before its C-STORE is answered (Core, cached SQL).
+        upsert = _UPSERT[self.engine.dialect.name](Study)
+        self._study_upsert = upsert.on_conflict_do_update(index_elements=[Study.study_uid], set_={
+            "last_received_at": upsert.excluded.last_received_at,
+            # a skipped instance (no due time) leaves the study's timer as it is
+            "stable_due_at": func.coalesce(upsert.excluded.stable_due_at, Study.stable_due_at)})
+        self._instance_insert = insert(Instance)
         self.min_free_disk_mb = min_free_disk_mb
 
     def close(self) -> None:
@@ -121,17 +134,11 @@ class Store:
         now = utcnow()
         due = now + timedelta(seconds=stable_after_s) if meta.eligible else None
         try:
-            with self._session.begin() as s:
-                study = s.get(Study, meta.study_uid)
-                if study is None:
-                    s.add(Study(study_uid=meta.study_uid, first_received_at=now, last_received_at=now,
-                                stable_due_at=due))
-                    s.flush()
-                else:
-                    study.last_received_at = now
-                    if due is not None:
-                        study.stable_due_at = due
-                s.add(Instance(**meta.__dict__, size_bytes=size, path=str(final), received_at=now))
+            with self.engine.begin() as conn:
+                conn.execute(self._study_upsert, {"study_uid": meta.study_uid, "first_received_at": now,
+                                                  "last_received_at": now, "stable_due_at": due})
+                conn.execute(self._instance_insert, {**meta.__dict__, "size_bytes": size, "path": str(final),
+                                                     "received_at": now, "job_id": None})
         except IntegrityError:
             if self.has_instance(meta.sop_instance_uid):   # a concurrent copy committed first: same file name
                 return Stored(True, final, None)
