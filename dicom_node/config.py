@@ -57,6 +57,13 @@ class StorageConfig(_Strict):
     database_url: str | None = None  # null = SQLite file under root
     min_free_disk_mb: int = Field(1024, ge=0)
 
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str | None) -> str | None:
+        if value is not None and value.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite:///PATH and postgresql://... (e.g. postgresql+psycopg://) are supported")
+        return value
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.root / 'dicom-node.sqlite3').resolve()}"

@@ -266,11 +266,12 @@ def test_no_phi_in_logs(node_factory, tmp_path):
 def test_check_config_names_the_bad_key(tmp_path):
     import sys
     bad = tmp_path / "bad.yaml"
-    bad.write_text("node:\n  port: 70000\nstudies:\n  stable_after: 3\n")
+    bad.write_text("node:\n  port: 70000\nstudies:\n  stable_after: 3\nstorage:\n  database_url: mysql://db/x\n")
     r = subprocess.run([sys.executable, "-m", "dicom_node", "check-config", "--config", str(bad)],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "node.port" in r.stderr and "studies.stable_after" in r.stderr and "Traceback" not in r.stderr
+    assert "storage.database_url" in r.stderr and "postgresql" in r.stderr
     repo_cfg = Path(__file__).resolve().parents[1] / "config.yaml"
     r = subprocess.run([sys.executable, "-m", "dicom_node", "check-config", "--config", str(repo_cfg)],
                        capture_output=True, text=True)
