@@ -51,3 +51,21 @@ def node_factory(tmp_path):
     yield make
     for p in started:
         p.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (Debian's postgresql package, see tests/postgres.py)."""
+    from postgres import PostgresServer, find_bin
+    bindir = find_bin()
+    if bindir is None:
+        pytest.fail("PostgreSQL server binaries are missing: apt-get install -y postgresql (README, set-up)")
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The SQLAlchemy URL of a new, empty PostgreSQL database."""
+    return postgres_server.new_database()

@@ -215,3 +215,20 @@ def test_transient_rejection_is_retried(node_factory, models, tmp_path):
         assert len(received) == 1
     finally:
         server.shutdown()
+
+
+def test_whole_flow_on_postgresql(node_factory, models, pacs, tmp_path, postgres_url):
+    """PostgreSQL is a configuration change away: storage.database_url pointed at a server, nothing else."""
+    scp = pacs().start()
+    node = result_node(node_factory, models, scp.port, outputs=("sr", "sc"),
+                       storage={"database_url": postgres_url})
+    study = generate_uid()
+    make_cxr(tmp_path / "pa.dcm", study_uid=study, view="PA")
+    make_cxr(tmp_path / "lat.dcm", study_uid=study, view="LL")
+    r = node.storescu(tmp_path / "pa.dcm", tmp_path / "lat.dcm", tmp_path / "pa.dcm")    # one sent twice
+    assert r.returncode == 0, r.stderr
+    st = wait_for(lambda: (s := node.status())["deliveries"]["delivered"] == 2 and s, 180, what="results")
+    assert st["instances"] == {"total": 2, "eligible": 1, "skipped": 1}
+    assert st["jobs"]["done"] == 1 and st["deliveries"]["failed"] == 0
+    assert sorted(d.Modality for d in scp.received()) == ["OT", "SR"]
+    assert not (Path(node.config["storage"]["root"]) / "dicom-node.sqlite3").exists()

@@ -1,4 +1,5 @@
-"""The Store's state rules on a real SQLite database and spool: leases, takeover, exactly-once results."""
+"""The Store's state rules on real databases (SQLite, the default, and a PostgreSQL server) and a real spool:
+leases, takeover, exactly-once results."""
 from __future__ import annotations
 
 import time
@@ -12,9 +13,11 @@ from storage.errors import StaleJobError
 from storage.repository import MAX_JOB_ATTEMPTS, InstanceMeta, ResultSpec, utcnow
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path / "var")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    url = (f"sqlite:///{tmp_path / 'db.sqlite3'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    s = Store(url, tmp_path / "var")
     yield s
     s.close()
 
