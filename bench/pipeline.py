@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/pipeline.py [--reps 5] [--threads 1] [--classifier PATH --detector PATH]
 
-Stages per image (median over ``--reps`` after one warm-up): decode (dicom_node.pixels.load_image),
+Stages per image (median over ``--reps`` after one warm-up): decode (dicom_node.pixels.decode_image as the
+worker calls it: a JPEG 2000 image at the coarsest resolution level that still covers the working size),
 CLAHE, classifier input (letterbox/normalise), classifier forward, detector input, detector
 forward, NMS (+ mapping boxes to source pixels), fusion; then the whole path as the node runs it
 (decode + ``Pipeline.run``) and the overhead ratio
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from dicom_node.pixels import load_image  # noqa: E402
+from dicom_node.pixels import decode_image  # noqa: E402
 from inference.fusion import FusionParams, fuse  # noqa: E402
 from inference.pipeline import Pipeline  # noqa: E402
 from inference.preprocess import apply_clahe, to_model_input, working_image  # noqa: E402
@@ -54,7 +55,7 @@ def bench_file(pipe: Pipeline, path: Path, reps: int) -> dict[str, float]:
     runs: dict[str, list[float]] = {}
     for i in range(reps + 1):
         t: dict[str, float] = {}
-        img, t["decode"] = _timed(load_image, path)
+        (img, _), t["decode"] = _timed(decode_image, path, at_least=pipe.working_size)
         (work, _), t["resize to working size"] = _timed(working_image, img,
                                                         max(clf.preprocess.input_size, det.preprocess.input_size))
         clahe, t["clahe"] = _timed(apply_clahe, work, clf.preprocess)
@@ -69,7 +70,7 @@ def bench_file(pipe: Pipeline, path: Path, reps: int) -> dict[str, float]:
         (d, boxes), t["nms + mapping"] = _timed(nms)
         _, t["fusion"] = _timed(fuse, float(p[0]), boxes, d[:, 4], d[:, 5], fusion)
         t0 = time.perf_counter()
-        pipe.run(load_image(path))
+        pipe.run(decode_image(path, at_least=pipe.working_size)[0])
         t["whole (decode + Pipeline.run)"] = time.perf_counter() - t0
         if i:                                   # first round is warm-up
             for k, v in t.items():
@@ -114,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for f in files:
         med = bench_file(pipe, f, args.reps)
-        shape = load_image(f).shape
-        print(f"{f.name}  ({shape[0]} x {shape[1]})")
+        from pydicom import dcmread
+        hdr = dcmread(f, stop_before_pixels=True, force=True)
+        shape = decode_image(f, at_least=pipe.working_size)[0].shape
+        print(f"{f.name}  ({hdr.Rows} x {hdr.Columns}, decoded at {shape[0]} x {shape[1]})")
         for k, v in med.items():
             print(f"  {k:32s} {v * 1000:9.1f} ms")
         nets = med["classifier forward"] + med["detector forward"]

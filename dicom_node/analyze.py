@@ -74,17 +74,20 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """A file -> float32 HxW in [0, 1]: PNG/JPEG via OpenCV, anything else as DICOM."""
+def read_image(path: str | os.PathLike, at_least: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """A file -> (float32 image in [0, 1], (rows, columns) of the source): PNG/JPEG via OpenCV, anything else as
+    DICOM. ``at_least``: see :func:`dicom_node.pixels.decode_image` (the image may come back smaller than the
+    source; boxes are then scaled to the source size)."""
     path = Path(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
         if img is None:
             raise ValueError(f"{path.name}: cannot read the image (missing or not a PNG/JPEG)")
         top = np.iinfo(img.dtype).max if np.issubdtype(img.dtype, np.integer) else 1.0
-        return (img.astype(np.float32) / np.float32(top)).clip(0, 1)
-    from .pixels import load_image
-    return load_image(path)
+        return (img.astype(np.float32) / np.float32(top)).clip(0, 1), img.shape[:2]
+    from .pixels import decode_image, read_dataset
+    ds = read_dataset(path)
+    return decode_image(ds, at_least=at_least)[0], (int(ds.Rows), int(ds.Columns))
 
 
 def _finding_code(class_id: int) -> dict:
@@ -147,14 +150,15 @@ def analyze_files(pipeline: Pipeline, files: Iterable[str | os.PathLike], output
         json_path = out_dir / f"{stem}.json"
         try:
             t0 = time.perf_counter()
-            img = read_image(f)
+            img, source_size = read_image(f, at_least=pipeline.working_size)
             decode_s = time.perf_counter() - t0
-            pred = pipeline.run(img)
-            pred.timings_s["decode"] = decode_s
+            shown = pipeline.run(img)                   # on img's pixels
+            shown.timings_s["decode"] = decode_s
+            pred = shown.rescaled(source_size)          # on the source's pixels, as the SR has them
             data = prediction_dict(pred, f.resolve())
             if overlay:
                 png_path = out_dir / f"{stem}.png"
-                rgb, _ = render_overlay(img, pred)      # the Secondary Capture picture, so both look alike
+                rgb, _ = render_overlay(img, shown)     # the Secondary Capture picture, so both look alike
                 if not cv2.imwrite(str(png_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
                     raise OSError(f"cannot write {png_path}")
                 data["overlay"] = str(png_path)

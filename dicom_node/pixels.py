@@ -8,13 +8,19 @@ The chain follows PS3.3 C.11 (the grayscale standard display pipeline, minus the
                   -> scaled to [0, 1] -> inverted when MONOCHROME1 (so bone/mediastinum is bright)
 
 Decoding of compressed transfer syntaxes (JPEG 2000, JPEG-LS, JPEG baseline/extended/lossless,
-RLE, deflate) is pydicom's, with the pylibjpeg / pyjpegls plugins. Everything that cannot become one
+RLE, deflate) is pydicom's, with the pylibjpeg / pyjpegls plugins. One exception, asked for with
+``decode_image(..., at_least=N)``: a JPEG 2000 image larger than the models need is decoded at a lower
+resolution level of its wavelet (each level halves both sides; OpenJPEG via Pillow), the coarsest whose longer
+side is still at least N pixels. That is the codec's own low-pass image, 3-4x faster than a full decode
+followed by a resize; callers then map boxes back to source pixels by the ratio of the sizes. Everything that cannot become one
 greyscale image (multi-frame, colour, float pixel data, no pixel data, codec failure) raises
 :class:`~dicom_node.errors.PixelDataError` with a message that says why. Messages never contain
 patient data.
 """
 from __future__ import annotations
 
+import io
+import math
 import os
 from pathlib import Path
 
@@ -24,7 +30,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.encaps import generate_frames
+from pydicom.uid import JPEG2000, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 from .errors import PixelDataError
 
@@ -93,9 +100,63 @@ def _check_image(ds: Dataset) -> None:
             raise PixelDataError(f"the image pixel module is incomplete ({keyword} missing)")
 
 
-def _decode(ds: Dataset) -> np.ndarray:
+def _j2k_precision(codestream: bytes) -> tuple[int, bool] | None:
+    """(bits, signed) of the single component of a raw JPEG 2000 codestream (SOC then SIZ), else None."""
+    if codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 43:
+        return None
+    if int.from_bytes(codestream[40:42], "big") != 1:      # Csiz: one component
+        return None
+    ssiz = codestream[42]
+    return (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
+
+
+def _j2k_reduced(ds: Dataset, at_least: int) -> np.ndarray | None:
+    """The stored values at the coarsest JPEG 2000 resolution level whose longer side is >= ``at_least``;
+    None when that is the full image or the shortcut does not apply (then pydicom decodes in full)."""
+    if ds.file_meta.TransferSyntaxUID not in (JPEG2000Lossless, JPEG2000) or "PixelData" not in ds:
+        return None
+    if (int(first_value(ds.get("NumberOfFrames")) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+            or int(ds.get("PixelRepresentation", 0) or 0) != 0):
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    level = 0
+    while math.ceil(max(rows, cols) / 2 ** (level + 1)) >= at_least:
+        level += 1
+    if level == 0:
+        return None
+    try:
+        from PIL import Image
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:  # noqa: BLE001 - no Pillow, or fragments pydicom cannot split: the full decode decides
+        return None
+    precision = _j2k_precision(frame)
+    if precision is None or precision[1] or not 8 <= precision[0] <= 16:
+        return None
+    for r in range(level, 0, -1):       # a codestream may have fewer levels than asked for
+        try:
+            with Image.open(io.BytesIO(frame)) as im:
+                im.reduce = r
+                im.load()
+                mode, arr = im.mode, np.asarray(im)
+        except Exception:  # noqa: BLE001 - Pillow/OpenJPEG refuse this level: try a finer one
+            continue
+        if (mode, precision[0] == 8) not in (("L", True), ("I;16", False)):
+            return None
+        if arr.shape != (math.ceil(rows / 2 ** r), math.ceil(cols / 2 ** r)):
+            return None
+        if mode == "I;16" and precision[0] < 16:
+            arr = arr >> (16 - precision[0])       # Pillow scales I;16 up to the full 16 bits
+        return arr
+    return None
+
+
+def _decode(ds: Dataset, at_least: int | None = None) -> np.ndarray:
     ensure_transfer_syntax(ds)
     ts = ds.file_meta.TransferSyntaxUID
+    if at_least:
+        reduced = _j2k_reduced(ds, at_least)
+        if reduced is not None:
+            return reduced
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types (NotImplementedError, RuntimeError, ValueError...)
@@ -209,16 +270,20 @@ def _voi(values: np.ndarray, ds: Dataset, mask: np.ndarray | None) -> tuple[np.n
     return out, ((lo + hi) / 2.0, max(hi - lo, 1.0))
 
 
-def _prepare(src: Dataset | str | os.PathLike):
+def _prepare(src: Dataset | str | os.PathLike, at_least: int | None = None):
     ds = src if isinstance(src, Dataset) else read_dataset(src)
     _check_image(ds)
-    stored = _decode(ds)
+    stored = _decode(ds, at_least)
     return ds, _padding_mask(stored, ds), _modality(stored, ds)
 
 
-def decode_image(src: Dataset | str | os.PathLike) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """:func:`load_image` and :func:`display_window` in one decode: ``(image01, (center, width) or None)``."""
-    ds, mask, values = _prepare(src)
+def decode_image(src: Dataset | str | os.PathLike, *, at_least: int | None = None
+                 ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """:func:`load_image` and :func:`display_window` in one decode: ``(image01, (center, width) or None)``.
+
+    ``at_least``: the caller needs no more than this many pixels on the longer side, so a JPEG 2000 image may
+    come back smaller than Rows x Columns (see the module docstring); every other image comes back in full."""
+    ds, mask, values = _prepare(src, at_least)
     out, window = _voi(values, ds, mask)
     if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
         out = 1.0 - out

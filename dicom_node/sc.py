@@ -142,16 +142,17 @@ def build_sc(
     instance_number: int,
     identity: NodeIdentity,
 ) -> Dataset:
-    """Secondary Capture of ``image01`` (the source as loaded by :func:`dicom_node.pixels.load_image`)
-    with the prediction burned in. Raises :class:`EncodingError`."""
+    """Secondary Capture of ``image01`` (the source as decoded by :func:`dicom_node.pixels.decode_image`: full
+    size, or a smaller JPEG 2000 resolution level) with ``prediction`` (on image01's pixels) burned in.
+    Raises :class:`EncodingError`."""
     for attr in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID", "Rows", "Columns"):
         if not source.get(attr):
             raise EncodingError(f"source image has no {attr}")
-    if tuple(np.shape(image01)) != (int(source.Rows), int(source.Columns)):
-        raise EncodingError(f"image shape {np.shape(image01)} does not match the source "
-                            f"({source.Rows}x{source.Columns})")
-    if tuple(prediction.image_size) != (int(source.Rows), int(source.Columns)):
-        raise EncodingError("prediction image size does not match the source: boxes would be misplaced")
+    shape = tuple(np.shape(image01))
+    if len(shape) != 2 or shape[0] > int(source.Rows) or shape[1] > int(source.Columns):
+        raise EncodingError(f"image shape {shape} does not fit the source ({source.Rows}x{source.Columns})")
+    if tuple(prediction.image_size) != shape:
+        raise EncodingError("prediction image size does not match the image: boxes would be misplaced")
     rgb, _band = render_overlay(image01, prediction)
     orientation = _orientation(source)
     models = tuple(prediction.models) or tuple(identity.models)

@@ -53,9 +53,10 @@ def load_pipeline(config: Config) -> Pipeline:
 class _Analysed:
     sop_uid: str
     header: Dataset
-    image01: object
+    image01: object                 # as decoded: Rows x Columns, or smaller (a JPEG 2000 resolution level)
     window: tuple[float, float] | None
-    prediction: Prediction
+    prediction: Prediction          # boxes in source pixels (SR, GSPS)
+    shown: Prediction               # the same on image01's pixels (the Secondary Capture is drawn on image01)
 
 
 class Analyzer:
@@ -75,14 +76,14 @@ class Analyzer:
         for n, (sop_uid, path) in enumerate(job.instances, 1):
             try:
                 ds = read_dataset(path)
-                image01, window = decode_image(ds)
+                image01, window = decode_image(ds, at_least=self.pipeline.working_size)
             except PixelDataError as exc:
                 raise PixelDataError(f"image {n} of {len(job.instances)}: {exc}") from exc
             t0 = time.perf_counter()
-            pred = self.pipeline.run(image01)
+            shown = self.pipeline.run(image01)
             pipeline_s += time.perf_counter() - t0
             del ds.PixelData   # the encoders need the header only
-            analysed.append(_Analysed(sop_uid, ds, image01, window, pred))
+            analysed.append(_Analysed(sop_uid, ds, image01, window, shown.rescaled((ds.Rows, ds.Columns)), shown))
         return self._encode(analysed), pipeline_s
 
     def _encode(self, analysed: list[_Analysed]) -> list[ResultSpec]:
@@ -97,7 +98,7 @@ class Analyzer:
         sc_dest, pr_dest = self.wanted("sc"), self.wanted("gsps")
         for n, a in enumerate(analysed, 1):
             if sc_dest:
-                sc = build_sc(a.header, a.image01, a.prediction, series_uid=sc_series, sop_uid=generate_uid(),
+                sc = build_sc(a.header, a.image01, a.shown, series_uid=sc_series, sop_uid=generate_uid(),
                               series_number=out.series_number_sc, instance_number=n, identity=ident)
                 results.append(_spec("sc", sc, a.sop_uid, sc_dest))
             if pr_dest:

@@ -52,6 +52,11 @@ class Pipeline:
                    FusionParams.from_obj(fusion))
 
     @property
+    def working_size(self) -> int:
+        """The longer side the image is shrunk to before CLAHE and the models: more pixels are not used."""
+        return max(self.classifier.preprocess.input_size, self.detector.preprocess.input_size)
+
+    @property
     def models(self) -> tuple[ModelInfo, ...]:
         return (self.classifier.info, self.detector.info)
 
@@ -66,7 +71,7 @@ class Pipeline:
         cp, dp = self.classifier.preprocess, self.detector.preprocess
 
         s = time.perf_counter()
-        work, (fx, fy) = working_image(img, max(cp.input_size, dp.input_size))
+        work, (fx, fy) = working_image(img, self.working_size)
         t["resize"] = time.perf_counter() - s
         s = time.perf_counter()
         clahe_c = apply_clahe(work, cp)

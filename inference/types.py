@@ -5,7 +5,7 @@ of the image handed to the pipeline, as floats.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 # VinDr-CXR / VinBigData class ids 0-13; 14 is "No finding".
 FINDING_CLASSES: tuple[str, ...] = (
@@ -55,6 +55,18 @@ class Prediction:
     models: tuple[ModelInfo, ...]
     image_size: tuple[int, int]           # (rows, columns) of the source image
     timings_s: dict[str, float] = field(default_factory=dict)
+
+    def rescaled(self, image_size: tuple[int, int]) -> "Prediction":
+        """The same prediction for the same picture at another size (rows, columns): boxes scaled by the ratio
+        of the sizes. Used when the image was decoded smaller than the source (a JPEG 2000 resolution level)."""
+        rows, cols = int(image_size[0]), int(image_size[1])
+        if (rows, cols) == tuple(self.image_size):
+            return self
+        fy, fx = rows / self.image_size[0], cols / self.image_size[1]
+        findings = tuple(replace(f, box=(min(f.box[0] * fx, cols), min(f.box[1] * fy, rows),
+                                         min(f.box[2] * fx, cols), min(f.box[3] * fy, rows)))
+                         for f in self.findings)
+        return replace(self, findings=findings, image_size=(rows, cols))
 
     @property
     def abnormal(self) -> bool:

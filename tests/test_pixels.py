@@ -10,7 +10,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from dicom_factory import compress, make_cxr
 from dicom_node.errors import PixelDataError
-from dicom_node.pixels import display_window, load_image, read_dataset, read_header
+from dicom_node.pixels import decode_image, display_window, load_image, read_dataset, read_header
 
 
 def bands(img: np.ndarray) -> tuple[float, float]:
@@ -221,3 +221,34 @@ def test_no_meta_dataset_in_memory_gets_a_transfer_syntax(tmp_path):
     img = load_image(raw)
     assert img.shape == (48, 40)
     assert raw.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+
+
+def _area_down(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+    return cv2.resize(img, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+
+
+def test_real_jpeg2000_decoded_at_a_resolution_level_when_the_models_need_fewer_pixels(samples_dir):
+    path = samples_dir / "pydicomdata_RG1_J2KI.dcm"
+    full, window = decode_image(path)
+    reduced, reduced_window = decode_image(path, at_least=512)
+    assert full.shape == (1955, 1841)
+    assert reduced.shape == (978, 921)              # one level: both sides halved, rounded up; 489 would be < 512
+    assert reduced_window == window
+    diff = np.abs(reduced - _area_down(full, reduced.shape))
+    assert diff.mean() < 0.005 and np.percentile(diff, 99) < 0.05     # the same picture, half the size
+    assert decode_image(path, at_least=1000)[0].shape == full.shape   # a level would be too small: full decode
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_jpeg2000_resolution_level_keeps_the_values_of_every_bit_depth(tmp_path, bits):
+    """Pillow hands 9-15 bit codestreams back scaled to 16 bits; the stored values must come back unscaled."""
+    from pydicom.uid import JPEG2000Lossless
+    ds = make_cxr(rows=1200, cols=1000, bits_stored=bits)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
+    full, _ = decode_image(tmp_path / "j2k.dcm")
+    reduced, _ = decode_image(tmp_path / "j2k.dcm", at_least=512)
+    assert reduced.shape == (600, 500)
+    diff = np.abs(reduced - _area_down(full, reduced.shape))
+    assert diff.mean() < 0.01, diff.mean()
