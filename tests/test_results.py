@@ -116,14 +116,22 @@ def test_study_results_arrive_at_pacs(node_factory, models, pacs, tmp_path):
     assert len({d.SOPInstanceUID for d in got}) == len(got) == 5
 
 
-def test_transient_failure_is_retried_until_delivered_once(node_factory, models, pacs, tmp_path):
-    port = free_port()
+def retrying_node(node_factory, models, port, tmp_path, what: str):
+    """A node that analysed one image and has tried its SR delivery to ``port`` at least twice, still pending.
+    Returns (node, the delivery row)."""
     node = result_node(node_factory, models, port, outputs=("sr",))
     make_cxr(tmp_path / "a.dcm")
     assert node.storescu(tmp_path / "a.dcm").returncode == 0
-    wait_for(lambda: any(d["attempts"] >= 2 for d in deliveries(node)), 180, what="retries while PACS is down")
+    wait_for(lambda: any(d["attempts"] >= 2 for d in deliveries(node)), 180, what=what)
     d = deliveries(node)[0]
-    assert d["state"] == "pending" and "cannot connect" in d["last_error"]
+    assert d["state"] == "pending"
+    return node, d
+
+
+def test_transient_failure_is_retried_until_delivered_once(node_factory, models, pacs, tmp_path):
+    port = free_port()
+    node, d = retrying_node(node_factory, models, port, tmp_path, "retries while PACS is down")
+    assert "cannot connect" in d["last_error"]
     scp = pacs(port=port).start()
     wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 60, what="delivery after PACS came back")
     time.sleep(2)
@@ -204,12 +212,8 @@ def test_transient_rejection_is_retried(node_factory, models, tmp_path):
         holder.add_requested_context(Verification)
         held = holder.associate("127.0.0.1", port, ae_title="PACS")     # takes the PACS's only association slot
         assert held.is_established
-        node = result_node(node_factory, models, port, outputs=("sr",))
-        make_cxr(tmp_path / "a.dcm")
-        assert node.storescu(tmp_path / "a.dcm").returncode == 0
-        wait_for(lambda: any(d["attempts"] >= 2 for d in deliveries(node)), 180, what="retries while PACS is full")
-        d = deliveries(node)[0]
-        assert d["state"] == "pending" and "rejected (transient)" in d["last_error"]
+        node, d = retrying_node(node_factory, models, port, tmp_path, "retries while PACS is full")
+        assert "rejected (transient)" in d["last_error"]
         held.release()
         wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 60, what="delivery once a slot is free")
         assert len(received) == 1
