@@ -126,13 +126,19 @@ class FastDUL(DULServiceProvider):
 
     def _streaming_file(self):
         """The open file a C-STORE data set is being streamed into, when nothing received is still waiting to
-        be processed (so writing the next fragment now keeps the order); else None."""
-        if self.state_machine.current_state != "Sta6" or not self.event_queue.empty() or not self._recv_pdu.empty():
+        be processed (so writing the next fragment now keeps the order); else None. Anything unexpected in
+        pynetdicom's internals (another version) also gives None: pynetdicom's own path then does the work."""
+        try:
+            if (self.state_machine.current_state != "Sta6" or not self.event_queue.empty()
+                    or not self._recv_pdu.empty()):
+                return None
+            f = getattr(getattr(self.assoc.dimse, "message", None), "_data_set_file", None)
+            if f is None or f.closed or self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                return None
+            f.file.write   # the buffered writer pynetdicom writes through
+            return f
+        except AttributeError:
             return None
-        f = getattr(getattr(self.assoc.dimse, "message", None), "_data_set_file", None)
-        if f is None or f.closed or self.assoc.get_handlers(evt.EVT_DATA_RECV):
-            return None
-        return f
 
     def _read_pdu_data(self) -> None:
         """pynetdicom's PDU reader, with a direct path for the bulk of a streamed C-STORE data set.
