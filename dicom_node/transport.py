@@ -230,29 +230,29 @@ class FastDUL(DULServiceProvider):
         self._recv_pdu.put(pdu)
 
     def _early_flush(self) -> None:
-        """Flush the data set received so far in the background (see the module docstring)."""
+        """Flush the data set received so far in the background (see the module docstring). Never raises: it
+        is only a head start, on the reactor's thread."""
         if self._flushing is not None and not self._flushing.done():
             return
-        message = getattr(self.assoc.dimse, "message", None)
-        f = getattr(message, "_data_set_file", None)
-        if f is None or f.closed:
-            return
-        fd = f.fileno()
-        st = os.fstat(fd)
-        done = self._flushed[1] if self._flushed[0] == st.st_ino else 0
-        if st.st_size - done >= FLUSH_STEP:
-            # a duplicate descriptor stays valid even if pynetdicom closes the file meanwhile
-            self._flushing = _FLUSHER.submit(_flush_dup, os.dup(fd))
-            self._flushed = (st.st_ino, st.st_size)
+        try:
+            f = getattr(getattr(self.assoc.dimse, "message", None), "_data_set_file", None)
+            if f is None or f.closed:
+                return
+            fd = f.fileno()
+            st = os.fstat(fd)
+            done = self._flushed[1] if self._flushed[0] == st.st_ino else 0
+            if st.st_size - done >= FLUSH_STEP:
+                # a duplicate descriptor stays valid even if pynetdicom closes the file meanwhile
+                self._flushing = _FLUSHER.submit(_flush_dup, os.dup(fd))
+                self._flushed = (st.st_ino, st.st_size)
+        except (OSError, ValueError, AttributeError, RuntimeError):   # closed file, executor shut down: skip
+            pass
 
     def _is_transport_event(self) -> bool:
         """Read one PDU (pynetdicom); then give the disk a head start on what has arrived so far."""
         got = super()._is_transport_event()
         if got:
-            try:
-                self._early_flush()
-            except (OSError, ValueError, AttributeError, RuntimeError):   # closed file or executor: skip
-                pass
+            self._early_flush()
         return got
 
     @property
