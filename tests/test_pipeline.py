@@ -204,10 +204,14 @@ def test_analyze_real_dicom_samples(models, tmp_path):
     files = sorted(SAMPLES.glob("*.dcm"))
     if not files:
         pytest.skip(f"no DICOM samples under {SAMPLES}")
+    import pydicom
     res = analyze_files(_pipe(models), files, tmp_path)
-    for r in res:
+    for f, r in zip(files, res):
         assert "error" not in r, r
-        assert r["findings"] and all(0 <= v for f in r["findings"] for v in f["box"])
+        hdr = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+        assert r["image_size"] == [hdr.Rows, hdr.Columns]     # source pixels, also for the JPEG 2000 sample
+        assert r["findings"] and all(0 <= x["box"][0] < x["box"][2] <= hdr.Columns
+                                     and 0 <= x["box"][1] < x["box"][3] <= hdr.Rows for x in r["findings"])
         assert Path(r["overlay"]).exists()
 
 
@@ -234,3 +238,17 @@ def test_ultralytics_env_respects_existing_settings(tmp_path):
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(tmp_path / "base"), str(tmp_path / "mpl")]
     assert (tmp_path / "base" / "Ultralytics" / "Arial.ttf").is_file()
+
+
+def test_prediction_rescaled_to_the_source_size_scales_boxes_and_size():
+    """A JPEG 2000 image decoded at half size: its boxes are mapped back onto the source's pixels."""
+    from inference.types import Finding, Prediction
+    f = Finding(class_id=3, label="Cardiomegaly", score=0.9, box=(10.0, 20.0, 30.0, 40.5), detector_score=0.8)
+    pred = Prediction(p_abnormal=0.9, p_no_finding=0.1, findings=(f,), fusion_mode="soft", models=(),
+                      image_size=(978, 921))
+    src = pred.rescaled((1955, 1841))
+    assert src.image_size == (1955, 1841)
+    (g,) = src.findings
+    assert g.box == pytest.approx((10 * 1841 / 921, 20 * 1955 / 978, 30 * 1841 / 921, 40.5 * 1955 / 978))
+    assert (g.label, g.score, g.class_id) == (f.label, f.score, f.class_id)
+    assert pred.rescaled((978, 921)) is pred
