@@ -21,7 +21,7 @@ from .codes import finding_label
 from .errors import EncodingError
 from .pixels import first_value
 from .identity import (
-    NodeIdentity, contributing_equipment, copy_body_part, no_phi_warnings, source_header,
+    NodeIdentity, check_geometry, require_source_image, contributing_equipment, copy_body_part, no_phi_warnings, source_header,
 )
 from .sc import BANNER_TEXT, summary_text
 from .sr import box_polyline
@@ -83,11 +83,8 @@ def build_gsps(
     :func:`dicom_node.pixels.display_window`); None uses the source's first window if it has a
     valid one (width > 1), else none is written. Raises :class:`EncodingError`.
     """
-    for attr in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID", "Rows", "Columns"):
-        if not source.get(attr):
-            raise EncodingError(f"source image has no {attr}")
-    if tuple(prediction.image_size) != (int(source.Rows), int(source.Columns)):
-        raise EncodingError("prediction image size does not match the source: boxes would be misplaced")
+    require_source_image(source)
+    check_geometry(source, prediction)
     header = source_header(source)
     voi = _voi(header, window)
     for kw in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction"):

@@ -17,12 +17,13 @@ from highdicom import ContributingEquipment
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from inference.types import ModelInfo
+from inference.types import ModelInfo, Prediction
 
 from .errors import EncodingError
 
 __all__ = ["NodeIdentity", "model_device_uid", "contributing_equipment", "derived_uid",
-           "models_summary", "check_same_study", "source_header", "no_phi_warnings", "copy_body_part"]
+           "models_summary", "check_same_study", "require_source_image", "check_geometry", "source_header",
+           "no_phi_warnings", "copy_body_part"]
 
 # Type 2 patient/study attributes that highdicom reads from a source; real files lack some of them.
 _TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
@@ -97,15 +98,29 @@ def check_same_study(sources: Iterable[Dataset]) -> list[Dataset]:
     if not sources:
         raise EncodingError("no source image given")
     first = sources[0]
-    for attr in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID"):
-        if not first.get(attr):
-            raise EncodingError(f"source image has no {attr}")
+    require_source_image(first)
     for ds in sources[1:]:
         if ds.get("StudyInstanceUID") != first.StudyInstanceUID:
             raise EncodingError("all source images must belong to the same study")
         if str(ds.get("PatientID", "")) != str(first.get("PatientID", "")):
             raise EncodingError("all source images must belong to the same patient")
     return sources
+
+
+def require_source_image(ds: Dataset) -> None:
+    """An output refers to its source by study, class and instance UID and draws on its rows x columns."""
+    for attr in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID", "Rows", "Columns"):
+        if not ds.get(attr):
+            raise EncodingError(f"source image has no {attr}")
+
+
+def check_geometry(ds: Dataset, pred: Prediction) -> None:
+    """The prediction's boxes must be in the source's pixels (see :meth:`Prediction.rescaled`)."""
+    size = (int(ds.Rows), int(ds.Columns))
+    if tuple(pred.image_size) != size:
+        raise EncodingError(
+            f"prediction was made on a {pred.image_size[0]}x{pred.image_size[1]} image but the source "
+            f"is {size[0]}x{size[1]}: boxes would not match the image")
 
 
 def source_header(ds: Dataset) -> Dataset:

@@ -24,7 +24,7 @@ from inference.types import Prediction
 from .codes import finding_label
 from .errors import EncodingError
 from .identity import (
-    NodeIdentity, contributing_equipment, copy_body_part, no_phi_warnings, source_header,
+    NodeIdentity, require_source_image, contributing_equipment, copy_body_part, no_phi_warnings, source_header,
 )
 
 __all__ = ["build_sc", "render_overlay", "BANNER_TEXT"]
@@ -145,9 +145,7 @@ def build_sc(
     """Secondary Capture of ``image01`` (the source as decoded by :func:`dicom_node.pixels.decode_image`: full
     size, or a smaller JPEG 2000 resolution level) with ``prediction`` (on image01's pixels) burned in.
     Raises :class:`EncodingError`."""
-    for attr in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID", "Rows", "Columns"):
-        if not source.get(attr):
-            raise EncodingError(f"source image has no {attr}")
+    require_source_image(source)
     shape = tuple(np.shape(image01))
     if len(shape) != 2 or shape[0] > int(source.Rows) or shape[1] > int(source.Columns):
         raise EncodingError(f"image shape {shape} does not fit the source ({source.Rows}x{source.Columns})")

@@ -37,7 +37,7 @@ from inference.types import NO_FINDING_ID, Finding, ModelInfo, Prediction
 from . import codes as C
 from .errors import EncodingError
 from .identity import (
-    NodeIdentity, check_same_study, contributing_equipment, derived_uid, models_summary,
+    NodeIdentity, check_geometry, check_same_study, contributing_equipment, derived_uid, models_summary,
     no_phi_warnings, source_header,
 )
 
@@ -121,14 +121,6 @@ def _study_group(sources: list[tuple[Dataset, Prediction]], sop_uid: str,
     )
 
 
-def _check_geometry(ds: Dataset, pred: Prediction) -> None:
-    size = (int(ds.Rows), int(ds.Columns))
-    if tuple(pred.image_size) != size:
-        raise EncodingError(
-            f"prediction was made on a {pred.image_size[0]}x{pred.image_size[1]} image but the source "
-            f"is {size[0]}x{size[1]}: boxes would not match the image")
-
-
 def build_sr(
     sources: list[tuple[Dataset, Prediction]],
     *,
@@ -148,7 +140,7 @@ def build_sr(
     check_same_study(ds for ds, _ in sources)
     sources = [(source_header(ds), pred) for ds, pred in sources]
     for ds, pred in sources:
-        _check_geometry(ds, pred)
+        check_geometry(ds, pred)
     preds = [p for _, p in sources]
     models = _models(preds, identity)
     fusion = ",".join(sorted({p.fusion_mode for p in preds}))
