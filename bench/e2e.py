@@ -4,7 +4,7 @@
     python bench/e2e.py [--studies 20] [--burst 100] [--tiny] [--stable 2] [--size 1024] [--gsps] [--out DIR]
 
 Orthanc (tests/orthanc.py, the documented Lua routing rule) forwards every chest DX it stores to a real
-``dicom-node serve`` (tests/nodeproc.py) with one worker process, which sends SR + SC (+ GSPS with ``--gsps``)
+``dicom-node serve`` (tests/support/node.py) with one worker process, which sends SR + SC (+ GSPS with ``--gsps``)
 back to Orthanc. Models: the files named in config.yaml (``models/classifier.pt``, ``models/detector.pt``), or
 tiny random-weight models with ``--tiny`` (times the plumbing, not real networks).
 
@@ -65,9 +65,9 @@ os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".yolo" / "mpl"))
 
 from pydicom.uid import generate_uid  # noqa: E402
 
-from dicom_factory import make_cxr  # noqa: E402
-from nodeproc import NodeProcess, free_port, wait_for  # noqa: E402
-from orthanc import Orthanc  # noqa: E402
+from support.dicom_factory import make_cxr  # noqa: E402
+from support.node import NodeProcess, free_port, wait_for  # noqa: E402
+from support.orthanc import Orthanc  # noqa: E402
 
 TARGET_OVERHEAD_S = 1.0
 FLAT_MB_PER_10 = 1.0     # "flat memory": RSS slope over the second half of the burst at most this
@@ -185,12 +185,12 @@ def parse_reception_date(value: str) -> datetime:
 # ---------------------------------------------------------------------------------------------- setup
 def models_for(args, work: Path) -> tuple[dict, str]:
     if args.tiny:
-        from model_fixtures import make_tiny_models
+        from support.models import make_tiny_models
         omp = os.environ.get("OMP_NUM_THREADS")
         clf, det = make_tiny_models(work / "models")
         if omp is None:   # importing ultralytics sets OMP_NUM_THREADS=1; keep it out of the node's environment
             os.environ.pop("OMP_NUM_THREADS", None)
-        return {"classifier": str(clf), "detector": str(det)}, "tiny random-weight models (tests/model_fixtures.py)"
+        return {"classifier": str(clf), "detector": str(det)}, "tiny random-weight models (tests/support/models.py)"
     from dicom_node.config import load_config
     from inference.modelfile import read_metadata
     cfg = load_config(REPO / "config.yaml")

@@ -20,8 +20,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from dicom_factory import make_cxr  # noqa: E402
-from nodeproc import NodeProcess, free_port  # noqa: E402
+from support.dicom_factory import make_cxr  # noqa: E402
+from support.node import NodeProcess, free_port  # noqa: E402
 
 
 def make_files(folder: Path, count: int, size: int) -> list[Path]:

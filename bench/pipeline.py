@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pipeline.py [--reps 5] [--threads 1] [--classifier PATH --detector PATH]
 
-Stages per image (median over ``--reps`` after one warm-up): decode (dicom_node.pixels.decode_image as the
+Stages per image (median over ``--reps`` after one warm-up): decode (dicom_node.imaging.pixels.decode_image as the
 worker calls it: a JPEG 2000 image at the coarsest resolution level that still covers the working size),
 CLAHE, classifier input (letterbox/normalise), classifier forward, detector input, detector
 forward, NMS (+ mapping boxes to source pixels), fusion; then the whole path as the node runs it
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from dicom_node.pixels import decode_image  # noqa: E402
+from dicom_node.imaging.pixels import decode_image  # noqa: E402
 from inference.fusion import FusionParams, fuse  # noqa: E402
 from inference.pipeline import Pipeline  # noqa: E402
 from inference.preprocess import apply_clahe, to_model_input, working_image  # noqa: E402
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if clf_path.exists() and det_path.exists():
         print(f"models: {clf_path} and {det_path}")
     else:
-        from tests.model_fixtures import make_tiny_models
+        from support.models import make_tiny_models
         tmp = tempfile.TemporaryDirectory(prefix="bench-models-")
         clf_path, det_path = make_tiny_models(tmp.name, p_abnormal=0.9, detector_logit=1.0)
         print(f"models: {REPO / 'models'} has no classifier.pt/detector.pt -> TINY RANDOM models "

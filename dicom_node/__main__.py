@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from dicom_node.cli import main
 
 if __name__ == "__main__":   # guarded: worker processes are spawned and re-import the main module
     sys.exit(main())

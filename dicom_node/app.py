@@ -9,11 +9,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from storage import Store
 
-from .assembly import StudyAssembler
-from .config import Config
-from .scp import StoreSCP
-from .sender import Sender
-from .processes import WorkerProcess
+from dicom_node.ingest.assembly import StudyAssembler
+from dicom_node.config import Config
+from dicom_node.net.listener import StoreSCP
+from dicom_node.net.sender import Sender
+from dicom_node.work.processes import WorkerProcess
 
 log = logging.getLogger(__name__)
 

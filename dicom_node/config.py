@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from dicom_node.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 OutputKind = Literal["sr", "sc", "gsps"]

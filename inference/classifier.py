@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .modelfile import LoadedModel, LoadedNetwork, load_model_file
+from inference.errors import ModelError
+from inference.modelfile import LoadedModel, LoadedNetwork, load_model_file
 
 __all__ = ["build_classifier", "Classifier"]
 

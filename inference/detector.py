@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ultralytics_env  # noqa: F401  (must run before ultralytics is imported)
-from .errors import ModelError
-from .modelfile import LoadedModel, LoadedNetwork, load_model_file
-from .preprocess import Letterbox
+from inference import ultralytics_env  # noqa: F401  (must run before ultralytics is imported)
+from inference.errors import ModelError
+from inference.modelfile import LoadedModel, LoadedNetwork, load_model_file
+from inference.preprocess import Letterbox
 
 __all__ = ["build_detector", "Detector", "Detections"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .types import FINDING_CLASSES, Finding
+from inference.types import FINDING_CLASSES, Finding
 
 __all__ = ["FusionParams", "FUSION_MODES", "detector_needed", "fuse", "fused_scores"]
 

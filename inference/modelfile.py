@@ -41,9 +41,9 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import ModelError
-from .preprocess import PreprocessParams
-from .types import FINDING_CLASSES, ModelInfo
+from inference.errors import ModelError
+from inference.preprocess import PreprocessParams
+from inference.types import FINDING_CLASSES, ModelInfo
 
 FORMAT_VERSION = 1
 METADATA_KEY = "dicom_node_model"

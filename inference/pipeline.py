@@ -23,11 +23,11 @@ import time
 import numpy as np
 import torch
 
-from .classifier import Classifier
-from .detector import Detector
-from .fusion import FusionParams, detector_needed, fuse
-from .preprocess import apply_clahe, check_image, to_model_input, working_image
-from .types import ModelInfo, Prediction
+from inference.classifier import Classifier
+from inference.detector import Detector
+from inference.fusion import FusionParams, detector_needed, fuse
+from inference.preprocess import apply_clahe, check_image, to_model_input, working_image
+from inference.types import ModelInfo, Prediction
 
 __all__ = ["Pipeline"]
 

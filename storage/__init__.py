@@ -2,8 +2,8 @@
 
 No DICOM parsing and no model code lives here: callers hand in bytes and already-extracted fields.
 """
-from .repository import Store
-from .spool import Spool
-from .states import DeliveryState, JobState
+from storage.repository import Store
+from storage.spool import Spool
+from storage.states import DeliveryState, JobState
 
 __all__ = ["Store", "Spool", "JobState", "DeliveryState"]

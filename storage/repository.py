@@ -14,10 +14,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db import Delivery, Instance, Job, Result, Study, make_engine
-from .errors import DiskFullError, StaleJobError, StorageError
-from .spool import Spool
-from .states import DeliveryState, JobState
+from storage.db import Delivery, Instance, Job, Result, Study, make_engine
+from storage.errors import DiskFullError, StaleJobError, StorageError
+from storage.spool import Spool
+from storage.states import DeliveryState, JobState
 
 
 _UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}   # INSERT ... ON CONFLICT

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import StorageError
+from storage.errors import StorageError
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(REPO / ".yolo"))
 os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".yolo" / "mpl"))
 
-from nodeproc import NodeProcess, free_port, wait_for  # noqa: E402
+from support.node import NodeProcess, free_port, wait_for  # noqa: E402
 
 __all__ = ["NodeProcess", "free_port", "wait_for"]
 
@@ -56,7 +56,7 @@ def node_factory(tmp_path):
 @pytest.fixture(scope="session")
 def postgres_server():
     """One throwaway PostgreSQL server for the session (Debian's postgresql package, see tests/postgres.py)."""
-    from postgres import PostgresServer, find_bin
+    from support.postgres import PostgresServer, find_bin
     bindir = find_bin()
     if bindir is None:
         pytest.fail("PostgreSQL server binaries are missing: apt-get install -y postgresql (README, set-up)")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from dicom_factory import make_cxr
-from nodeproc import wait_for
+from support.dicom_factory import make_cxr
+from support.node import wait_for
 from test_ingest import by_sop
 
 

@@ -13,10 +13,10 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_factory import make_cxr
-from model_fixtures import make_tiny_models
-from nodeproc import free_port, wait_for
-from orthanc import Orthanc
+from support.dicom_factory import make_cxr
+from support.models import make_tiny_models
+from support.node import free_port, wait_for
+from support.orthanc import Orthanc
 
 FINDING = "121071"   # DCM "Finding"
 

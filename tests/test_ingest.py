@@ -12,8 +12,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
-from dicom_factory import compress, make_cxr
-from nodeproc import wait_for
+from support.dicom_factory import compress, make_cxr
+from support.node import wait_for
 
 
 def instances(node) -> list[dict]:

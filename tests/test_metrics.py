@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from inference.metrics import (NO_FINDING_BOX, add_no_finding, binary_metrics, choose_threshold, class_ap,
+from inference.training.metrics import (NO_FINDING_BOX, add_no_finding, binary_metrics, choose_threshold, class_ap,
                                detection_map, iou_matrix, map_range, roc_auc, voc_ap, voc_ap_11point)
 from inference.types import NO_FINDING_ID
 

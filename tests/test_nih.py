@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from inference.data.nih import NIH_TO_VINDR, read_nih
-from inference.data.sample import Sample
-from inference.data.split import split_by_patient, subsample
+from inference.training.data.nih import NIH_TO_VINDR, read_nih
+from inference.training.data.sample import Sample
+from inference.training.data.split import split_by_patient, subsample
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 pytestmark = pytest.mark.skipif(not (DATA / "nih-bbox").is_dir(), reason="../shared/datasets not present")

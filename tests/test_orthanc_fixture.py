@@ -17,9 +17,9 @@ import pydicom
 import pytest
 import yaml
 
-from dicom_factory import make_cxr
-from nodeproc import free_port, wait_for
-from orthanc import DOCS_CONFIG, DOCS_LUA, NODE_MODALITY, Orthanc, routing_lua
+from support.dicom_factory import make_cxr
+from support.node import free_port, wait_for
+from support.orthanc import DOCS_CONFIG, DOCS_LUA, NODE_MODALITY, Orthanc, routing_lua
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,15 +10,15 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_factory import make_cxr
-from dicom_node import codes as C
+from support.dicom_factory import make_cxr
+from dicom_node.outputs import codes as C
 from dicom_node.errors import EncodingError
-from dicom_node.gsps import LAYER_NAME, build_gsps
-from dicom_node.identity import NodeIdentity, model_device_uid
-from dicom_node.pixels import display_window, load_image, read_dataset
-from dicom_node.sc import BANNER_RGB, build_sc
-from dicom_node.sr import build_sr
-from dicom_node.validate import dciodvfy, dsrdump
+from dicom_node.outputs.gsps import LAYER_NAME, build_gsps
+from dicom_node.outputs.identity import NodeIdentity, model_device_uid
+from dicom_node.imaging.pixels import display_window, load_image, read_dataset
+from dicom_node.outputs.sc import BANNER_RGB, build_sc
+from dicom_node.outputs.sr import build_sr
+from dicom_node.outputs.validate import dciodvfy, dsrdump
 from inference.types import FINDING_CLASSES, Finding, ModelInfo, Prediction
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -1,4 +1,4 @@
-"""inference.pipeline / fusion / classifier / detector and dicom_node.analyze on tiny random models."""
+"""inference.pipeline / fusion / classifier / detector and dicom_node.work.offline on tiny random models."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from inference.fusion import FusionParams, fuse
 from inference.pipeline import Pipeline
 from inference.preprocess import prepare, working_image
 from inference.types import FINDING_CLASSES, Prediction
-from model_fixtures import make_tiny_classifier, make_tiny_detector
+from support.models import make_tiny_classifier, make_tiny_detector
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 NIH_IMAGES = SHARED / "datasets" / "nih-bbox" / "images"
@@ -175,7 +175,7 @@ def test_classifier_and_detector_apis(models):
 
 
 def test_analyze_files_png_and_bad_input(models, nih_image, tmp_path):
-    from dicom_node.analyze import DISCLAIMER, analyze_files
+    from dicom_node.work.offline import DISCLAIMER, analyze_files
     src, img = nih_image
     bogus = tmp_path / "broken.png"
     bogus.write_bytes(b"not an image")
@@ -199,8 +199,8 @@ def test_analyze_files_png_and_bad_input(models, nih_image, tmp_path):
 
 
 def test_analyze_real_dicom_samples(models, tmp_path):
-    pytest.importorskip("dicom_node.pixels")
-    from dicom_node.analyze import analyze_files
+    pytest.importorskip("dicom_node.imaging.pixels")
+    from dicom_node.work.offline import analyze_files
     files = sorted(SAMPLES.glob("*.dcm"))
     if not files:
         pytest.skip(f"no DICOM samples under {SAMPLES}")

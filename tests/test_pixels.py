@@ -1,4 +1,4 @@
-"""dicom_node.pixels: real sample files and synthetic datasets in every transfer syntax we accept."""
+"""dicom_node.imaging.pixels: real sample files and synthetic datasets in every transfer syntax we accept."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +8,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian
 
-from dicom_factory import compress, make_cxr
+from support.dicom_factory import compress, make_cxr
 from dicom_node.errors import PixelDataError
-from dicom_node.pixels import decode_image, display_window, load_image, read_dataset, read_header
+from dicom_node.imaging.pixels import decode_image, display_window, load_image, read_dataset, read_header
 
 
 def bands(img: np.ndarray) -> tuple[float, float]:

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_factory import make_cxr
-from model_fixtures import make_tiny_models
-from nodeproc import free_port, wait_for
+from support.dicom_factory import make_cxr
+from support.models import make_tiny_models
+from support.node import free_port, wait_for
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"     # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from inference import commands
+from inference.training import commands
 from inference.classifier import Classifier
-from inference.data.images import load_image01
-from inference.data.nih import read_nih
-from inference.data.split import split_by_patient, subsample
+from inference.training.data.images import load_image01
+from inference.training.data.nih import read_nih
+from inference.training.data.split import split_by_patient, subsample
 from inference.detector import Detector
-from inference.metrics import roc_auc
+from inference.training.metrics import roc_auc
 from inference.modelfile import read_metadata
 from inference.preprocess import prepare
-from inference.train_classifier import ClassifierTrainConfig, train_classifier
+from inference.training.train_classifier import ClassifierTrainConfig, train_classifier
 from inference.types import FINDING_CLASSES
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -9,10 +9,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from dicom_node.vinbigdata_export import ensure_exported, export_vinbigdata, holds_dicom
-from inference.data.images import load_image01
-from inference.data.split import split_by_patient
-from inference.data.vinbigdata import read_csv, read_vinbigdata, wbf_annotations
+from dicom_node.training.vinbigdata_export import ensure_exported, export_vinbigdata, holds_dicom
+from inference.training.data.images import load_image01
+from inference.training.data.split import split_by_patient
+from inference.training.data.vinbigdata import read_csv, read_vinbigdata, wbf_annotations
 from inference.errors import DatasetError
 
 COLS = ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]

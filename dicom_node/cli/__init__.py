@@ -1,0 +1,175 @@
+"""The ``dicom-node`` command line. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dicom_node import __version__
+from dicom_node.config import Config, load_config
+from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.logs import setup_logging
+
+log = logging.getLogger("dicom_node")
+
+
+def _config(args) -> Config:
+    return load_config(args.config)
+
+
+def cmd_check_config(args) -> int:
+    cfg = _config(args)
+    print(f"configuration OK: AE {cfg.node.ae_title} on {cfg.node.host}:{cfg.node.port}, "
+          f"storage {cfg.storage.root}, {len(cfg.destinations)} destination(s)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from dicom_node.app import Node
+    cfg = _config(args)
+    setup_logging(cfg.logging.level)
+    Node(cfg).run_forever()
+    return 0
+
+
+def cmd_status(args) -> int:
+    from dicom_node.app import open_store
+    cfg = _config(args)
+    store = open_store(cfg)
+    try:
+        report = store.status()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for section in ("instances", "studies", "jobs", "deliveries"):
+        print(f"{section:11s} " + "  ".join(f"{k}={v}" for k, v in report[section].items()))
+    for k, v in report["last_activity"].items():
+        print(f"last {k.replace('_', ' ')}: {v or '-'}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from dicom_node.work.processes import worker_main
+    cfg = _config(args)
+    setup_logging(cfg.logging.level)
+    worker_main(cfg.model_dump(mode="json"), f"worker-{os.getpid()}", None)
+    return 0
+
+
+def cmd_retry(args) -> int:
+    from dicom_node.app import open_store
+    store = open_store(_config(args))
+    try:
+        n = store.retry_failed()
+    finally:
+        store.close()
+    print(f"re-queued {n} failed deliver{'y' if n == 1 else 'ies'}; the running node sends them now")
+    return 0
+
+
+def cmd_reanalyze(args) -> int:
+    from dicom_node.app import open_store
+    store = open_store(_config(args))
+    try:
+        job_id = store.reanalyze(args.study_uid)
+    except LookupError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"queued job {job_id}: re-analysis of the study; results go to the configured destinations")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from dicom_node.work.offline import analyze_files, expand_inputs
+    from dicom_node.work.worker import load_pipeline
+    cfg = _config(args)
+    setup_logging("WARNING")
+    files = expand_inputs(args.files)
+    if not files:
+        print("dicom-node: no input files", file=sys.stderr)
+        return 2
+    results = analyze_files(load_pipeline(cfg), files, args.output)
+    for r in results:
+        if "error" in r:
+            print(f"{r['file']}: ERROR {r['error']}")
+            continue
+        verdict = "abnormal" if r["abnormal"] else "no finding"
+        print(f"{r['file']}: {verdict} (P(abnormal) {r['p_abnormal']:.2f}, P(no finding) {r['p_no_finding']:.2f})")
+        for f in r["findings"]:
+            x0, y0, x1, y1 = f["box"]
+            print(f"  {f['label']:<20s} {f['score']:.2f}  box [{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]")
+    print(f"results written to {Path(args.output).resolve()}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _training_command(run_name: str):
+    """`train` / `evaluate` live in inference.training.commands; DICOM export of VinBigData folders happens here."""
+    def run(args) -> int:
+        from inference import commands
+        from dicom_node.training.vinbigdata_export import prepare_args
+        setup_logging("INFO")
+        prepare_args(args)
+        return getattr(commands, run_name)(args)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-node", description="Chest X-ray AI DICOM node")
+    p.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", "-c", default=None, help="config file (default: ./config.yaml, else defaults)")
+        sp.set_defaults(func=func)
+        return sp
+
+    command("serve", cmd_serve, "receive images, analyse studies, send results (runs until SIGTERM/SIGINT)")
+    command("check-config", cmd_check_config, "validate the configuration file and exit")
+    command("status", cmd_status, "counts of instances, studies, jobs and deliveries (no patient data)") \
+        .add_argument("--json", action="store_true", help="print the documented JSON form")
+    command("worker", cmd_worker, "run one analysis worker against the same storage (add more to scale out)")
+    command("retry", cmd_retry, "re-queue every failed delivery")
+    command("reanalyze", cmd_reanalyze, "queue a re-analysis of a study").add_argument(
+        "study_uid", help="Study Instance UID")
+    sp = command("analyze", cmd_analyze, "analyse DICOM, PNG or JPEG files offline; writes JSON + overlay PNG")
+    sp.add_argument("files", nargs="+", help="files or folders")
+    sp.add_argument("--output", "-o", default="analysis", help="output folder (default: ./analysis)")
+
+    from inference import commands as training
+    train = sub.add_parser("train", help="train a model (classifier or detector) on VinBigData or the NIH sets")
+    train_sub = train.add_subparsers(dest="model_kind", required=True)
+    for kind, add, run in (("classifier", training.add_train_classifier_arguments, "run_train_classifier"),
+                           ("detector", training.add_train_detector_arguments, "run_train_detector")):
+        tp = train_sub.add_parser(kind, help=f"train the {kind}")
+        add(tp)
+        tp.set_defaults(func=_training_command(run))
+    ev = sub.add_parser("evaluate", help="evaluate classifier + detector (both fusion modes) on a held-out split")
+    training.add_evaluate_arguments(ev)
+    ev.set_defaults(func=_training_command("run_evaluate"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    except DicomNodeError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

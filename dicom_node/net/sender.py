@@ -1,0 +1,143 @@
+"""The sender: delivers stored result objects to their destinations by C-STORE, and never loses one.
+
+Each (result object, destination) pair is a persisted delivery. An apscheduler job polls for due deliveries,
+opens one association per destination for the batch, and classifies every failure:
+
+- transient (refused connection, timeout, abort, association rejected-transient, 0xA7xx out of resources,
+  no response): retried with exponential backoff and jitter, up to ``delivery.max_attempts``;
+- permanent (association rejected-permanent, 0xA9xx, 0xCxxx, SOP class not supported): failed at once, no
+  retry storm.
+  ``dicom-node retry`` re-queues failed deliveries.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from datetime import timedelta
+from itertools import groupby
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from storage import Store
+from storage.repository import DueDelivery, utcnow
+
+from dicom_node.config import Config, DestinationConfig
+from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
+from dicom_node.net.transport import no_delay, rejection_result
+
+log = logging.getLogger(__name__)
+
+SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
+PERMANENT_STATUSES = {0x0122, 0x0124}   # SOP class not supported, not authorized
+
+
+def classify_status(status: int) -> type[Exception] | None:
+    """None for success; else the error class for a C-STORE response status."""
+    if status in SUCCESS_OR_WARNING:
+        return None
+    if (status & 0xF000) == 0xC000 or (status & 0xFF00) == 0xA900 or status in PERMANENT_STATUSES:
+        return PermanentDeliveryError
+    return TransientDeliveryError
+
+
+class Sender:
+    def __init__(self, config: Config, store: Store):
+        self.config = config
+        self.store = store
+        self.destinations: dict[str, DestinationConfig] = {d.name: d for d in config.destinations}
+        self._lock = threading.Lock()
+
+    def run_due(self) -> int:
+        """Deliver everything that is due now; returns the number delivered."""
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            delivered = 0
+            due = self.store.due_deliveries(limit=200)
+            for name, group in groupby(sorted(due, key=lambda d: d.destination), key=lambda d: d.destination):
+                delivered += self._deliver_batch(name, list(group))
+            return delivered
+        finally:
+            self._lock.release()
+
+    def _deliver_batch(self, name: str, batch: list[DueDelivery]) -> int:
+        dest = self.destinations.get(name)
+        if dest is None:
+            for d in batch:
+                self.store.mark_failed(d.id, f"destination {name!r} is not in the configuration")
+            return 0
+        datasets = {}
+        for d in batch:
+            try:
+                datasets[d.id] = dcmread(d.path)
+            except Exception as exc:  # noqa: BLE001 - a missing/corrupt result file cannot be sent
+                self.store.mark_failed(d.id, f"result file unreadable: {exc}")
+        if not datasets:
+            return 0
+        ae = AE(ae_title=self.config.node.ae_title)
+        ae.acse_timeout = self.config.delivery.connect_timeout_s
+        ae.connection_timeout = self.config.delivery.connect_timeout_s
+        ae.dimse_timeout = self.config.delivery.dimse_timeout_s
+        ae.network_timeout = self.config.delivery.dimse_timeout_s
+        for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if assoc.is_established:
+            no_delay(assoc.dul.socket.socket)
+        else:
+            rejected = rejection_result(assoc)
+            if rejected == 0x01:
+                err: Exception = PermanentDeliveryError(f"association rejected by {dest.ae_title}")
+            elif rejected == 0x02:   # rejected-transient: e.g. the PACS is at its association limit
+                err = TransientDeliveryError(f"association rejected (transient) by {dest.ae_title}")
+            else:
+                err = TransientDeliveryError(f"cannot connect to {dest.ae_title} at {dest.host}:{dest.port}")
+            for d in batch:
+                if d.id in datasets:
+                    self._failed(d, err)
+            return 0
+        delivered = 0
+        try:
+            for d in batch:
+                if d.id not in datasets:
+                    continue
+                if not assoc.is_established:
+                    self._failed(d, TransientDeliveryError("association aborted"))
+                    continue
+                try:
+                    rsp = assoc.send_c_store(datasets[d.id])
+                except Exception as exc:  # noqa: BLE001 - pynetdicom raises for e.g. no accepted context
+                    self._failed(d, PermanentDeliveryError(f"cannot send: {exc}"))
+                    continue
+                status = getattr(rsp, "Status", None)
+                if status is None:
+                    self._failed(d, TransientDeliveryError("no response (timeout or abort)"))
+                    continue
+                problem = classify_status(int(status))
+                if problem is None:
+                    self.store.mark_delivered(d.id)
+                    delivered += 1
+                    log.info("delivered %s to %s", d.kind.upper(), name)
+                else:
+                    self._failed(d, problem(f"C-STORE status 0x{int(status):04X}"))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return delivered
+
+    def _failed(self, d: DueDelivery, err: Exception) -> None:
+        cfg = self.config.delivery
+        attempts = d.attempts + 1
+        if isinstance(err, PermanentDeliveryError) or attempts >= cfg.max_attempts:
+            why = "permanent" if isinstance(err, PermanentDeliveryError) else f"gave up after {attempts} attempts"
+            log.error("delivery %d of %s to %s failed (%s): %s", d.id, d.kind.upper(), d.destination, why, err)
+            self.store.mark_failed(d.id, f"{err} ({why})")
+            return
+        delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempts - 1))
+        delay *= random.uniform(0.5, 1.0)   # jitter: many results do not retry in lock-step
+        log.warning("delivery %d of %s to %s: %s; retry %d in %.1f s", d.id, d.kind.upper(), d.destination, err,
+                    attempts, delay)
+        self.store.mark_retry(d.id, utcnow() + timedelta(seconds=delay), str(err))

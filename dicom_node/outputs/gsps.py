@@ -1,0 +1,137 @@
+"""The AI result as a Grayscale Softcopy Presentation State over the original radiograph.
+
+For viewers that do not draw SR graphics (Weasis, many PACS): one graphic layer "AI" holding, for
+each finding, a closed 5-point POLYLINE in PIXEL units around its box and a text object
+"<label> <score>" just above it (inside the box when there is no room), plus a text object with
+the disclaimer and the study-level summary in the top-left corner. The presentation state keeps
+the source's display: its Modality LUT, the VOI window the node itself used (the source's window,
+or the percentile window when the source's is absent or nonsense), and Presentation LUT Shape
+INVERSE for MONOCHROME1 sources (a presentation state overrides the image's photometric
+interpretation), IDENTITY otherwise. Built with highdicom (same patient and study, a new series).
+"""
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from inference.types import Prediction
+
+from dicom_node.outputs.codes import finding_label
+from dicom_node.errors import EncodingError
+from dicom_node.imaging.pixels import first_value
+from dicom_node.outputs.identity import (
+    NodeIdentity, check_geometry, require_source_image, contributing_equipment, copy_body_part, no_phi_warnings, source_header,
+)
+from dicom_node.outputs.sc import BANNER_TEXT, summary_text
+from dicom_node.outputs.sr import box_polyline
+
+__all__ = ["build_gsps", "LAYER_NAME", "CONTENT_LABEL"]
+
+LAYER_NAME = "AI"
+CONTENT_LABEL = "AI_FINDINGS"
+LAYER_COLOR = hd.color.CIELabColor(97.0, -21.0, 94.0)  # yellow
+
+
+def _text_box(x0: float, y0: float, x1: float, rows: int, cols: int, text: str) -> tuple[float, float, float, float]:
+    """Bounding box (left, top, right, bottom) for a label at the top-left of a box, inside the image."""
+    height = max(12.0, rows * 0.025)
+    width = min(float(cols), max(x1 - x0, len(text) * height * 0.6))
+    left = min(max(x0, 0.0), cols - width)
+    top = y0 - height if y0 - height >= 0 else y0
+    bottom = min(top + height, float(rows))
+    return (left, max(top, 0.0), left + width, bottom)
+
+
+def _annotation(header: Dataset, prediction: Prediction, layer: hd.pr.GraphicLayer) -> hd.pr.GraphicAnnotation:
+    rows, cols = int(header.Rows), int(header.Columns)
+    graphics, texts = [], []
+    for f in sorted(prediction.findings, key=lambda f: -f.score):
+        poly = box_polyline(f.box, rows, cols)
+        graphics.append(hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=poly,
+            units=hd.pr.AnnotationUnitsValues.PIXEL))
+        label = f"{finding_label(f.class_id)} {f.score:.2f}"
+        texts.append(hd.pr.TextObject(
+            text_value=label[:1024], units=hd.pr.AnnotationUnitsValues.PIXEL,
+            bounding_box=_text_box(poly[0, 0], poly[0, 1], poly[1, 0], rows, cols, label),
+            text_justification=hd.pr.TextJustificationValues.LEFT))
+    summary = f"{BANNER_TEXT}: {summary_text(prediction)}"
+    texts.append(hd.pr.TextObject(
+        text_value=summary, units=hd.pr.AnnotationUnitsValues.PIXEL,
+        bounding_box=(0.0, 0.0, float(cols), max(12.0, rows * 0.03)),
+        text_justification=hd.pr.TextJustificationValues.LEFT))
+    return hd.pr.GraphicAnnotation(
+        referenced_images=[header], graphic_layer=layer,
+        graphic_objects=graphics or None, text_objects=texts)
+
+
+def build_gsps(
+    source: Dataset,
+    prediction: Prediction,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    instance_number: int,
+    identity: NodeIdentity,
+    window: tuple[float, float] | None = None,
+) -> Dataset:
+    """A GSPS referencing ``source`` with the findings as graphic annotations on layer "AI".
+
+    ``window``: the (center, width) the node displayed the image with (see
+    :func:`dicom_node.imaging.pixels.display_window`); None uses the source's first window if it has a
+    valid one (width > 1), else none is written. Raises :class:`EncodingError`.
+    """
+    require_source_image(source)
+    check_geometry(source, prediction)
+    header = source_header(source)
+    voi = _voi(header, window)
+    for kw in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction"):
+        if kw in header:
+            del header[kw]  # highdicom would copy these as they are (all values, even nonsense)
+    photometric = str(source.get("PhotometricInterpretation", "")).strip().upper()
+    shape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    models = tuple(prediction.models) or tuple(identity.models)
+    layer = hd.pr.GraphicLayer(layer_name=LAYER_NAME, order=1, description="AI findings (dicom-node)",
+                               display_color=LAYER_COLOR)
+    try:
+        with no_phi_warnings():
+            gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+                referenced_images=[header],
+                series_instance_uid=series_uid,
+                series_number=series_number,
+                sop_instance_uid=sop_uid,
+                instance_number=instance_number,
+                manufacturer=identity.manufacturer,
+                manufacturer_model_name=identity.model_name[:64],
+                software_versions=identity.software_version,
+                device_serial_number=identity.device_serial_number,
+                content_label=CONTENT_LABEL,
+                content_description=BANNER_TEXT,
+                graphic_layers=[layer],
+                graphic_annotations=[_annotation(header, prediction, layer)],
+                institution_name=identity.institution,
+                voi_lut_transformations=voi,
+                presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape=shape),
+                contributing_equipment=[contributing_equipment(identity, models)] if models else None,
+                series_description="AI result - not for primary diagnosis",
+            )
+    except EncodingError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise EncodingError(f"cannot build the presentation state: {type(exc).__name__}: {exc}") from exc
+    copy_body_part(gsps, source)
+    return gsps
+
+
+def _voi(header: Dataset, window: tuple[float, float] | None) -> list | None:
+    if window is None:
+        c, w = first_value(header.get("WindowCenter")), first_value(header.get("WindowWidth"))
+        if c is None or w is None or w <= 1:
+            return None
+        window = (c, w)
+    c, w = (float(v) for v in window)
+    if not (np.isfinite(c) and np.isfinite(w) and w >= 1):
+        raise EncodingError(f"invalid display window {window!r}")
+    return [hd.pr.SoftcopyVOILUTTransformation(window_center=c, window_width=w)]

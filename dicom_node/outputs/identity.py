@@ -1,0 +1,155 @@
+"""Who made an output object: the node's identity and the provenance of the models.
+
+:class:`NodeIdentity` is built once by the composition root (from the config and the loaded model
+files) and handed to the SR / SC / GSPS encoders. The Contributing Equipment item's Device UID is
+derived from the weights' sha256, so a new model file gives a new Device UID and the same file
+always gives the same one.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from highdicom import ContributingEquipment
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from inference.types import ModelInfo, Prediction
+
+from dicom_node.errors import EncodingError
+
+__all__ = ["NodeIdentity", "model_device_uid", "contributing_equipment", "derived_uid",
+           "models_summary", "check_same_study", "require_source_image", "check_geometry", "source_header",
+           "no_phi_warnings", "copy_body_part"]
+
+# Type 2 patient/study attributes that highdicom reads from a source; real files lack some of them.
+_TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
+                      "AccessionNumber", "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """The node as the author of its output objects (General Equipment, observer, algorithm)."""
+    device_observer_uid: str                      # stable UID of this node installation
+    software_version: str                         # the dicom-node package version
+    manufacturer: str = "dicom-node"
+    model_name: str = "dicom-node chest X-ray AI"
+    algorithm_name: str = "dicom-node CXR CLAHE-classifier-YOLOv8"
+    institution: str | None = None
+    station_name: str | None = None               # e.g. the node's AE title
+    device_serial_number: str = "0"               # required by the GSPS IOD (Type 1 in highdicom)
+    models: tuple[ModelInfo, ...] = field(default_factory=tuple)
+
+
+def _uid_from_hex(hex_digest: str) -> str:
+    return "2.25." + str(int(hex_digest[:32], 16))
+
+
+def model_device_uid(models: Iterable[ModelInfo]) -> str:
+    """``2.25.<int of the first 32 hex digits>`` of the weights' sha256 (one model) or of the
+    sha256 over ``name:sha256`` lines (several models, sorted by name)."""
+    models = sorted(models, key=lambda m: m.name)
+    if not models:
+        raise EncodingError("no model provenance: cannot derive the Contributing Equipment Device UID")
+    for m in models:
+        if len(m.sha256) < 32 or any(c not in "0123456789abcdefABCDEF" for c in m.sha256):
+            raise EncodingError(f"model {m.name!r}: sha256 {m.sha256!r} is not a hex digest")
+    if len(models) == 1:
+        return _uid_from_hex(models[0].sha256.lower())
+    joined = "\n".join(f"{m.name}:{m.sha256.lower()}" for m in models)
+    return _uid_from_hex(hashlib.sha256(joined.encode()).hexdigest())
+
+
+def models_summary(models: Iterable[ModelInfo]) -> str:
+    """``classifier efficientnet_b0 1.0.0; detector yolov8n 1.2.0`` (for version/description text)."""
+    return "; ".join(f"{m.name} {m.architecture} {m.version}" for m in models)
+
+
+def contributing_equipment(identity: NodeIdentity, models: tuple[ModelInfo, ...]) -> Dataset:
+    """One Contributing Equipment Sequence item (Processing Equipment) for the AI pipeline, with
+    Software Versions per model and a Device UID that changes with the weights."""
+    versions = [f"{m.name}:{m.architecture}:{m.version}" for m in models] or [identity.software_version]
+    item = ContributingEquipment(
+        manufacturer=identity.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=identity.model_name,
+        software_versions=[identity.software_version, *versions],
+        device_serial_number=identity.device_serial_number,
+        institution_name=identity.institution,
+        station_name=identity.station_name,
+        contribution_description=("AI analysis: " + models_summary(models))[:1024],
+    )
+    item.DeviceUID = model_device_uid(models)
+    return item
+
+
+def derived_uid(base_uid: str, *parts: object) -> str:
+    """A deterministic UID from an output's SOP Instance UID and a purpose (tracking UIDs, ...)."""
+    joined = "\n".join([str(base_uid), *map(str, parts)])
+    return _uid_from_hex(hashlib.sha256(joined.encode()).hexdigest())
+
+
+def check_same_study(sources: Iterable[Dataset]) -> list[Dataset]:
+    """All sources must share patient and study; returns them as a list."""
+    sources = list(sources)
+    if not sources:
+        raise EncodingError("no source image given")
+    first = sources[0]
+    require_source_image(first)
+    for ds in sources[1:]:
+        if ds.get("StudyInstanceUID") != first.StudyInstanceUID:
+            raise EncodingError("all source images must belong to the same study")
+        if str(ds.get("PatientID", "")) != str(first.get("PatientID", "")):
+            raise EncodingError("all source images must belong to the same patient")
+    return sources
+
+
+def require_source_image(ds: Dataset) -> None:
+    """An output refers to its source by study, class and instance UID and draws on its rows x columns."""
+    for attr in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID", "Rows", "Columns"):
+        if not ds.get(attr):
+            raise EncodingError(f"source image has no {attr}")
+
+
+def check_geometry(ds: Dataset, pred: Prediction) -> None:
+    """The prediction's boxes must be in the source's pixels (see :meth:`Prediction.rescaled`)."""
+    size = (int(ds.Rows), int(ds.Columns))
+    if tuple(pred.image_size) != size:
+        raise EncodingError(
+            f"prediction was made on a {pred.image_size[0]}x{pred.image_size[1]} image but the source "
+            f"is {size[0]}x{size[1]}: boxes would not match the image")
+
+
+def source_header(ds: Dataset) -> Dataset:
+    """A shallow copy of ``ds`` without pixel data, with missing Type 2 patient/study attributes
+    present and empty (so that encoders copy "unknown" instead of failing). ``ds`` is untouched."""
+    header = Dataset()
+    for elem in ds:
+        if elem.tag.group != 0x7FE0:
+            header.add(elem)
+    for keyword in _TYPE2_FROM_SOURCE:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
+@contextlib.contextmanager
+def no_phi_warnings() -> Iterator[None]:
+    """Silence library warnings that quote patient data (highdicom's person-name check prints the
+    name) while an output object is built: no PHI in logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        yield
+
+
+def copy_body_part(out: Dataset, source: Dataset) -> None:
+    """General Series: Body Part Examined from the source, so that Laterality (Type 2C, paired
+    body parts only) may stay absent for a chest; without a body part, Laterality is left empty
+    (unknown) rather than invented."""
+    if source.get("BodyPartExamined"):
+        out.BodyPartExamined = source.BodyPartExamined
+    elif "Laterality" not in out:
+        out.Laterality = ""

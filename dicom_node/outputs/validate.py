@@ -1,0 +1,76 @@
+"""Check written output objects with the standard's reference tools (used by tests, and by operators).
+
+- ``dciodvfy`` (dicom3tools) checks a file against its IOD: lines "Error - ..." are errors,
+  "Warning - ..." warnings.
+- ``dsrdump`` (dcmtk) renders an SR document as text; it must read what the node writes.
+
+Both tools are optional at run time: :func:`tools_available` says whether they are installed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.errors import EncodingError
+
+__all__ = ["IodReport", "dciodvfy", "dsrdump", "tools_available", "assert_valid"]
+
+
+@dataclass(frozen=True)
+class IodReport:
+    iod: str                      # the IOD dciodvfy recognised (its first output line)
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def tools_available() -> dict[str, bool]:
+    return {tool: shutil.which(tool) is not None for tool in ("dciodvfy", "dsrdump")}
+
+
+def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    if shutil.which(args[0]) is None:
+        raise EncodingError(f"{args[0]} is not installed (Debian: dicom3tools / dcmtk)")
+    try:
+        return subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise EncodingError(f"{args[0]} did not finish within {timeout_s:.0f} s") from exc
+
+
+def dciodvfy(path: str | os.PathLike, *, timeout_s: float = 60) -> IodReport:
+    """Run dciodvfy on ``path`` and split its findings into errors and warnings."""
+    proc = _run(["dciodvfy", str(Path(path))], timeout_s)
+    text = (proc.stdout or "") + (proc.stderr or "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = tuple(ln for ln in lines if ln.startswith("Error"))
+    warnings = tuple(ln for ln in lines if ln.startswith("Warning"))
+    iod = next((ln for ln in lines if not ln.startswith(("Error", "Warning"))), "")
+    return IodReport(iod=iod, errors=errors, warnings=warnings, output=text)
+
+
+def dsrdump(path: str | os.PathLike, *options: str, timeout_s: float = 60) -> str:
+    """The dsrdump rendering of an SR (default options: long values, instance UIDs, templates).
+
+    Raises :class:`EncodingError` if dsrdump cannot read the document.
+    """
+    opts = list(options) or ["+Pl", "+Pu", "+Pt"]
+    proc = _run(["dsrdump", *opts, str(Path(path))], timeout_s)
+    if proc.returncode != 0:
+        raise EncodingError(f"dsrdump cannot read {Path(path).name}: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def assert_valid(path: str | os.PathLike) -> IodReport:
+    """dciodvfy with zero errors, else :class:`EncodingError` listing them."""
+    report = dciodvfy(path)
+    if report.errors:
+        raise EncodingError(f"{Path(path).name} fails {report.iod or 'IOD'} validation:\n"
+                            + "\n".join(report.errors))
+    return report

@@ -1,0 +1,272 @@
+"""Training the normal/abnormal classifier (timm, 1 channel, 1 logit, BCE).
+
+Inputs go through the inference code path: CLAHE (``inference.preprocess.apply_clahe``, skipped
+for files exported CLAHE'd) -> ``letterbox`` -> [train only: rotation, brightness, contrast] ->
+``normalise``; validation inputs are exactly ``to_model_input``. The CLAHE'd, letterboxed images are
+computed once and kept in memory (uint8).
+
+Each epoch writes ``OUT/last.pt`` (model, optimizer, AMP scaler, best weights so far, history);
+``resume=True`` continues from it. The best epoch is the one with the highest validation ROC AUC.
+At the end the abnormal-decision threshold is chosen on the validation set (Youden's J, or a target
+sensitivity) and the model file is written with :func:`inference.modelfile.save_model_file`; its
+metadata carries the architecture, preprocessing, threshold (``extra["abnormal_threshold"]``),
+validation metrics and a description of the training data.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from inference.classifier import build_classifier
+from inference.training.data.images import load_clahe01
+from inference.training.data.sample import Sample, describe
+from inference.errors import DatasetError
+from inference.training.metrics import binary_metrics, choose_threshold
+from inference.modelfile import ModelMetadata, save_model_file
+from inference.preprocess import PreprocessParams, letterbox, normalise
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassifierTrainConfig:
+    arch: str = "efficientnet_b0"
+    input_size: int = 384
+    epochs: int = 20
+    batch: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"            # "cosine" or "constant"
+    pos_weight: float | None = None     # BCE pos_weight; None = 1
+    rotation_deg: float = 10.0
+    brightness: float = 0.1             # +- shift of [0, 1] intensities
+    contrast: float = 0.2               # contrast factor in [1 - c, 1 + c]
+    device: str = "cpu"
+    amp: bool = True                    # used on cuda only
+    seed: int = 0
+    workers: int = 0
+    threshold_method: str = "youden"    # or "sensitivity"
+    target_sensitivity: float = 0.9
+    version: str = "0.1.0"
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+class CXRDataset(Dataset):
+    """Cached letterboxed CLAHE'd uint8 images; augmentation seeded per (seed, epoch, index)."""
+
+    def __init__(self, samples: list[Sample], params: PreprocessParams, cfg: ClassifierTrainConfig,
+                 augment: bool, desc: str = "caching"):
+        from tqdm.auto import tqdm
+
+        self.params, self.cfg, self.augment, self.epoch = params, cfg, augment, 0
+        self.labels = np.asarray([s.label for s in samples], dtype=np.float32)
+        self.images = np.empty((len(samples), params.input_size, params.input_size), dtype=np.uint8)
+        for i, s in enumerate(tqdm(samples, desc=desc, unit="img", leave=False)):
+            boxed, _ = letterbox(load_clahe01(s, params), params.input_size, params.pad_value)
+            self.images[i] = np.rint(boxed * 255).astype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = self.images[i].astype(np.float32) / 255.0
+        if self.augment:
+            rng = np.random.default_rng((self.cfg.seed, self.epoch, i))
+            img = augment_image(img, rng, self.cfg, self.params.pad_value)
+        x = normalise(img, self.params.mean, self.params.std)[None]
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(self.labels[i])
+
+
+def augment_image(img: np.ndarray, rng: np.random.Generator, cfg: ClassifierTrainConfig,
+                  pad_value: float) -> np.ndarray:
+    """Random rotation (+-rotation_deg), then brightness/contrast jitter; [0, 1] in and out."""
+    s = img.shape[0]
+    if cfg.rotation_deg > 0:
+        angle = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
+        m = cv2.getRotationMatrix2D((s / 2, s / 2), angle, 1.0)
+        img = cv2.warpAffine(img, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=float(pad_value))
+    c = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
+    b = float(rng.uniform(-cfg.brightness, cfg.brightness))
+    return np.clip((img - 0.5) * c + 0.5 + b, 0.0, 1.0)
+
+
+def _init_head(model: nn.Module, prior: float) -> None:
+    """Zero head weights and bias = logit(share of abnormal): training starts calibrated and stable."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        p = min(max(prior, 1e-3), 1 - 1e-3)
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.fill_(math.log(p / (1 - p)))
+
+
+def _amp_ctx(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, ds: CXRDataset, device: torch.device, batch: int, amp: bool,
+                    workers: int = 0) -> np.ndarray:
+    model.eval()
+    out = []
+    for x, _ in DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers):
+        with _amp_ctx(device, amp):
+            out.append(torch.sigmoid(model(x.to(device, non_blocking=True)).float().reshape(-1)).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _per_view(samples: list[Sample], probs: np.ndarray, thr: float) -> dict:
+    out = {}
+    for view in sorted({s.view or "unknown" for s in samples}):
+        idx = [i for i, s in enumerate(samples) if (s.view or "unknown") == view]
+        out[view] = binary_metrics([samples[i].label for i in idx], probs[idx], thr)
+    return out
+
+
+def train_classifier(train: list[Sample], val: list[Sample], out_dir: str | Path,
+                     cfg: ClassifierTrainConfig | None = None, resume: bool = False,
+                     model_path: str | Path | None = None, training_data: str = "") -> dict:
+    """Train, keep the best-AUC epoch, choose the threshold, write the model file.
+
+    Returns ``{"model_path", "best_epoch", "val": metrics at the threshold, "history"}``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or ClassifierTrainConfig()
+    if not train or not val:
+        raise DatasetError(f"classifier training needs train and val images (got {len(train)} / {len(val)})")
+    if len({s.label for s in train}) < 2 or len({s.label for s in val}) < 2:
+        raise DatasetError("train and val sets must both hold normal and abnormal images")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = Path(model_path) if model_path else out_dir / "classifier.pt"
+    ckpt_path = out_dir / "last.pt"
+    device = torch.device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    seed_everything(cfg.seed)
+    params = PreprocessParams.for_classifier(cfg.input_size, clahe_clip_limit=cfg.clahe_clip_limit,
+                                             clahe_tile_grid=cfg.clahe_tile_grid)
+
+    model = build_classifier(cfg.arch)
+    _init_head(model, float(np.mean([s.label for s in train])))
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported()) \
+        if device.type == "cuda" else None
+    pos_w = torch.tensor([cfg.pos_weight], device=device) if cfg.pos_weight else None
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_w)
+    state = {"epoch": -1, "best_auc": -1.0, "best_epoch": -1, "best_state": None, "history": []}
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if (ck["config"]["arch"], ck["config"]["input_size"]) != (cfg.arch, cfg.input_size):
+            raise DatasetError(f"{ckpt_path} is a {ck['config']['arch']}@{ck['config']['input_size']} run; "
+                               f"cannot resume it as {cfg.arch}@{cfg.input_size}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        state = {k: ck[k] for k in state}
+        log.info("resuming %s after epoch %d (best AUC %.4f)", ckpt_path, state["epoch"] + 1, state["best_auc"])
+    elif resume:
+        log.warning("--resume: %s not found, starting a new run", ckpt_path)
+
+    train_ds = CXRDataset(train, params, cfg, augment=True, desc="train images")
+    val_ds = CXRDataset(val, params, cfg, augment=False, desc="val images")
+    gen = torch.Generator()
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        train_ds.epoch = epoch
+        gen.manual_seed(cfg.seed * 100003 + epoch)
+        loader = DataLoader(train_ds, batch_size=cfg.batch, shuffle=True, generator=gen, drop_last=False,
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        model.train()
+        total, n = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _amp_ctx(device, use_amp):
+                loss = loss_fn(model(x).float().reshape(-1), y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        probs = predict_dataset(model, val_ds, device, cfg.batch, use_amp, cfg.workers)
+        m = binary_metrics(val_ds.labels, probs, 0.5)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(n, 1), "val_auc": m["roc_auc"],
+               "val_accuracy@0.5": m["accuracy"]}
+        state["history"].append(row)
+        auc = m["roc_auc"] if m["roc_auc"] == m["roc_auc"] else 0.0
+        if auc > state["best_auc"]:
+            state.update(best_auc=auc, best_epoch=epoch,
+                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        state["epoch"] = epoch
+        log.info("epoch %d/%d loss %.4f val AUC %.4f (best %.4f @ %d)", epoch + 1, cfg.epochs, row["train_loss"],
+                 row["val_auc"], state["best_auc"], state["best_epoch"] + 1)
+        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}"
+              f"  (best {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1})", flush=True)
+        _save_atomic({**state, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "scaler": scaler.state_dict() if scaler is not None else None,
+                      "config": asdict(cfg)}, ckpt_path)
+
+    if state["best_state"] is None:
+        raise DatasetError(f"no epoch was trained (epochs={cfg.epochs}; {ckpt_path} already finished?)")
+    model.load_state_dict(state["best_state"])
+    probs = predict_dataset(model, val_ds, device, cfg.batch, use_amp, cfg.workers)
+    thr = choose_threshold(val_ds.labels, probs, cfg.threshold_method, cfg.target_sensitivity)
+    val_m = binary_metrics(val_ds.labels, probs, thr)
+    metrics = {f"val_{k}": v for k, v in val_m.items() if isinstance(v, (int, float)) and v == v}
+    metrics["abnormal_threshold"] = thr
+    md = ModelMetadata(
+        kind="classifier", architecture=cfg.arch, preprocess=params, version=cfg.version,
+        training_data=training_data or f"train {describe(train)}; val {describe(val)}",
+        metrics=metrics,
+        extra={"abnormal_threshold": thr, "threshold_method": cfg.threshold_method,
+               "best_epoch": state["best_epoch"] + 1, "train_config": asdict(cfg),
+               "train_set": describe(train), "val_set": describe(val),
+               "val_confusion": val_m["confusion"], "val_per_view": _per_view(val, probs, thr),
+               "history": state["history"]})
+    save_model_file(model_path, md, model.state_dict())
+    print(f"classifier written to {model_path}: best epoch {state['best_epoch'] + 1}, val AUC "
+          f"{val_m['roc_auc']:.4f}, threshold {thr:.4f} (sens {val_m['sensitivity']:.3f}, "
+          f"spec {val_m['specificity']:.3f})", flush=True)
+    return {"model_path": model_path, "best_epoch": state["best_epoch"] + 1, "val": val_m,
+            "threshold": thr, "history": state["history"]}
