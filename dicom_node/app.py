@@ -1,19 +1,40 @@
-"""Composition root: builds every long-lived object from one validated Config and wires them together."""
+"""Composition root: one validated :class:`Config` in, every long-lived object built here, and every
+process-wide setting made here and nowhere else.
+
+    dicom-node serve      Node: Store, scheduler, StudyAssembler, StoreHandler + Listener, Sender,
+                          ``workers.count`` × WorkerProcess (each runs :func:`worker_main`)
+    dicom-node worker     worker_main: Store, Pipeline (the models), Analyzer, Worker
+    dicom-node analyze    build_pipeline
+    status/retry/...      open_store
+
+Process-wide settings: pynetdicom's ``STORE_RECV_CHUNKED_DATASET`` and ``tempfile.tempdir`` (received data sets
+are streamed to files in the spool's tmp folder, so that they can be hard-linked into place), logging, signal
+handlers, torch's thread count.
+
+Importing this module does not import torch: only worker processes and ``analyze`` load the models.
+"""
 from __future__ import annotations
 
 import logging
 import signal
+import tempfile
 import threading
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom import _config as pynetdicom_config
 
-from storage import Store
-
-from dicom_node.ingest.assembly import StudyAssembler
 from dicom_node.config import Config
-from dicom_node.net.listener import StoreSCP
+from dicom_node.ingest.assembly import StudyAssembler
+from dicom_node.ingest.store_handler import StoreHandler
+from dicom_node.logs import safe_traceback, setup_logging
+from dicom_node.net.listener import Listener
 from dicom_node.net.sender import Sender
 from dicom_node.work.processes import WorkerProcess
+from storage import Store
+
+if TYPE_CHECKING:
+    from inference.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +46,45 @@ def open_store(config: Config) -> Store:
     return Store(config.storage.resolved_database_url, config.storage.root, config.storage.min_free_disk_mb)
 
 
+def build_pipeline(config: Config) -> Pipeline:
+    """Load both models (torch is imported here, in the calling process)."""
+    from inference.pipeline import Pipeline
+
+    m = config.inference.models
+    if m.threads:
+        Pipeline.limit_threads(m.threads)
+    return Pipeline.from_files(m.classifier, m.detector, fusion=config.inference.fusion, device=m.device)
+
+
+def receive_into_spool(store: Store) -> None:
+    """pynetdicom streams each received data set into a ``tempfile.NamedTemporaryFile`` (no directory argument
+    exists), so the default temporary folder of this process becomes the spool's tmp folder: same filesystem,
+    so the handler can hard-link the file into place without copying it."""
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(store.spool.tmp)
+
+
 class Node:
-    """The running node: SCP, study timers, worker processes and the sender."""
+    """The running node: listener, study timers, worker processes and the sender."""
 
     def __init__(self, config: Config):
         self.config = config
         self.store = open_store(config)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"max_instances": 1})
         self.assembler = StudyAssembler(self.store, self.scheduler)
-        self.scp = StoreSCP(config, self.store, on_stored=self.assembler.arm)
+        self.listener = Listener(config.node, StoreHandler(config, self.store, on_stored=self.assembler.arm))
         self.sender = Sender(config, self.store)
-        self.workers: list[WorkerProcess] = []
+        self.workers = [WorkerProcess(worker_main, config.model_dump(mode="json"), i)
+                        for i in range(config.workers.count)]
         self._stopped = threading.Event()
 
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
     def start(self) -> int:
+        """Start everything; returns the bound DICOM port."""
+        receive_into_spool(self.store)
         removed = self.store.spool.clean_tmp()
         if removed:
             log.info("removed %d partial files of interrupted transfers (never acknowledged)", removed)
@@ -46,26 +92,21 @@ class Node:
         restored = self.assembler.restore()
         if restored:
             log.info("re-armed %d study timers after restart", restored)
-        port = self.scp.start()
-        self._start_extras()
-        return port
-
-    def _start_extras(self) -> None:
-        for i in range(self.config.workers.count):
-            w = WorkerProcess(self.config, i)
+        port = self.listener.start()
+        for w in self.workers:
             w.start()
-            self.workers.append(w)
-        if self.config.workers.count:
-            log.info("started %d worker process(es)", self.config.workers.count)
+        if self.workers:
+            log.info("started %d worker process(es)", len(self.workers))
         self.scheduler.add_job(self.sender.run_due, "interval", seconds=SENDER_POLL_S, id="sender",
                                max_instances=1, coalesce=True, misfire_grace_time=None)
+        return port
 
     def stop(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
         log.info("shutting down")
-        self.scp.stop()
+        self.listener.stop()
         for w in self.workers:
             w.process.terminate()
         for w in self.workers:
@@ -78,7 +119,7 @@ class Node:
         """Serve until SIGTERM or SIGINT, then shut down cleanly."""
         done = threading.Event()
 
-        def on_signal(signum, _frame):
+        def on_signal(signum: int, _frame: Any) -> None:
             log.info("received %s", signal.Signals(signum).name)
             done.set()
 
@@ -92,3 +133,31 @@ class Node:
                 pass
         finally:
             self.stop()
+
+
+def worker_main(config_data: dict, name: str, parent_pid: int | None) -> None:
+    """A worker: in a child process of ``serve`` (then it exits when its parent is gone) or in the foreground
+    (``dicom-node worker``). Exits on SIGTERM/SIGINT after the job at hand."""
+    from dicom_node.work.analyzer import Analyzer
+    from dicom_node.work.worker import Worker
+
+    config = Config.model_validate(config_data)
+    setup_logging(config.logging.level)
+    store = open_store(config)
+    try:
+        worker = Worker(config, store, Analyzer(config, build_pipeline(config)), name)
+    except Exception as exc:
+        # Say why in one line (e.g. a missing model file), then exit; a bug also gets its traceback.
+        from dicom_node.errors import DicomNodeError
+        log.error("worker %s cannot start: %s", name,
+                  exc if isinstance(exc, DicomNodeError) else "\n" + safe_traceback(exc))
+        store.close()
+        raise SystemExit(1) from exc
+    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
+    log.info("worker %s ready", name)
+    try:
+        worker.run(parent_pid)
+    finally:
+        store.close()
+

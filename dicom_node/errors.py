@@ -1,30 +1,54 @@
-"""The project's exception tree.
+"""The project's exception tree: every error dicom-node raises on purpose is a :class:`DicomNodeError`.
 
     DicomNodeError
-    ├── ConfigError            bad or missing configuration (names the key)
-    ├── PixelDataError         pixel data that cannot be turned into an image (multi-frame, colour, codec)
-    ├── EncodingError          an output object (SR/SC/GSPS) could not be built or failed validation
-    └── DeliveryError          sending a result to a destination failed
-        ├── TransientDeliveryError   worth retrying: refused, timeout, abort, A7xx
-        └── PermanentDeliveryError   not worth retrying: association rejected, Cxxx, A9xx
+    ├── ConfigError                      bad or missing configuration (names the key)
+    ├── InstanceRejected                 a received instance the node does not accept (C-STORE failure)
+    │   ├── UndecodableInstanceError       the data set cannot be parsed
+    │   └── MissingUIDError                Study, Series or SOP Instance UID is missing
+    ├── PixelDataError                   pixel data that cannot be turned into an image (multi-frame, colour, codec)
+    ├── EncodingError                    an output object (SR/SC/GSPS) could not be built or failed validation
+    ├── DeliveryError                    sending a result to a destination failed
+    │   ├── TransientDeliveryError         worth retrying: refused, timeout, abort, A7xx, rejected-transient
+    │   └── PermanentDeliveryError         not worth retrying: rejected-permanent, Cxxx, A9xx
+    ├── StorageError                     (storage.errors) spool or database failure
+    │   ├── DiskFullError                  free disk below storage.min_free_disk_mb
+    │   ├── DatabaseError                  the database refused or failed a statement
+    │   ├── StaleJobError                  a job was taken over by another worker (its lease ran out)
+    │   └── UnknownStudyError              no such study stored (reanalyze)
+    └── InferenceError                   (inference.errors) model and dataset problems
+        ├── ModelError                     model file missing, corrupt, or not what is asked
+        └── DatasetError                   a training/evaluation dataset layout is missing or malformed
 
-Third-party exceptions are translated at the boundary with ``raise ... from exc``.
-``inference`` and ``storage`` keep their own small trees (they may not import this package):
-``inference.errors.ModelError`` / ``InferenceError`` and ``storage.errors.StorageError`` / ``DiskFullError``
-are re-exported here so that callers import every error from one place.
+Where they surface: :mod:`dicom_node.ingest.statuses` maps each to the C-STORE status a sender gets, and
+:data:`dicom_node.cli.EXIT_CODES` to the exit code of a command. Anything else that escapes is a bug: it is
+logged with its traceback (see :func:`dicom_node.logs.safe_traceback`), never relabelled as one of these.
+
+Third-party exceptions are translated at the boundary with ``raise ... from exc``. This module imports nothing
+from the project: ``storage.errors`` and ``inference.errors`` derive their branches from :class:`DicomNodeError`
+here, the only import those packages make from ``dicom_node`` (checked by the import contracts in
+``pyproject.toml``). Import each error from the module that defines it.
 """
 from __future__ import annotations
 
-from inference.errors import InferenceError, ModelError  # noqa: F401  (re-exported)
-from storage.errors import DiskFullError, StorageError  # noqa: F401  (re-exported)
-
 
 class DicomNodeError(Exception):
-    """Base of every error this project raises on purpose."""
+    """Base of every error this project raises on purpose. Messages carry no patient data."""
 
 
 class ConfigError(DicomNodeError):
     """Configuration file missing, unreadable or invalid."""
+
+
+class InstanceRejected(DicomNodeError):
+    """A received instance that the node refuses; the message says why (it becomes the ErrorComment)."""
+
+
+class UndecodableInstanceError(InstanceRejected):
+    """The received data set cannot be parsed (unknown VR, broken sequence, not DICOM)."""
+
+
+class MissingUIDError(InstanceRejected):
+    """A UID the node needs to file the instance is missing."""
 
 
 class PixelDataError(DicomNodeError):
@@ -45,3 +69,4 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """A failure that retrying will not fix (rejected association, Cxxx/A9xx status)."""
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 from pynetdicom import _config as pynetdicom_config
 
@@ -29,3 +30,23 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for chatty in ("apscheduler.executors.default", "apscheduler.scheduler"):   # "job skipped: still running"
         logging.getLogger(chatty).setLevel(logging.ERROR)
+
+
+def safe_traceback(exc: BaseException) -> str:
+    """A traceback for the log without patient data: every frame (file, line, function, source line) of the
+    exception and its causes, but the message only of the project's own errors, whose messages are written to
+    carry none. A third-party message (pydicom quoting an element value, a driver quoting a row) is withheld:
+    its type and where it was raised are what a developer needs."""
+    from dicom_node.errors import DicomNodeError
+
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = "".join(traceback.format_tb(current.__traceback__))
+        text = (f"{type(current).__name__}: {current}" if isinstance(current, DicomNodeError)
+                else f"{type(current).__module__}.{type(current).__name__} (message withheld: may hold patient data)")
+        parts.append(f"Traceback (most recent call last):\n{frames}{text}")
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return "\n\nwhich was caused by:\n".join(parts)

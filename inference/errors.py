@@ -1,4 +1,4 @@
-"""Errors of the inference package (no DICOM here).
+"""The inference branch of the project's exception tree (drawn in :mod:`dicom_node.errors`; no DICOM here).
 
     InferenceError
     ├── ModelError        model file missing, corrupt, or its metadata does not match what is asked
@@ -6,8 +6,10 @@
 """
 from __future__ import annotations
 
+from dicom_node.errors import DicomNodeError
 
-class InferenceError(Exception):
+
+class InferenceError(DicomNodeError):
     """Base of inference errors."""
 
 

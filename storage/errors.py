@@ -1,13 +1,17 @@
-"""Storage errors. ``dicom_node.errors`` maps them into the project tree.
+"""The storage branch of the project's exception tree (drawn in :mod:`dicom_node.errors`).
 
     StorageError
     ├── DiskFullError
-    └── StaleJobError
+    ├── DatabaseError
+    ├── StaleJobError
+    └── UnknownStudyError
 """
 from __future__ import annotations
 
+from dicom_node.errors import DicomNodeError
 
-class StorageError(Exception):
+
+class StorageError(DicomNodeError):
     """Spool or database failure."""
 
 
@@ -15,5 +19,13 @@ class DiskFullError(StorageError):
     """Free disk space below the configured watermark."""
 
 
+class DatabaseError(StorageError):
+    """The database failed a statement (locked, unreachable, disk I/O). The message never holds row values."""
+
+
 class StaleJobError(StorageError):
     """A worker tried to finish a job that another worker has taken over (its lease had run out)."""
+
+
+class UnknownStudyError(StorageError, LookupError):
+    """No instance of the study is stored (e.g. ``dicom-node reanalyze`` with a wrong UID)."""

@@ -5,24 +5,46 @@ acknowledged instance, a queued job and a pending delivery all survive a crash.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import Delivery, Instance, Job, Result, Study, make_engine
-from storage.errors import DiskFullError, StaleJobError, StorageError
+from storage.errors import DatabaseError, DiskFullError, StaleJobError, StorageError, UnknownStudyError
 from storage.spool import Spool
 from storage.states import DeliveryState, JobState
 
 
 _UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}   # INSERT ... ON CONFLICT
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 MAX_JOB_ATTEMPTS = 3   # a job whose worker died this many times is failed instead of taken over again
+
+
+def _database_errors(method: F) -> F:
+    """Translate SQLAlchemy's errors into :class:`DatabaseError` at the Store's boundary.
+
+    The message keeps the driver's first line (e.g. "database is locked") and never SQLAlchemy's rendering,
+    which would carry the statement's parameters."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except SQLAlchemyError as exc:
+            orig = getattr(exc, "orig", None)
+            detail = (str(orig).strip().splitlines() or [""])[0] if orig is not None else ""
+            raise DatabaseError(f"database failure in {method.__name__}: {type(orig or exc).__name__}"
+                                + (f": {detail}" if detail else "")) from exc
+    return wrapper  # type: ignore[return-value]
 
 
 def utcnow() -> datetime:
@@ -81,6 +103,7 @@ class DueDelivery:
 
 
 class Store:
+    @_database_errors
     def __init__(self, database_url: str, root: Path, min_free_disk_mb: float = 0):
         self.spool = Spool(root)
         self.engine = make_engine(database_url)
@@ -101,10 +124,12 @@ class Store:
         self.engine.dispose()
 
     # ---- ingest ------------------------------------------------------------------------------------
+    @_database_errors
     def has_instance(self, sop_uid: str) -> bool:
         with self._session() as s:
             return s.get(Instance, sop_uid) is not None
 
+    @_database_errors
     def add_instance(self, data: bytes | memoryview | Path, meta: InstanceMeta, stable_after_s: float) -> Stored:
         """Store one received instance durably. Returns only after the file is fsync'd and the row committed.
 
@@ -146,15 +171,18 @@ class Store:
         return Stored(False, final, due)
 
     # ---- study assembly ----------------------------------------------------------------------------
+    @_database_errors
     def pending_study_timers(self) -> list[tuple[str, datetime]]:
         with self._session() as s:
             rows = s.execute(select(Study.study_uid, Study.stable_due_at).where(Study.stable_due_at.is_not(None)))
             return [(r[0], r[1]) for r in rows]
 
+    @_database_errors
     def study_due_at(self, study_uid: str) -> datetime | None:
         with self._session() as s:
             return s.scalar(select(Study.stable_due_at).where(Study.study_uid == study_uid))
 
+    @_database_errors
     def study_stable(self, study_uid: str, now: datetime | None = None) -> int | None:
         """The study's timer fired: hand its not-yet-covered eligible instances to a job.
 
@@ -181,13 +209,14 @@ class Store:
             s.execute(update(Instance).where(Instance.sop_instance_uid.in_(new)).values(job_id=job.id))
             return job.id
 
+    @_database_errors
     def reanalyze(self, study_uid: str) -> int:
         """Queue an operator-requested re-analysis of a study (all its eligible instances)."""
         with self._session.begin() as s:
             n = s.scalar(select(func.count()).select_from(Instance).where(
                 Instance.study_uid == study_uid, Instance.eligible.is_(True)))
             if not n:
-                raise LookupError(f"no eligible instances stored for study {study_uid}")
+                raise UnknownStudyError(f"no eligible instances stored for study {study_uid}")
             job = Job(study_uid=study_uid, state=JobState.QUEUED, created_at=utcnow(), reason="re-analysis requested")
             s.add(job)
             s.flush()
@@ -196,6 +225,7 @@ class Store:
             return job.id
 
     # ---- jobs --------------------------------------------------------------------------------------
+    @_database_errors
     def claim_job(self, worker: str, lease_s: float) -> JobInfo | None:
         """Atomically take the oldest queued job, or a running one whose worker's lease ran out."""
         now = utcnow()
@@ -224,16 +254,19 @@ class Store:
                 Instance.study_uid == study_uid, Instance.eligible.is_(True)).order_by(Instance.received_at))
             return JobInfo(job_id, study_uid, attempts + 1, tuple((r[0], Path(r[1])) for r in rows))
 
+    @_database_errors
     def renew_lease(self, job_id: int, worker: str, lease_s: float) -> bool:
         with self._session.begin() as s:
             return bool(s.execute(update(Job).where(Job.id == job_id, Job.worker == worker,
                                                     Job.state == JobState.RUNNING)
                                   .values(lease_until=utcnow() + timedelta(seconds=lease_s))).rowcount)
 
+    @_database_errors
     def results_of_study(self, study_uid: str) -> list[Result]:
         with self._session() as s:
             return list(s.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id)))
 
+    @_database_errors
     def finish_job(self, job_id: int, worker: str, results: list[ResultSpec],
                    pipeline_s: float | None = None) -> None:
         """Write result files, then commit their rows, one delivery per destination, and the job's end at once.
@@ -264,12 +297,14 @@ class Store:
                     s.add(Delivery(result_id=row.id, destination=dest, state=DeliveryState.PENDING, attempts=0,
                                    next_attempt_at=now, created_at=now))
 
+    @_database_errors
     def fail_job(self, job_id: int, worker: str, reason: str) -> None:
         with self._session.begin() as s:
             s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
                       .values(state=JobState.FAILED, finished_at=utcnow(), lease_until=None, reason=reason[:2000]))
 
     # ---- deliveries --------------------------------------------------------------------------------
+    @_database_errors
     def due_deliveries(self, limit: int = 50, now: datetime | None = None) -> list[DueDelivery]:
         now = now or utcnow()
         with self._session() as s:
@@ -280,10 +315,12 @@ class Store:
                              .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
             return [DueDelivery(r[0], r[1], r[2], r[3], r[4], Path(r[5])) for r in rows]
 
+    @_database_errors
     def next_delivery_due(self) -> datetime | None:
         with self._session() as s:
             return s.scalar(select(func.min(Delivery.next_attempt_at)).where(Delivery.state == DeliveryState.PENDING))
 
+    @_database_errors
     def _set_delivery(self, delivery_id: int, **values) -> None:
         with self._session.begin() as s:
             s.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
@@ -300,17 +337,20 @@ class Store:
         self._set_delivery(delivery_id, state=DeliveryState.FAILED, last_error=error[:2000],
                            attempts=Delivery.attempts + 1)
 
+    @_database_errors
     def retry_failed(self) -> int:
         """Re-queue every failed delivery (operator action); returns how many."""
         with self._session.begin() as s:
             return s.execute(update(Delivery).where(Delivery.state == DeliveryState.FAILED)
                              .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), attempts=0)).rowcount
 
+    @_database_errors
     def is_own_output(self, sop_uid: str) -> bool:
         with self._session() as s:
             return s.scalar(select(func.count()).select_from(Result).where(Result.sop_instance_uid == sop_uid)) > 0
 
     # ---- reporting ---------------------------------------------------------------------------------
+    @_database_errors
     def status(self) -> dict:
         """Counts by state and the latest activity; no patient identifiers (there are none in the DB)."""
         def counts(s: Session, col, states) -> dict:

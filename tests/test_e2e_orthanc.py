@@ -73,14 +73,16 @@ def pacs_and_node(tmp_path, node_factory, models):
     started = []
 
     def make(node_over: dict | None = None, **orthanc_kw):
-        pacs = Orthanc(tmp_path / f"orthanc{len(started)}", node_port=free_port(), **orthanc_kw).start()
+        pacs = Orthanc(tmp_path / f"orthanc{len(started)}", **orthanc_kw).start()
         started.append(pacs)
-        cfg = dict(node={"port": pacs.node_port}, workers={"count": 1, "job_lease_s": 5},
+        cfg = dict(workers={"count": 1, "job_lease_s": 5},
                    inference={"models": models, "fusion": {"max_findings": 5}}, studies={"stable_after_s": 2},
                    destinations=[pacs.as_destination(outputs=("sr", "sc", "gsps"))],
                    delivery={"backoff_initial_s": 1, "backoff_max_s": 3, "connect_timeout_s": 3})
         cfg.update(node_over or {})
-        return pacs, node_factory(**cfg)
+        node = node_factory(**cfg)
+        pacs.route_to_node(node.port)
+        return pacs, node
 
     yield make
     for p in started:

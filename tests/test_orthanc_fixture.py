@@ -18,58 +18,17 @@ import pytest
 import yaml
 
 from support.dicom_factory import make_cxr
-from support.node import free_port, wait_for
+from support.dcmtk import DcmtkStoreSCP
+from support.node import wait_for
 from support.orthanc import DOCS_CONFIG, DOCS_LUA, NODE_MODALITY, Orthanc, routing_lua
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class StoreSCP:
-    """dcmtk storescp as a stand-in for the node: writes what it receives into ``out``."""
-
-    def __init__(self, folder: Path, aet: str = "DICOM_NODE"):
-        self.out = folder / "received"
-        self.out.mkdir(parents=True)
-        self.aet, self.port = aet, free_port()
-        self._log = open(folder / "storescp.log", "wb")
-        self.proc = subprocess.Popen(["storescp", "-aet", aet, "-od", str(self.out), str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(self._listening, 10, interval=0.05, what="storescp to listen")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError("storescp exited at start")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    def received(self) -> set[str]:
-        """SOP Instance UIDs received (storescp names files <modality>.<SOP Instance UID>)."""
-        return {p.name.split(".", 1)[1] for p in self.out.iterdir()}
-
-    def dataset(self, sop_uid: str) -> pydicom.Dataset | None:
-        """The received dataset once storescp has finished writing it, else None."""
-        for p in self.out.iterdir():
-            if p.name.endswith("." + sop_uid):
-                try:
-                    ds = pydicom.dcmread(p)
-                    ds.PixelData  # noqa: B018 - the whole file is there
-                    return ds
-                except Exception:  # noqa: BLE001 - still being written
-                    return None
-        return None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self._log.close()
-
-
 @pytest.fixture
 def node_standin(tmp_path):
-    scp = StoreSCP(tmp_path / "scp")
+    """dcmtk storescp as a stand-in for the node: writes what Orthanc routes to it."""
+    scp = DcmtkStoreSCP(tmp_path / "scp", aet="DICOM_NODE").start()
     yield scp
     scp.stop()
 
@@ -113,7 +72,7 @@ def test_routes_chest_only_and_keeps_data_over_restart(tmp_path, node_standin, o
     assert pacs.storescu(tmp_path / "chest.dcm").returncode == 0
     got = wait_for(lambda: node_standin.dataset(chest.SOPInstanceUID), 30, what="chest CR routed to the node")
     assert got.StudyInstanceUID == chest.StudyInstanceUID and got.Modality == "CR"
-    assert node_standin.received() == {chest.SOPInstanceUID}      # the hand stayed in the PACS
+    assert node_standin.received_uids() == {chest.SOPInstanceUID}      # the hand stayed in the PACS
 
     study_id = pacs.find_study(chest.StudyInstanceUID)
     assert study_id in pacs.studies() and pacs.find_study(hand.StudyInstanceUID) not in (None, study_id)
@@ -143,7 +102,7 @@ def test_node_outputs_are_not_routed_back(tmp_path, node_standin, orthanc_factor
     assert pacs.storescu(tmp_path / "from-node.dcm", calling=node_standin.aet).returncode == 0
     assert pacs.storescu(tmp_path / "sentinel.dcm").returncode == 0
     wait_for(lambda: node_standin.dataset(sentinel.SOPInstanceUID), 30, what="sentinel routed")
-    assert node_standin.received() == {sentinel.SOPInstanceUID}
+    assert node_standin.received_uids() == {sentinel.SOPInstanceUID}
     assert pacs.find_study(result.StudyInstanceUID) is not None        # stored, just not routed
 
 
@@ -162,6 +121,6 @@ def test_no_routing_when_disabled(tmp_path, node_standin, orthanc_factory):
     chest = make_cxr(tmp_path / "chest.dcm", modality="CR")
     assert pacs.storescu(tmp_path / "chest.dcm").returncode == 0
     assert pacs.find_study(chest.StudyInstanceUID) is not None
-    assert pacs.jobs() == [] and node_standin.received() == set()
+    assert pacs.jobs() == [] and node_standin.received_uids() == set()
     pacs.send_to_node(pacs.find_study(chest.StudyInstanceUID))          # explicit push still works
     wait_for(lambda: node_standin.dataset(chest.SOPInstanceUID), 30, what="explicit send")

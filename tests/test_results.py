@@ -14,40 +14,12 @@ from pydicom.uid import generate_uid
 
 from support.dicom_factory import make_cxr
 from support.models import make_tiny_models
+from support.dcmtk import DcmtkStoreSCP
 from support.node import free_port, wait_for
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"     # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
-
-
-class StoreSCP:
-    """dcmtk storescp as the receiving PACS."""
-
-    def __init__(self, folder: Path, port: int | None = None, refuse: bool = False):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.refuse = refuse
-        self.proc = None
-
-    def start(self) -> "StoreSCP":
-        cmd = ["storescp", "-aet", "PACS", "-od", str(self.folder)]
-        if self.refuse:
-            cmd.append("--refuse")
-        self.proc = subprocess.Popen([*cmd, str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: subprocess.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(self.port)],
-                                        capture_output=True).returncode == 0 or self.refuse, 20, what="storescp")
-        time.sleep(0.3 if self.refuse else 0)
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def received(self) -> list[pydicom.Dataset]:
-        return [pydicom.dcmread(p) for p in sorted(self.folder.iterdir()) if p.is_file()]
 
 
 @pytest.fixture
@@ -61,8 +33,8 @@ def models(tmp_path_factory):
 def pacs(tmp_path):
     scps = []
 
-    def make(**kw) -> StoreSCP:
-        scp = StoreSCP(tmp_path / f"pacs{len(scps)}", **kw)
+    def make(**kw) -> DcmtkStoreSCP:
+        scp = DcmtkStoreSCP(tmp_path / f"pacs{len(scps)}", **kw)
         scps.append(scp)
         return scp
 
@@ -178,7 +150,7 @@ def test_reanalyze_and_own_outputs_are_ignored(node_factory, models, pacs, tmp_p
     assert node.storescu(tmp_path / "a.dcm").returncode == 0
     wait_for(lambda: node.status()["deliveries"]["delivered"] == 2, 180, what="first results")
     # a PACS that routes everything back: the node stores its own outputs but never analyses them
-    outputs = sorted(p for p in scp.folder.iterdir() if p.is_file())
+    outputs = sorted(p for p in scp.out.iterdir() if p.is_file())
     r = node.storescu(*outputs, extra=("-R",))
     assert r.returncode == 0, r.stderr
     time.sleep(3)

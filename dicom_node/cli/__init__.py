@@ -1,4 +1,9 @@
-"""The ``dicom-node`` command line. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration."""
+"""The ``dicom-node`` command line.
+
+Exit codes (:data:`EXIT_CODES`, first match wins): 0 ok; 2 bad usage or configuration; 1 any other failure the
+node reports on purpose (a :class:`~dicom_node.errors.DicomNodeError`: missing model file, storage failure,
+unknown study, ...); 70 an unexpected error, a bug (its traceback is printed); 130 interrupted.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +11,8 @@ import json
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node import __version__
@@ -15,19 +22,40 @@ from dicom_node.logs import setup_logging
 
 log = logging.getLogger("dicom_node")
 
+EXIT_OK = 0
+EXIT_INTERNAL_ERROR = 70   # EX_SOFTWARE (sysexits.h)
+EXIT_INTERRUPTED = 130
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 2),
+    (DicomNodeError, 1),
+)
 
-def _config(args) -> Config:
+# Handed to dicom_node.training.cli before this parser is built (the node never imports training code).
+TRAINING_COMMANDS = {
+    "train": "train a model (classifier or detector) on VinBigData or the NIH sets",
+    "evaluate": "evaluate classifier + detector (both fusion modes) on a held-out split",
+}
+
+
+def exit_code(exc: BaseException) -> int:
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return EXIT_INTERNAL_ERROR
+
+
+def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def cmd_check_config(args) -> int:
+def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     print(f"configuration OK: AE {cfg.node.ae_title} on {cfg.node.host}:{cfg.node.port}, "
           f"storage {cfg.storage.root}, {len(cfg.destinations)} destination(s)")
     return 0
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.app import Node
     cfg = _config(args)
     setup_logging(cfg.logging.level)
@@ -35,10 +63,9 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.app import open_store
-    cfg = _config(args)
-    store = open_store(cfg)
+    store = open_store(_config(args))
     try:
         report = store.status()
     finally:
@@ -53,15 +80,15 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_worker(args) -> int:
-    from dicom_node.work.processes import worker_main
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.app import worker_main
     cfg = _config(args)
     setup_logging(cfg.logging.level)
     worker_main(cfg.model_dump(mode="json"), f"worker-{os.getpid()}", None)
     return 0
 
 
-def cmd_retry(args) -> int:
+def cmd_retry(args: argparse.Namespace) -> int:
     from dicom_node.app import open_store
     store = open_store(_config(args))
     try:
@@ -72,30 +99,27 @@ def cmd_retry(args) -> int:
     return 0
 
 
-def cmd_reanalyze(args) -> int:
+def cmd_reanalyze(args: argparse.Namespace) -> int:
     from dicom_node.app import open_store
     store = open_store(_config(args))
     try:
         job_id = store.reanalyze(args.study_uid)
-    except LookupError as exc:
-        print(f"dicom-node: {exc}", file=sys.stderr)
-        return 1
     finally:
         store.close()
     print(f"queued job {job_id}: re-analysis of the study; results go to the configured destinations")
     return 0
 
 
-def cmd_analyze(args) -> int:
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dicom_node.app import build_pipeline
     from dicom_node.work.offline import analyze_files, expand_inputs
-    from dicom_node.work.worker import load_pipeline
     cfg = _config(args)
     setup_logging("WARNING")
     files = expand_inputs(args.files)
     if not files:
         print("dicom-node: no input files", file=sys.stderr)
         return 2
-    results = analyze_files(load_pipeline(cfg), files, args.output)
+    results = analyze_files(build_pipeline(cfg), files, args.output)
     for r in results:
         if "error" in r:
             print(f"{r['file']}: ERROR {r['error']}")
@@ -109,23 +133,12 @@ def cmd_analyze(args) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
-def _training_command(run_name: str):
-    """`train` / `evaluate` live in inference.training.commands; DICOM export of VinBigData folders happens here."""
-    def run(args) -> int:
-        from inference import commands
-        from dicom_node.training.vinbigdata_export import prepare_args
-        setup_logging("INFO")
-        prepare_args(args)
-        return getattr(commands, run_name)(args)
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description="Chest X-ray AI DICOM node")
     p.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("--config", "-c", default=None, help="config file (default: ./config.yaml, else defaults)")
         sp.set_defaults(func=func)
@@ -142,33 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("analyze", cmd_analyze, "analyse DICOM, PNG or JPEG files offline; writes JSON + overlay PNG")
     sp.add_argument("files", nargs="+", help="files or folders")
     sp.add_argument("--output", "-o", default="analysis", help="output folder (default: ./analysis)")
-
-    from inference import commands as training
-    train = sub.add_parser("train", help="train a model (classifier or detector) on VinBigData or the NIH sets")
-    train_sub = train.add_subparsers(dest="model_kind", required=True)
-    for kind, add, run in (("classifier", training.add_train_classifier_arguments, "run_train_classifier"),
-                           ("detector", training.add_train_detector_arguments, "run_train_detector")):
-        tp = train_sub.add_parser(kind, help=f"train the {kind}")
-        add(tp)
-        tp.set_defaults(func=_training_command(run))
-    ev = sub.add_parser("evaluate", help="evaluate classifier + detector (both fusion modes) on a held-out split")
-    training.add_evaluate_arguments(ev)
-    ev.set_defaults(func=_training_command("run_evaluate"))
+    for name, help in TRAINING_COMMANDS.items():   # listed here; parsed by dicom_node.training.cli
+        sub.add_parser(name, help=help + f" (see: dicom-node {name} --help)", add_help=False)
     return p
 
 
+def _run_training(argv: list[str]) -> int:
+    from dicom_node.training.cli import main as training_main
+    return training_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"dicom-node: {exc}", file=sys.stderr)
-        return 2
-    except DicomNodeError as exc:
-        print(f"dicom-node: {exc}", file=sys.stderr)
-        return 1
+        if argv and argv[0] in TRAINING_COMMANDS:
+            return _run_training(argv)
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the one place every command's failure becomes an exit code
+        code = exit_code(exc)
+        if code == EXIT_INTERNAL_ERROR:
+            traceback.print_exc()
+            print(f"dicom-node: internal error ({type(exc).__name__}); please report it with the traceback above",
+                  file=sys.stderr)
+        else:
+            print(f"dicom-node: {exc}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

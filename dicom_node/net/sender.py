@@ -23,10 +23,11 @@ from pynetdicom import AE
 
 from storage import Store
 from storage.repository import DueDelivery, utcnow
-
 from dicom_node.config import Config, DestinationConfig
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
+from dicom_node.logs import safe_traceback
 from dicom_node.net.transport import no_delay, rejection_result
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,18 @@ class Sender:
         """Deliver everything that is due now; returns the number delivered."""
         if not self._lock.acquire(blocking=False):
             return 0
+        delivered = 0
         try:
-            delivered = 0
             due = self.store.due_deliveries(limit=200)
             for name, group in groupby(sorted(due, key=lambda d: d.destination), key=lambda d: d.destination):
                 delivered += self._deliver_batch(name, list(group))
-            return delivered
+        except StorageError as exc:   # nothing is lost: undelivered rows stay pending and are tried next poll
+            log.error("sender: storage failure, retrying: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the sender's schedule; say where it is
+            log.error("sender: unexpected error, retrying:\n%s", safe_traceback(exc))
         finally:
             self._lock.release()
+        return delivered
 
     def _deliver_batch(self, name: str, batch: list[DueDelivery]) -> int:
         dest = self.destinations.get(name)
@@ -109,8 +114,13 @@ class Sender:
                     continue
                 try:
                     rsp = assoc.send_c_store(datasets[d.id])
-                except Exception as exc:  # noqa: BLE001 - pynetdicom raises for e.g. no accepted context
+                except (ValueError, AttributeError) as exc:   # pynetdicom: no accepted presentation context,
+                    # the object cannot be encoded, or it lacks its UIDs: sending it again would not help
                     self._failed(d, PermanentDeliveryError(f"cannot send: {exc}"))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - anything else (socket, encoding): retry, keep the trace
+                    log.error("delivery %d: unexpected error while sending:\n%s", d.id, safe_traceback(exc))
+                    self._failed(d, TransientDeliveryError(f"cannot send ({type(exc).__name__})"))
                     continue
                 status = getattr(rsp, "Status", None)
                 if status is None:

@@ -21,8 +21,13 @@ cost more than the disk. What is changed here, per association, without touching
    used by the sender), and the receive path acknowledges at once (``quick_ack``), so a sender that keeps
    Nagle on (dcmtk, most PACS) is not stalled ~40 ms per PDU.
 
-All of it is applied per association by the request handler of the server class below, which is what
-``AE.make_server(server_class=...)`` is meant for. ``bench/ingest.py`` measures the effect.
+All of it is applied per association by :class:`FastRequestHandler`, which :func:`engage_fast_path` installs
+as the request handler of a server started with pynetdicom's public ``AE.start_server``. The handler gives an
+association's DUL and socket the faster subclasses below (same state, other methods) only when they are exactly
+the pynetdicom classes they were written against; with any other pynetdicom (the dependency is pinned to one
+minor range) the association keeps pynetdicom's own path, which is always correct. :data:`STATS` counts what
+took which path; ``tests/test_transport.py`` fails if the fast path is not taken, and checks the fallback.
+``bench/ingest.py`` measures the effect.
 """
 from __future__ import annotations
 
@@ -31,20 +36,44 @@ import os
 import select
 import socket
 import struct
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 LOGGER = logging.getLogger("pynetdicom.dul")   # the DUL's own messages keep their logger
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 BATCH_BYTES = 4 << 20      # most data-set bytes taken per reactor cycle while more is waiting
 MAX_PREALLOCATED = 1 << 26   # larger PDUs are read as they arrive, not allocated up front
 IDLE_WAIT_S = 0.001
 FLUSH_STEP = 1 << 20
 
+
+class FastPathStats:
+    """Process-wide counters: associations given the fast path or left on pynetdicom's, and the data-set bytes
+    written by the direct path. Read by the tests; cheap enough to keep on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.engaged = 0        # associations that got FastDUL / FastRecvSocket
+        self.fallback = 0       # associations left entirely on pynetdicom's path (unexpected internals)
+        self.direct_bytes = 0   # data-set bytes written straight from the socket buffer to the spool file
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"engaged": self.engaged, "fallback": self.fallback, "direct_bytes": self.direct_bytes}
+
+
+STATS = FastPathStats()
 
 # Shared by all associations; each has at most one flush in flight. Threads wait on the disk, not the GIL.
 _FLUSHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="early-flush")
@@ -182,6 +211,8 @@ class FastDUL(DULServiceProvider):
                     self._early_flush()
         finally:
             quick_ack(sock)
+            if written:
+                STATS.add(direct_bytes=written)
 
     def _recv_exact(self, view: memoryview) -> bool:
         """Fill ``view`` from the socket; on a closed connection or an error queue Evt17 and return False."""
@@ -315,12 +346,20 @@ class FastRequestHandler(RequestHandler):
     def _create_association(self):
         assoc = super()._create_association()
         no_delay(self.request)
-        assoc.dul.socket.__class__ = FastRecvSocket   # same state, faster recv
-        assoc.dul.__class__ = FastDUL                  # same state, no blind sleep between PDUs
+        # Swap in the subclasses only over the exact classes they extend: another pynetdicom, or someone else's
+        # subclass, keeps pynetdicom's own path.
+        if type(assoc.dul) is DULServiceProvider and type(assoc.dul.socket) is AssociationSocket:
+            assoc.dul.socket.__class__ = FastRecvSocket   # same state, faster recv
+            assoc.dul.__class__ = FastDUL                  # same state, no blind sleep between PDUs
+            STATS.add(engaged=1)
+        else:
+            log.warning("fast receive path not engaged: unexpected pynetdicom internals (%s, %s)",
+                           type(assoc.dul).__name__, type(assoc.dul.socket).__name__)
+            STATS.add(fallback=1)
         return assoc
 
 
-class FastThreadedAssociationServer(ThreadedAssociationServer):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("request_handler", FastRequestHandler)
-        super().__init__(*args, **kwargs)
+def engage_fast_path(server: AssociationServer) -> None:
+    """Serve the server's next associations with :class:`FastRequestHandler` (``RequestHandlerClass`` is the
+    standard ``socketserver`` attribute that names the per-connection handler)."""
+    server.RequestHandlerClass = FastRequestHandler

@@ -43,7 +43,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inference.errors import InferenceError
 from inference.pipeline import Pipeline
 from inference.types import Prediction
 
@@ -163,7 +162,7 @@ def analyze_files(pipeline: Pipeline, files: Iterable[str | os.PathLike], output
                     raise OSError(f"cannot write {png_path}")
                 data["overlay"] = str(png_path)
             log.info("analysed %s: p_abnormal=%.3f findings=%d", f.name, pred.p_abnormal, len(pred.findings))
-        except (DicomNodeError, InferenceError, ValueError, OSError) as exc:
+        except (DicomNodeError, ValueError, OSError) as exc:   # ModelError etc. are DicomNodeErrors too
             log.warning("cannot analyse %s: %s", f.name, exc)
             data = {"schema": SCHEMA, "file": str(f.resolve()), "error": str(exc)}
         _write_json(json_path, {k: v for k, v in data.items() if k != "overlay"})

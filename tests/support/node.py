@@ -1,8 +1,14 @@
-"""Run `dicom-node serve` as a real process for tests, and small polling helpers."""
+"""Run `dicom-node serve` as a real process for tests, and small polling helpers.
+
+The node binds port 0 and the test reads the port it got from its log ("listening as AE on HOST:PORT"): no
+port is picked and released first, so no other process can take it in between. A restart of the same node
+reuses that port (as a real node keeps its configured one): the PACS in a test knows the node by it.
+Status is read in-process through the storage API, as ``dicom-node status`` does, without a CLI process.
+"""
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -13,6 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from dicom_node.config import load_config
+from storage import Store
+
+LISTENING = re.compile(r"listening as \S+ on \S+:(\d+)")
 
 
 def free_port() -> int:
@@ -46,45 +57,51 @@ class NodeProcess:
     def __init__(self, folder: Path, **overrides):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
         base = {
-            "node": {"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": self.port},
+            "node": {"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": 0},
             "storage": {"root": str(self.folder / "var"), "min_free_disk_mb": 1},
             "studies": {"stable_after_s": 1},
             "workers": {"count": 0},
             "destinations": [],
         }
         self.config = deep_merge(base, overrides)
-        self.port = self.config["node"]["port"]
+        self.port: int = self.config["node"]["port"]
         self.config_path = self.folder / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
+        self._write_config()
         self.log_path = self.folder / "node.log"
         self.proc: subprocess.Popen | None = None
+        self._store: Store | None = None
+
+    def _write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config))
 
     @property
     def ae_title(self) -> str:
         return self.config["node"]["ae_title"]
 
     def start(self, timeout: float = 60) -> None:
+        if self.port and self.config["node"]["port"] != self.port:   # a restart: keep the port the PACS knows
+            self.config["node"]["port"] = self.port
+            self._write_config()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy(),
                                      start_new_session=True)   # its own process group, workers included
+
+        def bound_port() -> int | None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited at start:\n{self.log()}")
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                m = LISTENING.search(f.read().decode(errors="replace"))
+            return int(m.group(1)) if m else None
+
         try:
-            wait_for(lambda: self.proc.poll() is not None or self._listening(), timeout, what="node to listen")
-        except AssertionError:
+            self.port = wait_for(bound_port, timeout, interval=0.05, what="node to listen")
+        except (AssertionError, RuntimeError):
             self.kill()
             raise
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"node exited at start:\n{self.log()}")
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -101,8 +118,21 @@ class NodeProcess:
         finally:
             con.close()
 
+    def store(self) -> Store:
+        """The node's storage, opened as ``dicom-node status`` opens it (same config file, same code)."""
+        if self._store is None:
+            cfg = load_config(self.config_path)
+            self._store = Store(cfg.storage.resolved_database_url, cfg.storage.root, cfg.storage.min_free_disk_mb)
+        return self._store
+
     def status(self) -> dict:
-        return json.loads(self.cli("status", "--json").stdout)
+        """What ``dicom-node status --json`` prints, read in this process (works with the node stopped)."""
+        return self.store().status()
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc and self.proc.poll() is None:
@@ -113,12 +143,14 @@ class NodeProcess:
     def kill(self) -> None:
         """kill -9 the node and its worker processes at once, like a crash of the machine or container."""
         if self.proc is None:
+            self.close()
             return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(30)
+        self.close()
 
     def storescu(self, *files: Path | str, extra: tuple[str, ...] = (), calling: str = "STORESCU",
                  called: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

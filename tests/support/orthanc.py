@@ -115,6 +115,15 @@ class Orthanc:
         self.config_path.write_text(json.dumps(config, indent=2))
         return config
 
+    def route_to_node(self, port: int) -> None:
+        """Point the node modality at ``port`` (the port a node bound): in the config file, for restarts, and
+        in the running Orthanc through its REST API."""
+        self.node_port = port
+        self.write_config()
+        if self.running():
+            self.request("PUT", f"/modalities/{NODE_MODALITY}",
+                         json.dumps({"AET": self.node_aet, "Host": "127.0.0.1", "Port": port}))
+
     def as_destination(self, name: str = "pacs", outputs: tuple[str, ...] = ("sr", "sc")) -> dict:
         """This PACS as an entry of the node's ``destinations`` in config.yaml."""
         return {"name": name, "ae_title": self.aet, "host": "127.0.0.1", "port": self.port, "outputs": list(outputs)}

@@ -1,0 +1,154 @@
+"""The C-STORE handler: a received data set in, a committed spool file and row out, then the status.
+
+A C-STORE is answered 0x0000 only after the received bytes (never decoded and re-encoded) are fsync'd in the
+spool and the instance row is committed. pynetdicom streams each received data set straight into a file in
+the spool's tmp folder (``STORE_RECV_CHUNKED_DATASET``, set by the composition root: preamble, file meta, then
+the bytes as received), so the handler reads only the header and hard-links that file into place: no copy of
+the pixel data in memory.
+
+The handler never raises into pynetdicom: every failure becomes the status that
+:mod:`dicom_node.ingest.statuses` gives its error, with an ErrorComment, and the reason is logged without PHI.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pydicom.valuerep import VR
+
+from dicom_node.config import Config
+from dicom_node.errors import InstanceRejected, MissingUIDError, UndecodableInstanceError
+from dicom_node.ingest.selection import header_fields, select
+from dicom_node.ingest.statuses import STORED, status_for
+from dicom_node.logs import safe_traceback
+from dicom_node.net.transport import start_flush
+from storage import Store
+from storage.errors import StorageError
+from storage.repository import InstanceMeta
+
+log = logging.getLogger(__name__)
+
+IMAGE_CLASSES_ANALYSED = {
+    "1.2.840.10008.5.1.4.1.1.1",      # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",    # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+}
+
+_KNOWN_VRS = frozenset(v.value for v in VR)
+PIXEL_DATA = 0x7FE00010
+
+
+def check_decodable(ds: Dataset) -> None:
+    """pydicom parses lazily: find broken data now rather than in the worker later. Every element must have
+    a known VR (implicit VR data sets get theirs from the dictionary) and every sequence must parse, item by
+    item; plain values (deferred Pixel Data included) are left as received."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag, keep_deferred=True)   # never load a deferred value (Pixel Data) here
+        if isinstance(raw, RawDataElement):
+            if raw.VR is not None and raw.VR not in _KNOWN_VRS:
+                raise ValueError(f"unknown VR {raw.VR!r} in {tag}")
+            if tag == PIXEL_DATA or (raw.VR not in (None, "SQ", "UN") and raw.length != 0xFFFFFFFF):
+                continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                check_decodable(item)
+
+
+def sop_class_name(uid: str) -> str:
+    try:
+        return UID(uid).name
+    except Exception:  # noqa: BLE001 - a name is only for the log
+        return uid
+
+
+def _io_failure(exc: BaseException) -> bool:
+    """An error of our own disk (it carries an errno), not pydicom's complaint about the bytes (it raises
+    OSError without one for truncated data)."""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
+def read_received(path: Path) -> Dataset:
+    """The header of a received file, checked. Our own I/O failure is a StorageError (the sender may retry);
+    anything wrong with the bytes the peer sent is an UndecodableInstanceError."""
+    try:
+        ds = dcmread(path, defer_size=4096)   # header only: large values stay on disk
+        check_decodable(ds)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed data: all are the peer's
+        if _io_failure(exc):
+            raise StorageError(f"cannot read the received file ({type(exc).__name__}, errno {exc.errno})") from exc
+        raise UndecodableInstanceError(f"dataset cannot be decoded ({type(exc).__name__})") from exc
+    return ds
+
+
+class StoreHandler:
+    """``EVT_C_STORE`` handler. ``on_stored(study_uid, due_at)`` re-arms the study's stable timer."""
+
+    def __init__(self, config: Config, store: Store,
+                 on_stored: Callable[[str, datetime], None] | None = None):
+        self.config = config
+        self.store = store
+        self.on_stored = on_stored
+
+    def __call__(self, event) -> Dataset | int:
+        t0 = time.perf_counter()
+        calling = event.assoc.requestor.ae_title
+        sop_class = str(event.request.AffectedSOPClassUID)
+        try:
+            stored, eligible, reason, study_uid = self._store(event, sop_class, calling)
+        except Exception as exc:  # noqa: BLE001 - never raise into pynetdicom: every failure is a status
+            status = status_for(exc)
+            if isinstance(exc, InstanceRejected):
+                log.warning("C-STORE %s from %s refused: %s", sop_class_name(sop_class), calling, exc)
+            elif isinstance(exc, StorageError):
+                log.error("C-STORE %s from %s refused: %s", sop_class_name(sop_class), calling, exc)
+            else:
+                log.error("C-STORE %s from %s failed (0x%04X):\n%s", sop_class_name(sop_class), calling,
+                          status.code, safe_traceback(exc))
+            return status.dataset(str(exc) if isinstance(exc, InstanceRejected) else None)
+        if stored.duplicate:
+            log.info("C-STORE %s from %s: already stored", sop_class_name(sop_class), calling)
+            return STORED.code
+        log.info("C-STORE %s from %s: stored (%s) in %.0f ms", sop_class_name(sop_class), calling,
+                 "eligible" if eligible else f"skipped: {reason}", (time.perf_counter() - t0) * 1000)
+        if stored.stable_due_at is not None and self.on_stored is not None:
+            try:
+                self.on_stored(study_uid, stored.stable_due_at)
+            except Exception as exc:  # noqa: BLE001 - the row is committed; the timer is restored on restart
+                log.error("could not arm the study timer:\n%s", safe_traceback(exc))
+        return STORED.code
+
+    def _store(self, event, sop_class: str, calling: str):
+        received = Path(event.dataset_path)
+        start_flush(received)
+        ds = read_received(received)
+        study_uid = str(ds.get("StudyInstanceUID", "") or "")
+        sop_uid = str(ds.get("SOPInstanceUID", "") or event.request.AffectedSOPInstanceUID or "")
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        missing = [k for k, v in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
+                                  ("SOPInstanceUID", sop_uid)) if not v]
+        if missing:
+            raise MissingUIDError(f"missing {', '.join(missing)}")
+        try:
+            fields = header_fields(ds)
+        except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert is the peer's data
+            raise UndecodableInstanceError(f"dataset cannot be decoded ({type(exc).__name__})") from exc
+        # The node's outputs are SR, SC and PR objects: only those need the lookup in its results table.
+        own = sop_class not in IMAGE_CLASSES_ANALYSED and self.store.is_own_output(sop_uid)
+        try:
+            eligible, reason = select(ds, self.config.selection, own_output=own)
+        except Exception as exc:  # noqa: BLE001 - malformed attribute values (e.g. NumberOfFrames "abc")
+            eligible, reason = False, f"header could not be read ({type(exc).__name__})"
+        meta = InstanceMeta(
+            sop_instance_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class,
+            transfer_syntax_uid=str(event.context.transfer_syntax), calling_ae=calling,
+            eligible=eligible, skip_reason=reason, **{k: v[:64] for k, v in fields.items()})
+        stored = self.store.add_instance(received, meta, self.config.studies.stable_after_s)
+        return stored, eligible, reason, study_uid

@@ -1,0 +1,100 @@
+"""The analyser: one claimed job in, its result objects out (SR for the study, SC and GSPS per image).
+
+Pure: it reads the job's spool files and writes nothing; the worker hands its results to storage in one commit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_node import __version__
+from dicom_node.config import Config
+from dicom_node.errors import PixelDataError
+from dicom_node.imaging.pixels import decode_image, read_dataset
+from dicom_node.outputs.gsps import build_gsps
+from dicom_node.outputs.identity import NodeIdentity, derived_uid
+from dicom_node.outputs.sc import build_sc
+from dicom_node.outputs.sr import build_sr
+from inference.pipeline import Pipeline
+from inference.types import Prediction
+from storage.repository import JobInfo, ResultSpec
+
+
+def node_identity(config: Config, pipeline: Pipeline) -> NodeIdentity:
+    return NodeIdentity(
+        device_observer_uid=derived_uid("dicom-node device observer", config.node.ae_title),
+        software_version=__version__, institution=config.outputs.institution_name,
+        station_name=config.node.ae_title, models=pipeline.models)
+
+
+@dataclass
+class _Analysed:
+    sop_uid: str
+    header: Dataset
+    image01: np.ndarray             # as decoded: Rows x Columns, or smaller (a JPEG 2000 resolution level)
+    window: tuple[float, float] | None
+    prediction: Prediction          # boxes in source pixels (SR, GSPS)
+    shown: Prediction               # the same on image01's pixels (the Secondary Capture is drawn on image01)
+
+
+class Analyzer:
+    """Turns one claimed job into result objects (pure: no database writes)."""
+
+    def __init__(self, config: Config, pipeline: Pipeline):
+        self.config = config
+        self.pipeline = pipeline
+        self.identity = node_identity(config, pipeline)
+
+    def wanted(self, kind: str) -> tuple[str, ...]:
+        return tuple(d.name for d in self.config.destinations if kind in d.outputs)
+
+    def analyse(self, job: JobInfo) -> tuple[list[ResultSpec], float]:
+        analysed: list[_Analysed] = []
+        pipeline_s = 0.0
+        for n, (sop_uid, path) in enumerate(job.instances, 1):
+            try:
+                ds = read_dataset(path)
+                image01, window = decode_image(ds, at_least=self.pipeline.working_size)
+            except PixelDataError as exc:
+                raise PixelDataError(f"image {n} of {len(job.instances)}: {exc}") from exc
+            t0 = time.perf_counter()
+            shown = self.pipeline.run(image01)
+            pipeline_s += time.perf_counter() - t0
+            del ds.PixelData   # the encoders need the header only
+            analysed.append(_Analysed(sop_uid, ds, image01, window, shown.rescaled((ds.Rows, ds.Columns)), shown))
+        return self._encode(analysed), pipeline_s
+
+    def _encode(self, analysed: list[_Analysed]) -> list[ResultSpec]:
+        out = self.config.outputs
+        ident = self.identity
+        results: list[ResultSpec] = []
+        sr_series, sc_series, pr_series = generate_uid(), generate_uid(), generate_uid()
+        sr_uid = generate_uid()
+        sr = build_sr([(a.header, a.prediction) for a in analysed], series_uid=sr_series, sop_uid=sr_uid,
+                      series_number=out.series_number_sr, instance_number=1, identity=ident)
+        results.append(_spec("sr", sr, None, self.wanted("sr")))
+        sc_dest, pr_dest = self.wanted("sc"), self.wanted("gsps")
+        for n, a in enumerate(analysed, 1):
+            if sc_dest:
+                sc = build_sc(a.header, a.image01, a.shown, series_uid=sc_series, sop_uid=generate_uid(),
+                              series_number=out.series_number_sc, instance_number=n, identity=ident)
+                results.append(_spec("sc", sc, a.sop_uid, sc_dest))
+            if pr_dest:
+                pr = build_gsps(a.header, a.prediction, series_uid=pr_series, sop_uid=generate_uid(),
+                                series_number=out.series_number_gsps, instance_number=n, identity=ident,
+                                window=a.window)
+                results.append(_spec("gsps", pr, a.sop_uid, pr_dest))
+        return results
+
+
+def _spec(kind: str, ds: Dataset, source_sop_uid: str | None, destinations: tuple[str, ...]) -> ResultSpec:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return ResultSpec(kind=kind, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                      series_uid=str(ds.SeriesInstanceUID), source_sop_uid=source_sop_uid, data=buf.getvalue(),
+                      destinations=destinations)
