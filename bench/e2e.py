@@ -37,6 +37,7 @@ threads); left out, torch uses one thread per CPU.
 Work files go to a temporary folder under bench/ (removed at exit) unless ``--out DIR`` keeps them there (logs,
 node DB, results.json); bench/out/ is git-ignored. Orthanc and the node are killed at exit whatever happens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,7 @@ from support.node import NodeProcess, free_port, wait_for  # noqa: E402
 from support.orthanc import Orthanc  # noqa: E402
 
 TARGET_OVERHEAD_S = 1.0
-FLAT_MB_PER_10 = 1.0     # "flat memory": RSS slope over the second half of the burst at most this
+FLAT_MB_PER_10 = 1.0  # "flat memory": RSS slope over the second half of the burst at most this
 JOB_DONE_RE = re.compile(r"job (\d+) done in ([\d.]+) s \(pipeline ([\d.]+) s\)")
 
 
@@ -128,8 +129,11 @@ class NodeDB:
             raise RuntimeError(f"job {job['id']} failed: {job['reason']}")
         if job["state"] != "done":
             return None
-        dels = c.execute("SELECT r.kind, d.state, d.delivered_at, d.last_error, r.sop_instance_uid FROM results r "
-                         "JOIN deliveries d ON d.result_id = r.id WHERE r.job_id = ?", (job["id"],)).fetchall()
+        dels = c.execute(
+            "SELECT r.kind, d.state, d.delivered_at, d.last_error, r.sop_instance_uid FROM results r "
+            "JOIN deliveries d ON d.result_id = r.id WHERE r.job_id = ?",
+            (job["id"],),
+        ).fetchall()
         for d in dels:
             if d["state"] == "failed":
                 raise RuntimeError(f"delivery of {d['kind']} failed: {d['last_error']}")
@@ -137,19 +141,31 @@ class NodeDB:
             return None
         t_ack = ts(c.execute("SELECT max(received_at) FROM instances WHERE study_uid = ?", (study_uid,)).fetchone()[0])
         sr = [d for d in dels if d["kind"] == "sr"][0]
-        return {"job_id": job["id"], "t_ack": t_ack, "created": ts(job["created_at"]), "started": ts(job["started_at"]),
-                "finished": ts(job["finished_at"]), "pipeline_s": job["pipeline_s"] or 0.0,
-                "sr_delivered": ts(sr["delivered_at"]), "sr_uid": sr["sop_instance_uid"],
-                "last_delivered": max(ts(d["delivered_at"]) for d in dels), "n_results": len(dels)}
+        return {
+            "job_id": job["id"],
+            "t_ack": t_ack,
+            "created": ts(job["created_at"]),
+            "started": ts(job["started_at"]),
+            "finished": ts(job["finished_at"]),
+            "pipeline_s": job["pipeline_s"] or 0.0,
+            "sr_delivered": ts(sr["delivered_at"]),
+            "sr_uid": sr["sop_instance_uid"],
+            "last_delivered": max(ts(d["delivered_at"]) for d in dels),
+            "n_results": len(dels),
+        }
 
     def srs_delivered(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM deliveries d JOIN results r ON r.id = d.result_id "
-                                 "WHERE r.kind = 'sr' AND d.state = 'delivered'").fetchone()[0]
+        return self.conn.execute(
+            "SELECT count(*) FROM deliveries d JOIN results r ON r.id = d.result_id "
+            "WHERE r.kind = 'sr' AND d.state = 'delivered'"
+        ).fetchone()[0]
 
     def failures(self) -> list[str]:
-        rows = self.conn.execute("SELECT 'job ' || id || ': ' || coalesce(reason, '') FROM jobs WHERE state = 'failed' "
-                                 "UNION ALL SELECT 'delivery ' || id || ': ' || coalesce(last_error, '') "
-                                 "FROM deliveries WHERE state = 'failed'").fetchall()
+        rows = self.conn.execute(
+            "SELECT 'job ' || id || ': ' || coalesce(reason, '') FROM jobs WHERE state = 'failed' "
+            "UNION ALL SELECT 'delivery ' || id || ': ' || coalesce(last_error, '') "
+            "FROM deliveries WHERE state = 'failed'"
+        ).fetchall()
         return [r[0] for r in rows]
 
 
@@ -186,13 +202,15 @@ def parse_reception_date(value: str) -> datetime:
 def models_for(args, work: Path) -> tuple[dict, str]:
     if args.tiny:
         from support.models import make_tiny_models
+
         omp = os.environ.get("OMP_NUM_THREADS")
         clf, det = make_tiny_models(work / "models")
-        if omp is None:   # importing ultralytics sets OMP_NUM_THREADS=1; keep it out of the node's environment
+        if omp is None:  # importing ultralytics sets OMP_NUM_THREADS=1; keep it out of the node's environment
             os.environ.pop("OMP_NUM_THREADS", None)
         return {"classifier": str(clf), "detector": str(det)}, "tiny random-weight models (tests/support/models.py)"
     from dicom_node.config import load_config
     from inference.modelfile import read_metadata
+
     cfg = load_config(REPO / "config.yaml")
     m = cfg.inference.models
     desc = []
@@ -221,8 +239,9 @@ class Studies:
         pixels = np.clip(np.roll(self.base, (self.n % 17) - 8, axis=1) + noise, 0, 4095).astype(np.uint16)
         study_uid = generate_uid()
         path = self.folder / f"{prefix}{self.n:04d}.dcm"
-        make_cxr(path, pixels=pixels, study_uid=study_uid, patient_id=f"BENCH{self.n:05d}",
-                 AccessionNumber=f"B{self.n:07d}")
+        make_cxr(
+            path, pixels=pixels, study_uid=study_uid, patient_id=f"BENCH{self.n:05d}", AccessionNumber=f"B{self.n:07d}"
+        )
         return path, study_uid
 
 
@@ -293,8 +312,14 @@ class RssSampler(threading.Thread):
                 other_mb += rss
             else:
                 workers_mb += rss
-        return {"t": time.monotonic(), "done": self.db.srs_delivered(), "node_mb": node_mb,
-                "workers_mb": workers_mb, "other_mb": other_mb, "total_mb": node_mb + workers_mb + other_mb}
+        return {
+            "t": time.monotonic(),
+            "done": self.db.srs_delivered(),
+            "node_mb": node_mb,
+            "workers_mb": workers_mb,
+            "other_mb": other_mb,
+            "total_mb": node_mb + workers_mb + other_mb,
+        }
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -318,8 +343,9 @@ def phase_latency(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: S
         r = pacs.storescu(path)
         if r.returncode != 0:
             raise RuntimeError(f"storescu into Orthanc failed: {r.stderr.strip()}")
-        got = wait_for(lambda: db.study(study_uid), args.timeout, interval=0.05,
-                       what=f"study {i + 1}: SR and SC delivered")
+        got = wait_for(
+            lambda uid=study_uid: db.study(uid), args.timeout, interval=0.05, what=f"study {i + 1}: SR and SC delivered"
+        )
         inst_id, meta = orthanc_sr(pacs, study_uid, got["sr_uid"])
         meta_keys = meta
         got["orthanc_reception"] = parse_reception_date(meta["ReceptionDate"]) if "ReceptionDate" in meta else None
@@ -327,8 +353,10 @@ def phase_latency(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: S
         got["study"] = i + 1
         rows.append(got)
         e2e = secs(got["sr_delivered"], got["t_ack"])
-        log(f"{'warm-up' if warm else 'study'} {i + 1 - (0 if warm else args.warmup)}: e2e {e2e:.2f} s, "
-            f"pipeline {got['pipeline_s']:.2f} s, overhead {e2e - args.stable - got['pipeline_s']:.2f} s")
+        log(
+            f"{'warm-up' if warm else 'study'} {i + 1 - (0 if warm else args.warmup)}: e2e {e2e:.2f} s, "
+            f"pipeline {got['pipeline_s']:.2f} s, overhead {e2e - args.stable - got['pipeline_s']:.2f} s"
+        )
     walls = job_walls(node.log())
     for row in rows:
         row["job_wall"] = walls.get(row["job_id"])
@@ -364,13 +392,18 @@ def print_latency(args, rows: list[dict], meta: dict) -> dict:
     bds = [breakdown(r, args.stable) for r in counted]
     cols = ["e2e", "e2e-stable", "pipeline", "overhead", "claim", "encode", "deliver", "commit", "send"]
     print()
-    print(f"Phase 1: latency, {len(counted)} one-image studies one at a time (stable_after_s = {args.stable:g}; "
-          f"{args.warmup} warm-up not counted); seconds")
+    print(
+        f"Phase 1: latency, {len(counted)} one-image studies one at a time (stable_after_s = {args.stable:g}; "
+        f"{args.warmup} warm-up not counted); seconds"
+    )
     print("  study " + " ".join(f"{c:>10}" for c in cols) + "  orthanc-recv")
     for r, b in zip(counted, bds):
         orth = r["orthanc_reception"].isoformat(sep=" ") if r["orthanc_reception"] else "-"
-        print(f"  {r['study'] - args.warmup:5d} " + " ".join(f"{b.get(c, float('nan')):10.3f}" for c in cols)
-              + f"  {orth}")
+        print(
+            f"  {r['study'] - args.warmup:5d} "
+            + " ".join(f"{b.get(c, float('nan')):10.3f}" for c in cols)
+            + f"  {orth}"
+        )
     stats = {}
     print("  " + "-" * 118)
     for name, q in (("median", 0.5), ("p90", 0.9)):
@@ -378,18 +411,23 @@ def print_latency(args, rows: list[dict], meta: dict) -> dict:
         stats[name] = vals
         print(f"  {name:>5} " + " ".join(f"{vals[c]:10.3f}" for c in cols))
     med = stats["median"]
-    print(f"  claim = stable-timer lateness (median {med['timer_late']:.3f} s) + worker poll "
-          f"(median {med['poll']:.3f} s)")
+    print(
+        f"  claim = stable-timer lateness (median {med['timer_late']:.3f} s) + worker poll (median {med['poll']:.3f} s)"
+    )
     # Orthanc's ReceptionDate cross-check (UTC, whole seconds): delivered_at must lie in [RD, RD + 1 s) (+ clock slop)
     diffs = [b["orthanc_minus_delivered"] for b in bds if "orthanc_minus_delivered" in b]
     if diffs:
         ok = all(-1.05 < d <= 0.05 for d in diffs)
-        print(f"  Orthanc ReceptionDate (metadata keys: {', '.join(sorted(meta))}): "
-              f"e.g. {meta.get('ReceptionDate')!r}; ReceptionDate - SR delivered_at in [{min(diffs):.3f}, {max(diffs):.3f}] s -> "
-              f"{'consistent with UTC, whole seconds' if ok else 'NOT consistent with delivered_at'}")
+        print(
+            f"  Orthanc ReceptionDate (metadata keys: {', '.join(sorted(meta))}): "
+            f"e.g. {meta.get('ReceptionDate')!r}; ReceptionDate - SR delivered_at in "
+            f"[{min(diffs):.3f}, {max(diffs):.3f}] s -> "
+            f"{'consistent with UTC, whole seconds' if ok else 'NOT consistent with delivered_at'}"
+        )
     met = med["overhead"] < TARGET_OVERHEAD_S
-    print(f"  target: median overhead < {TARGET_OVERHEAD_S:g} s -> {med['overhead']:.3f} s: "
-          f"{'MET' if met else 'NOT MET'}")
+    print(
+        f"  target: median overhead < {TARGET_OVERHEAD_S:g} s -> {med['overhead']:.3f} s: {'MET' if met else 'NOT MET'}"
+    )
     return {"stats": stats, "met": met, "n": len(counted)}
 
 
@@ -400,7 +438,7 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
     jobs_before = db.conn.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
     sampler = RssSampler(node.proc.pid, db, interval=args.sample_s)
     sampler.start()
-    time.sleep(3 * args.sample_s)   # a few samples of the idle, warm node first
+    time.sleep(3 * args.sample_s)  # a few samples of the idle, warm node first
     t0 = time.monotonic()
     log(f"burst: sending {n} studies into Orthanc in one storescu call")
     r = pacs.storescu(*files, timeout=max(300, 5 * n))
@@ -420,6 +458,7 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
         if bad:
             raise RuntimeError("failures during the burst: " + "; ".join(bad[:5]))
         return done >= n
+
     wait_for(all_done, args.timeout + 60 * n, interval=0.5, what=f"{n} SRs delivered")
     t_end = time.monotonic()
     time.sleep(2 * args.sample_s)
@@ -428,8 +467,13 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
     c = db.conn
     first_ack = ts(c.execute("SELECT min(received_at) FROM instances WHERE job_id > ?", (jobs_before,)).fetchone()[0])
     jobs = c.execute("SELECT * FROM jobs WHERE id > ?", (jobs_before,)).fetchall()
-    last_sr = ts(c.execute("SELECT max(d.delivered_at) FROM deliveries d JOIN results r ON r.id = d.result_id "
-                           "WHERE r.kind = 'sr' AND r.job_id > ?", (jobs_before,)).fetchone()[0])
+    last_sr = ts(
+        c.execute(
+            "SELECT max(d.delivered_at) FROM deliveries d JOIN results r ON r.id = d.result_id "
+            "WHERE r.kind = 'sr' AND r.job_id > ?",
+            (jobs_before,),
+        ).fetchone()[0]
+    )
     pipeline = [j["pipeline_s"] or 0.0 for j in jobs]
     node_span = secs(last_sr, first_ack)
 
@@ -444,42 +488,70 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
     half = [s for s in samples if before + n / 2 <= s["done"] <= before + n]
     # Theil-Sen (median of pairwise slopes): RSS swings by the size of one job's buffers between samples taken
     # inside and outside a job, and a least-squares fit chases those swings; the median slope does not.
-    slope = {key: theil_sen([s["done"] for s in half], [s[key] for s in half]) * 10
-             for key in ("total_mb", "node_mb", "workers_mb")}
+    slope = {
+        key: theil_sen([s["done"] for s in half], [s[key] for s in half]) * 10
+        for key in ("total_mb", "node_mb", "workers_mb")
+    }
     mx = {k: max(s[k] for s in samples) for k in ("total_mb", "node_mb", "workers_mb")}
     quarters = []
     for q in range(4):
         lo, hi = before + q * n / 4, before + (q + 1) * n / 4
         vals = [s["total_mb"] for s in samples if lo <= s["done"] < hi or (q == 3 and s["done"] >= hi)]
         quarters.append((min(vals), statistics.median(vals), max(vals)) if vals else (float("nan"),) * 3)
-    flat = None if slope["total_mb"] != slope["total_mb"] else slope["total_mb"] <= FLAT_MB_PER_10   # nan: too few
+    flat = None if slope["total_mb"] != slope["total_mb"] else slope["total_mb"] <= FLAT_MB_PER_10  # nan: too few
     throughput_node = n / node_span * 60
     throughput_wall = n / (t_end - t0) * 60
 
     print()
     print(f"Phase 2: burst of {n} one-image studies (one storescu call into Orthanc, auto-routed)")
-    print(f"  Orthanc accepted all in {t_sent - t0:.1f} s; all {n} SRs in Orthanc {t_end - t0:.1f} s after the "
-          f"send started (poll 0.5 s)")
-    print(f"  throughput: {throughput_node:.1f} studies/min (node: first ack -> last SR delivered, {node_span:.1f} s); "
-          f"{throughput_wall:.1f} studies/min wall (storescu start -> all SRs)")
-    print(f"  pipeline per study in the burst: median {statistics.median(pipeline):.3f} s, "
-          f"p90 {pct(pipeline, 0.9):.3f} s -> pipeline-bound max {60 / statistics.median(pipeline):.1f} studies/min")
-    print(f"  RSS (MB)      {'node':>8} {'worker(s)':>10} {'total':>8}   (samples every {args.sample_s:g} s, "
-          f"{len(samples)} samples)")
+    print(
+        f"  Orthanc accepted all in {t_sent - t0:.1f} s; all {n} SRs in Orthanc {t_end - t0:.1f} s after the "
+        f"send started (poll 0.5 s)"
+    )
+    print(
+        f"  throughput: {throughput_node:.1f} studies/min (node: first ack -> last SR delivered, {node_span:.1f} s); "
+        f"{throughput_wall:.1f} studies/min wall (storescu start -> all SRs)"
+    )
+    print(
+        f"  pipeline per study in the burst: median {statistics.median(pipeline):.3f} s, "
+        f"p90 {pct(pipeline, 0.9):.3f} s -> pipeline-bound max {60 / statistics.median(pipeline):.1f} studies/min"
+    )
+    print(
+        f"  RSS (MB)      {'node':>8} {'worker(s)':>10} {'total':>8}   (samples every {args.sample_s:g} s, "
+        f"{len(samples)} samples)"
+    )
     print(f"    {'start':<11} {s0['node_mb']:8.1f} {s0['workers_mb']:10.1f} {s0['total_mb']:8.1f}")
     for k, s in marks.items():
         print(f"    {k + ' done':<11} {s['node_mb']:8.1f} {s['workers_mb']:10.1f} {s['total_mb']:8.1f}")
     print(f"    {'max':<11} {mx['node_mb']:8.1f} {mx['workers_mb']:10.1f} {mx['total_mb']:8.1f}")
-    print(f"    {'slope':<11} {slope['node_mb']:8.2f} {slope['workers_mb']:10.2f} {slope['total_mb']:8.2f}"
-          f"   MB per 10 studies over the second half (Theil-Sen)")
-    print("  total RSS (MB) min / median / max while the studies of each quarter were done: "
-          + "; ".join(f"Q{i + 1} {a:.0f} / {b:.0f} / {c:.0f}" for i, (a, b, c) in enumerate(quarters)))
-    print(f"  flat memory (total slope <= {FLAT_MB_PER_10:g} MB / 10 studies over the second half): "
-          f"{ {True: 'YES', False: 'NO', None: 'n/a (too few samples)'}[flat]}")
-    return {"n": n, "accept_s": t_sent - t0, "wall_s": t_end - t0, "node_span_s": node_span,
-            "throughput_node_per_min": throughput_node, "throughput_wall_per_min": throughput_wall,
-            "pipeline_median_s": statistics.median(pipeline), "rss_start": s0, "rss_marks": marks, "rss_max": mx,
-            "slope_mb_per_10": slope, "quarters": quarters, "flat": flat, "samples": samples}
+    print(
+        f"    {'slope':<11} {slope['node_mb']:8.2f} {slope['workers_mb']:10.2f} {slope['total_mb']:8.2f}"
+        f"   MB per 10 studies over the second half (Theil-Sen)"
+    )
+    print(
+        "  total RSS (MB) min / median / max while the studies of each quarter were done: "
+        + "; ".join(f"Q{i + 1} {a:.0f} / {b:.0f} / {c:.0f}" for i, (a, b, c) in enumerate(quarters))
+    )
+    print(
+        f"  flat memory (total slope <= {FLAT_MB_PER_10:g} MB / 10 studies over the second half): "
+        f"{ {True: 'YES', False: 'NO', None: 'n/a (too few samples)'}[flat] }"
+    )
+    return {
+        "n": n,
+        "accept_s": t_sent - t0,
+        "wall_s": t_end - t0,
+        "node_span_s": node_span,
+        "throughput_node_per_min": throughput_node,
+        "throughput_wall_per_min": throughput_wall,
+        "pipeline_median_s": statistics.median(pipeline),
+        "rss_start": s0,
+        "rss_marks": marks,
+        "rss_max": mx,
+        "slope_mb_per_10": slope,
+        "quarters": quarters,
+        "flat": flat,
+        "samples": samples,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -497,7 +569,7 @@ def main() -> int:
     ap.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for the node's worker (default: torch's)")
     ap.add_argument("--out", type=Path, help="keep work files, logs and results.json here (e.g. bench/out/e2e)")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally blocks: kill Orthanc and the node
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: kill Orthanc and the node
 
     with ExitStack() as stack:
         if args.out:
@@ -507,36 +579,52 @@ def main() -> int:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-", dir=REPO / "bench")))
         models, model_desc = models_for(args, work)
         if args.torch_threads:
-            os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)   # NodeProcess passes os.environ on
+            os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # NodeProcess passes os.environ on
         threads = os.environ.get("OMP_NUM_THREADS", f"torch default ({os.cpu_count()})")
         outputs = ("sr", "sc", "gsps") if args.gsps else ("sr", "sc")
         print(f"dicom-node e2e benchmark  {datetime.now().isoformat(timespec='seconds')}")
         print(f"  host: {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()}")
         print(f"  models: {model_desc}")
         print(f"  worker torch intra-op threads: {threads}")
-        print(f"  stable_after_s = {args.stable:g}; 1 worker process; images {args.size}x{args.size} 12-bit DX; "
-              f"destination outputs {'+'.join(outputs)}; work folder {work}")
+        print(
+            f"  stable_after_s = {args.stable:g}; 1 worker process; images {args.size}x{args.size} 12-bit DX; "
+            f"destination outputs {'+'.join(outputs)}; work folder {work}"
+        )
 
         pacs = Orthanc(work / "orthanc", node_port=free_port())
         stack.callback(pacs.kill)
-        node = NodeProcess(work / "node", node={"port": pacs.node_port}, workers={"count": 1},
-                           inference={"models": models}, studies={"stable_after_s": args.stable},
-                           destinations=[pacs.as_destination(outputs=outputs)], logging={"level": "INFO"})
+        node = NodeProcess(
+            work / "node",
+            node={"port": pacs.node_port},
+            workers={"count": 1},
+            inference={"models": models},
+            studies={"stable_after_s": args.stable},
+            destinations=[pacs.as_destination(outputs=outputs)],
+            logging={"level": "INFO"},
+        )
         stack.callback(node.kill)
         t = time.monotonic()
         pacs.start()
         node.start()
-        wait_for(lambda: " ready" in node.log() or "cannot start" in node.log() or node.proc.poll() is not None,
-                 600, interval=0.2, what="the worker to load its models")
+        wait_for(
+            lambda: " ready" in node.log() or "cannot start" in node.log() or node.proc.poll() is not None,
+            600,
+            interval=0.2,
+            what="the worker to load its models",
+        )
         if "cannot start" in node.log() or node.proc.poll() is not None:
             raise SystemExit(f"the node's worker did not start:\n{node.log()[-3000:]}")
-        log(f"Orthanc {pacs.system().get('Version')} and the node are up; worker ready after "
-            f"{time.monotonic() - t:.1f} s")
+        log(
+            f"Orthanc {pacs.system().get('Version')} and the node are up; worker ready after "
+            f"{time.monotonic() - t:.1f} s"
+        )
         db = NodeDB(Path(node.config["storage"]["root"]) / "dicom-node.sqlite3")
         studies = Studies(work / "in", args.size)
 
-        result: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                        "models": model_desc}
+        result: dict = {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "models": model_desc,
+        }
         lat = burst = None
         if args.studies:
             rows, meta = phase_latency(args, pacs, node, db, studies)
@@ -550,31 +638,45 @@ def main() -> int:
         print()
         print("=" * 100)
         print("SUMMARY (dicom-node bench/e2e.py)")
-        print(f"  machine: {os.cpu_count()} CPUs, shared and noisy (load average at end {load_end[0]:.2f}); "
-              f"Orthanc {pacs.system().get('Version')} on 127.0.0.1; 1 worker; models: {model_desc}")
-        print(f"  stable_after_s = {args.stable:g}; {args.size}x{args.size} DX; outputs {'+'.join(outputs)}; "
-              f"torch threads {threads}")
+        print(
+            f"  machine: {os.cpu_count()} CPUs, shared and noisy (load average at end {load_end[0]:.2f}); "
+            f"Orthanc {pacs.system().get('Version')} on 127.0.0.1; 1 worker; models: {model_desc}"
+        )
+        print(
+            f"  stable_after_s = {args.stable:g}; {args.size}x{args.size} DX; outputs {'+'.join(outputs)}; "
+            f"torch threads {threads}"
+        )
         if lat:
             m, p = lat["stats"]["median"], lat["stats"]["p90"]
             print(f"  latency, {lat['n']} studies one at a time (median / p90, s):")
-            print(f"    e2e (ack by node -> SR stored in Orthanc) {m['e2e']:.2f} / {p['e2e']:.2f}; "
-                  f"minus stable wait {m['e2e-stable']:.2f} / {p['e2e-stable']:.2f}; pipeline {m['pipeline']:.2f} / "
-                  f"{p['pipeline']:.2f}")
-            print(f"    delivery overhead (e2e - stable - pipeline) {m['overhead']:.2f} / {p['overhead']:.2f} "
-                  f"-> target < {TARGET_OVERHEAD_S:g} s at the median: {'MET' if lat['met'] else 'NOT MET'}")
-            print(f"    overhead parts (medians): claim {m['claim']:.2f} (timer {m['timer_late']:.2f} + worker poll "
-                  f"{m['poll']:.2f}), decode+encode {m['encode']:.2f}, write+commit {m['commit']:.2f}, "
-                  f"sender poll+C-STORE {m['send']:.2f}")
+            print(
+                f"    e2e (ack by node -> SR stored in Orthanc) {m['e2e']:.2f} / {p['e2e']:.2f}; "
+                f"minus stable wait {m['e2e-stable']:.2f} / {p['e2e-stable']:.2f}; pipeline {m['pipeline']:.2f} / "
+                f"{p['pipeline']:.2f}"
+            )
+            print(
+                f"    delivery overhead (e2e - stable - pipeline) {m['overhead']:.2f} / {p['overhead']:.2f} "
+                f"-> target < {TARGET_OVERHEAD_S:g} s at the median: {'MET' if lat['met'] else 'NOT MET'}"
+            )
+            print(
+                f"    overhead parts (medians): claim {m['claim']:.2f} (timer {m['timer_late']:.2f} + worker poll "
+                f"{m['poll']:.2f}), decode+encode {m['encode']:.2f}, write+commit {m['commit']:.2f}, "
+                f"sender poll+C-STORE {m['send']:.2f}"
+            )
         if burst:
             s0, mk, mx, sl = burst["rss_start"], burst["rss_marks"], burst["rss_max"], burst["slope_mb_per_10"]
-            print(f"  burst of {burst['n']} studies: {burst['throughput_node_per_min']:.1f} studies/min "
-                  f"(pipeline median {burst['pipeline_median_s']:.2f} s/study); all SRs in Orthanc after "
-                  f"{burst['wall_s']:.0f} s")
-            print(f"    RSS node+worker MB: start {s0['total_mb']:.0f}, 25% {mk['25%']['total_mb']:.0f}, "
-                  f"50% {mk['50%']['total_mb']:.0f}, 75% {mk['75%']['total_mb']:.0f}, "
-                  f"100% {mk['100%']['total_mb']:.0f}, max {mx['total_mb']:.0f}; "
-                  f"slope {sl['total_mb']:+.2f} MB/10 studies over the second half -> "
-                  f"flat: { {True: 'YES', False: 'NO', None: 'n/a'}[burst['flat']]}")
+            print(
+                f"  burst of {burst['n']} studies: {burst['throughput_node_per_min']:.1f} studies/min "
+                f"(pipeline median {burst['pipeline_median_s']:.2f} s/study); all SRs in Orthanc after "
+                f"{burst['wall_s']:.0f} s"
+            )
+            print(
+                f"    RSS node+worker MB: start {s0['total_mb']:.0f}, 25% {mk['25%']['total_mb']:.0f}, "
+                f"50% {mk['50%']['total_mb']:.0f}, 75% {mk['75%']['total_mb']:.0f}, "
+                f"100% {mk['100%']['total_mb']:.0f}, max {mx['total_mb']:.0f}; "
+                f"slope {sl['total_mb']:+.2f} MB/10 studies over the second half -> "
+                f"flat: { {True: 'YES', False: 'NO', None: 'n/a'}[burst['flat']] }"
+            )
         print("=" * 100)
         if args.out:
             (work / "results.json").write_text(json.dumps(result, indent=1, default=str))

@@ -6,6 +6,7 @@ storescp (writing to a temp dir), in the same run. Prints files/s and MB/s for b
 
 The node writes each file fsync'd and commits a database row before it acknowledges; storescp does neither.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def make_files(folder: Path, count: int, size: int) -> list[Path]:
 
 def send(port: int, aet: str, files: list[Path]) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run(["storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["storescu", "-aec", aet, "127.0.0.1", str(port), *map(str, files)], capture_output=True, text=True
+    )
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"storescu failed: {r.stderr[-2000:]}")
@@ -49,8 +51,11 @@ def bench_storescp(files: list[Path], work: Path) -> float:
     out = work / "storescp-out"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(1.0)
         dt = send(port, "STORESCP", files)
@@ -63,8 +68,9 @@ def bench_storescp(files: list[Path], work: Path) -> float:
 
 
 def bench_node(files: list[Path], work: Path) -> float:
-    node = NodeProcess(work / "node", studies={"stable_after_s": 3600}, storage={"min_free_disk_mb": 1},
-                       logging={"level": "WARNING"})
+    node = NodeProcess(
+        work / "node", studies={"stable_after_s": 3600}, storage={"min_free_disk_mb": 1}, logging={"level": "WARNING"}
+    )
     node.start()
     try:
         dt = send(node.port, node.ae_title, files)
@@ -87,7 +93,7 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{len(files)} files, {mb:.0f} MB, {args.size}x{args.size} 16-bit DX, one association each")
         node_t, scp_t = [], []
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             scp_t.append(bench_storescp(files, work))
             node_t.append(bench_node(files, work))
         ts, tn = min(scp_t), min(node_t)

@@ -15,6 +15,7 @@ i.e. how much the non-network work costs on top of the two networks (1.0 = none)
 Models: the files named in ``config.yaml`` (``models/classifier.pt``, ``models/detector.pt``) when
 they exist, else tiny random-weight models (printed), which time the plumbing, not real networks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ from inference.preprocess import apply_clahe, to_model_input, working_image  # n
 
 def _default_models() -> tuple[Path, Path, FusionParams, str]:
     from dicom_node.config import load_config
+
     cfg_file = REPO / "config.yaml"
     cfg = load_config(cfg_file) if cfg_file.exists() else load_config(None)
     m = cfg.inference.models
@@ -56,23 +58,25 @@ def bench_file(pipe: Pipeline, path: Path, reps: int) -> dict[str, float]:
     for i in range(reps + 1):
         t: dict[str, float] = {}
         (img, _), t["decode"] = _timed(decode_image, path, at_least=pipe.working_size)
-        (work, _), t["resize to working size"] = _timed(working_image, img,
-                                                        max(clf.preprocess.input_size, det.preprocess.input_size))
+        (work, _), t["resize to working size"] = _timed(
+            working_image, img, max(clf.preprocess.input_size, det.preprocess.input_size)
+        )
         clahe, t["clahe"] = _timed(apply_clahe, work, clf.preprocess)
         (xc, _), t["classifier input"] = _timed(to_model_input, clahe, clf.preprocess)
         p, t["classifier forward"] = _timed(clf.predict, xc[None])
         (xd, geom), t["detector input"] = _timed(to_model_input, clahe, det.preprocess)
         raw, t["detector forward"] = _timed(det.forward, xd[None])
 
-        def nms():
+        def nms(raw=raw, geom=geom):
             d = det.postprocess(raw, conf=fusion.detector_conf, max_det=300)[0]
             return d, geom.to_source(d[:, :4])
+
         (d, boxes), t["nms + mapping"] = _timed(nms)
         _, t["fusion"] = _timed(fuse, float(p[0]), boxes, d[:, 4], d[:, 5], fusion)
         t0 = time.perf_counter()
         pipe.run(decode_image(path, at_least=pipe.working_size)[0])
         t["whole (decode + Pipeline.run)"] = time.perf_counter() - t0
-        if i:                                   # first round is warm-up
+        if i:  # first round is warm-up
             for k, v in t.items():
                 runs.setdefault(k, []).append(v)
     return {k: statistics.median(v) for k, v in runs.items()}
@@ -98,16 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"models: {clf_path} and {det_path}")
     else:
         from support.models import make_tiny_models
+
         tmp = tempfile.TemporaryDirectory(prefix="bench-models-")
         clf_path, det_path = make_tiny_models(tmp.name, p_abnormal=0.9, detector_logit=1.0)
-        print(f"models: {REPO / 'models'} has no classifier.pt/detector.pt -> TINY RANDOM models "
-              "(mobilenetv2_050 @64, yolov8n @128): plumbing timings only, not real networks")
+        print(
+            f"models: {REPO / 'models'} has no classifier.pt/detector.pt -> TINY RANDOM models "
+            "(mobilenetv2_050 @64, yolov8n @128): plumbing timings only, not real networks"
+        )
     pipe = Pipeline.from_files(clf_path, det_path, fusion, device=device)
     for m, kind in zip(pipe.models, ("classifier", "detector")):
         size = (pipe.classifier if kind == "classifier" else pipe.detector).preprocess.input_size
         print(f"  {kind}: {m.architecture} v{m.version} input {size} sha256 {m.sha256[:12]}")
-    print(f"device {device}, torch threads {torch.get_num_threads()}, fusion {fusion.mode}, "
-          f"median of {args.reps} runs after 1 warm-up\n")
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, fusion {fusion.mode}, "
+        f"median of {args.reps} runs after 1 warm-up\n"
+    )
 
     files = sorted(args.samples.glob("*.dcm"))
     if not files:
@@ -116,14 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     for f in files:
         med = bench_file(pipe, f, args.reps)
         from pydicom import dcmread
+
         hdr = dcmread(f, stop_before_pixels=True, force=True)
         shape = decode_image(f, at_least=pipe.working_size)[0].shape
         print(f"{f.name}  ({hdr.Rows} x {hdr.Columns}, decoded at {shape[0]} x {shape[1]})")
         for k, v in med.items():
             print(f"  {k:32s} {v * 1000:9.1f} ms")
         nets = med["classifier forward"] + med["detector forward"]
-        print(f"  {'overhead ratio':32s} {med['whole (decode + Pipeline.run)'] / nets:9.2f}  "
-              "(whole / (classifier forward + detector forward))\n")
+        print(
+            f"  {'overhead ratio':32s} {med['whole (decode + Pipeline.run)'] / nets:9.2f}  "
+            "(whole / (classifier forward + detector forward))\n"
+        )
     if tmp is not None:
         tmp.cleanup()
     return 0

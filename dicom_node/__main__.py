@@ -2,5 +2,5 @@ import sys
 
 from dicom_node.cli import main
 
-if __name__ == "__main__":   # guarded: worker processes are spawned and re-import the main module
+if __name__ == "__main__":  # guarded: worker processes are spawned and re-import the main module
     sys.exit(main())

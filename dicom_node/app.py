@@ -13,6 +13,7 @@ handlers, torch's thread count.
 
 Importing this module does not import torch: only worker processes and ``analyze`` load the models.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SENDER_POLL_S = 0.1   # how often the outbox is checked for due deliveries (a cheap indexed query)
+SENDER_POLL_S = 0.1  # how often the outbox is checked for due deliveries (a cheap indexed query)
 
 
 def open_store(config: Config) -> Store:
@@ -74,8 +75,9 @@ class Node:
         self.assembler = StudyAssembler(self.store, self.scheduler)
         self.listener = Listener(config.node, StoreHandler(config, self.store, on_stored=self.assembler.arm))
         self.sender = Sender(config, self.store)
-        self.workers = [WorkerProcess(worker_main, config.model_dump(mode="json"), i)
-                        for i in range(config.workers.count)]
+        self.workers = [
+            WorkerProcess(worker_main, config.model_dump(mode="json"), i) for i in range(config.workers.count)
+        ]
         self._stopped = threading.Event()
 
     @property
@@ -97,8 +99,15 @@ class Node:
             w.start()
         if self.workers:
             log.info("started %d worker process(es)", len(self.workers))
-        self.scheduler.add_job(self.sender.run_due, "interval", seconds=SENDER_POLL_S, id="sender",
-                               max_instances=1, coalesce=True, misfire_grace_time=None)
+        self.scheduler.add_job(
+            self.sender.run_due,
+            "interval",
+            seconds=SENDER_POLL_S,
+            id="sender",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
         return port
 
     def stop(self) -> None:
@@ -149,8 +158,10 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None) -> None:
     except Exception as exc:
         # Say why in one line (e.g. a missing model file), then exit; a bug also gets its traceback.
         from dicom_node.errors import DicomNodeError
-        log.error("worker %s cannot start: %s", name,
-                  exc if isinstance(exc, DicomNodeError) else "\n" + safe_traceback(exc))
+
+        log.error(
+            "worker %s cannot start: %s", name, exc if isinstance(exc, DicomNodeError) else "\n" + safe_traceback(exc)
+        )
         store.close()
         raise SystemExit(1) from exc
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
@@ -160,4 +171,3 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None) -> None:
         worker.run(parent_pid)
     finally:
         store.close()
-

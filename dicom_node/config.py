@@ -7,11 +7,13 @@ Environment overrides exist only for paths and secrets:
 - ``DICOM_NODE_STORAGE_ROOT`` overrides ``storage.root``
 - ``DICOM_NODE_DATABASE_URL`` overrides ``storage.database_url``
 """
+
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,8 +30,9 @@ class _Strict(BaseModel):
 
 def _ae_title(value: str) -> str:
     if not 1 <= len(value) <= 16 or not value.isascii() or "\\" in value or value.strip() != value:
-        raise ValueError(f"{value!r} is not a valid AE title (1-16 ASCII characters, no backslash, "
-                         "no leading/trailing spaces)")
+        raise ValueError(
+            f"{value!r} is not a valid AE title (1-16 ASCII characters, no backslash, no leading/trailing spaces)"
+        )
     return value
 
 
@@ -75,27 +78,46 @@ class StudiesConfig(_Strict):
 
 class SelectionConfig(_Strict):
     """Which received instances are analysed. Everything else is stored and marked skipped."""
+
     modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
     view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP"])
-    body_parts: list[str] = Field(default_factory=lambda: ["CHEST", "THORAX", "LUNG", "TORAX", "THORAX_AP", "CHEST_AP", "CHEST_PA"])
+    body_parts: list[str] = Field(
+        default_factory=lambda: ["CHEST", "THORAX", "LUNG", "TORAX", "THORAX_AP", "CHEST_AP", "CHEST_PA"]
+    )
     # Many modalities leave BodyPartExamined empty: accept a missing body part by default.
     allow_missing_body_part: bool = True
     # A missing ViewPosition is common on older CR: analyse it only when this is true.
     allow_missing_view_position: bool = False
 
 
+def default_model(name: str) -> Path:
+    """A model file shipped with dicom-node, wherever it runs from: ``models/`` beside the packages (a source
+    checkout or an editable install), else ``<prefix>/share/dicom-node/models`` (where a wheel installs them,
+    see ``pyproject.toml``). When neither has it, the first place, so that the error names a real path."""
+    candidates = [
+        Path(__file__).resolve().parents[1] / "models" / name,
+        Path(sys.prefix) / "share" / "dicom-node" / "models" / name,
+    ]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
 class ModelsConfig(_Strict):
-    classifier: Path = Path("models/classifier.pt")
-    detector: Path = Path("models/detector.pt")
+    classifier: Path = Field(default_factory=lambda: default_model("classifier.pt"))  # null = shipped model
+    detector: Path = Field(default_factory=lambda: default_model("detector.pt"))
     device: str = "cpu"
-    threads: int | None = Field(None, ge=1)   # torch threads per worker; null = torch's default (all cores)
+    threads: int | None = Field(None, ge=1)  # torch threads per worker; null = torch's default (all cores)
+
+    @field_validator("classifier", "detector", mode="before")
+    @classmethod
+    def _shipped_model(cls, value: Any, info: Any) -> Any:
+        return default_model(f"{info.field_name}.pt") if value is None else value
 
 
 class FusionConfig(_Strict):
     mode: Literal["gate", "soft"] = "soft"
-    abnormal_threshold: float = Field(0.5, ge=0, le=1)   # gate: detect only when p_abnormal >= this
-    min_score: float = Field(0.25, ge=0, le=1)          # findings below this fused score are dropped
-    detector_conf: float = Field(0.05, ge=0, le=1)      # raw detector confidence floor
+    abnormal_threshold: float = Field(0.5, ge=0, le=1)  # gate: detect only when p_abnormal >= this
+    min_score: float = Field(0.25, ge=0, le=1)  # findings below this fused score are dropped
+    detector_conf: float = Field(0.05, ge=0, le=1)  # raw detector confidence floor
     max_findings: int = Field(20, ge=1)
 
 
@@ -105,9 +127,11 @@ class InferenceConfig(_Strict):
 
 
 class WorkersConfig(_Strict):
-    count: int = Field(1, ge=0)          # worker processes started by `serve` (0 = none, run `dicom-node worker`)
+    count: int = Field(1, ge=0)  # worker processes started by `serve` (0 = none, run `dicom-node worker`)
     poll_interval_s: float = Field(0.1, gt=0)
-    job_lease_s: float = Field(60, gt=0)  # renewed while a worker works; a job whose worker died is taken over after this
+    job_lease_s: float = Field(
+        60, gt=0
+    )  # renewed while a worker works; a job whose worker died is taken over after this
 
 
 class OutputsConfig(_Strict):
@@ -122,7 +146,7 @@ class DestinationConfig(_Strict):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "sc"])
+    outputs: list[OutputKind] = Field(default_factory=lambda: list[OutputKind](["sr", "sc"]))
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -130,7 +154,7 @@ class DestinationConfig(_Strict):
 class DeliveryConfig(_Strict):
     backoff_initial_s: float = Field(5, gt=0)
     backoff_max_s: float = Field(600, gt=0)
-    max_attempts: int = Field(50, ge=1)       # transient failures after this many tries -> failed
+    max_attempts: int = Field(50, ge=1)  # transient failures after this many tries -> failed
     connect_timeout_s: float = Field(10, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
 

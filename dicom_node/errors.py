@@ -28,6 +28,7 @@ from the project: ``storage.errors`` and ``inference.errors`` derive their branc
 here, the only import those packages make from ``dicom_node`` (checked by the import contracts in
 ``pyproject.toml``). Import each error from the module that defines it.
 """
+
 from __future__ import annotations
 
 
@@ -69,4 +70,3 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """A failure that retrying will not fix (rejected association, Cxxx/A9xx status)."""
-

@@ -4,6 +4,7 @@ The node logs job ids, AE titles, SOP class names, statuses and timings only. py
 log request/response identifiers (and at DEBUG level whole datasets), so it is kept at WARNING and its
 identifier logging is switched off.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,7 @@ def setup_logging(level: str = "INFO") -> None:
     # Third-party loggers: pynetdicom and highdicom would log identifiers at INFO/DEBUG.
     for noisy in ("pynetdicom", "highdicom", "apscheduler", "PIL", "matplotlib", "urllib3", "ultralytics", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    for chatty in ("apscheduler.executors.default", "apscheduler.scheduler"):   # "job skipped: still running"
+    for chatty in ("apscheduler.executors.default", "apscheduler.scheduler"):  # "job skipped: still running"
         logging.getLogger(chatty).setLevel(logging.ERROR)
 
 
@@ -45,8 +46,11 @@ def safe_traceback(exc: BaseException) -> str:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         frames = "".join(traceback.format_tb(current.__traceback__))
-        text = (f"{type(current).__name__}: {current}" if isinstance(current, DicomNodeError)
-                else f"{type(current).__module__}.{type(current).__name__} (message withheld: may hold patient data)")
+        text = (
+            f"{type(current).__name__}: {current}"
+            if isinstance(current, DicomNodeError)
+            else f"{type(current).__module__}.{type(current).__name__} (message withheld: may hold patient data)"
+        )
         parts.append(f"Traceback (most recent call last):\n{frames}{text}")
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return "\n\nwhich was caused by:\n".join(parts)

@@ -1,4 +1,5 @@
 """Shared fixtures. Real processes, real associations on 127.0.0.1, real dcmtk tools; no mocks."""
+
 from __future__ import annotations
 
 import os
@@ -57,6 +58,7 @@ def node_factory(tmp_path):
 def postgres_server():
     """One throwaway PostgreSQL server for the session (Debian's postgresql package, see tests/postgres.py)."""
     from support.postgres import PostgresServer, find_bin
+
     bindir = find_bin()
     if bindir is None:
         pytest.fail("PostgreSQL server binaries are missing: apt-get install -y postgresql (README, set-up)")

@@ -1,4 +1,5 @@
 """kill -9 in the middle of a transfer: every acknowledged instance survives, and study timers still fire."""
+
 from __future__ import annotations
 
 import re
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pydicom
 from pydicom.uid import generate_uid
+from test_ingest import by_sop
 
 from support.dicom_factory import make_cxr
 from support.node import wait_for
-from test_ingest import by_sop
 
 
 def test_kill9_during_storescu_loses_no_acknowledged_instance(node_factory, tmp_path):
@@ -21,8 +22,12 @@ def test_kill9_during_storescu_loses_no_acknowledged_instance(node_factory, tmp_
     for i in range(150):
         p = tmp_path / "in" / f"{i:03d}.dcm"
         files[str(p)] = make_cxr(p, rows=384, cols=384, study_uid=study, modality="CR").SOPInstanceUID
-    proc = subprocess.Popen(["storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["storescu", "-v", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     acked: list[str] = []
     current = None
     killed = threading.Event()
@@ -38,7 +43,7 @@ def test_kill9_during_storescu_loses_no_acknowledged_instance(node_factory, tmp_
     proc.wait(60)
     assert killed.is_set(), "storescu finished before the node was killed"
     assert 40 <= len(acked) < 150
-    node.start()   # same folder, same config
+    node.start()  # same folder, same config
     rows = by_sop(node)
     for sop in acked:
         assert sop in rows, "an acknowledged instance was lost"
@@ -53,8 +58,9 @@ def test_kill9_during_storescu_loses_no_acknowledged_instance(node_factory, tmp_
     assert st["studies"]["receiving"] == 0
     # the rest of the study arrives later: a new job (re-analysis), no image lost
     rest = [f for f, sop in files.items() if sop not in set(acked)]
-    r = subprocess.run(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *rest],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *rest], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert len(by_sop(node)) == 150
     wait_for(lambda: node.status()["studies"]["receiving"] == 0, 30, what="study stable again")

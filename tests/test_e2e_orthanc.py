@@ -1,6 +1,7 @@
 """End to end with a real PACS: Orthanc auto-routes chest X-rays to the node (Lua rule), the node analyses each
 study and sends SR, SC and GSPS back; found through Orthanc's REST API and compared with `dicom-node analyze`.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ from pydicom.uid import generate_uid
 
 from support.dicom_factory import make_cxr
 from support.models import make_tiny_models
-from support.node import free_port, wait_for
+from support.node import wait_for
 from support.orthanc import Orthanc
 
-FINDING = "121071"   # DCM "Finding"
+FINDING = "121071"  # DCM "Finding"
 
 
 def content_items(ds):
@@ -33,8 +34,11 @@ def sr_findings(sr) -> list[tuple[str, str, tuple[float, float, float, float]]]:
     for group in content_items(sr):
         children = group.get("ContentSequence", [])
         scoords = [c for c in children if c.ValueType == "SCOORD"]
-        codes = [c.ConceptCodeSequence[0].CodeValue for c in children if c.ValueType == "CODE"
-                 and c.ConceptNameCodeSequence[0].CodeValue == FINDING]
+        codes = [
+            c.ConceptCodeSequence[0].CodeValue
+            for c in children
+            if c.ValueType == "CODE" and c.ConceptNameCodeSequence[0].CodeValue == FINDING
+        ]
         if not scoords or not codes:
             continue
         sc = scoords[0]
@@ -50,8 +54,12 @@ def analyze(files: list[Path], models: dict, out: Path, tmp_path: Path) -> dict[
     """Run `dicom-node analyze` on the same files with the same models: {SOP Instance UID: result JSON}."""
     cfg = tmp_path / "analyze.yaml"
     cfg.write_text(json.dumps({"inference": {"models": models, "fusion": {"max_findings": 5}}}))
-    r = subprocess.run([sys.executable, "-m", "dicom_node", "analyze", *map(str, files), "--output", str(out),
-                        "--config", str(cfg)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "analyze", *map(str, files), "--output", str(out), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     results = {}
     for f in files:
@@ -75,10 +83,13 @@ def pacs_and_node(tmp_path, node_factory, models):
     def make(node_over: dict | None = None, **orthanc_kw):
         pacs = Orthanc(tmp_path / f"orthanc{len(started)}", **orthanc_kw).start()
         started.append(pacs)
-        cfg = dict(workers={"count": 1, "job_lease_s": 5},
-                   inference={"models": models, "fusion": {"max_findings": 5}}, studies={"stable_after_s": 2},
-                   destinations=[pacs.as_destination(outputs=("sr", "sc", "gsps"))],
-                   delivery={"backoff_initial_s": 1, "backoff_max_s": 3, "connect_timeout_s": 3})
+        cfg = dict(
+            workers={"count": 1, "job_lease_s": 5},
+            inference={"models": models, "fusion": {"max_findings": 5}},
+            studies={"stable_after_s": 2},
+            destinations=[pacs.as_destination(outputs=("sr", "sc", "gsps"))],
+            delivery={"backoff_initial_s": 1, "backoff_max_s": 3, "connect_timeout_s": 3},
+        )
         cfg.update(node_over or {})
         node = node_factory(**cfg)
         pacs.route_to_node(node.port)
@@ -96,10 +107,13 @@ def results_in(pacs: Orthanc, study_uid: str) -> dict[str, list]:
 def test_pacs_routes_chest_studies_and_gets_results_back(pacs_and_node, samples_dir, tmp_path, models):
     pacs, node = pacs_and_node()
     study = generate_uid()
-    files = [samples_dir / "pydicomdata_RG1_J2KI.dcm", samples_dir / "fodicom_CR-MONO1-10-chest.dcm",
-             make_cxr(tmp_path / "s1.dcm", study_uid=study, rows=320, cols=256) and tmp_path / "s1.dcm",
-             make_cxr(tmp_path / "s2.dcm", study_uid=study, view="AP", modality="CR",
-                      photometric="MONOCHROME1") and tmp_path / "s2.dcm"]
+    files = [
+        samples_dir / "pydicomdata_RG1_J2KI.dcm",
+        samples_dir / "fodicom_CR-MONO1-10-chest.dcm",
+        make_cxr(tmp_path / "s1.dcm", study_uid=study, rows=320, cols=256) and tmp_path / "s1.dcm",
+        make_cxr(tmp_path / "s2.dcm", study_uid=study, view="AP", modality="CR", photometric="MONOCHROME1")
+        and tmp_path / "s2.dcm",
+    ]
     hand = make_cxr(tmp_path / "hand.dcm", body_part="HAND")
     lateral = make_cxr(tmp_path / "lat.dcm", view="LL")
     r = pacs.storescu(*files, tmp_path / "hand.dcm", tmp_path / "lat.dcm", extra=("-xw",))
@@ -110,6 +124,7 @@ def test_pacs_routes_chest_studies_and_gets_results_back(pacs_and_node, samples_
 
     def all_sr_arrived():
         return all(len(pacs.instances_by_modality(s, "SR")) == 1 for s in studies)
+
     wait_for(all_sr_arrived, 300, interval=1, what="an SR in every chest study")
     wait_for(lambda: node.status()["deliveries"]["pending"] == 0, 60, what="all deliveries done")
 
@@ -121,12 +136,20 @@ def test_pacs_routes_chest_studies_and_gets_results_back(pacs_and_node, samples_
         assert len(got["SR"]) == 1 and len(got["OT"]) == len(sources) and len(got["PR"]) == len(sources)
         sr = got["SR"][0]
         assert sr.Modality == "SR" and sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
-        evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-                    for ser in s.ReferencedSeriesSequence for i in ser.ReferencedSOPSequence}
+        evidence = {
+            i.ReferencedSOPInstanceUID
+            for s in sr.CurrentRequestedProcedureEvidenceSequence
+            for ser in s.ReferencedSeriesSequence
+            for i in ser.ReferencedSOPSequence
+        }
         assert evidence == sources
         in_sr = sorted(sr_findings(sr))
-        want = sorted((sop, f["code"]["value"], tuple(f["box"])) for sop, e in expected.items() if sop in sources
-                      for f in e["findings"])
+        want = sorted(
+            (sop, f["code"]["value"], tuple(f["box"]))
+            for sop, e in expected.items()
+            if sop in sources
+            for f in e["findings"]
+        )
         assert [(s, c) for s, c, _ in in_sr] == [(s, c) for s, c, _ in want]
         for (_, _, a), (_, _, b) in zip(in_sr, want):
             assert all(abs(x - y) <= 0.5 for x, y in zip(a, b)), (a, b)
@@ -147,9 +170,13 @@ def test_pacs_down_during_analysis_every_result_arrives_once(pacs_and_node, tmp_
     assert pacs.storescu(tmp_path / "a.dcm").returncode == 0
     wait_for(lambda: node.status()["instances"]["total"] == 1, 60, what="routed to the node")
     pacs.stop()
-    wait_for(lambda: node.status()["deliveries"]["pending"] == 3 and "cannot connect" in node.log(), 300,
-             interval=1, what="deliveries failing while the PACS is down")
-    time.sleep(8)   # keep it down through several retries
+    wait_for(
+        lambda: node.status()["deliveries"]["pending"] == 3 and "cannot connect" in node.log(),
+        300,
+        interval=1,
+        what="deliveries failing while the PACS is down",
+    )
+    time.sleep(8)  # keep it down through several retries
     pacs.restart()
     wait_for(lambda: node.status()["deliveries"]["delivered"] == 3, 120, interval=1, what="delivered after restart")
     got = results_in(pacs, ds.StudyInstanceUID)
@@ -164,19 +191,27 @@ def test_kill9_node_during_job_and_with_pending_deliveries(pacs_and_node, tmp_pa
     wait_for(lambda: "job 1: analysing" in node.log(), 120, interval=0.05, what="job running")
     node.kill()
     node.start()
-    wait_for(lambda: len(pacs.instances_by_modality(a.StudyInstanceUID, "SR")) == 1, 180, interval=1,
-             what="SR after restart")
+    wait_for(
+        lambda: len(pacs.instances_by_modality(a.StudyInstanceUID, "SR")) == 1, 180, interval=1, what="SR after restart"
+    )
     wait_for(lambda: node.status()["deliveries"]["delivered"] == 3, 60, what="all delivered")
     # 2. killed while deliveries are pending (PACS down): the same objects are delivered once after restart
     pacs.stop()
     b = make_cxr(tmp_path / "b.dcm")
     ae_port = node.port
-    r = subprocess.run(["storescu", "-aet", "ORTHANC", "-aec", "DICOM_NODE", "127.0.0.1", str(ae_port),
-                        str(tmp_path / "b.dcm")], capture_output=True, text=True)
+    r = subprocess.run(
+        ["storescu", "-aet", "ORTHANC", "-aec", "DICOM_NODE", "127.0.0.1", str(ae_port), str(tmp_path / "b.dcm")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     wait_for(lambda: node.status()["deliveries"]["pending"] == 3, 180, interval=1, what="pending deliveries")
-    pending = {r["sop_instance_uid"] for r in node.rows(
-        "SELECT r.sop_instance_uid FROM deliveries d JOIN results r ON r.id = d.result_id WHERE d.state='pending'")}
+    pending = {
+        r["sop_instance_uid"]
+        for r in node.rows(
+            "SELECT r.sop_instance_uid FROM deliveries d JOIN results r ON r.id = d.result_id WHERE d.state='pending'"
+        )
+    }
     node.kill()
     pacs.restart()
     node.start()
@@ -191,8 +226,9 @@ def test_outputs_routed_back_by_the_pacs_are_ignored(pacs_and_node, tmp_path):
     pacs, node = pacs_and_node(route_everything=True, skip_node_outputs=False)
     ds = make_cxr(tmp_path / "a.dcm")
     assert pacs.storescu(tmp_path / "a.dcm").returncode == 0
-    wait_for(lambda: node.status()["instances"]["total"] == 4, 300, interval=1,
-             what="the node's 3 outputs routed back to it")
+    wait_for(
+        lambda: node.status()["instances"]["total"] == 4, 300, interval=1, what="the node's 3 outputs routed back to it"
+    )
     time.sleep(4)
     st = node.status()
     assert st["instances"] == {"total": 4, "eligible": 1, "skipped": 3}

@@ -1,4 +1,5 @@
 """Receiving over DICOM: real `dicom-node serve` processes, dcmtk clients and pynetdicom on 127.0.0.1."""
+
 from __future__ import annotations
 
 import subprocess
@@ -54,29 +55,38 @@ def test_real_samples_stored_byte_for_byte(node_factory, samples_dir):
         assert row["modality"] == "CR" and row["view_position"] == "PA" and row["calling_ae"] == "STORESCU"
         stored = pydicom.dcmread(row["path"])
         assert stored.StudyInstanceUID == original.StudyInstanceUID
-        if syntax:   # compressed data is kept as received, never decoded and re-encoded
+        if syntax:  # compressed data is kept as received, never decoded and re-encoded
             assert stored.file_meta.TransferSyntaxUID == syntax
             assert stored.PixelData == original.PixelData
     assert node.status()["instances"] == {"total": 2, "eligible": 2, "skipped": 0}
 
 
-@pytest.mark.parametrize("photometric,bits,syntax,flag", [
-    ("MONOCHROME2", 12, None, ()),
-    ("MONOCHROME1", 16, None, ()),
-    ("MONOCHROME2", 8, "jpeg-baseline", ("-xy",)),
-    ("MONOCHROME1", 12, "jpeg-ls", ("-xt",)),
-    ("MONOCHROME2", 16, "rle", ("-xr",)),
-    ("MONOCHROME2", 12, "jpeg-lossless", ("-xs",)),
-    ("MONOCHROME2", 12, "deflate", ("-xd",)),
-])
+@pytest.mark.parametrize(
+    "photometric,bits,syntax,flag",
+    [
+        ("MONOCHROME2", 12, None, ()),
+        ("MONOCHROME1", 16, None, ()),
+        ("MONOCHROME2", 8, "jpeg-baseline", ("-xy",)),
+        ("MONOCHROME1", 12, "jpeg-ls", ("-xt",)),
+        ("MONOCHROME2", 16, "rle", ("-xr",)),
+        ("MONOCHROME2", 12, "jpeg-lossless", ("-xs",)),
+        ("MONOCHROME2", 12, "deflate", ("-xd",)),
+    ],
+)
 def test_synthetic_radiographs_in_every_transfer_syntax(node_factory, tmp_path, photometric, bits, syntax, flag):
     node = node_factory()
-    make_cxr(tmp_path / "img.dcm", modality="CR" if bits == 16 else "DX", photometric=photometric,
-                  bits_stored=bits, rows=128, cols=96)
+    make_cxr(
+        tmp_path / "img.dcm",
+        modality="CR" if bits == 16 else "DX",
+        photometric=photometric,
+        bits_stored=bits,
+        rows=128,
+        cols=96,
+    )
     path = compress(tmp_path / "img.dcm", syntax) if syntax else tmp_path / "img.dcm"
     sent = pydicom.dcmread(path)
     ok(node.storescu(path, extra=flag))
-    row = by_sop(node)[sent.SOPInstanceUID]   # lossy compression gives the copy a new UID
+    row = by_sop(node)[sent.SOPInstanceUID]  # lossy compression gives the copy a new UID
     assert row["eligible"] == 1
     stored = pydicom.dcmread(row["path"])
     assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
@@ -105,7 +115,7 @@ def test_large_radiographs_arrive_intact_in_many_pdus(node_factory, tmp_path, ma
     for i, original in enumerate(files):
         stored = pydicom.dcmread(rows[original.SOPInstanceUID]["path"])
         assert stored.PixelData == original.PixelData, f"file {i}"
-        assert stored == original      # every element, not only the pixels
+        assert stored == original  # every element, not only the pixels
 
 
 def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(node_factory, tmp_path):
@@ -121,24 +131,29 @@ def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(node_factory, 
     assert "skipped: view position LL" in node.log()
     st = node.status()
     assert st["instances"] == {"total": 2, "eligible": 0, "skipped": 2}
-    assert st["jobs"]["total"] == 0   # nothing to analyse: no job, even after the stable delay
+    assert st["jobs"]["total"] == 0  # nothing to analyse: no job, even after the stable delay
     assert Path(rows[hand.SOPInstanceUID]["path"]).exists()
 
 
-@pytest.mark.parametrize("garbage,code,comment", [
-    (b"\x08\x00\x16\x00ZZ\x04\x00abcd", 0xC210, "cannot be decoded"),                     # unknown VR
-    (b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\x01\x02\x03\x04\x05", 0xC210, "cannot be decoded"),  # broken SQ
-    (b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40, 0xA900, "missing StudyInstanceUID"),   # length past the end
-])
-def test_malformed_dataset_gets_a_clear_status_and_node_keeps_serving(node_factory, tmp_path, monkeypatch,
-                                                                       garbage, code, comment):
+@pytest.mark.parametrize(
+    "garbage,code,comment",
+    [
+        (b"\x08\x00\x16\x00ZZ\x04\x00abcd", 0xC210, "cannot be decoded"),  # unknown VR
+        (b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\x01\x02\x03\x04\x05", 0xC210, "cannot be decoded"),  # broken SQ
+        (b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40, 0xA900, "missing StudyInstanceUID"),  # length past the end
+    ],
+)
+def test_malformed_dataset_gets_a_clear_status_and_node_keeps_serving(
+    node_factory, tmp_path, monkeypatch, garbage, code, comment
+):
     from pynetdicom import _config
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)   # send the file's bytes as they are
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are
     node = node_factory()
     make_cxr(tmp_path / "good.dcm")
     # Valid file meta, garbage data set: the SCU streams the bytes as they are.
     raw = (tmp_path / "good.dcm").read_bytes()
-    meta_end = raw.index(b"\x08\x00\x05\x00")   # first data set element (0008,0005)
+    meta_end = raw.index(b"\x08\x00\x05\x00")  # first data set element (0008,0005)
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(raw[:meta_end] + garbage)
     ae = AE(ae_title="PYSCU")
@@ -146,11 +161,11 @@ def test_malformed_dataset_gets_a_clear_status_and_node_keeps_serving(node_facto
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     assert assoc.is_established
     status = assoc.send_c_store(bad)
-    assert status.Status == code, hex(status.Status)   # a failure senders do not retry: the data is bad
+    assert status.Status == code, hex(status.Status)  # a failure senders do not retry: the data is bad
     assert comment in status.ErrorComment
-    assert assoc.send_c_store(tmp_path / "good.dcm").Status == 0x0000   # the same association still works
+    assert assoc.send_c_store(tmp_path / "good.dcm").Status == 0x0000  # the same association still works
     assoc.release()
-    ok(node.storescu(tmp_path / "good.dcm"))                 # and new ones too
+    ok(node.storescu(tmp_path / "good.dcm"))  # and new ones too
     assert node.proc.poll() is None
     assert node.status()["instances"]["total"] == 1
     assert "Traceback" not in node.log()
@@ -165,7 +180,7 @@ def test_missing_study_uid_refused(node_factory, tmp_path):
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     status = assoc.send_c_store(ds)
     assoc.release()
-    assert status.Status == 0xA900 and "StudyInstanceUID" in status.ErrorComment   # does not match its IOD
+    assert status.Status == 0xA900 and "StudyInstanceUID" in status.ErrorComment  # does not match its IOD
 
 
 def test_calling_and_called_ae_checks(node_factory, tmp_path):
@@ -241,23 +256,33 @@ def test_status_json_documented_shape(node_factory, tmp_path):
     assert set(st["deliveries"]) == {"total", "pending", "delivered", "failed"}
     assert st["last_activity"]["instance_received_at"].startswith("20")
     node.stop()
-    assert node.status() == st      # read straight from storage: works with the node stopped
+    assert node.status() == st  # read straight from storage: works with the node stopped
 
 
 def test_no_phi_in_logs(node_factory, tmp_path):
     node = node_factory(logging={"level": "DEBUG"})
-    canaries = {"PatientName": "CANARY^PHIXQZ", "PatientID": "CANARYID7731", "AccessionNumber": "CANACC9913",
-                "PatientBirthDate": "19010203", "StudyDescription": "CANARYDESC"}
-    make_cxr(tmp_path / "a.dcm", patient_name=canaries["PatientName"], patient_id=canaries["PatientID"],
-             AccessionNumber=canaries["AccessionNumber"], PatientBirthDate=canaries["PatientBirthDate"],
-             StudyDescription=canaries["StudyDescription"])
+    canaries = {
+        "PatientName": "CANARY^PHIXQZ",
+        "PatientID": "CANARYID7731",
+        "AccessionNumber": "CANACC9913",
+        "PatientBirthDate": "19010203",
+        "StudyDescription": "CANARYDESC",
+    }
+    make_cxr(
+        tmp_path / "a.dcm",
+        patient_name=canaries["PatientName"],
+        patient_id=canaries["PatientID"],
+        AccessionNumber=canaries["AccessionNumber"],
+        PatientBirthDate=canaries["PatientBirthDate"],
+        StudyDescription=canaries["StudyDescription"],
+    )
     make_cxr(tmp_path / "b.dcm", patient_name=canaries["PatientName"], view="LL")
     ok(node.storescu(tmp_path / "a.dcm", tmp_path / "b.dcm"))
     wait_for(lambda: node.status()["jobs"]["total"] == 1, 20, what="job")
     status_text = node.cli("status").stdout + node.cli("status", "--json").stdout
     node.stop()
     log = node.log()
-    assert "C-STORE" in log        # the log is not simply empty
+    assert "C-STORE" in log  # the log is not simply empty
     for value in canaries.values():
         assert value not in log, f"{value} leaked into the log"
         assert value not in status_text
@@ -265,14 +290,17 @@ def test_no_phi_in_logs(node_factory, tmp_path):
 
 def test_check_config_names_the_bad_key(tmp_path):
     import sys
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("node:\n  port: 70000\nstudies:\n  stable_after: 3\nstorage:\n  database_url: mysql://db/x\n")
-    r = subprocess.run([sys.executable, "-m", "dicom_node", "check-config", "--config", str(bad)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "check-config", "--config", str(bad)], capture_output=True, text=True
+    )
     assert r.returncode == 2
     assert "node.port" in r.stderr and "studies.stable_after" in r.stderr and "Traceback" not in r.stderr
     assert "storage.database_url" in r.stderr and "postgresql" in r.stderr
     repo_cfg = Path(__file__).resolve().parents[1] / "config.yaml"
-    r = subprocess.run([sys.executable, "-m", "dicom_node", "check-config", "--config", str(repo_cfg)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "check-config", "--config", str(repo_cfg)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,5 @@
 """mAP@0.4 (VinBigData competition rule) and classification metrics on hand-computed cases."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,19 @@ import math
 import numpy as np
 import pytest
 
-from inference.training.metrics import (NO_FINDING_BOX, add_no_finding, binary_metrics, choose_threshold, class_ap,
-                               detection_map, iou_matrix, map_range, roc_auc, voc_ap, voc_ap_11point)
+from inference.training.metrics import (
+    NO_FINDING_BOX,
+    add_no_finding,
+    binary_metrics,
+    choose_threshold,
+    class_ap,
+    detection_map,
+    iou_matrix,
+    map_range,
+    roc_auc,
+    voc_ap,
+    voc_ap_11point,
+)
 from inference.types import NO_FINDING_ID
 
 G1, G2 = (0, 0, 10, 10), (20, 20, 30, 30)
@@ -30,22 +42,26 @@ def test_voc2010_differs_from_11_point():
     # 11-point: t = 0.0..0.5 (6 points) precision 1, t = 0.6..1.0 (5 points) precision 2/3
     assert voc_ap_11point(recall, precision) == pytest.approx((6 + 5 * 2 / 3) / 11)
     assert voc_ap(recall, precision) != pytest.approx(voc_ap_11point(recall, precision))
-    r = class_ap({"a": [G1, G2]}, [("a", 0.9, G1), ("a", 0.8, (50, 50, 60, 60)), ("a", 0.7, G2)],
-                 iou_thr=0.4, interpolation="voc2007")
+    r = class_ap(
+        {"a": [G1, G2]},
+        [("a", 0.9, G1), ("a", 0.8, (50, 50, 60, 60)), ("a", 0.7, G2)],
+        iou_thr=0.4,
+        interpolation="voc2007",
+    )
     assert r.ap == pytest.approx((6 + 5 * 2 / 3) / 11)
 
 
 def test_iou_threshold_is_strict_and_duplicates_are_false_positives():
-    just_04 = (0, 0, 4, 10)                       # IoU with G1 = 40 / 100 = 0.4 exactly
+    just_04 = (0, 0, 4, 10)  # IoU with G1 = 40 / 100 = 0.4 exactly
     assert iou_matrix([just_04], [G1])[0, 0] == pytest.approx(0.4)
-    assert class_ap({"a": [G1]}, [("a", 0.9, just_04)], 0.4).ap == 0.0           # "IoU > 0.4"
+    assert class_ap({"a": [G1]}, [("a", 0.9, just_04)], 0.4).ap == 0.0  # "IoU > 0.4"
     assert class_ap({"a": [G1]}, [("a", 0.9, just_04)], 0.4, strict=False).ap == 1.0
     dup = class_ap({"a": [G1]}, [("a", 0.9, G1), ("a", 0.8, (0, 0, 10, 9))], 0.4)
     assert dup.tp.tolist() == [True, False]
-    assert dup.ap == pytest.approx(1.0)            # the FP comes after full recall
+    assert dup.ap == pytest.approx(1.0)  # the FP comes after full recall
     # a prediction on an image without ground truth of that class is a false positive
     fp_first = class_ap({"a": [G1], "b": []}, [("b", 0.95, G1), ("a", 0.9, G1)], 0.4)
-    assert fp_first.ap == pytest.approx(0.5)       # recall 1 reached at precision 1/2
+    assert fp_first.ap == pytest.approx(0.5)  # recall 1 reached at precision 1/2
 
 
 def test_no_finding_class_14_with_one_pixel_box():
@@ -60,7 +76,7 @@ def test_no_finding_class_14_with_one_pixel_box():
     # class 14, by score: a 0.95 FP, b 0.9 TP, c 0.6 TP -> recall .5 at precision .5, 1 at 2/3
     assert res["per_class"][NO_FINDING_ID].tp.tolist() == [False, True, True]
     assert res["per_class"][NO_FINDING_ID].ap == pytest.approx(2 / 3)
-    assert math.isnan(res["per_class"][0].ap)      # no ground truth: not in the mean
+    assert math.isnan(res["per_class"][0].ap)  # no ground truth: not in the mean
     assert res["map"] == pytest.approx((1.0 + 2 / 3) / 2)
     # ranking the normal images first gives a perfect class-14 AP
     g, p = add_no_finding(gts, preds, {"a": 0.2, "b": 0.9, "c": 0.6})
@@ -69,19 +85,19 @@ def test_no_finding_class_14_with_one_pixel_box():
 
 def test_map_range_uses_coco_thresholds():
     gts = {"a": [(0, G1)]}
-    preds = {"a": [(0, 0.9, (0, 0, 10, 7))]}        # IoU 0.7
+    preds = {"a": [(0, 0.9, (0, 0, 10, 7))]}  # IoU 0.7
     r = map_range(gts, preds, classes=range(1))
     assert r["map50"] == 1.0
     assert r["by_thr"][0.7] == 1.0 and r["by_thr"][0.75] == 0.0
-    assert r["map50_95"] == pytest.approx(5 / 10)   # thresholds 0.50..0.70 hit
+    assert r["map50_95"] == pytest.approx(5 / 10)  # thresholds 0.50..0.70 hit
 
 
 def test_classification_metrics_by_hand():
     y, s = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
-    assert roc_auc(y, s) == pytest.approx(0.75)     # 3 of 4 positive/negative pairs ordered
-    assert roc_auc([0, 1, 1], [0.5, 0.5, 0.9]) == pytest.approx(0.75)   # tie counts one half
+    assert roc_auc(y, s) == pytest.approx(0.75)  # 3 of 4 positive/negative pairs ordered
+    assert roc_auc([0, 1, 1], [0.5, 0.5, 0.9]) == pytest.approx(0.75)  # tie counts one half
     m = binary_metrics(y, s, threshold=0.35)
     assert m["confusion"] == [[1, 1], [0, 2]]
     assert (m["sensitivity"], m["specificity"], m["accuracy"], m["false_negatives"]) == (1.0, 0.5, 0.75, 0)
-    assert choose_threshold(y, s) == pytest.approx(0.8)     # J = 0.5 at 0.8 (first of the ties)
+    assert choose_threshold(y, s) == pytest.approx(0.8)  # J = 0.5 at 0.8 (first of the ties)
     assert choose_threshold(y, s, "sensitivity", 1.0) == pytest.approx(0.35)

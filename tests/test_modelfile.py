@@ -1,4 +1,5 @@
 """inference.modelfile: metadata round trip, fp16 storage, readable refusals."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +10,15 @@ import torch
 from torch import nn
 
 from inference.errors import ModelError
-from inference.modelfile import (CLASSIFIER_CLASSES, FORMAT_VERSION, METADATA_KEY, ModelMetadata,
-                                 load_model_file, read_metadata, save_model_file)
+from inference.modelfile import (
+    CLASSIFIER_CLASSES,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    ModelMetadata,
+    load_model_file,
+    read_metadata,
+    save_model_file,
+)
 from inference.preprocess import PreprocessParams
 from inference.types import FINDING_CLASSES
 
@@ -22,9 +30,15 @@ def _net():
 
 def _save_classifier(path, **kw):
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
-    md = ModelMetadata(kind="classifier", architecture="tiny-test", preprocess=PreprocessParams.for_classifier(64),
-                       version="1.2.3", training_data="synthetic", metrics={"auroc": np.float64(0.75),
-                                                                            "n": np.int64(10)}, **kw)
+    md = ModelMetadata(
+        kind="classifier",
+        architecture="tiny-test",
+        preprocess=PreprocessParams.for_classifier(64),
+        version="1.2.3",
+        training_data="synthetic",
+        metrics={"auroc": np.float64(0.75), "n": np.int64(10)},
+        **kw,
+    )
     save_model_file(path, md, net.state_dict())
     return net
 
@@ -32,7 +46,7 @@ def _save_classifier(path, **kw):
 def test_round_trip_metadata_weights_and_hash(tmp_path):
     p = tmp_path / "clf.pt"
     net = _save_classifier(p, extra={"epochs": 3, "args": {"lr": 1e-3}})
-    raw = torch.load(p, weights_only=True)                 # plain weights_only load works
+    raw = torch.load(p, weights_only=True)  # plain weights_only load works
     assert raw[METADATA_KEY]["format_version"] == FORMAT_VERSION
     assert raw["state_dict"]["0.weight"].dtype == torch.float16
     assert raw["state_dict"]["1.num_batches_tracked"].dtype == torch.int64
@@ -75,12 +89,18 @@ def test_wrong_kind_is_named(tmp_path):
 
 def test_class_list_mismatch(tmp_path):
     p = tmp_path / "det.pt"
-    md = ModelMetadata(kind="detector", architecture="yolov8n", preprocess=PreprocessParams.for_detector(),
-                       classes=FINDING_CLASSES[:10])
+    md = ModelMetadata(
+        kind="detector",
+        architecture="yolov8n",
+        preprocess=PreprocessParams.for_detector(),
+        classes=FINDING_CLASSES[:10],
+    )
     save_model_file(p, md, {"w": torch.zeros(2)}, model_yaml={"nc": 10})
     with pytest.raises(ModelError, match="class list mismatch: the file has 10 classes"):
         load_model_file(p, "detector")
-    assert load_model_file(p, "detector", expected_classes=FINDING_CLASSES[:10]).metadata.classes == FINDING_CLASSES[:10]
+    assert (
+        load_model_file(p, "detector", expected_classes=FINDING_CLASSES[:10]).metadata.classes == FINDING_CLASSES[:10]
+    )
 
 
 def test_detector_needs_yaml(tmp_path):
@@ -89,13 +109,16 @@ def test_detector_needs_yaml(tmp_path):
         save_model_file(tmp_path / "d.pt", md, {"w": torch.zeros(1)})
 
 
-@pytest.mark.parametrize("writer,match", [
-    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n not a torch file"), "not a dicom-node model file"),
-    (lambda p: p.write_text(""), "not a dicom-node model file"),
-    (lambda p: torch.save({"state_dict": {"w": torch.zeros(1)}}, p), "no 'dicom_node_model' metadata"),
-    (lambda p: torch.save(_net(), p), "pickled Python objects"),
-    (lambda p: torch.save([1, 2, 3], p), "no 'dicom_node_model' metadata"),
-])
+@pytest.mark.parametrize(
+    "writer,match",
+    [
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n not a torch file"), "not a dicom-node model file"),
+        (lambda p: p.write_text(""), "not a dicom-node model file"),
+        (lambda p: torch.save({"state_dict": {"w": torch.zeros(1)}}, p), "no 'dicom_node_model' metadata"),
+        (lambda p: torch.save(_net(), p), "pickled Python objects"),
+        (lambda p: torch.save([1, 2, 3], p), "no 'dicom_node_model' metadata"),
+    ],
+)
 def test_non_model_files_are_refused(tmp_path, writer, match):
     p = tmp_path / "weird.pt"
     writer(p)

@@ -1,4 +1,5 @@
 """NIH readers on the real ../shared/datasets files; the split is by patient and deterministic."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_split_is_by_patient_and_deterministic(samples):
     assert sum(len(v) for v in a.values()) == len(samples)
     n = len(samples)
     assert abs(len(a["train"]) / n - 0.70) < 0.03 and abs(len(a["test"]) / n - 0.15) < 0.03
-    for part in a.values():   # stratified: label and view shares close to the whole set
+    for part in a.values():  # stratified: label and view shares close to the whole set
         assert abs(sum(s.abnormal for s in part) / len(part) - 880 / 1308) < 0.05
         normals = [s for s in part if not s.abnormal]
         assert abs(sum(s.view == "AP" for s in normals) / len(normals) - 303 / 428) < 0.08

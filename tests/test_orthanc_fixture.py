@@ -6,19 +6,17 @@ Negative checks need no sleep: Orthanc runs its Lua events one at a time, in arr
 routing job sends in that order, so once a chest image sent *after* an instance has arrived, that
 instance would have arrived before it had it been routed.
 """
+
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 from pathlib import Path
 
-import pydicom
 import pytest
 import yaml
 
-from support.dicom_factory import make_cxr
 from support.dcmtk import DcmtkStoreSCP
+from support.dicom_factory import make_cxr
 from support.node import wait_for
 from support.orthanc import DOCS_CONFIG, DOCS_LUA, NODE_MODALITY, Orthanc, routing_lua
 
@@ -72,7 +70,7 @@ def test_routes_chest_only_and_keeps_data_over_restart(tmp_path, node_standin, o
     assert pacs.storescu(tmp_path / "chest.dcm").returncode == 0
     got = wait_for(lambda: node_standin.dataset(chest.SOPInstanceUID), 30, what="chest CR routed to the node")
     assert got.StudyInstanceUID == chest.StudyInstanceUID and got.Modality == "CR"
-    assert node_standin.received_uids() == {chest.SOPInstanceUID}      # the hand stayed in the PACS
+    assert node_standin.received_uids() == {chest.SOPInstanceUID}  # the hand stayed in the PACS
 
     study_id = pacs.find_study(chest.StudyInstanceUID)
     assert study_id in pacs.studies() and pacs.find_study(hand.StudyInstanceUID) not in (None, study_id)
@@ -81,7 +79,8 @@ def test_routes_chest_only_and_keeps_data_over_restart(tmp_path, node_standin, o
     assert [i["MainDicomTags"]["SOPInstanceUID"] for i in instances] == [chest.SOPInstanceUID]
     series = pacs.series_of_study(chest.StudyInstanceUID)
     assert [(s["Modality"], s["SeriesInstanceUID"], len(s["instances"])) for s in series] == [
-        ("CR", chest.SeriesInstanceUID, 1)]
+        ("CR", chest.SeriesInstanceUID, 1)
+    ]
     [ds] = pacs.instances_by_modality(chest.StudyInstanceUID, "CR")
     assert ds.SOPInstanceUID == chest.SOPInstanceUID and ds.pixel_array.shape == (256, 256)
     assert pacs.instances_by_modality(chest.StudyInstanceUID, "SR") == []
@@ -97,23 +96,24 @@ def test_routes_chest_only_and_keeps_data_over_restart(tmp_path, node_standin, o
 
 def test_node_outputs_are_not_routed_back(tmp_path, node_standin, orthanc_factory):
     pacs = orthanc_factory(node_aet=node_standin.aet, node_port=node_standin.port)
-    result = make_cxr(tmp_path / "from-node.dcm", modality="DX")     # chest DX that the node "sent"
+    result = make_cxr(tmp_path / "from-node.dcm", modality="DX")  # chest DX that the node "sent"
     sentinel = make_cxr(tmp_path / "sentinel.dcm", modality="DX", body_part=None)  # no body part: routed
     assert pacs.storescu(tmp_path / "from-node.dcm", calling=node_standin.aet).returncode == 0
     assert pacs.storescu(tmp_path / "sentinel.dcm").returncode == 0
     wait_for(lambda: node_standin.dataset(sentinel.SOPInstanceUID), 30, what="sentinel routed")
     assert node_standin.received_uids() == {sentinel.SOPInstanceUID}
-    assert pacs.find_study(result.StudyInstanceUID) is not None        # stored, just not routed
+    assert pacs.find_study(result.StudyInstanceUID) is not None  # stored, just not routed
 
 
 def test_route_everything_without_loop_protection(tmp_path, node_standin, orthanc_factory):
     """The mode that lets end-to-end tests check the node's own loop protection."""
-    pacs = orthanc_factory(node_aet=node_standin.aet, node_port=node_standin.port,
-                           route_everything=True, skip_node_outputs=False)
+    pacs = orthanc_factory(
+        node_aet=node_standin.aet, node_port=node_standin.port, route_everything=True, skip_node_outputs=False
+    )
     hand = make_cxr(tmp_path / "hand.dcm", modality="CR", body_part="HAND")
     assert pacs.storescu(tmp_path / "hand.dcm", calling=node_standin.aet).returncode == 0
     wait_for(lambda: node_standin.dataset(hand.SOPInstanceUID), 30, what="node's own hand image routed back")
-    assert [j["Content"].get("Description") for j in pacs.jobs()] == ["Lua"]   # the routing job
+    assert [j["Content"].get("Description") for j in pacs.jobs()] == ["Lua"]  # the routing job
 
 
 def test_no_routing_when_disabled(tmp_path, node_standin, orthanc_factory):
@@ -122,5 +122,5 @@ def test_no_routing_when_disabled(tmp_path, node_standin, orthanc_factory):
     assert pacs.storescu(tmp_path / "chest.dcm").returncode == 0
     assert pacs.find_study(chest.StudyInstanceUID) is not None
     assert pacs.jobs() == [] and node_standin.received_uids() == set()
-    pacs.send_to_node(pacs.find_study(chest.StudyInstanceUID))          # explicit push still works
+    pacs.send_to_node(pacs.find_study(chest.StudyInstanceUID))  # explicit push still works
     wait_for(lambda: node_standin.dataset(chest.SOPInstanceUID), 30, what="explicit send")

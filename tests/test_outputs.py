@@ -1,5 +1,6 @@
 """SR / SC / GSPS outputs: built from synthetic and real sources, written, read back and validated
 with dciodvfy (zero errors) and dsrdump."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,24 +11,31 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from support.dicom_factory import make_cxr
-from dicom_node.outputs import codes as C
 from dicom_node.errors import EncodingError
+from dicom_node.imaging.pixels import display_window, load_image, read_dataset
+from dicom_node.outputs import codes as C
 from dicom_node.outputs.gsps import LAYER_NAME, build_gsps
 from dicom_node.outputs.identity import NodeIdentity, model_device_uid
-from dicom_node.imaging.pixels import display_window, load_image, read_dataset
 from dicom_node.outputs.sc import BANNER_RGB, build_sc
 from dicom_node.outputs.sr import build_sr
 from dicom_node.outputs.validate import dciodvfy, dsrdump
 from inference.types import FINDING_CLASSES, Finding, ModelInfo, Prediction
+from support.dicom_factory import make_cxr
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
-MODELS = (ModelInfo("classifier", "efficientnet_b0", "1.0.0", "a1" * 32),
-          ModelInfo("detector", "yolov8n", "1.1.0", "b2" * 32))
-IDENTITY = NodeIdentity(device_observer_uid="1.2.826.0.1.3680043.8.498.1", software_version="0.1.0",
-                        institution="Test Hospital", station_name="DICOM_NODE", models=MODELS)
+MODELS = (
+    ModelInfo("classifier", "efficientnet_b0", "1.0.0", "a1" * 32),
+    ModelInfo("detector", "yolov8n", "1.1.0", "b2" * 32),
+)
+IDENTITY = NodeIdentity(
+    device_observer_uid="1.2.826.0.1.3680043.8.498.1",
+    software_version="0.1.0",
+    institution="Test Hospital",
+    station_name="DICOM_NODE",
+    models=MODELS,
+)
 
 
 def finding(class_id: int, score: float, box) -> Finding:
@@ -36,19 +44,32 @@ def finding(class_id: int, score: float, box) -> Finding:
 
 def abnormal(rows: int, cols: int) -> Prediction:
     return Prediction(
-        p_abnormal=0.91, p_no_finding=0.12, fusion_mode="soft", models=MODELS, image_size=(rows, cols),
-        findings=(finding(3, 0.83, (0.30 * cols, 0.45 * rows, 0.75 * cols, 0.80 * rows)),
-                  finding(0, 0.61, (0.45 * cols, 0.20 * rows, 0.60 * cols, 0.40 * rows))))
+        p_abnormal=0.91,
+        p_no_finding=0.12,
+        fusion_mode="soft",
+        models=MODELS,
+        image_size=(rows, cols),
+        findings=(
+            finding(3, 0.83, (0.30 * cols, 0.45 * rows, 0.75 * cols, 0.80 * rows)),
+            finding(0, 0.61, (0.45 * cols, 0.20 * rows, 0.60 * cols, 0.40 * rows)),
+        ),
+    )
 
 
 def normal(rows: int, cols: int) -> Prediction:
-    return Prediction(p_abnormal=0.08, p_no_finding=0.93, findings=(), fusion_mode="soft", models=MODELS,
-                      image_size=(rows, cols))
+    return Prediction(
+        p_abnormal=0.08, p_no_finding=0.93, findings=(), fusion_mode="soft", models=MODELS, image_size=(rows, cols)
+    )
 
 
 def uids(series_number: int) -> dict:
-    return dict(series_uid=generate_uid(), sop_uid=generate_uid(), series_number=series_number,
-                instance_number=1, identity=IDENTITY)
+    return dict(
+        series_uid=generate_uid(),
+        sop_uid=generate_uid(),
+        series_number=series_number,
+        instance_number=1,
+        identity=IDENTITY,
+    )
 
 
 def write_and_check(ds, path) -> pydicom.Dataset:
@@ -90,7 +111,7 @@ def closed_box(box) -> list[float]:
 @pytest.fixture
 def source(tmp_path):
     path = tmp_path / "src.dcm"
-    ds = make_cxr(path, rows=256, cols=200)
+    make_cxr(path, rows=256, cols=200)
     return pydicom.dcmread(path), path
 
 
@@ -101,6 +122,7 @@ def real_source(request, samples_dir):
 
 # --- SR ---------------------------------------------------------------------------------------
 
+
 def test_sr_with_two_findings(tmp_path, source):
     src, _ = source
     pred = abnormal(256, 200)
@@ -109,7 +131,7 @@ def test_sr_with_two_findings(tmp_path, source):
     same_patient_and_study(sr, src)
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
-    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"          # Imaging Measurement Report
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"  # Imaging Measurement Report
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     # the boxes, in score order, as closed 5-point polylines on the source image
@@ -119,16 +141,16 @@ def test_sr_with_two_findings(tmp_path, source):
     np.testing.assert_allclose([g for _, g in lines], expected, atol=1e-3)
     # the device UID of the contributing equipment is the weights' hash
     ours = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == IDENTITY.manufacturer]
-    assert ours[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"   # Processing Equipment
+    assert ours[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # Processing Equipment
     assert ours[0].DeviceUID == model_device_uid(MODELS)
     text = dsrdump(tmp_path / "sr.dcm")
     assert "Cardiomegaly" in text and "Aortic enlargement" in text and "(8186001,SCT" in text
     printed = [[float(v) for v in re.split("[,/]", m)] for m in re.findall(r"\(POLYLINE,([-0-9.,/e]+)\)", text)]
-    np.testing.assert_allclose(printed, expected, atol=1e-3)   # dsrdump prints the box coordinates
+    np.testing.assert_allclose(printed, expected, atol=1e-3)  # dsrdump prints the box coordinates
     assert src.SOPInstanceUID in text
     assert '"Device Observer UID")="1.2.826.0.1.3680043.8.498.1"' in text
     assert '(263654008,SCT,"Abnormal")' in text and '"Probability")="0.83"' in text
-    assert '"Probability")="0.88"' in text   # study level: 1 - p_no_finding
+    assert '"Probability")="0.88"' in text  # study level: 1 - p_no_finding
 
 
 def test_sr_for_a_normal_study_says_no_finding(tmp_path, source):
@@ -155,8 +177,7 @@ def test_sr_on_real_radiographs(tmp_path, real_source):
 def test_sr_covers_several_images_of_one_study(tmp_path):
     study = generate_uid()
     a, b = make_cxr(study_uid=study, rows=128, cols=128), make_cxr(study_uid=study, view="AP", rows=120, cols=100)
-    sr = write_and_check(build_sr([(a, abnormal(128, 128)), (b, normal(120, 100))], **uids(9001)),
-                         tmp_path / "sr.dcm")
+    sr = write_and_check(build_sr([(a, abnormal(128, 128)), (b, normal(120, 100))], **uids(9001)), tmp_path / "sr.dcm")
     assert {ref for ref, _ in polylines(sr)} == {a.SOPInstanceUID}
     text = dsrdump(tmp_path / "sr.dcm")
     assert a.SOPInstanceUID in text and b.SOPInstanceUID in text
@@ -202,6 +223,7 @@ def test_boxes_outside_the_image_are_clipped(source):
 
 # --- codes and provenance -----------------------------------------------------------------------
 
+
 def test_code_table_covers_every_class():
     seen = set()
     for class_id in range(len(FINDING_CLASSES) + 1):
@@ -226,6 +248,7 @@ def test_device_uid_changes_with_the_weights():
 
 # --- Secondary Capture --------------------------------------------------------------------------
 
+
 def check_sc(sc, src, pred) -> None:
     assert sc.SOPClassUID == SECONDARY_CAPTURE
     same_patient_and_study(sc, src)
@@ -238,9 +261,9 @@ def check_sc(sc, src, pred) -> None:
     assert px.shape == (rows + 2 * band, cols, 3) and band >= 28
     banner = px[:band]
     assert (banner.reshape(-1, 3).max(axis=1) > 0).all(), "banner must be visible, no black pixels"
-    assert (banner == BANNER_RGB).all(axis=2).mean() > 0.5          # red background ...
-    assert (banner == 255).all(axis=2).any()                         # ... with white text
-    for f in pred.findings:                                          # box edges are coloured
+    assert (banner == BANNER_RGB).all(axis=2).mean() > 0.5  # red background ...
+    assert (banner == 255).all(axis=2).any()  # ... with white text
+    for f in pred.findings:  # box edges are coloured
         x0, y0, x1, y1 = (int(round(v)) for v in f.box)
         edge = px[band + (y0 + y1) // 2, x0]
         assert not (edge[0] == edge[1] == edge[2]), f"{f.label}: box edge is grey {edge}"
@@ -257,8 +280,7 @@ def test_sc_with_two_findings_and_normal(tmp_path, source):
 def test_sc_on_real_radiographs(tmp_path, real_source):
     rows, cols = int(real_source.Rows), int(real_source.Columns)
     pred = abnormal(rows, cols)
-    sc = write_and_check(build_sc(real_source, load_image(real_source), pred, **uids(9002)),
-                         tmp_path / "sc.dcm")
+    sc = write_and_check(build_sc(real_source, load_image(real_source), pred, **uids(9002)), tmp_path / "sc.dcm")
     check_sc(sc, real_source, pred)
 
 
@@ -270,6 +292,7 @@ def test_sc_refuses_an_image_of_another_size(source):
 
 # --- GSPS ---------------------------------------------------------------------------------------
 
+
 def graphic_objects(pr):
     return [g for ann in pr.GraphicAnnotationSequence for g in ann.get("GraphicObjectSequence", [])]
 
@@ -277,8 +300,7 @@ def graphic_objects(pr):
 def test_gsps_with_two_findings(tmp_path, source):
     src, path = source
     pred = abnormal(256, 200)
-    pr = write_and_check(build_gsps(src, pred, window=display_window(path), **uids(9003)),
-                         tmp_path / "pr.dcm")
+    pr = write_and_check(build_gsps(src, pred, window=display_window(path), **uids(9003)), tmp_path / "pr.dcm")
     assert pr.SOPClassUID == GSPS and pr.Modality == "PR"
     same_patient_and_study(pr, src)
     assert pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
@@ -287,8 +309,10 @@ def test_gsps_with_two_findings(tmp_path, source):
     assert ann.GraphicLayer == LAYER_NAME
     assert ann.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     objs = graphic_objects(pr)
-    assert all(g.GraphicType == "POLYLINE" and g.GraphicAnnotationUnits == "PIXEL" and g.NumberOfGraphicPoints == 5
-               for g in objs)
+    assert all(
+        g.GraphicType == "POLYLINE" and g.GraphicAnnotationUnits == "PIXEL" and g.NumberOfGraphicPoints == 5
+        for g in objs
+    )
     expected = [closed_box(f.box) for f in sorted(pred.findings, key=lambda f: -f.score)]
     np.testing.assert_allclose([list(g.GraphicData) for g in objs], expected, atol=1e-3)
     texts = [t.UnformattedTextValue for t in ann.TextObjectSequence]
@@ -309,11 +333,12 @@ def test_gsps_normal_has_text_but_no_boxes(tmp_path, source):
 def test_gsps_on_real_radiographs_keeps_the_display(tmp_path, real_source):
     rows, cols = int(real_source.Rows), int(real_source.Columns)
     pred = abnormal(rows, cols)
-    pr = write_and_check(build_gsps(real_source, pred, window=display_window(real_source), **uids(9003)),
-                         tmp_path / "pr.dcm")
+    pr = write_and_check(
+        build_gsps(real_source, pred, window=display_window(real_source), **uids(9003)), tmp_path / "pr.dcm"
+    )
     same_patient_and_study(pr, real_source)
     assert len(graphic_objects(pr)) == 2
-    assert pr.PresentationLUTShape == "INVERSE"        # both samples are MONOCHROME1
+    assert pr.PresentationLUTShape == "INVERSE"  # both samples are MONOCHROME1
 
 
 def test_gsps_does_not_copy_a_nonsense_window(tmp_path):
@@ -325,6 +350,7 @@ def test_gsps_does_not_copy_a_nonsense_window(tmp_path):
 
 
 # --- the validator itself -------------------------------------------------------------------------
+
 
 def test_dciodvfy_reports_errors(tmp_path):
     broken = make_cxr(rows=32, cols=32)

@@ -1,4 +1,5 @@
 """inference.pipeline / fusion / classifier / detector and dicom_node.work.offline on tiny random models."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def models(tmp_path_factory):
         "clf_high": make_tiny_classifier(d / "clf_high.pt", p_abnormal=0.9),
         "clf_low": make_tiny_classifier(d / "clf_low.pt", p_abnormal=0.1),
         "clf_random": make_tiny_classifier(d / "clf_random.pt"),
-        "det_boxes": make_tiny_detector(d / "det_boxes.pt", detector_logit=1.0),   # scores ~0.73
+        "det_boxes": make_tiny_detector(d / "det_boxes.pt", detector_logit=1.0),  # scores ~0.73
         "det_random": make_tiny_detector(d / "det_random.pt"),
     }
 
@@ -81,14 +82,16 @@ def test_pipeline_on_nih_png(models, nih_image):
 
 def test_boxes_in_source_pixels_on_non_square_image(models, nih_image):
     _, img = nih_image
-    crop = np.ascontiguousarray(img[40:460, 100:330])          # tall, 420 x 230
+    crop = np.ascontiguousarray(img[40:460, 100:330])  # tall, 420 x 230
     pipe = _pipe(models, max_findings=300, min_score=0.0, detector_conf=0.01)
     pred = pipe.run(crop)
     assert pred.findings
     _assert_boxes_inside(pred)
     # the pipeline's boxes are exactly the detector's input-pixel boxes mapped through the letterbox and back
     # from the working size (CLAHE runs at the models' input size) to the source pixels
-    work, (fx, fy) = working_image(crop, max(pipe.classifier.preprocess.input_size, pipe.detector.preprocess.input_size))
+    work, (fx, fy) = working_image(
+        crop, max(pipe.classifier.preprocess.input_size, pipe.detector.preprocess.input_size)
+    )
     assert max(work.shape) < max(crop.shape) and fy > 1
     x, geom = prepare(work, pipe.detector.preprocess)
     raw = pipe.detector.predict(x, conf=0.01, max_det=300)[0]
@@ -106,7 +109,7 @@ def test_gate_mode_no_findings_below_threshold(models, nih_image):
     assert pred.timings_s["detector"] == 0.0 and not pred.abnormal
     above = _pipe(models, clf="clf_high", mode="gate", abnormal_threshold=0.5).run(img)
     assert above.findings and above.timings_s["detector"] > 0
-    assert all(f.score == f.detector_score for f in above.findings)      # gate keeps detector scores
+    assert all(f.score == f.detector_score for f in above.findings)  # gate keeps detector scores
     assert above.p_no_finding == pytest.approx(1 - max(above.p_abnormal, above.findings[0].score), abs=1e-6)
 
 
@@ -115,7 +118,7 @@ def test_soft_mode_always_reports_p_no_finding(models, nih_image):
     for clf, det in [("clf_low", "det_boxes"), ("clf_high", "det_boxes"), ("clf_low", "det_random")]:
         pred = _pipe(models, clf=clf, det=det, mode="soft").run(img)
         assert pred.fusion_mode == "soft" and 0 <= pred.p_no_finding <= 1
-        assert pred.timings_s["detector"] > 0                              # detector always runs
+        assert pred.timings_s["detector"] > 0  # detector always runs
         top = max((f.score for f in pred.findings), default=0.0)
         assert pred.p_no_finding == pytest.approx(1 - max(pred.p_abnormal, top), abs=1e-6)
         for f in pred.findings:
@@ -129,7 +132,7 @@ def test_soft_mode_always_reports_p_no_finding(models, nih_image):
 def test_fusion_rules_directly():
     boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 2, 2], [0, 0, 3, 3]], float)
     scores = np.array([0.81, 0.2, 0.04, 0.9])
-    cls = np.array([3, 10, 0, 99])                      # 99: not a finding class, dropped
+    cls = np.array([3, 10, 0, 99])  # 99: not a finding class, dropped
     f, pnf = fuse(0.25, boxes, scores, cls, FusionParams(mode="soft", min_score=0.3, detector_conf=0.05))
     assert [x.class_id for x in f] == [3] and f[0].score == pytest.approx(0.45)
     assert pnf == pytest.approx(0.55)
@@ -145,6 +148,7 @@ def test_fusion_rules_directly():
 
 def test_fusion_params_from_node_config():
     from dicom_node.config import FusionConfig
+
     p = FusionParams.from_obj(FusionConfig(mode="gate", abnormal_threshold=0.3, max_findings=5))
     assert (p.mode, p.abnormal_threshold, p.max_findings, p.min_score) == ("gate", 0.3, 5, 0.25)
     assert FusionParams.from_obj({"mode": "soft", "min_score": 0.1}).min_score == 0.1
@@ -176,6 +180,7 @@ def test_classifier_and_detector_apis(models):
 
 def test_analyze_files_png_and_bad_input(models, nih_image, tmp_path):
     from dicom_node.work.offline import DISCLAIMER, analyze_files
+
     src, img = nih_image
     bogus = tmp_path / "broken.png"
     bogus.write_bytes(b"not an image")
@@ -193,49 +198,64 @@ def test_analyze_files_png_and_bad_input(models, nih_image, tmp_path):
         assert 0 <= x0 < x1 <= img.shape[1] and 0 <= y0 < y1 <= img.shape[0]
     assert {m["name"] for m in data["models"]} == {"classifier", "detector"}
     overlay = cv2.imread(ok["overlay"])
-    assert overlay.shape[1:] == (img.shape[1], 3) and overlay.shape[0] > img.shape[0]   # image + banner rows
-    assert overlay[2:12, :].max() > 0 and (overlay[:, :, 0] != overlay[:, :, 2]).any()   # banner, colour boxes
+    assert overlay.shape[1:] == (img.shape[1], 3) and overlay.shape[0] > img.shape[0]  # image + banner rows
+    assert overlay[2:12, :].max() > 0 and (overlay[:, :, 0] != overlay[:, :, 2]).any()  # banner, colour boxes
     assert "error" in bad and json.loads(Path(bad["json"]).read_text())["error"]
 
 
 def test_analyze_real_dicom_samples(models, tmp_path):
     pytest.importorskip("dicom_node.imaging.pixels")
     from dicom_node.work.offline import analyze_files
+
     files = sorted(SAMPLES.glob("*.dcm"))
     if not files:
         pytest.skip(f"no DICOM samples under {SAMPLES}")
     import pydicom
+
     res = analyze_files(_pipe(models), files, tmp_path)
     for f, r in zip(files, res):
         assert "error" not in r, r
         hdr = pydicom.dcmread(f, stop_before_pixels=True, force=True)
-        assert r["image_size"] == [hdr.Rows, hdr.Columns]     # source pixels, also for the JPEG 2000 sample
-        assert r["findings"] and all(0 <= x["box"][0] < x["box"][2] <= hdr.Columns
-                                     and 0 <= x["box"][1] < x["box"][3] <= hdr.Rows for x in r["findings"])
+        assert r["image_size"] == [hdr.Rows, hdr.Columns]  # source pixels, also for the JPEG 2000 sample
+        assert r["findings"] and all(
+            0 <= x["box"][0] < x["box"][2] <= hdr.Columns and 0 <= x["box"][1] < x["box"][3] <= hdr.Rows
+            for x in r["findings"]
+        )
         assert Path(r["overlay"]).exists()
 
 
 def test_ultralytics_runs_offline_with_a_local_font():
     import os
+
     from ultralytics.utils.checks import check_font
 
     import inference.ultralytics_env  # noqa: F401
+
     assert os.environ["YOLO_OFFLINE"] == "1" and os.environ.get("MPLCONFIGDIR")
     font = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf"
     assert font.stat().st_size > 100_000
-    assert Path(check_font("Arial.ttf")) == font          # found locally: no download attempted
+    assert Path(check_font("Arial.ttf")) == font  # found locally: no download attempted
 
 
 def test_ultralytics_env_respects_existing_settings(tmp_path):
     import os
     import subprocess
     import sys
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "MPLCONFIGDIR"))}
     env.update(DICOM_NODE_YOLO_DIR=str(tmp_path / "base"), MPLCONFIGDIR=str(tmp_path / "mpl"))
-    code = ("import os, inference.ultralytics_env as e; "
-            "print(os.environ['YOLO_CONFIG_DIR']); print(os.environ['MPLCONFIGDIR'])")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, check=True).stdout.split()
+    code = (
+        "import os, inference.ultralytics_env as e; "
+        "print(os.environ['YOLO_CONFIG_DIR']); print(os.environ['MPLCONFIGDIR'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out == [str(tmp_path / "base"), str(tmp_path / "mpl")]
     assert (tmp_path / "base" / "Ultralytics" / "Arial.ttf").is_file()
 
@@ -243,9 +263,11 @@ def test_ultralytics_env_respects_existing_settings(tmp_path):
 def test_prediction_rescaled_to_the_source_size_scales_boxes_and_size():
     """A JPEG 2000 image decoded at half size: its boxes are mapped back onto the source's pixels."""
     from inference.types import Finding, Prediction
+
     f = Finding(class_id=3, label="Cardiomegaly", score=0.9, box=(10.0, 20.0, 30.0, 40.5), detector_score=0.8)
-    pred = Prediction(p_abnormal=0.9, p_no_finding=0.1, findings=(f,), fusion_mode="soft", models=(),
-                      image_size=(978, 921))
+    pred = Prediction(
+        p_abnormal=0.9, p_no_finding=0.1, findings=(f,), fusion_mode="soft", models=(), image_size=(978, 921)
+    )
     src = pred.rescaled((1955, 1841))
     assert src.image_size == (1955, 1841)
     (g,) = src.findings

@@ -1,4 +1,5 @@
 """dicom_node.imaging.pixels: real sample files and synthetic datasets in every transfer syntax we accept."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,17 +9,17 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian
 
-from support.dicom_factory import compress, make_cxr
 from dicom_node.errors import PixelDataError
 from dicom_node.imaging.pixels import decode_image, display_window, load_image, read_dataset, read_header
+from support.dicom_factory import compress, make_cxr
 
 
 def bands(img: np.ndarray) -> tuple[float, float]:
     """(mean of the central column band, mean of the two lateral lung bands), rows 30-70 %."""
     h, w = img.shape
     r = slice(int(h * 0.3), int(h * 0.7))
-    central = img[r, int(w * 0.45):int(w * 0.55)].mean()
-    lateral = (img[r, int(w * 0.2):int(w * 0.35)].mean() + img[r, int(w * 0.65):int(w * 0.8)].mean()) / 2
+    central = img[r, int(w * 0.45) : int(w * 0.55)].mean()
+    lateral = (img[r, int(w * 0.2) : int(w * 0.35)].mean() + img[r, int(w * 0.65) : int(w * 0.8)].mean()) / 2
     return float(central), float(lateral)
 
 
@@ -30,6 +31,7 @@ def check_range(img: np.ndarray, shape: tuple[int, int]) -> None:
 
 # --- real files --------------------------------------------------------------------------------
 
+
 def test_real_no_meta_monochrome1_chest_lungs_dark_mediastinum_bright(samples_dir):
     path = samples_dir / "fodicom_CR-MONO1-10-chest.dcm"
     with pytest.raises(pydicom.errors.InvalidDicomError):
@@ -40,7 +42,7 @@ def test_real_no_meta_monochrome1_chest_lungs_dark_mediastinum_bright(samples_di
     img = load_image(path)
     check_range(img, (440, 440))
     central, lateral = bands(img)
-    assert central > lateral + 0.15, (central, lateral)   # inverted: mediastinum bright, lungs dark
+    assert central > lateral + 0.15, (central, lateral)  # inverted: mediastinum bright, lungs dark
     # without the inversion the picture would be the other way round
     ds = read_dataset(path)
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -62,6 +64,7 @@ def test_real_jpeg2000_keeps_shape_and_ignores_zero_pixel_spacing(samples_dir):
 
 # --- synthetic: photometric, bit depths, LUTs ---------------------------------------------------
 
+
 def test_monochrome1_and_monochrome2_of_the_same_data_are_inverted():
     m2 = make_cxr(photometric="MONOCHROME2")
     m1 = make_cxr(photometric="MONOCHROME1", pixels=m2.pixel_array, WindowCenter=None, WindowWidth=None)
@@ -72,9 +75,18 @@ def test_monochrome1_and_monochrome2_of_the_same_data_are_inverted():
     assert central > lateral
 
 
-@pytest.mark.parametrize("bits,signed,modality", [(8, False, "DX"), (10, False, "DX"), (12, False, "DX"),
-                                                  (15, False, "CR"), (16, False, "CR"), (16, True, "CR"),
-                                                  (12, True, "CR")])
+@pytest.mark.parametrize(
+    "bits,signed,modality",
+    [
+        (8, False, "DX"),
+        (10, False, "DX"),
+        (12, False, "DX"),
+        (15, False, "CR"),
+        (16, False, "CR"),
+        (16, True, "CR"),
+        (12, True, "CR"),
+    ],
+)
 def test_bit_depths_give_the_same_picture(bits, signed, modality):
     img = load_image(make_cxr(bits_stored=bits, signed=signed, modality=modality, rows=200, cols=180))
     check_range(img, (200, 180))
@@ -88,8 +100,9 @@ def test_rescale_slope_intercept_is_applied_before_the_window():
     base = make_cxr(bits_stored=12, window=None)
     stored = base.pixel_array
     # the window is given in rescaled units: the same display only if the rescale is applied
-    rescaled = make_cxr(bits_stored=12, pixels=stored, RescaleSlope=2, RescaleIntercept=-1000,
-                        window=(2 * 2048 - 1000, 2 * 4096))
+    rescaled = make_cxr(
+        bits_stored=12, pixels=stored, RescaleSlope=2, RescaleIntercept=-1000, window=(2 * 2048 - 1000, 2 * 4096)
+    )
     plain = make_cxr(bits_stored=12, pixels=stored, window=(2048, 4096))
     np.testing.assert_allclose(load_image(rescaled), load_image(plain), atol=1e-3)
     assert display_window(rescaled) == (3096.0, 8192.0)
@@ -101,8 +114,15 @@ def test_modality_lut_sequence_is_applied():
     item.LUTDescriptor = [1024, 0, 16]
     item.ModalityLUTType = "US"
     item.LUTData = [int(v) for v in (1023 - np.arange(1024)) * 60]  # inverting LUT, 0..61380
-    ds = make_cxr(bits_stored=10, pixels=stored, window=None, RescaleSlope=None, RescaleIntercept=None,
-                  RescaleType=None, ModalityLUTSequence=Sequence([item]))
+    ds = make_cxr(
+        bits_stored=10,
+        pixels=stored,
+        window=None,
+        RescaleSlope=None,
+        RescaleIntercept=None,
+        RescaleType=None,
+        ModalityLUTSequence=Sequence([item]),
+    )
     plain = load_image(make_cxr(bits_stored=10, pixels=stored, window=None))
     np.testing.assert_allclose(load_image(ds), 1.0 - plain, atol=0.02)
 
@@ -111,7 +131,7 @@ def test_voi_lut_sequence_is_used_instead_of_the_window():
     stored = make_cxr(bits_stored=12, window=None).pixel_array
     item = Dataset()
     item.LUTDescriptor = [4096, 0, 12]
-    item.LUTData = [int(round(4095 * (v / 4095) ** 2)) for v in range(4096)]   # a gamma curve
+    item.LUTData = [int(round(4095 * (v / 4095) ** 2)) for v in range(4096)]  # a gamma curve
     ds = make_cxr(bits_stored=12, pixels=stored, window=(100, 50), VOILUTSequence=Sequence([item]))
     expected = (stored.astype(np.float64) / 4095) ** 2
     np.testing.assert_allclose(load_image(ds), expected, atol=2e-3)
@@ -120,8 +140,13 @@ def test_voi_lut_sequence_is_used_instead_of_the_window():
 
 def test_multi_valued_window_uses_the_first_and_ignores_the_explanation():
     stored = make_cxr(bits_stored=12, window=None).pixel_array
-    ds = make_cxr(bits_stored=12, pixels=stored, WindowCenter=[1500, 3000], WindowWidth=[1000, 200],
-                  WindowCenterWidthExplanation=["SOFT", "BONE"])
+    ds = make_cxr(
+        bits_stored=12,
+        pixels=stored,
+        WindowCenter=[1500, 3000],
+        WindowWidth=[1000, 200],
+        WindowCenterWidthExplanation=["SOFT", "BONE"],
+    )
     assert display_window(ds) == (1500.0, 1000.0)
     one = make_cxr(bits_stored=12, pixels=stored, window=(1500, 1000))
     np.testing.assert_array_equal(load_image(ds), load_image(one))
@@ -148,20 +173,22 @@ def test_constant_image_gives_zeros_not_nan():
 
 # --- compressed transfer syntaxes -------------------------------------------------------------
 
-@pytest.mark.parametrize("syntax", ["jpeg-ls", "rle", "jpeg-lossless", "jpeg-lossless-p14", "deflate",
-                                    "jpeg2000-lossless"])
+
+@pytest.mark.parametrize(
+    "syntax", ["jpeg-ls", "rle", "jpeg-lossless", "jpeg-lossless-p14", "deflate", "jpeg2000-lossless"]
+)
 @pytest.mark.parametrize("photometric,bits", [("MONOCHROME2", 12), ("MONOCHROME1", 16), ("MONOCHROME2", 8)])
 def test_lossless_syntaxes_decode_exactly_like_the_uncompressed(tmp_path, syntax, photometric, bits):
     src = tmp_path / "plain.dcm"
-    make_cxr(src, modality="CR" if bits == 16 else "DX", photometric=photometric, bits_stored=bits,
-             rows=160, cols=128)
+    make_cxr(src, modality="CR" if bits == 16 else "DX", photometric=photometric, bits_stored=bits, rows=160, cols=128)
     packed = compress(src, syntax)
     assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID != pydicom.dcmread(src).file_meta.TransferSyntaxUID
     np.testing.assert_array_equal(load_image(packed), load_image(src))
 
 
-@pytest.mark.parametrize("syntax,tolerance", [("jpeg-baseline", 0.03), ("jpeg-extended", 0.01),
-                                              ("jpeg2000", 0.01), ("jpeg-ls-near", 0.01)])
+@pytest.mark.parametrize(
+    "syntax,tolerance", [("jpeg-baseline", 0.03), ("jpeg-extended", 0.01), ("jpeg2000", 0.01), ("jpeg-ls-near", 0.01)]
+)
 def test_lossy_syntaxes_decode_close_to_the_uncompressed(tmp_path, syntax, tolerance):
     src = tmp_path / "plain.dcm"
     make_cxr(src, bits_stored=8 if syntax == "jpeg-baseline" else 12, rows=160, cols=128)
@@ -171,6 +198,7 @@ def test_lossy_syntaxes_decode_close_to_the_uncompressed(tmp_path, syntax, toler
 
 
 # --- refusals ---------------------------------------------------------------------------------
+
 
 def test_multi_frame_is_refused():
     ds = make_cxr(rows=64, cols=64)
@@ -214,7 +242,7 @@ def test_no_meta_dataset_in_memory_gets_a_transfer_syntax(tmp_path):
     path = tmp_path / "raw.dcm"
     ds = make_cxr(rows=48, cols=40)
     del ds.file_meta
-    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)   # bare dataset, no meta
+    pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)  # bare dataset, no meta
     assert path.read_bytes()[128:132] != b"DICM"
     raw = pydicom.dcmread(path, force=True)
     assert "TransferSyntaxUID" not in getattr(raw, "file_meta", {})
@@ -225,6 +253,7 @@ def test_no_meta_dataset_in_memory_gets_a_transfer_syntax(tmp_path):
 
 def _area_down(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     import cv2
+
     return cv2.resize(img, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
 
 
@@ -233,17 +262,18 @@ def test_real_jpeg2000_decoded_at_a_resolution_level_when_the_models_need_fewer_
     full, window = decode_image(path)
     reduced, reduced_window = decode_image(path, at_least=512)
     assert full.shape == (1955, 1841)
-    assert reduced.shape == (978, 921)              # one level: both sides halved, rounded up; 489 would be < 512
+    assert reduced.shape == (978, 921)  # one level: both sides halved, rounded up; 489 would be < 512
     assert reduced_window == window
     diff = np.abs(reduced - _area_down(full, reduced.shape))
-    assert diff.mean() < 0.005 and np.percentile(diff, 99) < 0.05     # the same picture, half the size
-    assert decode_image(path, at_least=1000)[0].shape == full.shape   # a level would be too small: full decode
+    assert diff.mean() < 0.005 and np.percentile(diff, 99) < 0.05  # the same picture, half the size
+    assert decode_image(path, at_least=1000)[0].shape == full.shape  # a level would be too small: full decode
 
 
 @pytest.mark.parametrize("bits", [8, 12, 16])
 def test_jpeg2000_resolution_level_keeps_the_values_of_every_bit_depth(tmp_path, bits):
     """Pillow hands 9-15 bit codestreams back scaled to 16 bits; the stored values must come back unscaled."""
     from pydicom.uid import JPEG2000Lossless
+
     ds = make_cxr(rows=1200, cols=1000, bits_stored=bits)
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)

@@ -1,12 +1,23 @@
 """inference.preprocess: CLAHE, letterbox geometry, model inputs, training export."""
+
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
-from inference.preprocess import (PAD_VALUE, Letterbox, PreprocessParams, apply_clahe, check_image,
-                                  export_image, export_scale, letterbox, prepare, to_model_input)
+from inference.preprocess import (
+    PAD_VALUE,
+    Letterbox,
+    PreprocessParams,
+    apply_clahe,
+    check_image,
+    export_image,
+    export_scale,
+    letterbox,
+    prepare,
+    to_model_input,
+)
 
 
 def _low_contrast(h=240, w=320, seed=0):
@@ -58,8 +69,9 @@ def test_clahe_disabled_is_identity_and_8bit_matches_opencv():
     np.testing.assert_array_equal(export_image(u8.astype(np.float32) / 255), ref)
 
 
-@pytest.mark.parametrize("shape,size", [((300, 500), 128), ((500, 300), 128), ((1000, 37), 256),
-                                        ((60, 90), 512), ((128, 128), 128)])
+@pytest.mark.parametrize(
+    "shape,size", [((300, 500), 128), ((500, 300), 128), ((1000, 37), 256), ((60, 90), 512), ((128, 128), 128)]
+)
 def test_letterbox_keeps_aspect_and_centres(shape, size):
     img = np.ones(shape, np.float32)
     out, g = letterbox(img, size)
@@ -68,10 +80,10 @@ def test_letterbox_keeps_aspect_and_centres(shape, size):
     assert max(rh, rw) == size
     assert abs(rh / rw - shape[0] / shape[1]) <= 1.0 / min(rh, rw) * (shape[0] / shape[1]) + 1e-9
     assert abs(g.pad_x - (size - rw) / 2) <= 0.5 and abs(g.pad_y - (size - rh) / 2) <= 0.5
-    content = out[g.pad_y:g.pad_y + rh, g.pad_x:g.pad_x + rw]
+    content = out[g.pad_y : g.pad_y + rh, g.pad_x : g.pad_x + rw]
     np.testing.assert_allclose(content, 1.0, atol=1e-5)
     padded = out.copy()
-    padded[g.pad_y:g.pad_y + rh, g.pad_x:g.pad_x + rw] = PAD_VALUE
+    padded[g.pad_y : g.pad_y + rh, g.pad_x : g.pad_x + rw] = PAD_VALUE
     np.testing.assert_allclose(padded, PAD_VALUE)
 
 
@@ -96,7 +108,7 @@ def test_box_maps_to_the_drawn_object(shape):
     src_box = np.array([0.2 * w, 0.3 * h, 0.7 * w, 0.6 * h]).round()
     img = np.zeros(shape, np.float32)
     x0, y0, x1, y1 = src_box.astype(int)
-    img[y0:y1, x0:x1] = 1.0              # pixels x0..x1-1 -> box edges x0, x1
+    img[y0:y1, x0:x1] = 1.0  # pixels x0..x1-1 -> box edges x0, x1
     out, g = letterbox(img, 256, pad_value=0.0)
     ys, xs = np.nonzero(out > 0.5)
     found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], float)
@@ -122,7 +134,7 @@ def test_prepare_channels_and_normalisation():
     pc = PreprocessParams.for_classifier(96)
     x, g = prepare(img, pc)
     assert x.shape == (1, 96, 96) and x.dtype == np.float32
-    assert x[0, 0, 0] == pytest.approx((PAD_VALUE - 0.5) / 0.25, abs=1e-6)   # padding row on top
+    assert x[0, 0, 0] == pytest.approx((PAD_VALUE - 0.5) / 0.25, abs=1e-6)  # padding row on top
     pd = PreprocessParams.for_detector(128)
     xd, gd = prepare(img, pd)
     assert xd.shape == (3, 128, 128)

@@ -2,22 +2,21 @@
 
 The node runs as a real process with a worker process and tiny random-weight models.
 """
+
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from support.dcmtk import DcmtkStoreSCP
 from support.dicom_factory import make_cxr
 from support.models import make_tiny_models
-from support.dcmtk import DcmtkStoreSCP
 from support.node import free_port, wait_for
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"     # Comprehensive 3D SR
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 
@@ -44,11 +43,14 @@ def pacs(tmp_path):
 
 
 def result_node(node_factory, models, port, outputs=("sr", "sc", "gsps"), **over):
-    cfg = dict(workers={"count": 1, "job_lease_s": 5},
-               inference={"models": models},
-               destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port,
-                              "outputs": list(outputs)}],
-               delivery={"backoff_initial_s": 0.5, "backoff_max_s": 1.0, "connect_timeout_s": 3})
+    cfg = dict(
+        workers={"count": 1, "job_lease_s": 5},
+        inference={"models": models},
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "outputs": list(outputs)}
+        ],
+        delivery={"backoff_initial_s": 0.5, "backoff_max_s": 1.0, "connect_timeout_s": 3},
+    )
     cfg.update(over)
     return node_factory(**cfg)
 
@@ -75,11 +77,17 @@ def test_study_results_arrive_at_pacs(node_factory, models, pacs, tmp_path):
     assert sr.StudyInstanceUID == study and sr.PatientID == pa.PatientID
     assert sr.SeriesInstanceUID not in {pa.SeriesInstanceUID, ap.SeriesInstanceUID}
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
-    referenced = {ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                  for ref in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence}
-    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for ser in s.ReferencedSeriesSequence for i in ser.ReferencedSOPSequence}
-    assert evidence == {pa.SOPInstanceUID, ap.SOPInstanceUID} and referenced <= evidence   # lateral not analysed
+    referenced = {
+        ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for ref in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    }
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for ser in s.ReferencedSeriesSequence
+        for i in ser.ReferencedSOPSequence
+    }
+    assert evidence == {pa.SOPInstanceUID, ap.SOPInstanceUID} and referenced <= evidence  # lateral not analysed
     for sc in by_class[SC_CLASS]:
         assert sc.StudyInstanceUID == study and sc.BurnedInAnnotation == "YES"
         assert sc.PhotometricInterpretation == "RGB"
@@ -117,7 +125,7 @@ def test_rejected_association_fails_at_once_and_retry_requeues(node_factory, mod
     make_cxr(tmp_path / "a.dcm")
     assert node.storescu(tmp_path / "a.dcm").returncode == 0
     wait_for(lambda: node.status()["deliveries"]["failed"] == 1, 180, what="permanent failure")
-    time.sleep(3)    # no retry storm: still one attempt
+    time.sleep(3)  # no retry storm: still one attempt
     d = deliveries(node)[0]
     assert d["attempts"] == 1 and "rejected" in d["last_error"]
     refusing.stop()
@@ -132,7 +140,7 @@ def test_failed_job_is_recorded_and_worker_goes_on(node_factory, models, pacs, t
     scp = pacs().start()
     node = result_node(node_factory, models, scp.port, outputs=("sr",))
     bad = make_cxr(rows=64, cols=64)
-    bad.PixelData = bad.PixelData[:100]     # header says 64x64x16 bit; the data is truncated
+    bad.PixelData = bad.PixelData[:100]  # header says 64x64x16 bit; the data is truncated
     bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
     make_cxr(tmp_path / "good.dcm")
     assert node.storescu(tmp_path / "bad.dcm").returncode == 0
@@ -177,12 +185,15 @@ def test_transient_rejection_is_retried(node_factory, models, tmp_path):
     pacs_ae.add_supported_context(Verification)
     pacs_ae.add_supported_context(SR_CLASS)
     port = free_port()
-    server = pacs_ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
-        (evt.EVT_C_STORE, lambda event: received.append(event.request.AffectedSOPInstanceUID) or 0x0000)])
+    server = pacs_ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: received.append(event.request.AffectedSOPInstanceUID) or 0x0000)],
+    )
     try:
         holder = AE(ae_title="HOLDER")
         holder.add_requested_context(Verification)
-        held = holder.associate("127.0.0.1", port, ae_title="PACS")     # takes the PACS's only association slot
+        held = holder.associate("127.0.0.1", port, ae_title="PACS")  # takes the PACS's only association slot
         assert held.is_established
         node, d = retrying_node(node_factory, models, port, tmp_path, "retries while PACS is full")
         assert "rejected (transient)" in d["last_error"]
@@ -196,12 +207,11 @@ def test_transient_rejection_is_retried(node_factory, models, tmp_path):
 def test_whole_flow_on_postgresql(node_factory, models, pacs, tmp_path, postgres_url):
     """PostgreSQL is a configuration change away: storage.database_url pointed at a server, nothing else."""
     scp = pacs().start()
-    node = result_node(node_factory, models, scp.port, outputs=("sr", "sc"),
-                       storage={"database_url": postgres_url})
+    node = result_node(node_factory, models, scp.port, outputs=("sr", "sc"), storage={"database_url": postgres_url})
     study = generate_uid()
     make_cxr(tmp_path / "pa.dcm", study_uid=study, view="PA")
     make_cxr(tmp_path / "lat.dcm", study_uid=study, view="LL")
-    r = node.storescu(tmp_path / "pa.dcm", tmp_path / "lat.dcm", tmp_path / "pa.dcm")    # one sent twice
+    r = node.storescu(tmp_path / "pa.dcm", tmp_path / "lat.dcm", tmp_path / "pa.dcm")  # one sent twice
     assert r.returncode == 0, r.stderr
     st = wait_for(lambda: (s := node.status())["deliveries"]["delivered"] == 2 and s, 180, what="results")
     assert st["instances"] == {"total": 2, "eligible": 1, "skipped": 1}

@@ -1,5 +1,6 @@
 """The Store's state rules on real databases (SQLite, the default, and a PostgreSQL server) and a real spool:
 leases, takeover, exactly-once results."""
+
 from __future__ import annotations
 
 import time
@@ -15,16 +16,28 @@ from storage.repository import MAX_JOB_ATTEMPTS, InstanceMeta, ResultSpec, utcno
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
-    url = (f"sqlite:///{tmp_path / 'db.sqlite3'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
+    url = (
+        f"sqlite:///{tmp_path / 'db.sqlite3'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    )
     s = Store(url, tmp_path / "var")
     yield s
     s.close()
 
 
 def meta(sop: str, study: str = "1.2.3", eligible: bool = True) -> InstanceMeta:
-    return InstanceMeta(sop, study, "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1", "CR", "CHEST",
-                        "PA", "TEST", eligible, None if eligible else "not a chest")
+    return InstanceMeta(
+        sop,
+        study,
+        "1.2.3.4",
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.1.2.1",
+        "CR",
+        "CHEST",
+        "PA",
+        "TEST",
+        eligible,
+        None if eligible else "not a chest",
+    )
 
 
 def result(sop: str) -> ResultSpec:
@@ -47,20 +60,20 @@ def test_concurrent_copies_of_one_instance_are_stored_once(store):
 def test_new_instances_join_a_queued_job_and_make_a_new_job_after_it_ran(store):
     job = queued_job(store)
     store.add_instance(b"x", meta("1.2.3.2"), stable_after_s=0)
-    assert store.study_stable("1.2.3", utcnow() + timedelta(seconds=1)) == job      # still queued: joins it
+    assert store.study_stable("1.2.3", utcnow() + timedelta(seconds=1)) == job  # still queued: joins it
     claimed = store.claim_job("w1", 60)
     assert claimed.id == job and len(claimed.instances) == 2
     store.finish_job(job, "w1", [result("7.1")])
     store.add_instance(b"x", meta("1.2.3.3"), stable_after_s=0)
     again = store.study_stable("1.2.3", utcnow() + timedelta(seconds=1))
-    assert again not in (None, job)                                                  # a re-analysis job
+    assert again not in (None, job)  # a re-analysis job
     assert len(store.claim_job("w1", 60).instances) == 3
 
 
 def test_expired_lease_is_taken_over_and_the_old_worker_cannot_finish(store):
     job = queued_job(store)
     assert store.claim_job("old", lease_s=0.2).id == job
-    assert store.claim_job("new", lease_s=60) is None          # lease still held
+    assert store.claim_job("new", lease_s=60) is None  # lease still held
     time.sleep(0.3)
     taken = store.claim_job("new", lease_s=60)
     assert taken.id == job and taken.attempts == 2
@@ -96,7 +109,7 @@ def test_deliveries_backoff_and_operator_retry(store):
     store.finish_job(job, "w", [result("7.1")])
     (d,) = store.due_deliveries()
     store.mark_retry(d.id, utcnow() + timedelta(seconds=60), "refused")
-    assert store.due_deliveries() == []                          # not due before its time
+    assert store.due_deliveries() == []  # not due before its time
     store.mark_failed(d.id, "rejected")
     assert store.status()["deliveries"]["failed"] == 1
     assert store.retry_failed() == 1

@@ -1,5 +1,6 @@
 """Training learns (tiny classifier on real NIH images beats chance on held-out patients), resumes,
 and the detector/evaluate commands run end to end at a tiny size on CPU."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from inference.training import commands
 from inference.classifier import Classifier
+from inference.detector import Detector
+from inference.modelfile import read_metadata
+from inference.preprocess import prepare
+from inference.training import commands
 from inference.training.data.images import load_image01
 from inference.training.data.nih import read_nih
 from inference.training.data.split import split_by_patient, subsample
-from inference.detector import Detector
 from inference.training.metrics import roc_auc
-from inference.modelfile import read_metadata
-from inference.preprocess import prepare
 from inference.training.train_classifier import ClassifierTrainConfig, train_classifier
 from inference.types import FINDING_CLASSES
 
@@ -37,7 +38,7 @@ def test_tiny_classifier_learns_and_resumes(parts, tmp_path):
     cfg = ClassifierTrainConfig(arch="resnet10t", input_size=64, epochs=3, batch=16, seed=0)
     first = train_classifier(train, val, tmp_path, cfg)
     cfg.epochs = 5
-    res = train_classifier(train, val, tmp_path, cfg, resume=True)          # continues at epoch 4
+    res = train_classifier(train, val, tmp_path, cfg, resume=True)  # continues at epoch 4
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4, 5]
     assert res["history"][:3] == first["history"]
     assert res["val"]["roc_auc"] > 0.65, res["history"]
@@ -63,9 +64,28 @@ def _args(add, argv):
 
 def test_tiny_detector_and_evaluate_commands(tmp_path):
     data = ["--layout", "nih", "--data", str(DATA), "--seed", "0"]
-    det_args = _args(commands.add_train_detector_arguments, data + [
-        "--out", str(tmp_path / "det"), "--model", "yolov8n", "--epochs", "1", "--imgsz", "128", "--batch", "4",
-        "--limit-train", "8", "--limit-val", "4", "--workers", "0"])
+    det_args = _args(
+        commands.add_train_detector_arguments,
+        data
+        + [
+            "--out",
+            str(tmp_path / "det"),
+            "--model",
+            "yolov8n",
+            "--epochs",
+            "1",
+            "--imgsz",
+            "128",
+            "--batch",
+            "4",
+            "--limit-train",
+            "8",
+            "--limit-val",
+            "4",
+            "--workers",
+            "0",
+        ],
+    )
     assert commands.run_train_detector(det_args) == 0
     det_path = tmp_path / "det" / "detector.pt"
     det = Detector.load(det_path)
@@ -73,18 +93,63 @@ def test_tiny_detector_and_evaluate_commands(tmp_path):
     assert det.loaded.metadata.architecture == "yolov8n" and det.preprocess.input_size == 128
     splits = json.loads((tmp_path / "det" / "splits.json").read_text())
     assert len(splits["train"]) == 8 and not set(splits["train"]) & set(splits["test"])
-    assert commands.run_train_detector(_args(commands.add_train_detector_arguments, [   # finished: no-op resume
-        *data, "--out", str(tmp_path / "det"), "--imgsz", "128", "--epochs", "1", "--limit-train", "8",
-        "--limit-val", "4", "--resume"])) == 0
+    assert (
+        commands.run_train_detector(
+            _args(
+                commands.add_train_detector_arguments,
+                [  # finished: no-op resume
+                    *data,
+                    "--out",
+                    str(tmp_path / "det"),
+                    "--imgsz",
+                    "128",
+                    "--epochs",
+                    "1",
+                    "--limit-train",
+                    "8",
+                    "--limit-val",
+                    "4",
+                    "--resume",
+                ],
+            )
+        )
+        == 0
+    )
 
-    clf_args = _args(commands.add_train_classifier_arguments, data + [
-        "--out", str(tmp_path / "clf"), "--arch", "resnet10t", "--input-size", "64", "--epochs", "1",
-        "--limit-train", "16", "--limit-val", "8"])
+    clf_args = _args(
+        commands.add_train_classifier_arguments,
+        data
+        + [
+            "--out",
+            str(tmp_path / "clf"),
+            "--arch",
+            "resnet10t",
+            "--input-size",
+            "64",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "16",
+            "--limit-val",
+            "8",
+        ],
+    )
     assert commands.run_train_classifier(clf_args) == 0
 
-    ev_args = _args(commands.add_evaluate_arguments, data + [
-        "--classifier", str(tmp_path / "clf" / "classifier.pt"), "--detector", str(det_path),
-        "--limit", "6", "--out", str(tmp_path / "eval")])
+    ev_args = _args(
+        commands.add_evaluate_arguments,
+        data
+        + [
+            "--classifier",
+            str(tmp_path / "clf" / "classifier.pt"),
+            "--detector",
+            str(det_path),
+            "--limit",
+            "6",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert commands.run_evaluate(ev_args) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["modes"]) == {"gate", "soft"}

@@ -1,4 +1,5 @@
 """VinBigData layout on generated files: tiny DICOMs + a train.csv with 3 readers per image."""
+
 from __future__ import annotations
 
 import csv
@@ -10,10 +11,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_node.training.vinbigdata_export import ensure_exported, export_vinbigdata, holds_dicom
+from inference.errors import DatasetError
 from inference.training.data.images import load_image01
 from inference.training.data.split import split_by_patient
 from inference.training.data.vinbigdata import read_csv, read_vinbigdata, wbf_annotations
-from inference.errors import DatasetError
 
 COLS = ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]
 NF = ("No finding", 14)
@@ -62,8 +63,7 @@ def layout(tmp_path):
     dcm = tmp_path / "train"
     dcm.mkdir()
     for i, image_id in enumerate(["img_a", "img_b", "img_c", "img_d"]):
-        write_dicom(dcm / f"{image_id}.dicom", rows=80, cols=100, seed=i, mono1=i == 1,
-                    view="AP" if i == 2 else "PA")
+        write_dicom(dcm / f"{image_id}.dicom", rows=80, cols=100, seed=i, mono1=i == 1, view="AP" if i == 2 else "PA")
     with (tmp_path / "train.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(COLS)
@@ -82,11 +82,11 @@ def test_r9_selection_after_export_scales_boxes(layout, tmp_path):
     csv_path, dcm = layout
     out_csv, images = export_vinbigdata(csv_path, dcm, tmp_path / "png", max_size=50)
     assert sorted(p.name for p in images.iterdir()) == ["img_a.png", "img_b.png", "img_c.png", "img_d.png"]
-    assert load_image01(images / "img_a.png").shape == (40, 50)          # 80 x 100 halved
+    assert load_image01(images / "img_a.png").shape == (40, 50)  # 80 x 100 halved
     text = out_csv.read_text()
-    assert "SECRET" not in text                                          # patient id only hashed
+    assert "SECRET" not in text  # patient id only hashed
     samples = {s.image_id: s for s in read_vinbigdata(out_csv, images, "R9")}
-    assert sorted(samples) == ["img_a", "img_b", "img_d"]                # img_c was not read by R9
+    assert sorted(samples) == ["img_a", "img_b", "img_d"]  # img_c was not read by R9
     a = samples["img_a"]
     assert a.abnormal and a.classes == (3,)
     np.testing.assert_allclose(a.boxes[0], (10, 15, 30, 35), atol=0.01)  # R9's box, halved
@@ -102,13 +102,13 @@ def test_r9_selection_after_export_scales_boxes(layout, tmp_path):
 
 def test_wbf_merges_the_three_readers(layout, tmp_path):
     csv_path, dcm = layout
-    out_csv, images = export_vinbigdata(csv_path, dcm, tmp_path / "png", clahe=False)   # no resize
+    out_csv, images = export_vinbigdata(csv_path, dcm, tmp_path / "png", clahe=False)  # no resize
     samples = {s.image_id: s for s in read_vinbigdata(out_csv, images, "wbf")}
     assert sorted(samples) == ["img_a", "img_b", "img_c", "img_d"]
     a = samples["img_a"]
-    assert sorted(a.classes) == [0, 3]                  # one fused cardiomegaly + the lone aortic box
+    assert sorted(a.classes) == [0, 3]  # one fused cardiomegaly + the lone aortic box
     card = a.boxes[a.classes.index(3)]
-    np.testing.assert_allclose(card, (20, 31, 60, 70), atol=0.01)   # mean of the three boxes
+    np.testing.assert_allclose(card, (20, 31, 60, 70), atol=0.01)  # mean of the three boxes
     assert not samples["img_a"].clahe_applied
     assert not samples["img_b"].abnormal
     assert samples["img_c"].abnormal and samples["img_c"].classes == (10,) and samples["img_c"].view == "AP"
@@ -117,7 +117,7 @@ def test_wbf_merges_the_three_readers(layout, tmp_path):
     assert sorted(zip(classes, np.round(votes, 3))) == [(0, 0.333), (3, 1.0)]
     strict = {s.image_id: s for s in read_vinbigdata(out_csv, images, "wbf", min_votes=2)}
     assert strict["img_a"].classes == (3,)
-    assert not strict["img_c"].abnormal and not strict["img_d"].abnormal    # single-reader findings
+    assert not strict["img_c"].abnormal and not strict["img_d"].abnormal  # single-reader findings
     parts = split_by_patient(list(samples.values()), seed=0)
     assert sum(len(v) for v in parts.values()) == 4
 

@@ -4,6 +4,7 @@ Exit codes (:data:`EXIT_CODES`, first match wins): 0 ok; 2 bad usage or configur
 node reports on purpose (a :class:`~dicom_node.errors.DicomNodeError`: missing model file, storage failure,
 unknown study, ...); 70 an unexpected error, a bug (its traceback is printed); 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from dicom_node.logs import setup_logging
 log = logging.getLogger("dicom_node")
 
 EXIT_OK = 0
-EXIT_INTERNAL_ERROR = 70   # EX_SOFTWARE (sysexits.h)
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
 EXIT_INTERRUPTED = 130
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, 2),
@@ -50,13 +51,16 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    print(f"configuration OK: AE {cfg.node.ae_title} on {cfg.node.host}:{cfg.node.port}, "
-          f"storage {cfg.storage.root}, {len(cfg.destinations)} destination(s)")
+    print(
+        f"configuration OK: AE {cfg.node.ae_title} on {cfg.node.host}:{cfg.node.port}, "
+        f"storage {cfg.storage.root}, {len(cfg.destinations)} destination(s)"
+    )
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.app import Node
+
     cfg = _config(args)
     setup_logging(cfg.logging.level)
     Node(cfg).run_forever()
@@ -65,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.app import open_store
+
     store = open_store(_config(args))
     try:
         report = store.status()
@@ -82,6 +87,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.app import worker_main
+
     cfg = _config(args)
     setup_logging(cfg.logging.level)
     worker_main(cfg.model_dump(mode="json"), f"worker-{os.getpid()}", None)
@@ -90,6 +96,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from dicom_node.app import open_store
+
     store = open_store(_config(args))
     try:
         n = store.retry_failed()
@@ -101,6 +108,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_reanalyze(args: argparse.Namespace) -> int:
     from dicom_node.app import open_store
+
     store = open_store(_config(args))
     try:
         job_id = store.reanalyze(args.study_uid)
@@ -113,6 +121,7 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from dicom_node.app import build_pipeline
     from dicom_node.work.offline import analyze_files, expand_inputs
+
     cfg = _config(args)
     setup_logging("WARNING")
     files = expand_inputs(args.files)
@@ -146,22 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("serve", cmd_serve, "receive images, analyse studies, send results (runs until SIGTERM/SIGINT)")
     command("check-config", cmd_check_config, "validate the configuration file and exit")
-    command("status", cmd_status, "counts of instances, studies, jobs and deliveries (no patient data)") \
-        .add_argument("--json", action="store_true", help="print the documented JSON form")
+    command("status", cmd_status, "counts of instances, studies, jobs and deliveries (no patient data)").add_argument(
+        "--json", action="store_true", help="print the documented JSON form"
+    )
     command("worker", cmd_worker, "run one analysis worker against the same storage (add more to scale out)")
     command("retry", cmd_retry, "re-queue every failed delivery")
     command("reanalyze", cmd_reanalyze, "queue a re-analysis of a study").add_argument(
-        "study_uid", help="Study Instance UID")
+        "study_uid", help="Study Instance UID"
+    )
     sp = command("analyze", cmd_analyze, "analyse DICOM, PNG or JPEG files offline; writes JSON + overlay PNG")
     sp.add_argument("files", nargs="+", help="files or folders")
     sp.add_argument("--output", "-o", default="analysis", help="output folder (default: ./analysis)")
-    for name, help in TRAINING_COMMANDS.items():   # listed here; parsed by dicom_node.training.cli
+    for name, help in TRAINING_COMMANDS.items():  # listed here; parsed by dicom_node.training.cli
         sub.add_parser(name, help=help + f" (see: dicom-node {name} --help)", add_help=False)
     return p
 
 
 def _run_training(argv: list[str]) -> int:
     from dicom_node.training.cli import main as training_main
+
     return training_main(argv)
 
 
@@ -178,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(exc)
         if code == EXIT_INTERNAL_ERROR:
             traceback.print_exc()
-            print(f"dicom-node: internal error ({type(exc).__name__}); please report it with the traceback above",
-                  file=sys.stderr)
+            print(
+                f"dicom-node: internal error ({type(exc).__name__}); please report it with the traceback above",
+                file=sys.stderr,
+            )
         else:
             print(f"dicom-node: {exc}", file=sys.stderr)
         return code

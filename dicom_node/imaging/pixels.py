@@ -12,11 +12,12 @@ RLE, deflate) is pydicom's, with the pylibjpeg / pyjpegls plugins. One exception
 ``decode_image(..., at_least=N)``: a JPEG 2000 image larger than the models need is decoded at a lower
 resolution level of its wavelet (each level halves both sides; OpenJPEG via Pillow), the coarsest whose longer
 side is still at least N pixels. That is the codec's own low-pass image, 3-4x faster than a full decode
-followed by a resize; callers then map boxes back to source pixels by the ratio of the sizes. Everything that cannot become one
-greyscale image (multi-frame, colour, float pixel data, no pixel data, codec failure) raises
+followed by a resize; callers then map boxes back to source pixels by the ratio of the sizes. Everything that
+cannot become one greyscale image (multi-frame, colour, float pixel data, no pixel data, codec failure) raises
 :class:`~dicom_node.errors.PixelDataError` with a message that says why. Messages never contain
 patient data.
 """
+
 from __future__ import annotations
 
 import io
@@ -27,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
-from pydicom.encaps import generate_frames
 from pydicom.uid import JPEG2000, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 from dicom_node.errors import PixelDataError
@@ -94,7 +95,8 @@ def _check_image(ds: Dataset) -> None:
     if samples != 1 or photometric not in _GREYSCALE:
         raise PixelDataError(
             f"colour images are not supported (Samples per Pixel {samples}, Photometric Interpretation "
-            f"{photometric or 'missing'}; MONOCHROME1/MONOCHROME2 expected)")
+            f"{photometric or 'missing'}; MONOCHROME1/MONOCHROME2 expected)"
+        )
     for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored"):
         if ds.get(keyword) in (None, "", 0):
             raise PixelDataError(f"the image pixel module is incomplete ({keyword} missing)")
@@ -104,7 +106,7 @@ def _j2k_precision(codestream: bytes) -> tuple[int, bool] | None:
     """(bits, signed) of the single component of a raw JPEG 2000 codestream (SOC then SIZ), else None."""
     if codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 43:
         return None
-    if int.from_bytes(codestream[40:42], "big") != 1:      # Csiz: one component
+    if int.from_bytes(codestream[40:42], "big") != 1:  # Csiz: one component
         return None
     ssiz = codestream[42]
     return (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
@@ -115,8 +117,11 @@ def _j2k_reduced(ds: Dataset, at_least: int) -> np.ndarray | None:
     None when that is the full image or the shortcut does not apply (then pydicom decodes in full)."""
     if ds.file_meta.TransferSyntaxUID not in (JPEG2000Lossless, JPEG2000) or "PixelData" not in ds:
         return None
-    if (int(first_value(ds.get("NumberOfFrames")) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1
-            or int(ds.get("PixelRepresentation", 0) or 0) != 0):
+    if (
+        int(first_value(ds.get("NumberOfFrames")) or 1) != 1
+        or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+        or int(ds.get("PixelRepresentation", 0) or 0) != 0
+    ):
         return None
     rows, cols = int(ds.Rows), int(ds.Columns)
     level = 0
@@ -126,26 +131,27 @@ def _j2k_reduced(ds: Dataset, at_least: int) -> np.ndarray | None:
         return None
     try:
         from PIL import Image
+
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     except Exception:  # noqa: BLE001 - no Pillow, or fragments pydicom cannot split: the full decode decides
         return None
     precision = _j2k_precision(frame)
     if precision is None or precision[1] or not 8 <= precision[0] <= 16:
         return None
-    for r in range(level, 0, -1):       # a codestream may have fewer levels than asked for
+    for r in range(level, 0, -1):  # a codestream may have fewer levels than asked for
         try:
             with Image.open(io.BytesIO(frame)) as im:
-                im.reduce = r
+                im.reduce = r  # type: ignore[method-assign,assignment]  # Jpeg2KImagePlugin: the level to decode
                 im.load()
                 mode, arr = im.mode, np.asarray(im)
         except Exception:  # noqa: BLE001 - Pillow/OpenJPEG refuse this level: try a finer one
             continue
         if (mode, precision[0] == 8) not in (("L", True), ("I;16", False)):
             return None
-        if arr.shape != (math.ceil(rows / 2 ** r), math.ceil(cols / 2 ** r)):
+        if arr.shape != (math.ceil(rows / 2**r), math.ceil(cols / 2**r)):
             return None
         if mode == "I;16" and precision[0] < 16:
-            arr = arr >> (16 - precision[0])       # Pillow scales I;16 up to the full 16 bits
+            arr = arr >> (16 - precision[0])  # Pillow scales I;16 up to the full 16 bits
         return arr
     return None
 
@@ -277,8 +283,9 @@ def _prepare(src: Dataset | str | os.PathLike, at_least: int | None = None):
     return ds, _padding_mask(stored, ds), _modality(stored, ds)
 
 
-def decode_image(src: Dataset | str | os.PathLike, *, at_least: int | None = None
-                 ) -> tuple[np.ndarray, tuple[float, float] | None]:
+def decode_image(
+    src: Dataset | str | os.PathLike, *, at_least: int | None = None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
     """:func:`load_image` and :func:`display_window` in one decode: ``(image01, (center, width) or None)``.
 
     ``at_least``: the caller needs no more than this many pixels on the longer side, so a JPEG 2000 image may

@@ -3,10 +3,11 @@
 When the timer fires, the study's eligible instances become one queued analysis job (storage decides that
 atomically). Timers live in the database (studies.stable_due_at), so they are re-armed after a restart.
 """
+
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -22,9 +23,17 @@ class StudyAssembler:
         self.scheduler = scheduler
 
     def arm(self, study_uid: str, due_at: datetime) -> None:
-        run_at = max(due_at, utcnow()).replace(tzinfo=timezone.utc)
-        self.scheduler.add_job(self._fire, "date", run_date=run_at, args=[study_uid], id=f"study:{study_uid}",
-                               replace_existing=True, misfire_grace_time=None, coalesce=True)
+        run_at = max(due_at, utcnow()).replace(tzinfo=UTC)
+        self.scheduler.add_job(
+            self._fire,
+            "date",
+            run_date=run_at,
+            args=[study_uid],
+            id=f"study:{study_uid}",
+            replace_existing=True,
+            misfire_grace_time=None,
+            coalesce=True,
+        )
 
     def restore(self) -> int:
         """Re-arm the timers of studies that were still receiving when the node stopped."""
@@ -36,7 +45,7 @@ class StudyAssembler:
     def _fire(self, study_uid: str) -> None:
         try:
             job_id = self.store.study_stable(study_uid)
-        except Exception:  # noqa: BLE001 - a scheduler thread must not die; the timer is re-armed below
+        except Exception:
             log.exception("study assembly failed; retrying in 5 s")
             self.arm(study_uid, utcnow() + timedelta(seconds=5))
             return

@@ -2,27 +2,31 @@
 
 Everything else is stored, marked skipped with a human-readable reason, and left alone.
 """
+
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
 from dicom_node.config import SelectionConfig
 
-OWN_MANUFACTURER = "dicom-node"   # Manufacturer written into every object this node makes
+OWN_MANUFACTURER = "dicom-node"  # Manufacturer written into every object this node makes
 
 
 def _get(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
         return ""
-    if not isinstance(value, str):   # multi-valued: take the first
+    if not isinstance(value, str):  # multi-valued: take the first
         value = value[0] if len(value) else ""
     return str(value).strip().upper()
 
 
 def header_fields(ds: Dataset) -> dict[str, str]:
-    return {"modality": _get(ds, "Modality"), "body_part": _get(ds, "BodyPartExamined"),
-            "view_position": _get(ds, "ViewPosition")}
+    return {
+        "modality": _get(ds, "Modality"),
+        "body_part": _get(ds, "BodyPartExamined"),
+        "view_position": _get(ds, "ViewPosition"),
+    }
 
 
 def select(ds: Dataset, rules: SelectionConfig, own_output: bool = False) -> tuple[bool, str | None]:

@@ -5,6 +5,7 @@ and 0xCxxx are "this instance will never be accepted". So our own failures (disk
 never a "cannot understand" that would make the sender give up on a good image. The README's list of
 statuses is tested against :data:`STATUSES`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from storage.errors import DiskFullError, StorageError
 @dataclass(frozen=True)
 class StoreStatus:
     code: int
-    meaning: str             # as the README lists it
-    comment: str | None      # the ErrorComment sent with it (LO: at most 64 characters)
+    meaning: str  # as the README lists it
+    comment: str | None  # the ErrorComment sent with it (LO: at most 64 characters)
 
     def dataset(self, comment: str | None = None) -> Dataset:
         """The status data set pynetdicom sends; ``comment`` overrides the default ErrorComment."""
@@ -32,16 +33,15 @@ class StoreStatus:
 
 
 STORED = StoreStatus(0x0000, "stored (also for a duplicate, which is stored once)", None)
-OUT_OF_DISK = StoreStatus(0xA700, "out of resources: free disk below storage.min_free_disk_mb",
-                          "out of disk space")
-STORAGE_FAILED = StoreStatus(0xA700, "out of resources: the spool or the database failed (retry later)",
-                             "storage failure")
-MISSING_UID = StoreStatus(0xA900, "data set does not match SOP class: a required UID is missing",
-                          "missing UID")
-UNDECODABLE = StoreStatus(0xC210, "cannot understand: the data set cannot be decoded",
-                          "dataset cannot be decoded")
-INTERNAL_ERROR = StoreStatus(0xC211, "cannot understand: unexpected error in the node (logged with its traceback)",
-                             "internal error")
+OUT_OF_DISK = StoreStatus(0xA700, "out of resources: free disk below storage.min_free_disk_mb", "out of disk space")
+STORAGE_FAILED = StoreStatus(
+    0xA700, "out of resources: the spool or the database failed (retry later)", "storage failure"
+)
+MISSING_UID = StoreStatus(0xA900, "data set does not match SOP class: a required UID is missing", "missing UID")
+UNDECODABLE = StoreStatus(0xC210, "cannot understand: the data set cannot be decoded", "dataset cannot be decoded")
+INTERNAL_ERROR = StoreStatus(
+    0xC211, "cannot understand: unexpected error in the node (logged with its traceback)", "internal error"
+)
 
 # First match wins: subclasses before their bases. Anything not listed is a bug of ours: INTERNAL_ERROR, the
 # status pynetdicom itself answers when a handler raises.

@@ -9,6 +9,7 @@ the pixel data in memory.
 The handler never raises into pynetdicom: every failure becomes the status that
 :mod:`dicom_node.ingest.statuses` gives its error, with an ErrorComment, and the reason is logged without PHI.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,8 @@ from storage.repository import InstanceMeta
 log = logging.getLogger(__name__)
 
 IMAGE_CLASSES_ANALYSED = {
-    "1.2.840.10008.5.1.4.1.1.1",      # Computed Radiography Image Storage
-    "1.2.840.10008.5.1.4.1.1.1.1",    # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
     "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
 }
 
@@ -50,7 +51,7 @@ def check_decodable(ds: Dataset) -> None:
     a known VR (implicit VR data sets get theirs from the dictionary) and every sequence must parse, item by
     item; plain values (deferred Pixel Data included) are left as received."""
     for tag in ds.keys():
-        raw = ds.get_item(tag, keep_deferred=True)   # never load a deferred value (Pixel Data) here
+        raw = ds.get_item(tag, keep_deferred=True)  # never load a deferred value (Pixel Data) here
         if isinstance(raw, RawDataElement):
             if raw.VR is not None and raw.VR not in _KNOWN_VRS:
                 raise ValueError(f"unknown VR {raw.VR!r} in {tag}")
@@ -79,11 +80,11 @@ def read_received(path: Path) -> Dataset:
     """The header of a received file, checked. Our own I/O failure is a StorageError (the sender may retry);
     anything wrong with the bytes the peer sent is an UndecodableInstanceError."""
     try:
-        ds = dcmread(path, defer_size=4096)   # header only: large values stay on disk
+        ds = dcmread(path, defer_size=4096)  # header only: large values stay on disk
         check_decodable(ds)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed data: all are the peer's
+    except Exception as exc:
         if _io_failure(exc):
-            raise StorageError(f"cannot read the received file ({type(exc).__name__}, errno {exc.errno})") from exc
+            raise StorageError(f"cannot read the received file ({type(exc).__name__}, errno {getattr(exc, 'errno', None)})") from exc
         raise UndecodableInstanceError(f"dataset cannot be decoded ({type(exc).__name__})") from exc
     return ds
 
@@ -91,8 +92,7 @@ def read_received(path: Path) -> Dataset:
 class StoreHandler:
     """``EVT_C_STORE`` handler. ``on_stored(study_uid, due_at)`` re-arms the study's stable timer."""
 
-    def __init__(self, config: Config, store: Store,
-                 on_stored: Callable[[str, datetime], None] | None = None):
+    def __init__(self, config: Config, store: Store, on_stored: Callable[[str, datetime], None] | None = None):
         self.config = config
         self.store = store
         self.on_stored = on_stored
@@ -110,14 +110,24 @@ class StoreHandler:
             elif isinstance(exc, StorageError):
                 log.error("C-STORE %s from %s refused: %s", sop_class_name(sop_class), calling, exc)
             else:
-                log.error("C-STORE %s from %s failed (0x%04X):\n%s", sop_class_name(sop_class), calling,
-                          status.code, safe_traceback(exc))
+                log.error(
+                    "C-STORE %s from %s failed (0x%04X):\n%s",
+                    sop_class_name(sop_class),
+                    calling,
+                    status.code,
+                    safe_traceback(exc),
+                )
             return status.dataset(str(exc) if isinstance(exc, InstanceRejected) else None)
         if stored.duplicate:
             log.info("C-STORE %s from %s: already stored", sop_class_name(sop_class), calling)
             return STORED.code
-        log.info("C-STORE %s from %s: stored (%s) in %.0f ms", sop_class_name(sop_class), calling,
-                 "eligible" if eligible else f"skipped: {reason}", (time.perf_counter() - t0) * 1000)
+        log.info(
+            "C-STORE %s from %s: stored (%s) in %.0f ms",
+            sop_class_name(sop_class),
+            calling,
+            "eligible" if eligible else f"skipped: {reason}",
+            (time.perf_counter() - t0) * 1000,
+        )
         if stored.stable_due_at is not None and self.on_stored is not None:
             try:
                 self.on_stored(study_uid, stored.stable_due_at)
@@ -132,13 +142,20 @@ class StoreHandler:
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
         sop_uid = str(ds.get("SOPInstanceUID", "") or event.request.AffectedSOPInstanceUID or "")
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-        missing = [k for k, v in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
-                                  ("SOPInstanceUID", sop_uid)) if not v]
+        missing = [
+            k
+            for k, v in (
+                ("StudyInstanceUID", study_uid),
+                ("SeriesInstanceUID", series_uid),
+                ("SOPInstanceUID", sop_uid),
+            )
+            if not v
+        ]
         if missing:
             raise MissingUIDError(f"missing {', '.join(missing)}")
         try:
             fields = header_fields(ds)
-        except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert is the peer's data
+        except Exception as exc:
             raise UndecodableInstanceError(f"dataset cannot be decoded ({type(exc).__name__})") from exc
         # The node's outputs are SR, SC and PR objects: only those need the lookup in its results table.
         own = sop_class not in IMAGE_CLASSES_ANALYSED and self.store.is_own_output(sop_uid)
@@ -147,8 +164,15 @@ class StoreHandler:
         except Exception as exc:  # noqa: BLE001 - malformed attribute values (e.g. NumberOfFrames "abc")
             eligible, reason = False, f"header could not be read ({type(exc).__name__})"
         meta = InstanceMeta(
-            sop_instance_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, sop_class_uid=sop_class,
-            transfer_syntax_uid=str(event.context.transfer_syntax), calling_ae=calling,
-            eligible=eligible, skip_reason=reason, **{k: v[:64] for k, v in fields.items()})
+            sop_instance_uid=sop_uid,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            calling_ae=calling,
+            eligible=eligible,
+            skip_reason=reason,
+            **{k: v[:64] for k, v in fields.items()},
+        )
         stored = self.store.add_instance(received, meta, self.config.studies.stable_after_s)
         return stored, eligible, reason, study_uid

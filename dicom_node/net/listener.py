@@ -4,15 +4,17 @@ common transfer syntaxes, with the fast receive path of :mod:`dicom_node.net.tra
 What a C-STORE does is the handler's business (:class:`dicom_node.ingest.store_handler.StoreHandler`, handed
 in by the composition root); this module only speaks the protocol: AE titles, timeouts, association limits.
 """
+
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    UID,
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -40,9 +42,19 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, RLELossless,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
 ]
 
 StoreHandlerType = Callable[[evt.Event], "Dataset | int"]
@@ -61,7 +73,7 @@ class Listener:
         node = self.node
         ae = AE(ae_title=node.ae_title)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_called_aet = True
         if node.allowed_calling_aets:
@@ -79,9 +91,14 @@ class Listener:
 
     def start(self) -> int:
         """Start listening (non-blocking); returns the bound port (the one the OS chose with ``node.port: 0``)."""
-        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self.on_store),
-                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_ABORTED, self._on_aborted)]
-        self._server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
+        self._server = cast(ThreadedAssociationServer, server)   # block=False always returns the server
         engage_fast_path(self._server)
         log.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.port)
         return self.port
@@ -98,8 +115,7 @@ class Listener:
 
     @staticmethod
     def _on_rejected(event: evt.Event) -> None:
-        log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
-                    event.assoc.requestor.address)
+        log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
     @staticmethod
     def _on_aborted(event: evt.Event) -> None:

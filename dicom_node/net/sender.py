@@ -9,6 +9,7 @@ opens one association per destination for the batch, and classifies every failur
   retry storm.
   ``dicom-node retry`` re-queues failed deliveries.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,18 +22,18 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from storage import Store
-from storage.repository import DueDelivery, utcnow
 from dicom_node.config import Config, DestinationConfig
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_node.logs import safe_traceback
 from dicom_node.net.transport import no_delay, rejection_result
+from storage import Store
 from storage.errors import StorageError
+from storage.repository import DueDelivery, utcnow
 
 log = logging.getLogger(__name__)
 
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
-PERMANENT_STATUSES = {0x0122, 0x0124}   # SOP class not supported, not authorized
+PERMANENT_STATUSES = {0x0122, 0x0124}  # SOP class not supported, not authorized
 
 
 def classify_status(status: int) -> type[Exception] | None:
@@ -60,7 +61,7 @@ class Sender:
             due = self.store.due_deliveries(limit=200)
             for name, group in groupby(sorted(due, key=lambda d: d.destination), key=lambda d: d.destination):
                 delivered += self._deliver_batch(name, list(group))
-        except StorageError as exc:   # nothing is lost: undelivered rows stay pending and are tried next poll
+        except StorageError as exc:  # nothing is lost: undelivered rows stay pending and are tried next poll
             log.error("sender: storage failure, retrying: %s", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the sender's schedule; say where it is
             log.error("sender: unexpected error, retrying:\n%s", safe_traceback(exc))
@@ -91,12 +92,12 @@ class Sender:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if assoc.is_established:
-            no_delay(assoc.dul.socket.socket)
+            no_delay(getattr(assoc.dul.socket, "socket", None))
         else:
             rejected = rejection_result(assoc)
             if rejected == 0x01:
                 err: Exception = PermanentDeliveryError(f"association rejected by {dest.ae_title}")
-            elif rejected == 0x02:   # rejected-transient: e.g. the PACS is at its association limit
+            elif rejected == 0x02:  # rejected-transient: e.g. the PACS is at its association limit
                 err = TransientDeliveryError(f"association rejected (transient) by {dest.ae_title}")
             else:
                 err = TransientDeliveryError(f"cannot connect to {dest.ae_title} at {dest.host}:{dest.port}")
@@ -114,7 +115,7 @@ class Sender:
                     continue
                 try:
                     rsp = assoc.send_c_store(datasets[d.id])
-                except (ValueError, AttributeError) as exc:   # pynetdicom: no accepted presentation context,
+                except (ValueError, AttributeError) as exc:  # pynetdicom: no accepted presentation context,
                     # the object cannot be encoded, or it lacks its UIDs: sending it again would not help
                     self._failed(d, PermanentDeliveryError(f"cannot send: {exc}"))
                     continue
@@ -147,7 +148,8 @@ class Sender:
             self.store.mark_failed(d.id, f"{err} ({why})")
             return
         delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempts - 1))
-        delay *= random.uniform(0.5, 1.0)   # jitter: many results do not retry in lock-step
-        log.warning("delivery %d of %s to %s: %s; retry %d in %.1f s", d.id, d.kind.upper(), d.destination, err,
-                    attempts, delay)
+        delay *= random.uniform(0.5, 1.0)  # jitter: many results do not retry in lock-step
+        log.warning(
+            "delivery %d of %s to %s: %s; retry %d in %.1f s", d.id, d.kind.upper(), d.destination, err, attempts, delay
+        )
         self.store.mark_retry(d.id, utcnow() + timedelta(seconds=delay), str(err))

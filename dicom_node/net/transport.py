@@ -29,6 +29,7 @@ minor range) the association keeps pynetdicom's own path, which is always correc
 took which path; ``tests/test_transport.py`` fails if the fast path is not taken, and checks the fallback.
 ``bench/ingest.py`` measures the effect.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,17 +39,18 @@ import socket
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import cast
 
 from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
-LOGGER = logging.getLogger("pynetdicom.dul")   # the DUL's own messages keep their logger
+LOGGER = logging.getLogger("pynetdicom.dul")  # the DUL's own messages keep their logger
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
-BATCH_BYTES = 4 << 20      # most data-set bytes taken per reactor cycle while more is waiting
-MAX_PREALLOCATED = 1 << 26   # larger PDUs are read as they arrive, not allocated up front
+BATCH_BYTES = 4 << 20  # most data-set bytes taken per reactor cycle while more is waiting
+MAX_PREALLOCATED = 1 << 26  # larger PDUs are read as they arrive, not allocated up front
 IDLE_WAIT_S = 0.001
 FLUSH_STEP = 1 << 20
 
@@ -59,9 +61,9 @@ class FastPathStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.engaged = 0        # associations that got FastDUL / FastRecvSocket
-        self.fallback = 0       # associations left entirely on pynetdicom's path (unexpected internals)
-        self.direct_bytes = 0   # data-set bytes written straight from the socket buffer to the spool file
+        self.engaged = 0  # associations that got FastDUL / FastRecvSocket
+        self.fallback = 0  # associations left entirely on pynetdicom's path (unexpected internals)
+        self.direct_bytes = 0  # data-set bytes written straight from the socket buffer to the spool file
 
     def add(self, **counts: int) -> None:
         with self._lock:
@@ -82,7 +84,7 @@ _FLUSHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="early-flush")
 def _flush_dup(fd: int) -> None:
     try:
         os.fdatasync(fd)
-    except OSError:   # the handler's own fsync decides; this is only a head start
+    except OSError:  # the handler's own fsync decides; this is only a head start
         pass
     finally:
         os.close(fd)
@@ -93,7 +95,7 @@ def start_flush(path) -> None:
     handler reads the header; the handler's own fsync still decides (and then has little left to wait for)."""
     try:
         _FLUSHER.submit(_flush_dup, os.open(path, os.O_RDONLY))
-    except (OSError, RuntimeError):   # no such file (the handler reports it) or shutting down
+    except (OSError, RuntimeError):  # no such file (the handler reports it) or shutting down
         pass
 
 
@@ -103,7 +105,7 @@ class FastRecvSocket(AssociationSocket):
         ``ack``: acknowledge at once after each read (see ``quick_ack``); a caller reading many PDUs in a row
         does that once at the end."""
         got, want = 0, len(view)
-        sock = self.socket
+        sock = cast(socket.socket, self.socket)   # set by pynetdicom before any read
         while got < want:
             n = sock.recv_into(view[got:], min(CHUNK, want - got))
             if n == 0:
@@ -114,7 +116,7 @@ class FastRecvSocket(AssociationSocket):
         return got
 
     def recv(self, nr_bytes: int) -> bytearray:
-        if nr_bytes > MAX_PREALLOCATED:   # a PDU length is the peer's claim: grow with what really arrives
+        if nr_bytes > MAX_PREALLOCATED:  # a PDU length is the peer's claim: grow with what really arrives
             buf = bytearray()
             while len(buf) < nr_bytes:
                 part = self.recv(min(MAX_PREALLOCATED, nr_bytes - len(buf)))
@@ -124,7 +126,7 @@ class FastRecvSocket(AssociationSocket):
             return buf
         buf = bytearray(nr_bytes)
         got = self.recv_into(memoryview(buf))
-        return buf if got == nr_bytes else buf[:got]   # short: connection closed, as pynetdicom returns it
+        return buf if got == nr_bytes else buf[:got]  # short: connection closed, as pynetdicom returns it
 
 
 _PDU_HEADER = struct.Struct(">BBL")
@@ -143,28 +145,32 @@ def _dataset_fragments(body: memoryview) -> list[memoryview] | None:
         control = body[pos + 5]
         if length < 2 or pos + 4 + length > end or control & 0x03:
             return None
-        out.append(body[pos + 6:pos + 4 + length])
+        out.append(body[pos + 6 : pos + 4 + length])
         pos += 4 + length
     return out or None
 
 
 class FastDUL(DULServiceProvider):
-    _flushed: tuple[int, int] = (-1, 0)    # (inode, file size at the last early flush)
+    _flushed: tuple[int, int] = (-1, 0)  # (inode, file size at the last early flush)
     _flushing: Future | None = None
     _pdu_buffer: bytearray | None = None
+
+    @property
+    def _fast_socket(self) -> FastRecvSocket:
+        return cast(FastRecvSocket, self.socket)   # FastRequestHandler gives every FastDUL a FastRecvSocket
 
     def _streaming_file(self):
         """The open file a C-STORE data set is being streamed into, when nothing received is still waiting to
         be processed (so writing the next fragment now keeps the order); else None. Anything unexpected in
         pynetdicom's internals (another version) also gives None: pynetdicom's own path then does the work."""
         try:
-            if (self.state_machine.current_state != "Sta6" or not self.event_queue.empty()
-                    or not self._recv_pdu.empty()):
+            if self.state_machine.current_state != "Sta6" or not self.event_queue.empty() or not self._recv_pdu.empty():
                 return None
             f = getattr(getattr(self.assoc.dimse, "message", None), "_data_set_file", None)
             if f is None or f.closed or self.assoc.get_handlers(evt.EVT_DATA_RECV):
                 return None
-            f.file.write   # the buffered writer pynetdicom writes through
+            if not callable(getattr(f.file, "write", None)):  # the buffered writer pynetdicom writes through
+                return None
             return f
         except AttributeError:
             return None
@@ -181,10 +187,10 @@ class FastDUL(DULServiceProvider):
         f = self._streaming_file()
         if f is None:
             return super()._read_pdu_data()
-        sock = self.socket.socket
+        sock = cast(socket.socket, self._fast_socket.socket)
         header = bytearray(6)
         header_view = memoryview(header)
-        raw = f.file   # the buffered writer under pynetdicom's NamedTemporaryFile, as pynetdicom writes to it
+        raw = f.file  # the buffered writer under pynetdicom's NamedTemporaryFile, as pynetdicom writes to it
         written = 0
         try:
             while True:
@@ -217,7 +223,7 @@ class FastDUL(DULServiceProvider):
     def _recv_exact(self, view: memoryview) -> bool:
         """Fill ``view`` from the socket; on a closed connection or an error queue Evt17 and return False."""
         try:
-            got = self.socket.recv_into(view, ack=False)
+            got = self._fast_socket.recv_into(view, ack=False)
         except (OSError, TimeoutError) as exc:
             LOGGER.error("Connection closed before the entire PDU was received")
             LOGGER.exception(exc)
@@ -236,15 +242,16 @@ class FastDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         try:
-            body = self.socket.recv(pdu_length)
+            body = self._fast_socket.recv(pdu_length)
         except (OSError, TimeoutError) as exc:
             LOGGER.error("Connection closed before the entire PDU was received")
             LOGGER.exception(exc)
             self.event_queue.put("Evt17")
             return
         if len(body) != pdu_length:
-            LOGGER.error(f"The received PDU is shorter than expected ({6 + len(body)} of {6 + pdu_length} bytes "
-                         "received)")
+            LOGGER.error(
+                f"The received PDU is shorter than expected ({6 + len(body)} of {6 + pdu_length} bytes received)"
+            )
             self.event_queue.put("Evt17")
             return
         self._decode_and_queue(header + body)
@@ -253,7 +260,7 @@ class FastDUL(DULServiceProvider):
         try:
             pdu, event = self._decode_pdu(bytestream)
             self.event_queue.put(event)
-        except Exception as exc:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19, not a crash
+        except Exception as exc:
             LOGGER.error("Unable to decode the received PDU data")
             LOGGER.exception(exc)
             self.event_queue.put("Evt19")
@@ -276,7 +283,7 @@ class FastDUL(DULServiceProvider):
                 # a duplicate descriptor stays valid even if pynetdicom closes the file meanwhile
                 self._flushing = _FLUSHER.submit(_flush_dup, os.dup(fd))
                 self._flushed = (st.st_ino, st.st_size)
-        except (OSError, ValueError, AttributeError, RuntimeError):   # closed file, executor shut down: skip
+        except (OSError, ValueError, AttributeError, RuntimeError):  # closed file, executor shut down: skip
             pass
 
     def _is_transport_event(self) -> bool:
@@ -294,12 +301,12 @@ class FastDUL(DULServiceProvider):
             try:
                 select.select([sock], [], [], IDLE_WAIT_S)
                 return 0.0
-            except (OSError, ValueError):   # closed socket: fall back to the plain sleep
+            except (OSError, ValueError):  # closed socket: fall back to the plain sleep
                 pass
         return IDLE_WAIT_S
 
     @_run_loop_delay.setter
-    def _run_loop_delay(self, value: float) -> None:   # pynetdicom's __init__ sets it; the property decides
+    def _run_loop_delay(self, value: float) -> None:  # pynetdicom's __init__ sets it; the property decides
         pass
 
 
@@ -349,12 +356,15 @@ class FastRequestHandler(RequestHandler):
         # Swap in the subclasses only over the exact classes they extend: another pynetdicom, or someone else's
         # subclass, keeps pynetdicom's own path.
         if type(assoc.dul) is DULServiceProvider and type(assoc.dul.socket) is AssociationSocket:
-            assoc.dul.socket.__class__ = FastRecvSocket   # same state, faster recv
-            assoc.dul.__class__ = FastDUL                  # same state, no blind sleep between PDUs
+            assoc.dul.socket.__class__ = FastRecvSocket  # same state, faster recv
+            assoc.dul.__class__ = FastDUL  # same state, no blind sleep between PDUs
             STATS.add(engaged=1)
         else:
-            log.warning("fast receive path not engaged: unexpected pynetdicom internals (%s, %s)",
-                           type(assoc.dul).__name__, type(assoc.dul.socket).__name__)
+            log.warning(
+                "fast receive path not engaged: unexpected pynetdicom internals (%s, %s)",
+                type(assoc.dul).__name__,
+                type(assoc.dul.socket).__name__,
+            )
             STATS.add(fallback=1)
         return assoc
 

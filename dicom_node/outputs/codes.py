@@ -22,6 +22,7 @@ private coding scheme ``99DCMNODE`` (PS3.3 8.2: private schemes start with "99")
 a verified SCT concept id is available; the scheme is declared in the SR's Coding Scheme
 Identification Sequence (see :mod:`dicom_node.outputs.sr`).
 """
+
 from __future__ import annotations
 
 from pydicom.sr.coding import Code
@@ -34,7 +35,7 @@ PRIVATE_SCHEME_RESPONSIBLE = "dicom-node project"
 
 # class id -> (code value, scheme, code meaning). Meanings are the scheme's own terms.
 _FINDINGS: dict[int, tuple[str, str, str]] = {
-    0: ("AORTENL", PRIVATE_SCHEME, "Aortic enlargement"),          # no verified SCT code
+    0: ("AORTENL", PRIVATE_SCHEME, "Aortic enlargement"),  # no verified SCT code
     1: ("46621007", "SCT", "Atelectasis"),
     2: ("18115005", "SCT", "Pathologic calcification"),
     3: ("8186001", "SCT", "Cardiomegaly"),
@@ -42,10 +43,10 @@ _FINDINGS: dict[int, tuple[str, str, str]] = {
     5: ("233703007", "SCT", "Interstitial lung disease"),
     6: ("409609008", "SCT", "Radiologic infiltrate of lung"),
     7: ("112001", "DCM", "Opacity"),
-    8: ("309529002", "SCT", "Lung mass"),                           # subsumes 786838002 Nodule of lung
+    8: ("309529002", "SCT", "Lung mass"),  # subsumes 786838002 Nodule of lung
     9: ("52988006", "SCT", "Lesion"),
     10: ("60046008", "SCT", "Pleural effusion"),
-    11: ("PLTHICK", PRIVATE_SCHEME, "Pleural thickening"),          # no verified SCT code
+    11: ("PLTHICK", PRIVATE_SCHEME, "Pleural thickening"),  # no verified SCT code
     12: ("36118008", "SCT", "Pneumothorax"),
     13: ("51615001", "SCT", "Fibrosis of lung"),
     NO_FINDING_ID: ("111286", "DCM", "No abnormality"),
@@ -82,4 +83,3 @@ def finding_label(class_id: int) -> str:
 
 def uses_private_scheme(code: Code) -> bool:
     return code.scheme_designator == PRIVATE_SCHEME
-

@@ -9,22 +9,28 @@ or the percentile window when the source's is absent or nonsense), and Presentat
 INVERSE for MONOCHROME1 sources (a presentation state overrides the image's photometric
 interpretation), IDENTITY otherwise. Built with highdicom (same patient and study, a new series).
 """
+
 from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from inference.types import Prediction
-
-from dicom_node.outputs.codes import finding_label
 from dicom_node.errors import EncodingError
 from dicom_node.imaging.pixels import first_value
+from dicom_node.outputs.codes import finding_label
 from dicom_node.outputs.identity import (
-    NodeIdentity, check_geometry, require_source_image, contributing_equipment, copy_body_part, no_phi_warnings, source_header,
+    NodeIdentity,
+    check_geometry,
+    contributing_equipment,
+    copy_body_part,
+    no_phi_warnings,
+    require_source_image,
+    source_header,
 )
 from dicom_node.outputs.sc import BANNER_TEXT, summary_text
 from dicom_node.outputs.sr import box_polyline
+from inference.types import Prediction
 
 __all__ = ["build_gsps", "LAYER_NAME", "CONTENT_LABEL"]
 
@@ -48,22 +54,34 @@ def _annotation(header: Dataset, prediction: Prediction, layer: hd.pr.GraphicLay
     graphics, texts = [], []
     for f in sorted(prediction.findings, key=lambda f: -f.score):
         poly = box_polyline(f.box, rows, cols)
-        graphics.append(hd.pr.GraphicObject(
-            graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=poly,
-            units=hd.pr.AnnotationUnitsValues.PIXEL))
+        graphics.append(
+            hd.pr.GraphicObject(
+                graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                graphic_data=poly,
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+            )
+        )
         label = f"{finding_label(f.class_id)} {f.score:.2f}"
-        texts.append(hd.pr.TextObject(
-            text_value=label[:1024], units=hd.pr.AnnotationUnitsValues.PIXEL,
-            bounding_box=_text_box(poly[0, 0], poly[0, 1], poly[1, 0], rows, cols, label),
-            text_justification=hd.pr.TextJustificationValues.LEFT))
+        texts.append(
+            hd.pr.TextObject(
+                text_value=label[:1024],
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                bounding_box=_text_box(poly[0, 0], poly[0, 1], poly[1, 0], rows, cols, label),
+                text_justification=hd.pr.TextJustificationValues.LEFT,
+            )
+        )
     summary = f"{BANNER_TEXT}: {summary_text(prediction)}"
-    texts.append(hd.pr.TextObject(
-        text_value=summary, units=hd.pr.AnnotationUnitsValues.PIXEL,
-        bounding_box=(0.0, 0.0, float(cols), max(12.0, rows * 0.03)),
-        text_justification=hd.pr.TextJustificationValues.LEFT))
+    texts.append(
+        hd.pr.TextObject(
+            text_value=summary,
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+            bounding_box=(0.0, 0.0, float(cols), max(12.0, rows * 0.03)),
+            text_justification=hd.pr.TextJustificationValues.LEFT,
+        )
+    )
     return hd.pr.GraphicAnnotation(
-        referenced_images=[header], graphic_layer=layer,
-        graphic_objects=graphics or None, text_objects=texts)
+        referenced_images=[header], graphic_layer=layer, graphic_objects=graphics or None, text_objects=texts
+    )
 
 
 def build_gsps(
@@ -93,8 +111,9 @@ def build_gsps(
     photometric = str(source.get("PhotometricInterpretation", "")).strip().upper()
     shape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
     models = tuple(prediction.models) or tuple(identity.models)
-    layer = hd.pr.GraphicLayer(layer_name=LAYER_NAME, order=1, description="AI findings (dicom-node)",
-                               display_color=LAYER_COLOR)
+    layer = hd.pr.GraphicLayer(
+        layer_name=LAYER_NAME, order=1, description="AI findings (dicom-node)", display_color=LAYER_COLOR
+    )
     try:
         with no_phi_warnings():
             gsps = hd.pr.GrayscaleSoftcopyPresentationState(

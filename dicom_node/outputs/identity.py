@@ -5,6 +5,7 @@ files) and handed to the SR / SC / GSPS encoders. The Contributing Equipment ite
 derived from the weights' sha256, so a new model file gives a new Device UID and the same file
 always gives the same one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,30 +18,49 @@ from highdicom import ContributingEquipment
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_node.errors import EncodingError
 from inference.types import ModelInfo, Prediction
 
-from dicom_node.errors import EncodingError
-
-__all__ = ["NodeIdentity", "model_device_uid", "contributing_equipment", "derived_uid",
-           "models_summary", "check_same_study", "require_source_image", "check_geometry", "source_header",
-           "no_phi_warnings", "copy_body_part"]
+__all__ = [
+    "NodeIdentity",
+    "model_device_uid",
+    "contributing_equipment",
+    "derived_uid",
+    "models_summary",
+    "check_same_study",
+    "require_source_image",
+    "check_geometry",
+    "source_header",
+    "no_phi_warnings",
+    "copy_body_part",
+]
 
 # Type 2 patient/study attributes that highdicom reads from a source; real files lack some of them.
-_TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
-                      "AccessionNumber", "StudyDate", "StudyTime", "ReferringPhysicianName")
+_TYPE2_FROM_SOURCE = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 
 
 @dataclass(frozen=True)
 class NodeIdentity:
     """The node as the author of its output objects (General Equipment, observer, algorithm)."""
-    device_observer_uid: str                      # stable UID of this node installation
-    software_version: str                         # the dicom-node package version
+
+    device_observer_uid: str  # stable UID of this node installation
+    software_version: str  # the dicom-node package version
     manufacturer: str = "dicom-node"
     model_name: str = "dicom-node chest X-ray AI"
     algorithm_name: str = "dicom-node CXR CLAHE-classifier-YOLOv8"
     institution: str | None = None
-    station_name: str | None = None               # e.g. the node's AE title
-    device_serial_number: str = "0"               # required by the GSPS IOD (Type 1 in highdicom)
+    station_name: str | None = None  # e.g. the node's AE title
+    device_serial_number: str = "0"  # required by the GSPS IOD (Type 1 in highdicom)
     models: tuple[ModelInfo, ...] = field(default_factory=tuple)
 
 
@@ -120,7 +140,8 @@ def check_geometry(ds: Dataset, pred: Prediction) -> None:
     if tuple(pred.image_size) != size:
         raise EncodingError(
             f"prediction was made on a {pred.image_size[0]}x{pred.image_size[1]} image but the source "
-            f"is {size[0]}x{size[1]}: boxes would not match the image")
+            f"is {size[0]}x{size[1]}: boxes would not match the image"
+        )
 
 
 def source_header(ds: Dataset) -> Dataset:

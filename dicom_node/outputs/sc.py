@@ -12,6 +12,7 @@ are the source coordinates shifted down by the banner height. Built with highdic
 BurnedInAnnotation YES, Source Image Sequence -> the source, Conversion Type WSD.
 Text uses OpenCV's built-in Hershey font (no font files).
 """
+
 from __future__ import annotations
 
 import cv2
@@ -19,13 +20,17 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from inference.types import Prediction
-
-from dicom_node.outputs.codes import finding_label
 from dicom_node.errors import EncodingError
+from dicom_node.outputs.codes import finding_label
 from dicom_node.outputs.identity import (
-    NodeIdentity, require_source_image, contributing_equipment, copy_body_part, no_phi_warnings, source_header,
+    NodeIdentity,
+    contributing_equipment,
+    copy_body_part,
+    no_phi_warnings,
+    require_source_image,
+    source_header,
 )
+from inference.types import Prediction
 
 __all__ = ["build_sc", "render_overlay", "BANNER_TEXT"]
 
@@ -35,9 +40,20 @@ BAR_RGB = (32, 32, 32)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 # One colour per VinDr-CXR class id (RGB), distinct on a grey radiograph.
 PALETTE = [
-    (255, 64, 64), (255, 160, 0), (255, 255, 0), (0, 230, 0), (0, 200, 255), (64, 128, 255),
-    (200, 64, 255), (255, 64, 200), (255, 128, 128), (128, 255, 128), (128, 200, 255),
-    (255, 200, 128), (0, 255, 180), (180, 255, 0),
+    (255, 64, 64),
+    (255, 160, 0),
+    (255, 255, 0),
+    (0, 230, 0),
+    (0, 200, 255),
+    (64, 128, 255),
+    (200, 64, 255),
+    (255, 64, 200),
+    (255, 128, 128),
+    (128, 255, 128),
+    (128, 200, 255),
+    (255, 200, 128),
+    (0, 255, 180),
+    (180, 255, 0),
 ]
 
 
@@ -72,9 +88,9 @@ def render_overlay(image01: np.ndarray, prediction: Prediction) -> tuple[np.ndar
     grey = np.rint(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
     band = max(28, int(round(min(rows, cols) * 0.06)))
     canvas = np.zeros((rows + 2 * band, cols, 3), dtype=np.uint8)
-    canvas[band:band + rows] = grey[..., None]
+    canvas[band : band + rows] = grey[..., None]
     canvas[:band] = BANNER_RGB
-    canvas[band + rows:] = BAR_RGB
+    canvas[band + rows :] = BAR_RGB
     _centered_text(canvas, BANNER_TEXT, 0, band)
     _centered_text(canvas, summary_text(prediction), band + rows, rows + 2 * band)
 
@@ -109,8 +125,18 @@ def _orientation(source: Dataset) -> tuple[str, str] | None:
     return None
 
 
-def _sc_image(source: Dataset, rgb: np.ndarray, orientation, models, *, series_uid, sop_uid,
-              series_number, instance_number, identity: NodeIdentity) -> Dataset:
+def _sc_image(
+    source: Dataset,
+    rgb: np.ndarray,
+    orientation,
+    models,
+    *,
+    series_uid,
+    sop_uid,
+    series_number,
+    instance_number,
+    identity: NodeIdentity,
+) -> Dataset:
     return hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source_header(source),
         pixel_array=rgb,
@@ -156,9 +182,17 @@ def build_sc(
     models = tuple(prediction.models) or tuple(identity.models)
     try:
         with no_phi_warnings():
-            sc = _sc_image(source, rgb, orientation, models, series_uid=series_uid, sop_uid=sop_uid,
-                           series_number=series_number, instance_number=instance_number,
-                           identity=identity)
+            sc = _sc_image(
+                source,
+                rgb,
+                orientation,
+                models,
+                series_uid=series_uid,
+                sop_uid=sop_uid,
+                series_number=series_number,
+                instance_number=instance_number,
+                identity=identity,
+            )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"cannot build the Secondary Capture: {type(exc).__name__}: {exc}") from exc
     if orientation is None:
@@ -168,8 +202,9 @@ def build_sc(
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.ConversionType = "WSD"
-    sc.DerivationDescription = ("AI findings burned in; banner and summary rows added above and "
-                                "below the source image")[:1024]
+    sc.DerivationDescription = (
+        "AI findings burned in; banner and summary rows added above and below the source image"
+    )[:1024]
     src_item = Dataset()
     src_item.ReferencedSOPClassUID = source.SOPClassUID
     src_item.ReferencedSOPInstanceUID = source.SOPInstanceUID

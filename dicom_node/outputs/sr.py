@@ -24,6 +24,7 @@ and a Contributing Equipment item whose Device UID is derived from the model wei
 UIDs inside the content (tracking UIDs) are derived from the SR's SOP Instance UID, so encoding the
 same result twice gives the same document.
 """
+
 from __future__ import annotations
 
 import highdicom as hd
@@ -32,14 +33,19 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from inference.types import NO_FINDING_ID, Finding, ModelInfo, Prediction
-
-from dicom_node.outputs import codes as C
 from dicom_node.errors import EncodingError
+from dicom_node.outputs import codes as C
 from dicom_node.outputs.identity import (
-    NodeIdentity, check_geometry, check_same_study, contributing_equipment, derived_uid, models_summary,
-    no_phi_warnings, source_header,
+    NodeIdentity,
+    check_geometry,
+    check_same_study,
+    contributing_equipment,
+    derived_uid,
+    models_summary,
+    no_phi_warnings,
+    source_header,
 )
+from inference.types import NO_FINDING_ID, Finding, ModelInfo, Prediction
 
 __all__ = ["build_sr", "box_polyline"]
 
@@ -67,8 +73,12 @@ def _algorithm(identity: NodeIdentity, models: tuple[ModelInfo, ...], fusion: st
     params = [f"dicom-node {identity.software_version}", f"fusion={fusion}"]
     params += [f"{m.name}.sha256={m.sha256}" for m in models]
     return hd.sr.AlgorithmIdentification(
-        name=identity.algorithm_name, version=version, parameters=params,
-        family=C.ALGORITHM_FAMILY, manufacturer=identity.manufacturer)
+        name=identity.algorithm_name,
+        version=version,
+        parameters=params,
+        family=C.ALGORITHM_FAMILY,
+        manufacturer=identity.manufacturer,
+    )
 
 
 def _probability(value: float, name=C.PROBABILITY) -> hd.sr.Measurement:
@@ -78,8 +88,9 @@ def _probability(value: float, name=C.PROBABILITY) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=round(v, 6), unit=C.UNIT_NO_UNITS)
 
 
-def _finding_group(ds: Dataset, f: Finding, n: int, sop_uid: str,
-                   algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+def _finding_group(
+    ds: Dataset, f: Finding, n: int, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     if not 0 <= int(f.class_id) < NO_FINDING_ID:
         raise EncodingError(f"finding {n}: class id {f.class_id!r} is not a finding class (0-13)")
     code = C.finding_code(f.class_id)
@@ -91,7 +102,8 @@ def _finding_group(ds: Dataset, f: Finding, n: int, sop_uid: str,
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(sop_uid, "finding", ds.SOPInstanceUID, n),
-            identifier=f"Finding {n}: {C.finding_label(f.class_id)}"[:64]),
+            identifier=f"Finding {n}: {C.finding_label(f.class_id)}"[:64],
+        ),
         referenced_region=region,
         finding_type=code,
         algorithm_id=algorithm,
@@ -99,25 +111,27 @@ def _finding_group(ds: Dataset, f: Finding, n: int, sop_uid: str,
     )
 
 
-def _study_group(sources: list[tuple[Dataset, Prediction]], sop_uid: str,
-                 algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _study_group(
+    sources: list[tuple[Dataset, Prediction]], sop_uid: str, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     preds = [p for _, p in sources]
     abnormal = any(p.abnormal for p in preds)
     if abnormal:  # the strongest evidence for "abnormal" among the images
         probability = max(1.0 - float(p.p_no_finding) for p in preds)
         finding_type, evaluation = C.ABNORMAL, C.ABNORMAL
-    else:         # "no finding" is only as certain as the least certain image
+    else:  # "no finding" is only as certain as the least certain image
         probability = min(float(p.p_no_finding) for p in preds)
         finding_type, evaluation = C.finding_code(NO_FINDING_ID), C.NORMAL
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(sop_uid, "study"), identifier="Study assessment"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(sop_uid, "study"), identifier="Study assessment"),
         finding_type=finding_type,
         algorithm_id=algorithm,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds, _ in sources],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=C.NORMALITY, value=evaluation)],
-        measurements=[_probability(probability),
-                      _probability(max(float(p.p_abnormal) for p in preds), C.CLASSIFIER_P_ABNORMAL)],
+        measurements=[
+            _probability(probability),
+            _probability(max(float(p.p_abnormal) for p in preds), C.CLASSIFIER_P_ABNORMAL),
+        ],
     )
 
 
@@ -146,17 +160,25 @@ def build_sr(
     fusion = ",".join(sorted({p.fusion_mode for p in preds}))
     try:
         with no_phi_warnings():
-            return _build(sources, models, fusion, series_uid=series_uid, sop_uid=sop_uid,
-                          series_number=series_number, instance_number=instance_number,
-                          identity=identity)
+            return _build(
+                sources,
+                models,
+                fusion,
+                series_uid=series_uid,
+                sop_uid=sop_uid,
+                series_number=series_number,
+                instance_number=instance_number,
+                identity=identity,
+            )
     except EncodingError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"cannot build the SR: {type(exc).__name__}: {exc}") from exc
 
 
-def _build(sources, models, fusion, *, series_uid, sop_uid, series_number, instance_number,
-           identity: NodeIdentity) -> Dataset:
+def _build(
+    sources, models, fusion, *, series_uid, sop_uid, series_number, instance_number, identity: NodeIdentity
+) -> Dataset:
     algorithm = _algorithm(identity, models, fusion)
     groups: list = [_study_group(sources, sop_uid, algorithm)]
     n = 0
@@ -166,12 +188,17 @@ def _build(sources, models, fusion, *, series_uid, sop_uid, series_number, insta
             groups.append(_finding_group(ds, f, n, sop_uid, algorithm))
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=identity.device_observer_uid, name=identity.model_name[:64],
-        manufacturer_name=identity.manufacturer, model_name=identity.model_name[:64],
-        serial_number=identity.device_serial_number)
+        uid=identity.device_observer_uid,
+        name=identity.model_name[:64],
+        manufacturer_name=identity.manufacturer,
+        model_name=identity.model_name[:64],
+        serial_number=identity.device_serial_number,
+    )
     context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=C.PROCEDURE_XR,
@@ -179,9 +206,13 @@ def _build(sources, models, fusion, *, series_uid, sop_uid, series_number, insta
         title=codes.DCM.ImagingMeasurementReport,
     )
     # The private scheme is always used (classifier probability), so always declared.
-    schemes = [CodingSchemeIdentificationItem(
-        designator=C.PRIVATE_SCHEME, name=C.PRIVATE_SCHEME_NAME,
-        responsible_organization=C.PRIVATE_SCHEME_RESPONSIBLE)]
+    schemes = [
+        CodingSchemeIdentificationItem(
+            designator=C.PRIVATE_SCHEME,
+            name=C.PRIVATE_SCHEME_NAME,
+            responsible_organization=C.PRIVATE_SCHEME_RESPONSIBLE,
+        )
+    ]
     return hd.sr.Comprehensive3DSR(
         evidence=[ds for ds, _ in sources],
         content=report,
@@ -201,4 +232,3 @@ def _build(sources, models, fusion, *, series_uid, sop_uid, series_number, insta
         series_description="AI result - not for primary diagnosis",
         coding_schemes=schemes,
     )
-

@@ -6,6 +6,7 @@
 
 Both tools are optional at run time: :func:`tools_available` says whether they are installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ __all__ = ["IodReport", "dciodvfy", "dsrdump", "tools_available", "assert_valid"
 
 @dataclass(frozen=True)
 class IodReport:
-    iod: str                      # the IOD dciodvfy recognised (its first output line)
+    iod: str  # the IOD dciodvfy recognised (its first output line)
     errors: tuple[str, ...]
     warnings: tuple[str, ...]
     output: str
@@ -71,6 +72,5 @@ def assert_valid(path: str | os.PathLike) -> IodReport:
     """dciodvfy with zero errors, else :class:`EncodingError` listing them."""
     report = dciodvfy(path)
     if report.errors:
-        raise EncodingError(f"{Path(path).name} fails {report.iod or 'IOD'} validation:\n"
-                            + "\n".join(report.errors))
+        raise EncodingError(f"{Path(path).name} fails {report.iod or 'IOD'} validation:\n" + "\n".join(report.errors))
     return report

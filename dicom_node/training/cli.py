@@ -4,6 +4,7 @@ The main command line hands these two commands over before it builds its own par
 (``serve``, ``worker``) nor ``status`` ever imports the training code. DICOM exports of VinBigData folders
 happen here, on the DICOM side; the training itself lives in :mod:`inference.training.commands`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,12 +16,12 @@ from dicom_node.training.vinbigdata_export import prepare_args
 from inference.training import commands
 
 
-
 def _run(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def go(args: argparse.Namespace) -> int:
         setup_logging("INFO")
         prepare_args(args)
         return run(args)
+
     return go
 
 
@@ -29,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", description=TRAINING_COMMANDS["train"])
     train_sub = train.add_subparsers(dest="model_kind", required=True)
-    for kind, add, run in (("classifier", commands.add_train_classifier_arguments, commands.run_train_classifier),
-                           ("detector", commands.add_train_detector_arguments, commands.run_train_detector)):
+    for kind, add, run in (
+        ("classifier", commands.add_train_classifier_arguments, commands.run_train_classifier),
+        ("detector", commands.add_train_detector_arguments, commands.run_train_detector),
+    ):
         tp = train_sub.add_parser(kind, help=f"train the {kind}")
         add(tp)
         tp.set_defaults(func=_run(run))

@@ -16,6 +16,7 @@ continues where it stopped. Images whose DICOM cannot be decoded are left out an
 messages never contain patient data. ``ensure_exported(csv, images, out)`` is the CLI helper: it
 exports when ``images`` holds DICOM files and returns the (csv, images) pair to train on.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,10 +27,9 @@ from pathlib import Path
 
 import cv2
 
-from inference.preprocess import PreprocessParams, export_image, export_scale
-
 from dicom_node.errors import PixelDataError
 from dicom_node.imaging.pixels import load_image, read_dataset, read_header
+from inference.preprocess import PreprocessParams, export_image, export_scale
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ def holds_dicom(images: str | Path) -> bool:
 
 def _header_info(ds) -> dict:
     pid = str(ds.get("PatientID", "") or "").strip()
-    return {"view": str(ds.get("ViewPosition", "") or "").strip().upper(),
-            "patient_id": hashlib.sha256(pid.encode()).hexdigest()[:16] if pid else ""}
+    return {
+        "view": str(ds.get("ViewPosition", "") or "").strip().upper(),
+        "patient_id": hashlib.sha256(pid.encode()).hexdigest()[:16] if pid else "",
+    }
 
 
 def _export_one(job: tuple) -> tuple[str, dict | None, str | None]:
@@ -77,17 +79,31 @@ def _export_one(job: tuple) -> tuple[str, dict | None, str | None]:
                 return image_id, None, "cannot write PNG"
             tmp.replace(dst)
         k = export_scale((rows, cols), max_size)
-        return image_id, {"k": k, "orig": (cols, rows), "size": (max(1, round(cols * k)), max(1, round(rows * k))),
-                          **_header_info(ds)}, None
+        return (
+            image_id,
+            {
+                "k": k,
+                "orig": (cols, rows),
+                "size": (max(1, round(cols * k)), max(1, round(rows * k))),
+                **_header_info(ds),
+            },
+            None,
+        )
     except PixelDataError as exc:
         return image_id, None, str(exc)
     except (AttributeError, ValueError, OSError) as exc:
         return image_id, None, f"{type(exc).__name__}"
 
 
-def export_vinbigdata(csv_path: str | Path, images: str | Path, out_dir: str | Path,
-                      max_size: int | None = 1024, clahe: bool = True,
-                      params: PreprocessParams | None = None, workers: int = 1) -> tuple[Path, Path]:
+def export_vinbigdata(
+    csv_path: str | Path,
+    images: str | Path,
+    out_dir: str | Path,
+    max_size: int | None = 1024,
+    clahe: bool = True,
+    params: PreprocessParams | None = None,
+    workers: int = 1,
+) -> tuple[Path, Path]:
     """Export (see module docstring); returns ``(OUT/train.csv, OUT/images)``."""
     from tqdm.auto import tqdm
 
@@ -134,8 +150,15 @@ def export_vinbigdata(csv_path: str | Path, images: str | Path, out_dir: str | P
             for c in COORDS:
                 v = (r.get(c) or "").strip()
                 r[c] = f"{float(v) * got['k']:.2f}" if v and v.lower() != "nan" else ""
-            r.update(width=got["size"][0], height=got["size"][1], orig_width=got["orig"][0],
-                     orig_height=got["orig"][1], clahe=int(clahe), view=got["view"], patient_id=got["patient_id"])
+            r.update(
+                width=got["size"][0],
+                height=got["size"][1],
+                orig_width=got["orig"][0],
+                orig_height=got["orig"][1],
+                clahe=int(clahe),
+                view=got["view"],
+                patient_id=got["patient_id"],
+            )
             w.writerow(r)
     tmp.replace(out_csv)
     if missing or failed:
@@ -169,6 +192,14 @@ def prepare_args(args) -> None:
         return
     raw = bool(getattr(args, "export_raw", False))
     max_size = getattr(args, "export_max_size", 1024) or None
-    out = args.export_dir or Path(args.csv).resolve().parent / f"export-{'raw' if raw else 'clahe'}-{max_size or 'full'}"
-    args.csv, args.images = export_vinbigdata(args.csv, args.images, out, max_size=max_size, clahe=not raw,
-                                              workers=max(1, int(getattr(args, "workers", 0) or 1)))
+    out = (
+        args.export_dir or Path(args.csv).resolve().parent / f"export-{'raw' if raw else 'clahe'}-{max_size or 'full'}"
+    )
+    args.csv, args.images = export_vinbigdata(
+        args.csv,
+        args.images,
+        out,
+        max_size=max_size,
+        clahe=not raw,
+        workers=max(1, int(getattr(args, "workers", 0) or 1)),
+    )

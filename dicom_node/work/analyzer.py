@@ -2,6 +2,7 @@
 
 Pure: it reads the job's spool files and writes nothing; the worker hands its results to storage in one commit.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,18 +29,21 @@ from storage.repository import JobInfo, ResultSpec
 def node_identity(config: Config, pipeline: Pipeline) -> NodeIdentity:
     return NodeIdentity(
         device_observer_uid=derived_uid("dicom-node device observer", config.node.ae_title),
-        software_version=__version__, institution=config.outputs.institution_name,
-        station_name=config.node.ae_title, models=pipeline.models)
+        software_version=__version__,
+        institution=config.outputs.institution_name,
+        station_name=config.node.ae_title,
+        models=pipeline.models,
+    )
 
 
 @dataclass
 class _Analysed:
     sop_uid: str
     header: Dataset
-    image01: np.ndarray             # as decoded: Rows x Columns, or smaller (a JPEG 2000 resolution level)
+    image01: np.ndarray  # as decoded: Rows x Columns, or smaller (a JPEG 2000 resolution level)
     window: tuple[float, float] | None
-    prediction: Prediction          # boxes in source pixels (SR, GSPS)
-    shown: Prediction               # the same on image01's pixels (the Secondary Capture is drawn on image01)
+    prediction: Prediction  # boxes in source pixels (SR, GSPS)
+    shown: Prediction  # the same on image01's pixels (the Secondary Capture is drawn on image01)
 
 
 class Analyzer:
@@ -65,7 +69,7 @@ class Analyzer:
             t0 = time.perf_counter()
             shown = self.pipeline.run(image01)
             pipeline_s += time.perf_counter() - t0
-            del ds.PixelData   # the encoders need the header only
+            del ds.PixelData  # the encoders need the header only
             analysed.append(_Analysed(sop_uid, ds, image01, window, shown.rescaled((ds.Rows, ds.Columns)), shown))
         return self._encode(analysed), pipeline_s
 
@@ -75,19 +79,40 @@ class Analyzer:
         results: list[ResultSpec] = []
         sr_series, sc_series, pr_series = generate_uid(), generate_uid(), generate_uid()
         sr_uid = generate_uid()
-        sr = build_sr([(a.header, a.prediction) for a in analysed], series_uid=sr_series, sop_uid=sr_uid,
-                      series_number=out.series_number_sr, instance_number=1, identity=ident)
+        sr = build_sr(
+            [(a.header, a.prediction) for a in analysed],
+            series_uid=sr_series,
+            sop_uid=sr_uid,
+            series_number=out.series_number_sr,
+            instance_number=1,
+            identity=ident,
+        )
         results.append(_spec("sr", sr, None, self.wanted("sr")))
         sc_dest, pr_dest = self.wanted("sc"), self.wanted("gsps")
         for n, a in enumerate(analysed, 1):
             if sc_dest:
-                sc = build_sc(a.header, a.image01, a.shown, series_uid=sc_series, sop_uid=generate_uid(),
-                              series_number=out.series_number_sc, instance_number=n, identity=ident)
+                sc = build_sc(
+                    a.header,
+                    a.image01,
+                    a.shown,
+                    series_uid=sc_series,
+                    sop_uid=generate_uid(),
+                    series_number=out.series_number_sc,
+                    instance_number=n,
+                    identity=ident,
+                )
                 results.append(_spec("sc", sc, a.sop_uid, sc_dest))
             if pr_dest:
-                pr = build_gsps(a.header, a.prediction, series_uid=pr_series, sop_uid=generate_uid(),
-                                series_number=out.series_number_gsps, instance_number=n, identity=ident,
-                                window=a.window)
+                pr = build_gsps(
+                    a.header,
+                    a.prediction,
+                    series_uid=pr_series,
+                    sop_uid=generate_uid(),
+                    series_number=out.series_number_gsps,
+                    instance_number=n,
+                    identity=ident,
+                    window=a.window,
+                )
                 results.append(_spec("gsps", pr, a.sop_uid, pr_dest))
         return results
 
@@ -95,6 +120,12 @@ class Analyzer:
 def _spec(kind: str, ds: Dataset, source_sop_uid: str | None, destinations: tuple[str, ...]) -> ResultSpec:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    return ResultSpec(kind=kind, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                      series_uid=str(ds.SeriesInstanceUID), source_sop_uid=source_sop_uid, data=buf.getvalue(),
-                      destinations=destinations)
+    return ResultSpec(
+        kind=kind,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        source_sop_uid=source_sop_uid,
+        data=buf.getvalue(),
+        destinations=destinations,
+    )

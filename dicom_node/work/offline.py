@@ -31,6 +31,7 @@ A file that cannot be read or analysed does not stop the run: its dict is
 PNG/JPEG inputs are read as greyscale and scaled to [0, 1] by their bit depth; DICOM goes through
 :func:`dicom_node.imaging.pixels.load_image` (modality/VOI LUT, MONOCHROME1 inversion).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,14 +44,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dicom_node.errors import DicomNodeError
+from dicom_node.outputs.sc import BANNER_TEXT, render_overlay
 from inference.pipeline import Pipeline
 from inference.types import Prediction
 
-from dicom_node.errors import DicomNodeError
-from dicom_node.outputs.sc import BANNER_TEXT, render_overlay
-
-__all__ = ["analyze_files", "expand_inputs", "read_image", "prediction_dict",
-           "DISCLAIMER", "IMAGE_SUFFIXES", "SCHEMA"]
+__all__ = ["analyze_files", "expand_inputs", "read_image", "prediction_dict", "DISCLAIMER", "IMAGE_SUFFIXES", "SCHEMA"]
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +59,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", "")
 
 
-
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; folders expanded (recursively, sorted) to DICOM/PNG/JPEG-looking files."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")
-                       and f.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
+            out.extend(
+                f
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES
+            )
         else:
             out.append(p)
     return out
@@ -85,12 +86,14 @@ def read_image(path: str | os.PathLike, at_least: int | None = None) -> tuple[np
         top = np.iinfo(img.dtype).max if np.issubdtype(img.dtype, np.integer) else 1.0
         return (img.astype(np.float32) / np.float32(top)).clip(0, 1), img.shape[:2]
     from dicom_node.imaging.pixels import decode_image, read_dataset
+
     ds = read_dataset(path)
     return decode_image(ds, at_least=at_least)[0], (int(ds.Rows), int(ds.Columns))
 
 
 def _finding_code(class_id: int) -> dict:
     from dicom_node.outputs.codes import finding_code
+
     c = finding_code(class_id)
     return {"scheme": c.scheme_designator, "value": c.value, "meaning": c.meaning}
 
@@ -106,13 +109,20 @@ def prediction_dict(pred: Prediction, source: str | os.PathLike | None = None) -
         "fusion_mode": pred.fusion_mode,
         "image_size": list(pred.image_size),
         "findings": [
-            {"label": f.label, "class_id": f.class_id, "code": _finding_code(f.class_id),
-             "score": round(f.score, 4), "detector_score": round(f.detector_score, 4),
-             "box": [round(v, 1) for v in f.box]}
+            {
+                "label": f.label,
+                "class_id": f.class_id,
+                "code": _finding_code(f.class_id),
+                "score": round(f.score, 4),
+                "detector_score": round(f.detector_score, 4),
+                "box": [round(v, 1) for v in f.box],
+            }
             for f in pred.findings
         ],
-        "models": [{"name": m.name, "architecture": m.architecture, "version": m.version, "sha256": m.sha256}
-                   for m in pred.models],
+        "models": [
+            {"name": m.name, "architecture": m.architecture, "version": m.version, "sha256": m.sha256}
+            for m in pred.models
+        ],
         "timings_s": {k: round(v, 4) for k, v in pred.timings_s.items()},
         "disclaimer": DISCLAIMER,
     }
@@ -133,8 +143,9 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def analyze_files(pipeline: Pipeline, files: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
-                  *, overlay: bool = True) -> list[dict]:
+def analyze_files(
+    pipeline: Pipeline, files: Iterable[str | os.PathLike], output_dir: str | os.PathLike, *, overlay: bool = True
+) -> list[dict]:
     """Analyse each file; write ``<stem>.json`` (+ ``<stem>.png`` overlay) under ``output_dir``.
 
     Returns the JSON dicts in input order, each with ``"json"`` (and ``"overlay"``) output paths
@@ -151,18 +162,18 @@ def analyze_files(pipeline: Pipeline, files: Iterable[str | os.PathLike], output
             t0 = time.perf_counter()
             img, source_size = read_image(f, at_least=pipeline.working_size)
             decode_s = time.perf_counter() - t0
-            shown = pipeline.run(img)                   # on img's pixels
+            shown = pipeline.run(img)  # on img's pixels
             shown.timings_s["decode"] = decode_s
-            pred = shown.rescaled(source_size)          # on the source's pixels, as the SR has them
+            pred = shown.rescaled(source_size)  # on the source's pixels, as the SR has them
             data = prediction_dict(pred, f.resolve())
             if overlay:
                 png_path = out_dir / f"{stem}.png"
-                rgb, _ = render_overlay(img, shown)     # the Secondary Capture picture, so both look alike
+                rgb, _ = render_overlay(img, shown)  # the Secondary Capture picture, so both look alike
                 if not cv2.imwrite(str(png_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
                     raise OSError(f"cannot write {png_path}")
                 data["overlay"] = str(png_path)
             log.info("analysed %s: p_abnormal=%.3f findings=%d", f.name, pred.p_abnormal, len(pred.findings))
-        except (DicomNodeError, ValueError, OSError) as exc:   # ModelError etc. are DicomNodeErrors too
+        except (DicomNodeError, ValueError, OSError) as exc:  # ModelError etc. are DicomNodeErrors too
             log.warning("cannot analyse %s: %s", f.name, exc)
             data = {"schema": SCHEMA, "file": str(f.resolve()), "error": str(exc)}
         _write_json(json_path, {k: v for k, v in data.items() if k != "overlay"})

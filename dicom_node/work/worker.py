@@ -7,6 +7,7 @@ whose worker died (kill -9) is taken over when the lease runs out. A job that fa
 model error) is marked failed with the reason and the worker goes on with the next one; an unexpected error
 (a bug) also leaves its traceback in the log. A failing database makes the worker wait and try again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ from storage.errors import StaleJobError, StorageError
 
 log = logging.getLogger(__name__)
 
-STORAGE_RETRY_S = 5.0   # wait after a storage failure outside a job (database down, locked, full disk)
+STORAGE_RETRY_S = 5.0  # wait after a storage failure outside a job (database down, locked, full disk)
 
 
 class Worker:
@@ -55,15 +56,21 @@ class Worker:
             return True
         except Exception as exc:  # noqa: BLE001 - one bad job must not stop the worker
             reason = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, DicomNodeError):   # an expected failure: its message says it all
+            if isinstance(exc, DicomNodeError):  # an expected failure: its message says it all
                 log.error("job %d failed: %s", job.id, reason)
-            else:                                 # a bug: keep where it happened (without patient data)
+            else:  # a bug: keep where it happened (without patient data)
                 log.error("job %d failed:\n%s", job.id, safe_traceback(exc))
             self.store.fail_job(job.id, self.name, reason)
         else:
             kinds = ", ".join(sorted({r.kind for r in results}))
-            log.info("job %d done in %.2f s (pipeline %.2f s): %d result object(s) [%s]", job.id,
-                     time.perf_counter() - t0, pipeline_s, len(results), kinds)
+            log.info(
+                "job %d done in %.2f s (pipeline %.2f s): %d result object(s) [%s]",
+                job.id,
+                time.perf_counter() - t0,
+                pipeline_s,
+                len(results),
+                kinds,
+            )
         finally:
             done.set()
             heartbeat.join()
@@ -73,7 +80,7 @@ class Worker:
         while not done.wait(max(lease_s / 3, 0.5)):
             try:
                 self.store.renew_lease(job_id, self.name, lease_s)
-            except StorageError as exc:   # a missed renewal only risks a takeover later
+            except StorageError as exc:  # a missed renewal only risks a takeover later
                 log.warning("job %d: could not renew the lease (%s)", job_id, exc)
 
     def run(self, parent_pid: int | None = None) -> None:
@@ -84,7 +91,7 @@ class Worker:
                 return
             try:
                 worked = self.run_once()
-            except StorageError as exc:   # the job (if any) stays leased and is taken over or resumed later
+            except StorageError as exc:  # the job (if any) stays leased and is taken over or resumed later
                 log.error("worker %s: storage failure, retrying in %.0f s: %s", self.name, STORAGE_RETRY_S, exc)
                 self.stopping.wait(STORAGE_RETRY_S)
                 continue

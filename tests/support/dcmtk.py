@@ -1,4 +1,5 @@
 """dcmtk's storescp as a receiving peer: the PACS the node delivers to, or a stand-in for the node."""
+
 from __future__ import annotations
 
 import socket
@@ -25,15 +26,29 @@ class DcmtkStoreSCP:
         for _ in range(5):
             port = self.port or free_port()
             log = open(self.folder / "storescp.log", "ab")
-            cmd = ["storescp", "-aet", self.aet, "-od", str(self.out), *(["--refuse"] if self.refuse else []),
-                   str(port)]
+            cmd = [
+                "storescp",
+                "-aet",
+                self.aet,
+                "-od",
+                str(self.out),
+                *(["--refuse"] if self.refuse else []),
+                str(port),
+            ]
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             log.close()
-            if wait_for(lambda p=port: self._listening(p) or self.proc.poll() is not None, 20, interval=0.05,
-                        what="storescp to listen") and self.proc.poll() is None:
+            if (
+                wait_for(
+                    lambda p=port: self._listening(p) or self.proc.poll() is not None,
+                    20,
+                    interval=0.05,
+                    what="storescp to listen",
+                )
+                and self.proc.poll() is None
+            ):
                 self.port = port
                 return self
-            if self.port:   # a fixed port that cannot be bound: say so
+            if self.port:  # a fixed port that cannot be bound: say so
                 break
         raise RuntimeError(f"storescp could not listen:\n{(self.folder / 'storescp.log').read_text()}")
 

@@ -6,6 +6,7 @@ Any attribute can be overridden through ``**extra`` (keyword=value; ``None`` del
 ``pixels=`` to store exact values. ``compress(path, syntax)`` writes a compressed copy with the dcmtk
 command-line tools (JPEG 2000 through pydicom + pylibjpeg-openjpeg, dcmtk in Debian lacks it).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,12 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    UID, ExplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, PYDICOM_IMPLEMENTATION_UID, generate_uid,
+    JPEG2000,
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
 )
 
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
@@ -24,14 +30,14 @@ CR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 
 SYNTAXES = {
     # name: (command, extra args) ; output transfer syntax is what the tool writes
-    "jpeg-ls": ("dcmcjpls", ["+el"]),              # JPEG-LS lossless 1.2.840.10008.1.2.4.80
-    "jpeg-ls-near": ("dcmcjpls", ["+en"]),         # JPEG-LS near-lossless .81
-    "rle": ("dcmcrle", []),                        # RLE lossless 1.2.840.10008.1.2.5
-    "jpeg-lossless": ("dcmcjpeg", ["+e1"]),        # JPEG lossless SV1 1.2.840.10008.1.2.4.70
-    "jpeg-lossless-p14": ("dcmcjpeg", ["+el"]),    # JPEG lossless process 14 .57
-    "jpeg-baseline": ("dcmcjpeg", ["+eb"]),        # JPEG baseline 8 bit .50 (8-bit images only)
-    "jpeg-extended": ("dcmcjpeg", ["+ee"]),        # JPEG extended 12 bit .51
-    "deflate": ("dcmconv", ["+td"]),               # Deflated explicit VR little endian 1.2.840.10008.1.2.1.99
+    "jpeg-ls": ("dcmcjpls", ["+el"]),  # JPEG-LS lossless 1.2.840.10008.1.2.4.80
+    "jpeg-ls-near": ("dcmcjpls", ["+en"]),  # JPEG-LS near-lossless .81
+    "rle": ("dcmcrle", []),  # RLE lossless 1.2.840.10008.1.2.5
+    "jpeg-lossless": ("dcmcjpeg", ["+e1"]),  # JPEG lossless SV1 1.2.840.10008.1.2.4.70
+    "jpeg-lossless-p14": ("dcmcjpeg", ["+el"]),  # JPEG lossless process 14 .57
+    "jpeg-baseline": ("dcmcjpeg", ["+eb"]),  # JPEG baseline 8 bit .50 (8-bit images only)
+    "jpeg-extended": ("dcmcjpeg", ["+ee"]),  # JPEG extended 12 bit .51
+    "deflate": ("dcmconv", ["+td"]),  # Deflated explicit VR little endian 1.2.840.10008.1.2.1.99
 }
 
 
@@ -43,12 +49,12 @@ def _chest_picture(rows: int, cols: int, seed: int = 7) -> np.ndarray:
     def ellipse(cx, cy, rx, ry):
         return ((xn - cx) / rx) ** 2 + ((yn - cy) / ry) ** 2 <= 1.0
 
-    img = np.full((rows, cols), 0.05)                         # air outside the body: dark
-    img[ellipse(0.5, 0.55, 0.47, 0.55)] = 0.55                # soft tissue
-    for cx in (0.3, 0.7):                                     # lungs: dark
+    img = np.full((rows, cols), 0.05)  # air outside the body: dark
+    img[ellipse(0.5, 0.55, 0.47, 0.55)] = 0.55  # soft tissue
+    for cx in (0.3, 0.7):  # lungs: dark
         img[ellipse(cx, 0.48, 0.15, 0.3)] = 0.22
-    img[ellipse(0.5, 0.55, 0.08, 0.35)] = 0.85                # mediastinum / spine: bright
-    img[ellipse(0.56, 0.66, 0.14, 0.12)] = 0.8                # heart
+    img[ellipse(0.5, 0.55, 0.08, 0.35)] = 0.85  # mediastinum / spine: bright
+    img[ellipse(0.56, 0.66, 0.14, 0.12)] = 0.8  # heart
     rng = np.random.default_rng(seed)
     img += rng.normal(0.0, 0.02, img.shape)
     ky = np.exp(-0.5 * (np.arange(-4, 5) / 2.0) ** 2)

@@ -5,6 +5,7 @@ port is picked and released first, so no other process can take it in between. A
 reuses that port (as a real node keeps its configured one): the PACS in a test knows the node by it.
 Status is read in-process through the storage API, as ``dicom-node status`` does, without a CLI process.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -80,14 +82,18 @@ class NodeProcess:
         return self.config["node"]["ae_title"]
 
     def start(self, timeout: float = 60) -> None:
-        if self.port and self.config["node"]["port"] != self.port:   # a restart: keep the port the PACS knows
+        if self.port and self.config["node"]["port"] != self.port:  # a restart: keep the port the PACS knows
             self.config["node"]["port"] = self.port
             self._write_config()
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                     start_new_session=True)   # its own process group, workers included
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+            start_new_session=True,
+        )  # its own process group, workers included
 
         def bound_port() -> int | None:
             if self.proc.poll() is not None:
@@ -102,12 +108,18 @@ class NodeProcess:
         except (AssertionError, RuntimeError):
             self.kill()
             raise
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dicom_node", *args, "--config", str(self.config_path)],
-                              capture_output=True, text=True, check=check, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=300,
+        )
 
     def rows(self, sql: str) -> list[dict]:
         """Rows of a query on the node's SQLite database (what an operator could inspect; no PHI is stored)."""
@@ -152,8 +164,23 @@ class NodeProcess:
         self.proc.wait(30)
         self.close()
 
-    def storescu(self, *files: Path | str, extra: tuple[str, ...] = (), calling: str = "STORESCU",
-                 called: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        cmd = ["storescu", "-aet", calling, "-aec", called or self.ae_title, *extra, "127.0.0.1", str(self.port),
-               *map(str, files)]
+    def storescu(
+        self,
+        *files: Path | str,
+        extra: tuple[str, ...] = (),
+        calling: str = "STORESCU",
+        called: str | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
+        cmd = [
+            "storescu",
+            "-aet",
+            calling,
+            "-aec",
+            called or self.ae_title,
+            *extra,
+            "127.0.0.1",
+            str(self.port),
+            *map(str, files),
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

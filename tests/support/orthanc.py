@@ -12,6 +12,7 @@ interfaces. ``RemoteAccessAllowed: false`` refuses HTTP clients other than local
 Lua script written only for tests (``loopback-only.lua``) refuses instances stored over DICOM from
 anywhere but 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,7 +35,7 @@ ORTHANC_BIN = "/usr/sbin/Orthanc"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "orthanc"
 DOCS_CONFIG = DOCS / "orthanc.json"
 DOCS_LUA = DOCS / "route-chest-xrays.lua"
-NODE_MODALITY = "ainode"     # symbolic name of the node in DicomModalities (fixed by the Lua rule)
+NODE_MODALITY = "ainode"  # symbolic name of the node in DicomModalities (fixed by the Lua rule)
 
 LOOPBACK_ONLY_LUA = """\
 -- Tests only: Orthanc 1.10.1 cannot bind its DICOM server to 127.0.0.1, so refuse what others send.
@@ -47,7 +48,7 @@ end
 """
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never via an http_proxy
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
 
 
 def _two_free_ports() -> tuple[int, int]:
@@ -62,8 +63,9 @@ def routing_lua(*, skip_node_outputs: bool = True, route_everything: bool = Fals
     """The documented routing rule with its switches set (fails if the docs file lost a switch)."""
     text = DOCS_LUA.read_text()
     for name, value in (("SKIP_NODE_OUTPUTS", skip_node_outputs), ("ROUTE_EVERYTHING", route_everything)):
-        text, n = re.subn(rf"^local {name} = (?:true|false)", f"local {name} = {str(value).lower()}", text,
-                          flags=re.MULTILINE)
+        text, n = re.subn(
+            rf"^local {name} = (?:true|false)", f"local {name} = {str(value).lower()}", text, flags=re.MULTILINE
+        )
         if n != 1:
             raise RuntimeError(f"{DOCS_LUA} must define 'local {name} = true|false' exactly once")
     if f"local NODE = '{NODE_MODALITY}'" not in text:
@@ -78,9 +80,19 @@ class OrthancError(RuntimeError):
 class Orthanc:
     """An Orthanc process with its config, storage, index and log in ``folder``."""
 
-    def __init__(self, folder: Path, *, aet: str = "ORTHANC", node_aet: str = "DICOM_NODE",
-                 node_port: int = 11112, route: bool = True, skip_node_outputs: bool = True,
-                 route_everything: bool = False, stable_age_s: int = 2, verbose: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        aet: str = "ORTHANC",
+        node_aet: str = "DICOM_NODE",
+        node_port: int = 11112,
+        route: bool = True,
+        skip_node_outputs: bool = True,
+        route_everything: bool = False,
+        stable_age_s: int = 2,
+        verbose: bool = False,
+    ):
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet, self.node_aet, self.node_port = aet, node_aet, node_port
@@ -100,17 +112,19 @@ class Orthanc:
     # ------------------------------------------------------------------ config and process
     def write_config(self) -> dict:
         config = json.loads(DOCS_CONFIG.read_text())
-        config.update({
-            "Name": f"test-{self.aet}",
-            "StorageDirectory": str(self.folder / "storage"),
-            "IndexDirectory": str(self.folder / "index"),
-            "LuaScripts": [str(self.folder / "loopback-only.lua")] + ([str(self.lua_path)] if self.route else []),
-            "HttpPort": self.http_port,
-            "DicomPort": self.port,
-            "DicomAet": self.aet,
-            "DicomModalities": {NODE_MODALITY: [self.node_aet, "127.0.0.1", self.node_port]},
-            "StableAge": self.stable_age_s,
-        })
+        config.update(
+            {
+                "Name": f"test-{self.aet}",
+                "StorageDirectory": str(self.folder / "storage"),
+                "IndexDirectory": str(self.folder / "index"),
+                "LuaScripts": [str(self.folder / "loopback-only.lua")] + ([str(self.lua_path)] if self.route else []),
+                "HttpPort": self.http_port,
+                "DicomPort": self.port,
+                "DicomAet": self.aet,
+                "DicomModalities": {NODE_MODALITY: [self.node_aet, "127.0.0.1", self.node_port]},
+                "StableAge": self.stable_age_s,
+            }
+        )
         self.config = config
         self.config_path.write_text(json.dumps(config, indent=2))
         return config
@@ -121,8 +135,11 @@ class Orthanc:
         self.node_port = port
         self.write_config()
         if self.running():
-            self.request("PUT", f"/modalities/{NODE_MODALITY}",
-                         json.dumps({"AET": self.node_aet, "Host": "127.0.0.1", "Port": port}))
+            self.request(
+                "PUT",
+                f"/modalities/{NODE_MODALITY}",
+                json.dumps({"AET": self.node_aet, "Host": "127.0.0.1", "Port": port}),
+            )
 
     def as_destination(self, name: str = "pacs", outputs: tuple[str, ...] = ("sr", "sc")) -> dict:
         """This PACS as an entry of the node's ``destinations`` in config.yaml."""
@@ -140,8 +157,12 @@ class Orthanc:
         for attempt in range(3):
             self._spawn()
             try:
-                wait_for(lambda: self.proc.poll() is not None or self._answers(), timeout, interval=0.05,
-                         what=f"Orthanc to answer on {self.url}")
+                wait_for(
+                    lambda: self.proc.poll() is not None or self._answers(),
+                    timeout,
+                    interval=0.05,
+                    what=f"Orthanc to answer on {self.url}",
+                )
             except AssertionError as exc:
                 self.kill()
                 raise OrthancError(f"{exc}\n{self.log()[-4000:]}") from exc
@@ -160,8 +181,14 @@ class Orthanc:
         args = [ORTHANC_BIN, *(["--verbose"] if self.verbose else []), str(self.config_path)]
         # TCP_NODELAY=1: dcmtk inside Orthanc otherwise keeps Nagle on (~40 ms stalls per small message),
         # as docs/orthanc/README.md recommends for production too.
-        self.proc = subprocess.Popen(args, cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
+        self.proc = subprocess.Popen(
+            args,
+            cwd=self.folder,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
 
     def _answers(self) -> bool:
         try:
@@ -182,9 +209,9 @@ class Orthanc:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
                 self.kill()
-                raise OrthancError(f"Orthanc ignored SIGTERM for {timeout:.0f}s; killed it")
+                raise OrthancError(f"Orthanc ignored SIGTERM for {timeout:.0f}s; killed it") from exc
         self._close_log()
         return self.proc.returncode if self.proc else 0
 
@@ -211,15 +238,31 @@ class Orthanc:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.kill()     # teardown: the data is thrown away, so skip the ~3 s graceful shutdown
+        self.kill()  # teardown: the data is thrown away, so skip the ~3 s graceful shutdown
 
     # ------------------------------------------------------------------ DICOM
-    def storescu(self, *files: Path | str, extra: tuple[str, ...] = (), calling: str = "STORESCU",
-                 check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    def storescu(
+        self,
+        *files: Path | str,
+        extra: tuple[str, ...] = (),
+        calling: str = "STORESCU",
+        check: bool = False,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
         """Send files into Orthanc with dcmtk storescu (-R: propose the files' own SOP classes and
         transfer syntaxes). ``calling=self.node_aet`` makes them look like the node's outputs."""
-        cmd = ["storescu", "-R", "-aet", calling, "-aec", self.aet, *extra, "127.0.0.1", str(self.port),
-               *map(str, files)]
+        cmd = [
+            "storescu",
+            "-R",
+            "-aet",
+            calling,
+            "-aec",
+            self.aet,
+            *extra,
+            "127.0.0.1",
+            str(self.port),
+            *map(str, files),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise OrthancError(f"storescu failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -277,19 +320,28 @@ class Orthanc:
         out = []
         for series in self.get(f"/studies/{study}/series"):
             tags = series.get("MainDicomTags", {})
-            out.append({"ID": series["ID"], "Modality": tags.get("Modality"),
-                        "SeriesInstanceUID": tags.get("SeriesInstanceUID"),
-                        "SeriesNumber": tags.get("SeriesNumber"),
-                        "SeriesDescription": tags.get("SeriesDescription"),
-                        "instances": list(series.get("Instances", []))})
+            out.append(
+                {
+                    "ID": series["ID"],
+                    "Modality": tags.get("Modality"),
+                    "SeriesInstanceUID": tags.get("SeriesInstanceUID"),
+                    "SeriesNumber": tags.get("SeriesNumber"),
+                    "SeriesDescription": tags.get("SeriesDescription"),
+                    "instances": list(series.get("Instances", [])),
+                }
+            )
         return out
 
     def instance_dataset(self, instance_id: str) -> Dataset:
         return pydicom.dcmread(io.BytesIO(self.request("GET", f"/instances/{instance_id}/file")))
 
     def instances_by_modality(self, study_uid: str, modality: str) -> list[Dataset]:
-        return [self.instance_dataset(i) for s in self.series_of_study(study_uid) if s["Modality"] == modality
-                for i in s["instances"]]
+        return [
+            self.instance_dataset(i)
+            for s in self.series_of_study(study_uid)
+            if s["Modality"] == modality
+            for i in s["instances"]
+        ]
 
     def jobs(self) -> list[dict]:
         """Orthanc's jobs (the routing rule's C-STOREs run as jobs), newest state included."""

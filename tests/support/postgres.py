@@ -4,6 +4,7 @@ Debian's ``postgresql`` package provides the binaries (``/usr/lib/postgresql/<ve
 the system cluster is used. PostgreSQL refuses to run as root, so when the tests run as root (as CI does)
 the server runs as the ``postgres`` user the package creates. Each test gets a database of its own.
 """
+
 from __future__ import annotations
 
 import glob
@@ -42,15 +43,36 @@ class PostgresServer:
             raise RuntimeError(f"{cmd[0]} failed: {r.stderr[-2000:]}")
 
     def start(self) -> "PostgresServer":
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER, "-A", "trust",
-                  "--no-sync", "-E", "UTF8")
+        self._run(
+            str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER, "-A", "trust", "--no-sync", "-E", "UTF8"
+        )
         self.proc = subprocess.Popen(
-            [*self._as, str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.folder}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.proc.poll() is not None or subprocess.run(
-            [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-            capture_output=True).returncode == 0, 60, what="PostgreSQL to accept connections")
+            [
+                *self._as,
+                str(self.bindir / "postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.folder}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(
+            lambda: (
+                self.proc.poll() is not None
+                or subprocess.run(
+                    [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True
+                ).returncode
+                == 0
+            ),
+            60,
+            what="PostgreSQL to accept connections",
+        )
         if self.proc.poll() is not None:
             raise RuntimeError("PostgreSQL exited at start-up")
         return self
@@ -58,8 +80,12 @@ class PostgresServer:
     def new_database(self) -> str:
         """A fresh, empty database; returns its SQLAlchemy URL."""
         name = f"t_{uuid.uuid4().hex[:12]}"
-        r = subprocess.run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
-                            self.USER, name], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.USER, name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"createdb failed: {r.stderr}")
         return f"postgresql+psycopg://{self.USER}@127.0.0.1:{self.port}/{name}"
