@@ -6,10 +6,10 @@
 The batch is what :func:`inference.preprocess.to_model_input` produces (N x 1 x S x S, normalised
 with the mean/std stored in the model file).
 """
+
 from __future__ import annotations
 
 import math
-
 import os
 
 import numpy as np
@@ -28,7 +28,7 @@ def build_classifier(arch: str, in_chans: int = 1) -> nn.Module:
 
     try:
         return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=1)
-    except RuntimeError as exc:   # timm: "Unknown model (...)"
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise ModelError(f"unknown classifier architecture {arch!r} ({exc})") from exc
 
 
@@ -39,15 +39,17 @@ class Classifier(LoadedNetwork):
     def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu") -> "Classifier":
         meta = loaded.metadata
         if meta.preprocess.channels != 1:
-            raise ModelError(f"{loaded.path}: classifier preprocess must have 1 channel, "
-                             f"has {meta.preprocess.channels}")
+            raise ModelError(
+                f"{loaded.path}: classifier preprocess must have 1 channel, has {meta.preprocess.channels}"
+            )
         model = build_classifier(meta.architecture, in_chans=1)
         try:
             model.load_state_dict(loaded.state_dict, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0:2]
-            raise ModelError(f"{loaded.path}: weights do not fit architecture {meta.architecture!r}: "
-                             f"{' '.join(first)}") from exc
+            raise ModelError(
+                f"{loaded.path}: weights do not fit architecture {meta.architecture!r}: {' '.join(first)}"
+            ) from exc
         return cls(model, loaded, device)
 
     @classmethod

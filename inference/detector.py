@@ -7,6 +7,7 @@ loads the weights, fuses Conv+BN for inference. ``Detector.detect(x, letterbox, 
 network on one prepared 3 x S x S input, applies ultralytics' NMS and maps the boxes back to
 source pixels with the :class:`~inference.preprocess.Letterbox`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,7 @@ __all__ = ["build_detector", "Detector", "Detections"]
 
 def _nms():
     try:
-        from ultralytics.utils.nms import non_max_suppression   # ultralytics >= 8.3.17x
+        from ultralytics.utils.nms import non_max_suppression  # ultralytics >= 8.3.17x
     except ImportError:  # older 8.x
         from ultralytics.utils.ops import non_max_suppression
     return non_max_suppression
@@ -46,14 +47,16 @@ def build_detector(arch: str | dict = "yolov8n", nc: int = 14) -> tuple[nn.Modul
     try:
         model = DetectionModel(cfg=cfg, ch=3, nc=nc, verbose=False)
     except (FileNotFoundError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise ModelError(f"cannot build detector architecture {arch if isinstance(arch, str) else '(yaml dict)'}: "
-                         f"{exc}") from exc
+        raise ModelError(
+            f"cannot build detector architecture {arch if isinstance(arch, str) else '(yaml dict)'}: {exc}"
+        ) from exc
     return model, copy.deepcopy(model.yaml)
 
 
 @dataclass(frozen=True)
 class Detections:
     """Detections of one image: boxes (N x 4, xyxy), scores (N,), class_ids (N,)."""
+
     boxes: np.ndarray
     scores: np.ndarray
     class_ids: np.ndarray
@@ -65,8 +68,7 @@ class Detections:
 class Detector(LoadedNetwork):
     """A loaded detector in eval mode (Conv+BN fused) on one device."""
 
-    def __init__(self, model: nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu",
-                 iou: float = 0.7):
+    def __init__(self, model: nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu", iou: float = 0.7):
         super().__init__(model, loaded, device)
         self.iou = iou
         self.nc = len(loaded.metadata.classes)
@@ -79,12 +81,16 @@ class Detector(LoadedNetwork):
             raise ModelError(f"{loaded.path}: detector preprocess must have 3 channels, has {meta.preprocess.channels}")
         if meta.input_size % 32:
             raise ModelError(f"{loaded.path}: detector input_size {meta.input_size} is not a multiple of 32")
+        if loaded.model_yaml is None:  # load_model_file(path, "detector") has checked it is there
+            raise ModelError(f"{loaded.path}: detector model file without its model yaml")
         model, _ = build_detector(loaded.model_yaml, nc=len(meta.classes))
         try:
             model.load_state_dict(loaded.state_dict, strict=True)
         except RuntimeError as exc:
-            raise ModelError(f"{loaded.path}: weights do not fit the detector architecture "
-                             f"{meta.architecture!r}: {str(exc).splitlines()[0]}") from exc
+            raise ModelError(
+                f"{loaded.path}: weights do not fit the detector architecture "
+                f"{meta.architecture!r}: {str(exc).splitlines()[0]}"
+            ) from exc
         model.names = dict(enumerate(meta.classes))
         model.eval()
         model.fuse(verbose=False)
@@ -108,8 +114,7 @@ class Detector(LoadedNetwork):
     @torch.inference_mode()
     def postprocess(self, raw: torch.Tensor, conf: float = 0.05, max_det: int = 300) -> list[np.ndarray]:
         """ultralytics NMS -> per image a (K, 6) array x1, y1, x2, y2, score, class in INPUT pixels."""
-        dets = self._nms(raw, conf_thres=float(conf), iou_thres=float(self.iou), max_det=int(max_det),
-                         nc=self.nc)
+        dets = self._nms(raw, conf_thres=float(conf), iou_thres=float(self.iou), max_det=int(max_det), nc=self.nc)
         return [d[:, :6].float().cpu().numpy() for d in dets]
 
     def predict(self, batch: np.ndarray | torch.Tensor, conf: float = 0.05, max_det: int = 300) -> list[np.ndarray]:
@@ -120,6 +125,9 @@ class Detector(LoadedNetwork):
         """One prepared 3 x S x S input -> detections with boxes in SOURCE pixels (clipped)."""
         d = self.predict(x, conf=conf, max_det=max_det)[0]
         boxes = geom.to_source(d[:, :4]) if len(d) else np.zeros((0, 4))
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])   # drop boxes wholly in padding
-        return Detections(boxes=boxes[keep].astype(np.float64), scores=d[keep, 4].astype(np.float64),
-                          class_ids=d[keep, 5].astype(np.int64))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # drop boxes wholly in padding
+        return Detections(
+            boxes=boxes[keep].astype(np.float64),
+            scores=d[keep, 4].astype(np.float64),
+            class_ids=d[keep, 5].astype(np.int64),
+        )

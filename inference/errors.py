@@ -1,9 +1,10 @@
 """The inference branch of the project's exception tree (drawn in :mod:`dicom_node.errors`; no DICOM here).
 
-    InferenceError
-    ├── ModelError        model file missing, corrupt, or its metadata does not match what is asked
-    └── DatasetError      a training/evaluation dataset layout is missing or malformed
+InferenceError
+├── ModelError        model file missing, corrupt, or its metadata does not match what is asked
+└── DatasetError      a training/evaluation dataset layout is missing or malformed
 """
+
 from __future__ import annotations
 
 from dicom_node.errors import DicomNodeError

@@ -25,6 +25,7 @@ below ``min_score`` are dropped, the rest are sorted by score and cut to ``max_f
 so a reported finding always lowers "no finding" to at most ``1 - its score``; with no kept
 findings it is ``1 - p_abnormal``. It is always reported.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -84,8 +85,13 @@ def fused_scores(detector_scores: np.ndarray, p_abnormal: float, mode: str) -> n
     return s
 
 
-def fuse(p_abnormal: float, boxes: np.ndarray | None, scores: np.ndarray | None,
-         class_ids: np.ndarray | None, params: FusionParams) -> tuple[tuple[Finding, ...], float]:
+def fuse(
+    p_abnormal: float,
+    boxes: np.ndarray | None,
+    scores: np.ndarray | None,
+    class_ids: np.ndarray | None,
+    params: FusionParams,
+) -> tuple[tuple[Finding, ...], float]:
     """-> (findings sorted by fused score, p_no_finding). ``boxes`` None = detector not run."""
     p = float(np.clip(p_abnormal, 0.0, 1.0))
     findings: list[Finding] = []
@@ -94,13 +100,20 @@ def fuse(p_abnormal: float, boxes: np.ndarray | None, scores: np.ndarray | None,
         det = np.asarray(scores, dtype=np.float64).reshape(-1)
         cls = np.asarray(class_ids).reshape(-1).astype(np.int64)
         fused = fused_scores(det, p, params.mode)
-        keep = ((det >= params.detector_conf) & (fused >= params.min_score)
-                & (cls >= 0) & (cls < len(FINDING_CLASSES)))
+        keep = (det >= params.detector_conf) & (fused >= params.min_score) & (cls >= 0) & (cls < len(FINDING_CLASSES))
         idx = np.flatnonzero(keep)
         idx = idx[np.argsort(-fused[idx], kind="stable")][: params.max_findings]
         for i in idx:
             c = int(cls[i])
-            findings.append(Finding(class_id=c, label=FINDING_CLASSES[c], score=float(fused[i]),
-                                    box=tuple(float(v) for v in boxes[i]), detector_score=float(det[i])))
+            x1, y1, x2, y2 = (float(v) for v in boxes[i])  # boxes is N x 4 (reshaped above)
+            findings.append(
+                Finding(
+                    class_id=c,
+                    label=FINDING_CLASSES[c],
+                    score=float(fused[i]),
+                    box=(x1, y1, x2, y2),
+                    detector_score=float(det[i]),
+                )
+            )
     strongest = max((f.score for f in findings), default=0.0)
     return tuple(findings), 1.0 - max(p, strongest)

@@ -27,6 +27,7 @@ code, so a model file cannot run anything on load)::
 Weights are stored as float16 (half the size) and cast back to float32 on load; a tensor whose
 values do not fit float16 is kept in float32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,7 @@ import os
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,8 +54,16 @@ ModelKind = Literal["classifier", "detector"]
 _FP16_MAX = 65000.0
 
 __all__ = [
-    "FORMAT_VERSION", "METADATA_KEY", "CLASSIFIER_CLASSES", "ModelMetadata", "LoadedModel",
-    "save_model_file", "load_model_file", "read_metadata", "sha256_of", "default_classes",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "CLASSIFIER_CLASSES",
+    "ModelMetadata",
+    "LoadedModel",
+    "save_model_file",
+    "load_model_file",
+    "read_metadata",
+    "sha256_of",
+    "default_classes",
 ]
 
 
@@ -71,7 +80,7 @@ class ModelMetadata:
     version: str = "0.0.0"
     name: str = ""
     training_data: str = ""
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -113,7 +122,7 @@ class ModelMetadata:
 class LoadedModel:
     path: Path
     metadata: ModelMetadata
-    state_dict: dict[str, torch.Tensor]     # float32
+    state_dict: dict[str, torch.Tensor]  # float32
     model_yaml: dict | None
     sha256: str
 
@@ -143,14 +152,20 @@ def _to_storage(sd: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tens
     return out
 
 
-def save_model_file(path: str | os.PathLike, metadata: ModelMetadata, state_dict: dict[str, torch.Tensor],
-                    model_yaml: dict | None = None) -> Path:
+def save_model_file(
+    path: str | os.PathLike,
+    metadata: ModelMetadata,
+    state_dict: dict[str, torch.Tensor],
+    model_yaml: dict | None = None,
+) -> Path:
     """Write a model file atomically (temp file + rename). Detectors must pass ``model_yaml``."""
     path = Path(path)
     if metadata.kind == "detector" and not model_yaml:
         raise ModelError("a detector model file needs the ultralytics model yaml dict (model_yaml)")
-    payload: dict[str, Any] = {METADATA_KEY: _plain(metadata.to_dict()),
-                               "state_dict": _to_storage(state_dict, metadata.weights_dtype)}
+    payload: dict[str, Any] = {
+        METADATA_KEY: _plain(metadata.to_dict()),
+        "state_dict": _to_storage(state_dict, metadata.weights_dtype),
+    }
     if model_yaml is not None:
         payload["model_yaml"] = _plain(model_yaml)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +191,7 @@ def _plain(obj: Any) -> Any:
         return int(obj)
     if isinstance(obj, numbers.Real):
         return float(obj)
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:   # numpy / torch scalars
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
         return _plain(obj.item())
     return str(obj)
 
@@ -189,12 +204,16 @@ def _read(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ModelError(f"{path}: not a dicom-node model file (it holds pickled Python objects, e.g. a "
-                         "raw ultralytics/timm checkpoint; convert it with the project's training "
-                         "commands)") from exc
+        raise ModelError(
+            f"{path}: not a dicom-node model file (it holds pickled Python objects, e.g. a "
+            "raw ultralytics/timm checkpoint; convert it with the project's training "
+            "commands)"
+        ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"{path}: not a dicom-node model file (not a readable torch file: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        raise ModelError(
+            f"{path}: not a dicom-node model file (not a readable torch file: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from exc
     if not isinstance(payload, dict) or METADATA_KEY not in payload:
         raise ModelError(f"{path}: not a dicom-node model file (no '{METADATA_KEY}' metadata)")
     return payload
@@ -212,13 +231,16 @@ def _metadata(payload: dict, path: Path) -> ModelMetadata:
         raise ModelError(f"{path}: malformed dicom-node model metadata")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ModelError(f"{path}: unsupported model file format version {version!r} "
-                         f"(this dicom-node reads versions 1..{FORMAT_VERSION})")
+        raise ModelError(
+            f"{path}: unsupported model file format version {version!r} "
+            f"(this dicom-node reads versions 1..{FORMAT_VERSION})"
+        )
     return ModelMetadata.from_dict(meta, str(path))
 
 
-def load_model_file(path: str | os.PathLike, expected_kind: ModelKind,
-                    expected_classes: tuple[str, ...] | None = None) -> LoadedModel:
+def load_model_file(
+    path: str | os.PathLike, expected_kind: ModelKind, expected_classes: tuple[str, ...] | None = None
+) -> LoadedModel:
     """Load and check a model file; raise :class:`ModelError` naming the file and the problem."""
     path = Path(path)
     if expected_kind not in KINDS:
@@ -226,12 +248,16 @@ def load_model_file(path: str | os.PathLike, expected_kind: ModelKind,
     payload = _read(path)
     meta = _metadata(payload, path)
     if meta.kind != expected_kind:
-        raise ModelError(f"{path}: is a {meta.kind} model file, but a {expected_kind} is expected here "
-                         "(are the classifier and detector paths swapped in the config?)")
+        raise ModelError(
+            f"{path}: is a {meta.kind} model file, but a {expected_kind} is expected here "
+            "(are the classifier and detector paths swapped in the config?)"
+        )
     want = tuple(expected_classes) if expected_classes is not None else default_classes(expected_kind)
     if meta.classes != want:
-        raise ModelError(f"{path}: class list mismatch: the file has {len(meta.classes)} classes "
-                         f"{list(meta.classes)[:5]}..., expected {len(want)} {list(want)[:5]}...")
+        raise ModelError(
+            f"{path}: class list mismatch: the file has {len(meta.classes)} classes "
+            f"{list(meta.classes)[:5]}..., expected {len(want)} {list(want)[:5]}..."
+        )
     sd = payload.get("state_dict")
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelError(f"{path}: the model file holds no usable state_dict")
@@ -239,8 +265,7 @@ def load_model_file(path: str | os.PathLike, expected_kind: ModelKind,
     if expected_kind == "detector" and not isinstance(model_yaml, dict):
         raise ModelError(f"{path}: detector model file without its model yaml")
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    return LoadedModel(path=path, metadata=meta, state_dict=sd, model_yaml=model_yaml,
-                       sha256=sha256_of(path))
+    return LoadedModel(path=path, metadata=meta, state_dict=sd, model_yaml=model_yaml, sha256=sha256_of(path))
 
 
 class LoadedNetwork:

@@ -14,6 +14,7 @@ with findings in source-pixel coordinates and per-stage timings (seconds)::
     fusion           fusing scores into findings
     total            the whole run
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,12 +45,20 @@ class Pipeline:
             log.warning("classifier and detector use different CLAHE settings; CLAHE runs twice")
 
     @classmethod
-    def from_files(cls, classifier_path: str | os.PathLike, detector_path: str | os.PathLike,
-                   fusion: FusionParams | dict | object | None = None, device: str = "cpu",
-                   iou: float = 0.7) -> "Pipeline":
+    def from_files(
+        cls,
+        classifier_path: str | os.PathLike,
+        detector_path: str | os.PathLike,
+        fusion: FusionParams | dict | object | None = None,
+        device: str = "cpu",
+        iou: float = 0.7,
+    ) -> "Pipeline":
         """``fusion``: FusionParams, a dict or any object with its attribute names (FusionConfig)."""
-        return cls(Classifier.load(classifier_path, device), Detector.load(detector_path, device, iou=iou),
-                   FusionParams.from_obj(fusion))
+        return cls(
+            Classifier.load(classifier_path, device),
+            Detector.load(detector_path, device, iou=iou),
+            FusionParams.from_obj(fusion),
+        )
 
     @property
     def working_size(self) -> int:
@@ -63,8 +72,10 @@ class Pipeline:
     def run(self, img01: np.ndarray) -> Prediction:
         arr = np.asarray(img01)
         if arr.ndim != 2:
-            raise ValueError(f"the pipeline takes one 2-D greyscale image (rows, columns); got an array "
-                             f"of shape {arr.shape} (colour or multi-frame images are not analysed)")
+            raise ValueError(
+                f"the pipeline takes one 2-D greyscale image (rows, columns); got an array "
+                f"of shape {arr.shape} (colour or multi-frame images are not analysed)"
+            )
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         img = check_image(arr, "pipeline input")
@@ -92,21 +103,30 @@ class Pipeline:
             xd, geom = to_model_input(clahe_d, dp)
             t["detector_input"] = time.perf_counter() - s
             s = time.perf_counter()
-            dets = self.detector.detect(xd, geom, conf=self.fusion.detector_conf,
-                                        max_det=max(300, self.fusion.max_findings))
+            dets = self.detector.detect(
+                xd, geom, conf=self.fusion.detector_conf, max_det=max(300, self.fusion.max_findings)
+            )
             t["detector"] = time.perf_counter() - s
             boxes, scores, class_ids = dets.boxes, dets.scores, dets.class_ids
-            if (fx, fy) != (1.0, 1.0):   # working-image pixels -> source pixels
-                boxes = np.minimum(boxes * np.array([fx, fy, fx, fy]),
-                                   np.array([img.shape[1], img.shape[0], img.shape[1], img.shape[0]], float))
+            if (fx, fy) != (1.0, 1.0):  # working-image pixels -> source pixels
+                boxes = np.minimum(
+                    boxes * np.array([fx, fy, fx, fy]),
+                    np.array([img.shape[1], img.shape[0], img.shape[1], img.shape[0]], float),
+                )
 
         s = time.perf_counter()
         findings, p_no_finding = fuse(p_abnormal, boxes, scores, class_ids, self.fusion)
         t["fusion"] = time.perf_counter() - s
         t["total"] = time.perf_counter() - t0
-        return Prediction(p_abnormal=p_abnormal, p_no_finding=float(p_no_finding), findings=findings,
-                          fusion_mode=self.fusion.mode, models=self.models,
-                          image_size=(int(img.shape[0]), int(img.shape[1])), timings_s=t)
+        return Prediction(
+            p_abnormal=p_abnormal,
+            p_no_finding=float(p_no_finding),
+            findings=findings,
+            fusion_mode=self.fusion.mode,
+            models=self.models,
+            image_size=(int(img.shape[0]), int(img.shape[1])),
+            timings_s=t,
+        )
 
     @staticmethod
     def limit_threads(n: int) -> None:

@@ -22,32 +22,44 @@ count per bin and the equalisation becomes nearly an identity map for real radio
 version behaves like the CLAHE the public chest X-ray literature (and our PNG training data) uses.
 ``clahe_bits=16`` remains available for experiments.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import cv2
 import numpy as np
 
-PAD_VALUE = 114.0 / 255.0   # ultralytics' letterbox grey
+PAD_VALUE = 114.0 / 255.0  # ultralytics' letterbox grey
 
 __all__ = [
-    "PAD_VALUE", "PreprocessParams", "Letterbox", "apply_clahe", "normalise", "letterbox",
-    "to_model_input", "prepare", "export_image", "export_scale", "check_image",
+    "PAD_VALUE",
+    "PreprocessParams",
+    "Letterbox",
+    "apply_clahe",
+    "normalise",
+    "letterbox",
+    "to_model_input",
+    "prepare",
+    "export_image",
+    "export_scale",
+    "check_image",
 ]
 
 
 @dataclass(frozen=True)
 class PreprocessParams:
     """Everything needed to turn an image into a model input; stored in each model file."""
-    clahe_clip_limit: float = 2.0     # OpenCV clipLimit; 0 disables CLAHE
-    clahe_tile_grid: int = 8          # tiles per side (tileGridSize = (n, n))
-    clahe_bits: int = 8               # 8 or 16: depth of the copy CLAHE runs on
-    input_size: int = 512             # square model input side S (letterboxed)
-    channels: int = 1                 # 1 (timm classifier, in_chans=1) or 3 (YOLO: grey repeated)
-    mean: float = 0.0                 # model input = (x - mean) / std, x in [0, 1]
+
+    clahe_clip_limit: float = 2.0  # OpenCV clipLimit; 0 disables CLAHE
+    clahe_tile_grid: int = 8  # tiles per side (tileGridSize = (n, n))
+    clahe_bits: int = 8  # 8 or 16: depth of the copy CLAHE runs on
+    input_size: int = 512  # square model input side S (letterboxed)
+    channels: int = 1  # 1 (timm classifier, in_chans=1) or 3 (YOLO: grey repeated)
+    mean: float = 0.0  # model input = (x - mean) / std, x in [0, 1]
     std: float = 1.0
-    pad_value: float = PAD_VALUE      # letterbox padding, in [0, 1] before normalisation
+    pad_value: float = PAD_VALUE  # letterbox padding, in [0, 1] before normalisation
 
     def __post_init__(self) -> None:
         if self.clahe_clip_limit < 0:
@@ -78,7 +90,10 @@ class PreprocessParams:
 
     def same_clahe(self, other: "PreprocessParams") -> bool:
         return (self.clahe_clip_limit, self.clahe_tile_grid, self.clahe_bits) == (
-            other.clahe_clip_limit, other.clahe_tile_grid, other.clahe_bits)
+            other.clahe_clip_limit,
+            other.clahe_tile_grid,
+            other.clahe_bits,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,8 +104,10 @@ class PreprocessParams:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"unknown preprocessing keys {unknown}; known: {sorted(known)}")
-        conv = {k: (int(v) if k in ("clahe_tile_grid", "clahe_bits", "input_size", "channels")
-                    else float(v)) for k, v in data.items()}
+        conv: dict[str, Any] = {  # int or float, per field
+            k: (int(v) if k in ("clahe_tile_grid", "clahe_bits", "input_size", "channels") else float(v))
+            for k, v in data.items()
+        }
         return cls(**conv)
 
 
@@ -117,8 +134,7 @@ def apply_clahe(img01: np.ndarray, params: PreprocessParams | None = None) -> np
         return img.copy()
     top = 255 if p.clahe_bits == 8 else 65535
     q = np.rint(img * top).astype(np.uint8 if p.clahe_bits == 8 else np.uint16)
-    clahe = cv2.createCLAHE(clipLimit=float(p.clahe_clip_limit),
-                            tileGridSize=(p.clahe_tile_grid, p.clahe_tile_grid))
+    clahe = cv2.createCLAHE(clipLimit=float(p.clahe_clip_limit), tileGridSize=(p.clahe_tile_grid, p.clahe_tile_grid))
     return clahe.apply(q).astype(np.float32) / np.float32(top)
 
 
@@ -135,12 +151,13 @@ class Letterbox:
     ``scale_y`` are the exact ratios of the resized to the source extent (they differ from
     ``size / max(h, w)`` only by rounding of the resized extent to whole pixels).
     """
-    src_shape: tuple[int, int]   # (rows, cols) of the source image
-    size: int                    # side of the square model input
+
+    src_shape: tuple[int, int]  # (rows, cols) of the source image
+    size: int  # side of the square model input
     scale_x: float
     scale_y: float
-    pad_x: int                   # columns of padding on the left
-    pad_y: int                   # rows of padding on top
+    pad_x: int  # columns of padding on the left
+    pad_y: int  # rows of padding on top
 
     @property
     def resized_shape(self) -> tuple[int, int]:
@@ -201,9 +218,15 @@ def letterbox(img: np.ndarray, size: int, pad_value: float = PAD_VALUE) -> tuple
         resized = arr
     pad_y, pad_x = (size - new_h) // 2, (size - new_w) // 2
     out = np.full((size, size) + arr.shape[2:], pad_value, dtype=arr.dtype)
-    out[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resized.reshape((new_h, new_w) + arr.shape[2:])
-    geom = Letterbox(src_shape=(int(h), int(w)), size=int(size), scale_x=new_w / w,
-                     scale_y=new_h / h, pad_x=int(pad_x), pad_y=int(pad_y))
+    out[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized.reshape((new_h, new_w) + arr.shape[2:])
+    geom = Letterbox(
+        src_shape=(int(h), int(w)),
+        size=int(size),
+        scale_x=new_w / w,
+        scale_y=new_h / h,
+        pad_x=int(pad_x),
+        pad_y=int(pad_y),
+    )
     return out, geom
 
 
@@ -245,8 +268,7 @@ def export_scale(shape: tuple[int, int], max_size: int | None) -> float:
     return max_size / max(h, w)
 
 
-def export_image(img01: np.ndarray, params: PreprocessParams | None = None,
-                 max_size: int | None = None) -> np.ndarray:
+def export_image(img01: np.ndarray, params: PreprocessParams | None = None, max_size: int | None = None) -> np.ndarray:
     """CLAHE'd uint8 HxW image for writing PNG/JPEG training files (``cv2.imwrite``).
 
     With ``max_size`` the longer side is shrunk to at most that (aspect kept, no padding); scale

@@ -3,6 +3,7 @@
 Boxes are always ``(x_min, y_min, x_max, y_max)`` in *source* pixel coordinates (columns, rows)
 of the image handed to the pipeline, as floats.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -30,30 +31,31 @@ NO_FINDING_ID = 14
 
 @dataclass(frozen=True)
 class Finding:
-    class_id: int                                  # 0-13, index into FINDING_CLASSES
-    label: str                                     # FINDING_CLASSES[class_id]
-    score: float                                   # fused score in [0, 1]
-    box: tuple[float, float, float, float]         # x_min, y_min, x_max, y_max in source pixels
-    detector_score: float                          # raw detector confidence
+    class_id: int  # 0-13, index into FINDING_CLASSES
+    label: str  # FINDING_CLASSES[class_id]
+    score: float  # fused score in [0, 1]
+    box: tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in source pixels
+    detector_score: float  # raw detector confidence
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """Provenance of one model file, carried into the DICOM outputs."""
-    name: str          # e.g. "classifier" / "detector"
+
+    name: str  # e.g. "classifier" / "detector"
     architecture: str  # e.g. "efficientnet_b0" / "yolov8n"
-    version: str       # semantic version from the model card
-    sha256: str        # of the weights file; drives the Contributing Equipment Device UID
+    version: str  # semantic version from the model card
+    sha256: str  # of the weights file; drives the Contributing Equipment Device UID
 
 
 @dataclass(frozen=True)
 class Prediction:
-    p_abnormal: float                     # classifier probability that the image is abnormal
-    p_no_finding: float                   # probability of "No finding" after fusion
+    p_abnormal: float  # classifier probability that the image is abnormal
+    p_no_finding: float  # probability of "No finding" after fusion
     findings: tuple[Finding, ...]
-    fusion_mode: str                      # "gate" or "soft"
+    fusion_mode: str  # "gate" or "soft"
     models: tuple[ModelInfo, ...]
-    image_size: tuple[int, int]           # (rows, columns) of the source image
+    image_size: tuple[int, int]  # (rows, columns) of the source image
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def rescaled(self, image_size: tuple[int, int]) -> "Prediction":
@@ -63,9 +65,18 @@ class Prediction:
         if (rows, cols) == tuple(self.image_size):
             return self
         fy, fx = rows / self.image_size[0], cols / self.image_size[1]
-        findings = tuple(replace(f, box=(min(f.box[0] * fx, cols), min(f.box[1] * fy, rows),
-                                         min(f.box[2] * fx, cols), min(f.box[3] * fy, rows)))
-                         for f in self.findings)
+        findings = tuple(
+            replace(
+                f,
+                box=(
+                    min(f.box[0] * fx, cols),
+                    min(f.box[1] * fy, rows),
+                    min(f.box[2] * fx, cols),
+                    min(f.box[3] * fy, rows),
+                ),
+            )
+            for f in self.findings
+        )
         return replace(self, findings=findings, image_size=(rows, cols))
 
     @property
@@ -75,8 +86,13 @@ class Prediction:
     def to_json(self) -> dict:
         d = asdict(self)
         d["findings"] = [
-            {"label": f.label, "class_id": f.class_id, "score": round(f.score, 4),
-             "detector_score": round(f.detector_score, 4), "box": [round(v, 1) for v in f.box]}
+            {
+                "label": f.label,
+                "class_id": f.class_id,
+                "score": round(f.score, 4),
+                "detector_score": round(f.detector_score, 4),
+                "box": [round(v, 1) for v in f.box],
+            }
             for f in self.findings
         ]
         d["abnormal"] = self.abnormal

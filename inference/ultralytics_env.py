@@ -13,6 +13,7 @@ On import it calls :func:`configure` once, which (respecting variables already s
 ``DICOM_NODE_*`` environment overrides). Environment variables are process-wide by nature; this
 module holds no configuration of its own beyond what it writes into ``os.environ``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,7 +49,7 @@ def default_base_dir() -> Path:
 
 
 def _matplotlib_font() -> Path | None:
-    spec = importlib.util.find_spec("matplotlib")   # locate without importing matplotlib
+    spec = importlib.util.find_spec("matplotlib")  # locate without importing matplotlib
     if spec is None or not spec.submodule_search_locations:
         return None
     ttf = Path(list(spec.submodule_search_locations)[0]) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"

@@ -2,6 +2,7 @@
 
 No DICOM parsing and no model code lives here: callers hand in bytes and already-extracted fields.
 """
+
 from storage.repository import Store
 from storage.spool import Spool
 from storage.states import DeliveryState, JobState

@@ -1,10 +1,22 @@
 """Database schema and engine. SQLite (WAL) by default; any SQLAlchemy URL (PostgreSQL) by configuration."""
+
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import (Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
-                        create_engine, event)
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -49,7 +61,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_uid: Mapped[str] = mapped_column(UID, index=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
-    reason: Mapped[str | None] = mapped_column(Text, nullable=True)   # why queued / why failed
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why queued / why failed
     created_at: Mapped[datetime] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -61,6 +73,7 @@ class Job(Base):
 
 class Result(Base):
     """An output object this node made (SR/SC/GSPS). Its UIDs are made once and kept."""
+
     __tablename__ = "results"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id"), index=True)
@@ -76,6 +89,7 @@ class Result(Base):
 
 class Delivery(Base):
     """One (result object, destination) pair: the outbox."""
+
     __tablename__ = "deliveries"
     __table_args__ = (UniqueConstraint("result_id", "destination"), Index("ix_due", "state", "next_attempt_at"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -92,11 +106,11 @@ class Delivery(Base):
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")      # a committed row survives power loss, like the fsync'd file
-    cur.execute("PRAGMA busy_timeout=30000")    # SCP threads, scheduler and worker processes share the file
+    cur.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, like the fsync'd file
+    cur.execute("PRAGMA busy_timeout=30000")  # SCP threads, scheduler and worker processes share the file
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-    dbapi_conn.isolation_level = None   # let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE
+    dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE
 
 
 def _sqlite_begin_immediate(conn) -> None:

@@ -1,11 +1,12 @@
 """The storage branch of the project's exception tree (drawn in :mod:`dicom_node.errors`).
 
-    StorageError
-    ├── DiskFullError
-    ├── DatabaseError
-    ├── StaleJobError
-    └── UnknownStudyError
+StorageError
+├── DiskFullError
+├── DatabaseError
+├── StaleJobError
+└── UnknownStudyError
 """
+
 from __future__ import annotations
 
 from dicom_node.errors import DicomNodeError

@@ -3,17 +3,19 @@
 Callers pass bytes and plain fields; the Store writes spool files (fsync'd) and commits rows, so that an
 acknowledged instance, a queued job and a pending delivery all survive a crash.
 """
+
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import CursorResult, and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Result as QueryResult
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,12 +24,11 @@ from storage.errors import DatabaseError, DiskFullError, StaleJobError, StorageE
 from storage.spool import Spool
 from storage.states import DeliveryState, JobState
 
-
-_UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}   # INSERT ... ON CONFLICT
+_UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}  # INSERT ... ON CONFLICT
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-MAX_JOB_ATTEMPTS = 3   # a job whose worker died this many times is failed instead of taken over again
+MAX_JOB_ATTEMPTS = 3  # a job whose worker died this many times is failed instead of taken over again
 
 
 def _database_errors(method: F) -> F:
@@ -35,6 +36,7 @@ def _database_errors(method: F) -> F:
 
     The message keeps the driver's first line (e.g. "database is locked") and never SQLAlchemy's rendering,
     which would carry the statement's parameters."""
+
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -42,13 +44,22 @@ def _database_errors(method: F) -> F:
         except SQLAlchemyError as exc:
             orig = getattr(exc, "orig", None)
             detail = (str(orig).strip().splitlines() or [""])[0] if orig is not None else ""
-            raise DatabaseError(f"database failure in {method.__name__}: {type(orig or exc).__name__}"
-                                + (f": {detail}" if detail else "")) from exc
+            raise DatabaseError(
+                f"database failure in {method.__name__}: {type(orig or exc).__name__}"
+                + (f": {detail}" if detail else "")
+            ) from exc
+
     return wrapper  # type: ignore[return-value]
 
 
+def _rowcount(result: QueryResult[Any]) -> int:
+    """Rows matched by an UPDATE/DELETE: ``Session.execute`` is typed as returning a plain ``Result``, but for
+    DML statements it returns a ``CursorResult``, which carries ``rowcount``."""
+    return cast(CursorResult[Any], result).rowcount
+
+
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ class JobInfo:
     id: int
     study_uid: str
     attempts: int
-    instances: tuple[tuple[str, Path], ...]   # (SOP Instance UID, spool path) of the eligible instances
+    instances: tuple[tuple[str, Path], ...]  # (SOP Instance UID, spool path) of the eligible instances
 
 
 @dataclass(frozen=True)
@@ -109,14 +120,19 @@ class Store:
         self.engine = make_engine(database_url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         if self.engine.dialect.name not in _UPSERT:
-            raise StorageError(f"storage.database_url: {self.engine.dialect.name} is not supported "
-                               "(use SQLite or PostgreSQL)")
+            raise StorageError(
+                f"storage.database_url: {self.engine.dialect.name} is not supported (use SQLite or PostgreSQL)"
+            )
         # Built once: these run for every received image, before its C-STORE is answered (Core, cached SQL).
         upsert = _UPSERT[self.engine.dialect.name](Study)
-        self._study_upsert = upsert.on_conflict_do_update(index_elements=[Study.study_uid], set_={
-            "last_received_at": upsert.excluded.last_received_at,
-            # a skipped instance (no due time) leaves the study's timer as it is
-            "stable_due_at": func.coalesce(upsert.excluded.stable_due_at, Study.stable_due_at)})
+        self._study_upsert = upsert.on_conflict_do_update(
+            index_elements=[Study.study_uid],
+            set_={
+                "last_received_at": upsert.excluded.last_received_at,
+                # a skipped instance (no due time) leaves the study's timer as it is
+                "stable_due_at": func.coalesce(upsert.excluded.stable_due_at, Study.stable_due_at),
+            },
+        )
         self._instance_insert = insert(Instance)
         self.min_free_disk_mb = min_free_disk_mb
 
@@ -160,12 +176,21 @@ class Store:
         due = now + timedelta(seconds=stable_after_s) if meta.eligible else None
         try:
             with self.engine.begin() as conn:
-                conn.execute(self._study_upsert, {"study_uid": meta.study_uid, "first_received_at": now,
-                                                  "last_received_at": now, "stable_due_at": due})
-                conn.execute(self._instance_insert, {**meta.__dict__, "size_bytes": size, "path": str(final),
-                                                     "received_at": now, "job_id": None})
+                conn.execute(
+                    self._study_upsert,
+                    {
+                        "study_uid": meta.study_uid,
+                        "first_received_at": now,
+                        "last_received_at": now,
+                        "stable_due_at": due,
+                    },
+                )
+                conn.execute(
+                    self._instance_insert,
+                    {**meta.__dict__, "size_bytes": size, "path": str(final), "received_at": now, "job_id": None},
+                )
         except IntegrityError:
-            if self.has_instance(meta.sop_instance_uid):   # a concurrent copy committed first: same file name
+            if self.has_instance(meta.sop_instance_uid):  # a concurrent copy committed first: same file name
                 return Stored(True, final, None)
             raise
         return Stored(False, final, due)
@@ -175,7 +200,7 @@ class Store:
     def pending_study_timers(self) -> list[tuple[str, datetime]]:
         with self._session() as s:
             rows = s.execute(select(Study.study_uid, Study.stable_due_at).where(Study.stable_due_at.is_not(None)))
-            return [(r[0], r[1]) for r in rows]
+            return [(r[0], cast(datetime, r[1])) for r in rows]  # not None: filtered by the WHERE
 
     @_database_errors
     def study_due_at(self, study_uid: str) -> datetime | None:
@@ -190,20 +215,36 @@ class Store:
         A job still queued for the study absorbs the new instances instead of a second job being made."""
         now = now or utcnow()
         with self._session.begin() as s:
-            cleared = s.execute(update(Study).where(Study.study_uid == study_uid, Study.stable_due_at <= now)
-                                .values(stable_due_at=None)).rowcount
+            cleared = _rowcount(
+                s.execute(
+                    update(Study)
+                    .where(Study.study_uid == study_uid, Study.stable_due_at <= now)
+                    .values(stable_due_at=None)
+                )
+            )
             if not cleared:
                 return None
-            new = s.scalars(select(Instance.sop_instance_uid).where(
-                Instance.study_uid == study_uid, Instance.eligible.is_(True), Instance.job_id.is_(None))).all()
+            new = s.scalars(
+                select(Instance.sop_instance_uid).where(
+                    Instance.study_uid == study_uid, Instance.eligible.is_(True), Instance.job_id.is_(None)
+                )
+            ).all()
             if not new:
                 return None
-            job = s.scalars(select(Job).where(Job.study_uid == study_uid, Job.state == JobState.QUEUED)
-                            .order_by(Job.id.desc()).limit(1)).first()
+            job = s.scalars(
+                select(Job)
+                .where(Job.study_uid == study_uid, Job.state == JobState.QUEUED)
+                .order_by(Job.id.desc())
+                .limit(1)
+            ).first()
             if job is None:
                 analysed_before = s.scalar(select(func.count()).select_from(Job).where(Job.study_uid == study_uid))
-                job = Job(study_uid=study_uid, state=JobState.QUEUED, created_at=now,
-                          reason="re-analysis: new instances after an earlier job" if analysed_before else "study stable")
+                job = Job(
+                    study_uid=study_uid,
+                    state=JobState.QUEUED,
+                    created_at=now,
+                    reason="re-analysis: new instances after an earlier job" if analysed_before else "study stable",
+                )
                 s.add(job)
                 s.flush()
             s.execute(update(Instance).where(Instance.sop_instance_uid.in_(new)).values(job_id=job.id))
@@ -213,15 +254,21 @@ class Store:
     def reanalyze(self, study_uid: str) -> int:
         """Queue an operator-requested re-analysis of a study (all its eligible instances)."""
         with self._session.begin() as s:
-            n = s.scalar(select(func.count()).select_from(Instance).where(
-                Instance.study_uid == study_uid, Instance.eligible.is_(True)))
+            n = s.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.study_uid == study_uid, Instance.eligible.is_(True))
+            )
             if not n:
                 raise UnknownStudyError(f"no eligible instances stored for study {study_uid}")
             job = Job(study_uid=study_uid, state=JobState.QUEUED, created_at=utcnow(), reason="re-analysis requested")
             s.add(job)
             s.flush()
-            s.execute(update(Instance).where(Instance.study_uid == study_uid, Instance.eligible.is_(True))
-                      .values(job_id=job.id))
+            s.execute(
+                update(Instance)
+                .where(Instance.study_uid == study_uid, Instance.eligible.is_(True))
+                .values(job_id=job.id)
+            )
             return job.id
 
     # ---- jobs --------------------------------------------------------------------------------------
@@ -231,35 +278,64 @@ class Store:
         now = utcnow()
         with self._session.begin() as s:
             while True:
-                cand = s.scalars(select(Job).where(or_(
-                    Job.state == JobState.QUEUED,
-                    and_(Job.state == JobState.RUNNING, Job.lease_until < now))).order_by(Job.id).limit(1)).first()
+                cand = s.scalars(
+                    select(Job)
+                    .where(
+                        or_(Job.state == JobState.QUEUED, and_(Job.state == JobState.RUNNING, Job.lease_until < now))
+                    )
+                    .order_by(Job.id)
+                    .limit(1)
+                ).first()
                 if cand is None:
                     return None
                 job_id, study_uid, attempts = cand.id, cand.study_uid, cand.attempts
                 if cand.state == JobState.RUNNING and attempts >= MAX_JOB_ATTEMPTS:
                     # its workers died every time (a crash or out of memory on this study): stop trying
-                    s.execute(update(Job).where(Job.id == job_id).values(
-                        state=JobState.FAILED, finished_at=now, lease_until=None,
-                        reason=f"the worker stopped {attempts} times while analysing this study"))
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == job_id)
+                        .values(
+                            state=JobState.FAILED,
+                            finished_at=now,
+                            lease_until=None,
+                            reason=f"the worker stopped {attempts} times while analysing this study",
+                        )
+                    )
                     continue
-                got = s.execute(update(Job).where(Job.id == cand.id, Job.state == cand.state,
-                                                  Job.attempts == cand.attempts)
-                                .values(state=JobState.RUNNING, worker=worker, started_at=now,
-                                        lease_until=now + timedelta(seconds=lease_s),
-                                        attempts=Job.attempts + 1)).rowcount
+                got = _rowcount(
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == cand.id, Job.state == cand.state, Job.attempts == cand.attempts)
+                        .values(
+                            state=JobState.RUNNING,
+                            worker=worker,
+                            started_at=now,
+                            lease_until=now + timedelta(seconds=lease_s),
+                            attempts=Job.attempts + 1,
+                        )
+                    )
+                )
                 if got:
                     break
-            rows = s.execute(select(Instance.sop_instance_uid, Instance.path).where(
-                Instance.study_uid == study_uid, Instance.eligible.is_(True)).order_by(Instance.received_at))
+            rows = s.execute(
+                select(Instance.sop_instance_uid, Instance.path)
+                .where(Instance.study_uid == study_uid, Instance.eligible.is_(True))
+                .order_by(Instance.received_at)
+            )
             return JobInfo(job_id, study_uid, attempts + 1, tuple((r[0], Path(r[1])) for r in rows))
 
     @_database_errors
     def renew_lease(self, job_id: int, worker: str, lease_s: float) -> bool:
         with self._session.begin() as s:
-            return bool(s.execute(update(Job).where(Job.id == job_id, Job.worker == worker,
-                                                    Job.state == JobState.RUNNING)
-                                  .values(lease_until=utcnow() + timedelta(seconds=lease_s))).rowcount)
+            return bool(
+                _rowcount(
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
+                        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+                    )
+                )
+            )
 
     @_database_errors
     def results_of_study(self, study_uid: str) -> list[Result]:
@@ -267,52 +343,81 @@ class Store:
             return list(s.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id)))
 
     @_database_errors
-    def finish_job(self, job_id: int, worker: str, results: list[ResultSpec],
-                   pipeline_s: float | None = None) -> None:
+    def finish_job(self, job_id: int, worker: str, results: list[ResultSpec], pipeline_s: float | None = None) -> None:
         """Write result files, then commit their rows, one delivery per destination, and the job's end at once.
 
         Raises StaleJobError (and keeps nothing) when the job is no longer this worker's: its lease ran out and
         another worker took it over, so exactly one set of results is ever delivered."""
         now = utcnow()
         with self._session() as s:
-            study_uid = s.get(Job, job_id).study_uid
-        paths = [self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid))
-                 for r in results]
+            study_uid = cast(Job, s.get(Job, job_id)).study_uid  # job rows are never deleted
+        paths = [self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid)) for r in results]
         with self._session.begin() as s:
-            owned = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker,
-                                                Job.state == JobState.RUNNING).values(
-                state=JobState.DONE, finished_at=now, lease_until=None, reason=None, pipeline_s=pipeline_s)).rowcount
+            owned = _rowcount(
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
+                    .values(state=JobState.DONE, finished_at=now, lease_until=None, reason=None, pipeline_s=pipeline_s)
+                )
+            )
             if not owned:
                 for p in paths:
                     p.unlink(missing_ok=True)
                 raise StaleJobError(f"job {job_id} was taken over by another worker; results discarded")
             for spec, path in zip(results, paths):
-                row = Result(job_id=job_id, study_uid=study_uid, kind=spec.kind,
-                             sop_instance_uid=spec.sop_instance_uid, sop_class_uid=spec.sop_class_uid,
-                             series_uid=spec.series_uid, source_sop_uid=spec.source_sop_uid, path=str(path),
-                             created_at=now)
+                row = Result(
+                    job_id=job_id,
+                    study_uid=study_uid,
+                    kind=spec.kind,
+                    sop_instance_uid=spec.sop_instance_uid,
+                    sop_class_uid=spec.sop_class_uid,
+                    series_uid=spec.series_uid,
+                    source_sop_uid=spec.source_sop_uid,
+                    path=str(path),
+                    created_at=now,
+                )
                 s.add(row)
                 s.flush()
                 for dest in spec.destinations:
-                    s.add(Delivery(result_id=row.id, destination=dest, state=DeliveryState.PENDING, attempts=0,
-                                   next_attempt_at=now, created_at=now))
+                    s.add(
+                        Delivery(
+                            result_id=row.id,
+                            destination=dest,
+                            state=DeliveryState.PENDING,
+                            attempts=0,
+                            next_attempt_at=now,
+                            created_at=now,
+                        )
+                    )
 
     @_database_errors
     def fail_job(self, job_id: int, worker: str, reason: str) -> None:
         with self._session.begin() as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
-                      .values(state=JobState.FAILED, finished_at=utcnow(), lease_until=None, reason=reason[:2000]))
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
+                .values(state=JobState.FAILED, finished_at=utcnow(), lease_until=None, reason=reason[:2000])
+            )
 
     # ---- deliveries --------------------------------------------------------------------------------
     @_database_errors
     def due_deliveries(self, limit: int = 50, now: datetime | None = None) -> list[DueDelivery]:
         now = now or utcnow()
         with self._session() as s:
-            rows = s.execute(select(Delivery.id, Delivery.destination, Delivery.attempts, Result.kind,
-                                    Result.sop_instance_uid, Result.path)
-                             .join(Result, Result.id == Delivery.result_id)
-                             .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-                             .order_by(Delivery.next_attempt_at, Delivery.id).limit(limit))
+            rows = s.execute(
+                select(
+                    Delivery.id,
+                    Delivery.destination,
+                    Delivery.attempts,
+                    Result.kind,
+                    Result.sop_instance_uid,
+                    Result.path,
+                )
+                .join(Result, Result.id == Delivery.result_id)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(limit)
+            )
             return [DueDelivery(r[0], r[1], r[2], r[3], r[4], Path(r[5])) for r in rows]
 
     @_database_errors
@@ -326,45 +431,64 @@ class Store:
             s.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
 
     def mark_delivered(self, delivery_id: int) -> None:
-        self._set_delivery(delivery_id, state=DeliveryState.DELIVERED, delivered_at=utcnow(), last_error=None,
-                           attempts=Delivery.attempts + 1)
+        self._set_delivery(
+            delivery_id,
+            state=DeliveryState.DELIVERED,
+            delivered_at=utcnow(),
+            last_error=None,
+            attempts=Delivery.attempts + 1,
+        )
 
     def mark_retry(self, delivery_id: int, next_attempt_at: datetime, error: str) -> None:
-        self._set_delivery(delivery_id, next_attempt_at=next_attempt_at, last_error=error[:2000],
-                           attempts=Delivery.attempts + 1)
+        self._set_delivery(
+            delivery_id, next_attempt_at=next_attempt_at, last_error=error[:2000], attempts=Delivery.attempts + 1
+        )
 
     def mark_failed(self, delivery_id: int, error: str) -> None:
-        self._set_delivery(delivery_id, state=DeliveryState.FAILED, last_error=error[:2000],
-                           attempts=Delivery.attempts + 1)
+        self._set_delivery(
+            delivery_id, state=DeliveryState.FAILED, last_error=error[:2000], attempts=Delivery.attempts + 1
+        )
 
     @_database_errors
     def retry_failed(self) -> int:
         """Re-queue every failed delivery (operator action); returns how many."""
         with self._session.begin() as s:
-            return s.execute(update(Delivery).where(Delivery.state == DeliveryState.FAILED)
-                             .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), attempts=0)).rowcount
+            return _rowcount(
+                s.execute(
+                    update(Delivery)
+                    .where(Delivery.state == DeliveryState.FAILED)
+                    .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), attempts=0)
+                )
+            )
 
     @_database_errors
     def is_own_output(self, sop_uid: str) -> bool:
         with self._session() as s:
-            return s.scalar(select(func.count()).select_from(Result).where(Result.sop_instance_uid == sop_uid)) > 0
+            # COUNT(*) always yields one row, so the scalar is never None (likewise in status())
+            n = cast(int, s.scalar(select(func.count()).select_from(Result).where(Result.sop_instance_uid == sop_uid)))
+            return n > 0
 
     # ---- reporting ---------------------------------------------------------------------------------
     @_database_errors
     def status(self) -> dict:
         """Counts by state and the latest activity; no patient identifiers (there are none in the DB)."""
+
         def counts(s: Session, col, states) -> dict:
-            got = dict(s.execute(select(col, func.count()).group_by(col)).all())
+            got: dict[Any, int] = dict(s.execute(select(col, func.count()).group_by(col)).all())
             return {str(k): int(got.get(k, 0)) for k in states}
 
         def iso(t: datetime | None) -> str | None:
-            return t.replace(tzinfo=timezone.utc).isoformat() if t else None
+            return t.replace(tzinfo=UTC).isoformat() if t else None
 
         with self._session() as s:
-            total = s.scalar(select(func.count()).select_from(Instance))
-            eligible = s.scalar(select(func.count()).select_from(Instance).where(Instance.eligible.is_(True)))
-            studies = s.scalar(select(func.count()).select_from(Study))
-            receiving = s.scalar(select(func.count()).select_from(Study).where(Study.stable_due_at.is_not(None)))
+            total = cast(int, s.scalar(select(func.count()).select_from(Instance)))
+            eligible = cast(
+                int, s.scalar(select(func.count()).select_from(Instance).where(Instance.eligible.is_(True)))
+            )
+            studies = cast(int, s.scalar(select(func.count()).select_from(Study)))
+            receiving = cast(
+                int, s.scalar(select(func.count()).select_from(Study).where(Study.stable_due_at.is_not(None)))
+            )
             jobs = counts(s, Job.state, list(JobState))
             deliveries = counts(s, Delivery.state, list(DeliveryState))
             return {

@@ -3,6 +3,7 @@
 A file is written to ``tmp/``, fsync'd, then hard-linked (never overwriting) into its final place and the
 folder fsync'd, so a file that exists under ``spool/`` is always complete.
 """
+
 from __future__ import annotations
 
 import errno
@@ -68,7 +69,7 @@ class Spool:
             if replace:
                 os.replace(temp, final)
             else:
-                os.link(temp, final)   # atomic, fails if the name exists
+                os.link(temp, final)  # atomic, fails if the name exists
                 os.unlink(temp)
         except FileExistsError:
             return False

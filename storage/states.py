@@ -1,20 +1,21 @@
 """States of queued work, as stored in the database (plain strings, stable for the status JSON)."""
+
 from __future__ import annotations
 
 from enum import StrEnum
 
 
 class JobState(StrEnum):
-    QUEUED = "queued"      # waiting for a worker
-    RUNNING = "running"    # claimed by a worker holding a lease
-    DONE = "done"          # results written and deliveries queued
-    FAILED = "failed"      # the reason says why; `dicom-node reanalyze` re-runs the study
+    QUEUED = "queued"  # waiting for a worker
+    RUNNING = "running"  # claimed by a worker holding a lease
+    DONE = "done"  # results written and deliveries queued
+    FAILED = "failed"  # the reason says why; `dicom-node reanalyze` re-runs the study
 
 
 class DeliveryState(StrEnum):
-    PENDING = "pending"      # due at next_attempt_at
+    PENDING = "pending"  # due at next_attempt_at
     DELIVERED = "delivered"
-    FAILED = "failed"        # permanent failure or attempts exhausted; `dicom-node retry` re-queues
+    FAILED = "failed"  # permanent failure or attempts exhausted; `dicom-node retry` re-queues
 
 
 class ResultKind(StrEnum):

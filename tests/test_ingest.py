@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -257,6 +258,7 @@ def test_status_json_documented_shape(node_factory, tmp_path):
     assert st["last_activity"]["instance_received_at"].startswith("20")
     node.stop()
     assert node.status() == st  # read straight from storage: works with the node stopped
+    assert json.loads(node.cli("status", "--json").stdout) == st  # and the command prints exactly that
 
 
 def test_no_phi_in_logs(node_factory, tmp_path):

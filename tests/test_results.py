@@ -5,7 +5,6 @@ The node runs as a real process with a worker process and tiny random-weight mod
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -113,9 +112,9 @@ def test_transient_failure_is_retried_until_delivered_once(node_factory, models,
     node, d = retrying_node(node_factory, models, port, tmp_path, "retries while PACS is down")
     assert "cannot connect" in d["last_error"]
     scp = pacs(port=port).start()
-    wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 60, what="delivery after PACS came back")
-    time.sleep(2)
-    assert len(scp.received()) == 1
+    st = wait_for(lambda: (s := node.status())["deliveries"]["delivered"] == 1 and s, 60, what="delivery after PACS")
+    assert st["deliveries"]["pending"] == 0  # nothing left that could be sent again
+    assert len(scp.received()) == 1  # storescp writes the file before it answers
     assert deliveries(node)[0]["last_error"] is None
 
 
@@ -125,9 +124,8 @@ def test_rejected_association_fails_at_once_and_retry_requeues(node_factory, mod
     make_cxr(tmp_path / "a.dcm")
     assert node.storescu(tmp_path / "a.dcm").returncode == 0
     wait_for(lambda: node.status()["deliveries"]["failed"] == 1, 180, what="permanent failure")
-    time.sleep(3)  # no retry storm: still one attempt
-    d = deliveries(node)[0]
-    assert d["attempts"] == 1 and "rejected" in d["last_error"]
+    d = deliveries(node)[0]  # no retry storm: failed at the first attempt, and the sender only sends pending ones
+    assert d["state"] == "failed" and d["attempts"] == 1 and "rejected" in d["last_error"]
     refusing.stop()
     scp = pacs(port=refusing.port).start()
     out = node.cli("retry").stdout
@@ -160,10 +158,10 @@ def test_reanalyze_and_own_outputs_are_ignored(node_factory, models, pacs, tmp_p
     # a PACS that routes everything back: the node stores its own outputs but never analyses them
     outputs = sorted(p for p in scp.out.iterdir() if p.is_file())
     r = node.storescu(*outputs, extra=("-R",))
-    assert r.returncode == 0, r.stderr
-    time.sleep(3)
+    assert r.returncode == 0, r.stderr  # storescu returns once every instance is committed
     st = node.status()
     assert st["instances"] == {"total": 3, "eligible": 1, "skipped": 2}
+    assert st["studies"]["receiving"] == 0  # skipped instances arm no study timer: no job can follow
     assert st["jobs"]["total"] == 1
     assert "output of this node" in node.log()
     # explicit re-analysis: a new job and a new SR

@@ -36,7 +36,7 @@ def node_in_process(tmp_path, monkeypatch):
         tmp_path,
     )
     node = Node(cfg)
-    assert node.start() == node.port > 0   # the port the OS chose
+    assert node.start() == node.port > 0  # the port the OS chose
     yield node
     node.stop()
 
@@ -60,7 +60,7 @@ def send_and_check(node: Node, tmp_path, size: int) -> int:
 
 def test_fast_path_engages_and_writes_the_bulk_of_the_data_set(node_in_process, tmp_path):
     before = transport.STATS.snapshot()
-    n = send_and_check(node_in_process, tmp_path, 1024)   # 2 MB in 16 KB PDUs (storescu's default)
+    n = send_and_check(node_in_process, tmp_path, 1024)  # 2 MB in 16 KB PDUs (storescu's default)
     after = transport.STATS.snapshot()
     assert after["engaged"] - before["engaged"] == 1
     assert after["fallback"] == before["fallback"]
@@ -69,7 +69,7 @@ def test_fast_path_engages_and_writes_the_bulk_of_the_data_set(node_in_process, 
 
 
 def test_unexpected_pynetdicom_internals_fall_back_to_pynetdicoms_path(node_in_process, tmp_path, monkeypatch):
-    class OtherDUL:   # stands for "not the class the fast path was written against"
+    class OtherDUL:  # stands for "not the class the fast path was written against"
         pass
 
     monkeypatch.setattr(transport, "DULServiceProvider", OtherDUL)

@@ -84,7 +84,8 @@ def read_received(path: Path) -> Dataset:
         check_decodable(ds)
     except Exception as exc:
         if _io_failure(exc):
-            raise StorageError(f"cannot read the received file ({type(exc).__name__}, errno {getattr(exc, 'errno', None)})") from exc
+            errno = getattr(exc, "errno", None)
+            raise StorageError(f"cannot read the received file ({type(exc).__name__}, errno {errno})") from exc
         raise UndecodableInstanceError(f"dataset cannot be decoded ({type(exc).__name__})") from exc
     return ds
 

@@ -12,21 +12,23 @@ held-out test split of the same seed. A VinBigData DICOM folder must be exported
 the DICOM side (``dicom_node.training.vinbigdata_export.prepare_args(args)`` does it and rewrites
 ``args.csv`` / ``args.images``; it reads ``--export-dir``, ``--export-max-size``, ``--export-raw``).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
 
+from inference.errors import DatasetError
 from inference.training.data.sample import Sample, describe
 from inference.training.data.split import split_by_patient, subsample
-from inference.errors import DatasetError
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA = "../shared/datasets"
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def add_data_arguments(p, *, export_raw_default: bool = False) -> None:
     g = p.add_argument_group("data")
@@ -40,8 +42,12 @@ def add_data_arguments(p, *, export_raw_default: bool = False) -> None:
     g.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (by patient)")
     g.add_argument("--export-dir", help="vinbigdata DICOM export folder (default: next to --csv)")
     g.add_argument("--export-max-size", type=int, default=1024, help="vinbigdata export: longer side limit")
-    g.add_argument("--export-raw", action="store_true", default=export_raw_default,
-                   help="vinbigdata export without CLAHE (training applies it; needed for evaluate)")
+    g.add_argument(
+        "--export-raw",
+        action="store_true",
+        default=export_raw_default,
+        help="vinbigdata export without CLAHE (training applies it; needed for evaluate)",
+    )
 
 
 def load_samples(args) -> tuple[list[Sample], str]:
@@ -54,8 +60,10 @@ def load_samples(args) -> tuple[list[Sample], str]:
         raise DatasetError("--layout vinbigdata needs --csv and --images")
     from inference.training.data.vinbigdata import describe_source, read_vinbigdata
 
-    return (read_vinbigdata(args.csv, args.images, args.annotations, min_votes=args.min_votes),
-            describe_source(args.csv, args.annotations))
+    return (
+        read_vinbigdata(args.csv, args.images, args.annotations, min_votes=args.min_votes),
+        describe_source(args.csv, args.annotations),
+    )
 
 
 def make_splits(args) -> tuple[dict[str, list[Sample]], str]:
@@ -65,9 +73,9 @@ def make_splits(args) -> tuple[dict[str, list[Sample]], str]:
     except ValueError as exc:
         raise DatasetError(f"--split must be three comma-separated fractions, got {args.split!r}") from exc
     parts = split_by_patient(samples, fractions, seed=args.seed)
-    desc = (f"{source}; patient-level split seed {args.seed} fractions {args.split}: "
-            + "; ".join(f"{k} {describe(v)['images']} images / {describe(v)['patients']} patients"
-                        for k, v in parts.items()))
+    desc = f"{source}; patient-level split seed {args.seed} fractions {args.split}: " + "; ".join(
+        f"{k} {describe(v)['images']} images / {describe(v)['patients']} patients" for k, v in parts.items()
+    )
     return parts, desc
 
 
@@ -94,6 +102,7 @@ def _common_training(p, epochs: int, batch: int) -> None:
 
 # ----------------------------------------------------------------------------- classifier
 
+
 def add_train_classifier_arguments(p) -> None:
     add_data_arguments(p)
     _common_training(p, epochs=20, batch=32)
@@ -117,16 +126,31 @@ def run_train_classifier(args) -> int:
     out = Path(args.out or "runs/classifier")
     _write_splits(out, {"train": train, "val": val, "test": parts["test"]})
     cfg = ClassifierTrainConfig(
-        arch=args.arch, input_size=args.input_size, epochs=args.epochs, batch=args.batch, lr=args.lr,
-        weight_decay=args.weight_decay, schedule=args.schedule, pos_weight=args.pos_weight,
-        rotation_deg=args.rotation, device=args.device, amp=args.amp, seed=args.seed, workers=args.workers,
-        threshold_method=args.threshold_method, target_sensitivity=args.target_sensitivity,
-        version=args.version, clahe_clip_limit=args.clahe_clip_limit, clahe_tile_grid=args.clahe_tile_grid)
+        arch=args.arch,
+        input_size=args.input_size,
+        epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        pos_weight=args.pos_weight,
+        rotation_deg=args.rotation,
+        device=args.device,
+        amp=args.amp,
+        seed=args.seed,
+        workers=args.workers,
+        threshold_method=args.threshold_method,
+        target_sensitivity=args.target_sensitivity,
+        version=args.version,
+        clahe_clip_limit=args.clahe_clip_limit,
+        clahe_tile_grid=args.clahe_tile_grid,
+    )
     train_classifier(train, val, out, cfg, resume=args.resume, model_path=args.model_out, training_data=desc)
     return 0
 
 
 # ----------------------------------------------------------------------------- detector
+
 
 def add_train_detector_arguments(p) -> None:
     add_data_arguments(p)
@@ -142,8 +166,12 @@ def add_train_detector_arguments(p) -> None:
     p.add_argument("--close-mosaic", type=int, default=10)
     p.add_argument("--patience", type=int, default=100)
     p.add_argument("--cache", action="store_true", help="cache training images in RAM")
-    p.add_argument("--no-normals", dest="normals", action="store_false",
-                   help="leave normal images out (default: they train as backgrounds)")
+    p.add_argument(
+        "--no-normals",
+        dest="normals",
+        action="store_false",
+        help="leave normal images out (default: they train as backgrounds)",
+    )
 
 
 def run_train_detector(args) -> int:
@@ -157,24 +185,44 @@ def run_train_detector(args) -> int:
     out = Path(args.out or "runs/detector")
     _write_splits(out, {"train": train, "val": val, "test": parts["test"]})
     cfg = DetectorTrainConfig(
-        model=args.model, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device,
-        seed=args.seed, workers=args.workers, lr0=args.lr0, optimizer=args.optimizer, degrees=args.degrees,
-        hsv_v=args.hsv_v, fliplr=args.fliplr, mosaic=args.mosaic, close_mosaic=args.close_mosaic,
-        patience=args.patience, cache=args.cache, amp=args.amp, version=args.version,
-        clahe_clip_limit=args.clahe_clip_limit, clahe_tile_grid=args.clahe_tile_grid)
-    params = PreprocessParams.for_detector(args.imgsz, clahe_clip_limit=args.clahe_clip_limit,
-                                           clahe_tile_grid=args.clahe_tile_grid)
-    data_yaml = export_yolo_dataset({"train": train, "val": val}, out / "yolo", params, max_size=args.imgsz,
-                                    include_normals=args.normals)
+        model=args.model,
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device=args.device,
+        seed=args.seed,
+        workers=args.workers,
+        lr0=args.lr0,
+        optimizer=args.optimizer,
+        degrees=args.degrees,
+        hsv_v=args.hsv_v,
+        fliplr=args.fliplr,
+        mosaic=args.mosaic,
+        close_mosaic=args.close_mosaic,
+        patience=args.patience,
+        cache=args.cache,
+        amp=args.amp,
+        version=args.version,
+        clahe_clip_limit=args.clahe_clip_limit,
+        clahe_tile_grid=args.clahe_tile_grid,
+    )
+    params = PreprocessParams.for_detector(
+        args.imgsz, clahe_clip_limit=args.clahe_clip_limit, clahe_tile_grid=args.clahe_tile_grid
+    )
+    data_yaml = export_yolo_dataset(
+        {"train": train, "val": val}, out / "yolo", params, max_size=args.imgsz, include_normals=args.normals
+    )
     best = train_detector(data_yaml, out, cfg, resume=args.resume)
     model_path = Path(args.model_out) if args.model_out else out / "detector.pt"
-    convert_checkpoint(best, model_path, cfg, training_data=desc,
-                       extra={"train_set": describe(train), "val_set": describe(val)})
+    convert_checkpoint(
+        best, model_path, cfg, training_data=desc, extra={"train_set": describe(train), "val_set": describe(val)}
+    )
     print(f"detector written to {model_path}")
     return 0
 
 
 # ----------------------------------------------------------------------------- evaluate
+
 
 def add_evaluate_arguments(p) -> None:
     add_data_arguments(p, export_raw_default=True)
@@ -184,9 +232,12 @@ def add_evaluate_arguments(p) -> None:
     p.add_argument("--subset", choices=("test", "val", "train"), default="test", help="which split")
     p.add_argument("--limit", type=int, help="at most this many images")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--abnormal-threshold", type=float,
-                   help="gate threshold on the calibrated P(abnormal) (default 0.5 = the classifier file's "
-                        "validation-chosen operating point)")
+    p.add_argument(
+        "--abnormal-threshold",
+        type=float,
+        help="gate threshold on the calibrated P(abnormal) (default 0.5 = the classifier file's "
+        "validation-chosen operating point)",
+    )
     p.add_argument("--min-score", type=float, default=0.0, help="fused-score floor (low: AP needs the tail)")
     p.add_argument("--detector-conf", type=float, default=0.01)
     p.add_argument("--max-findings", type=int, default=100)
@@ -196,9 +247,9 @@ def add_evaluate_arguments(p) -> None:
 def run_evaluate(args) -> int:
     from inference.classifier import Classifier
     from inference.detector import Detector
-    from inference.training.evaluate import evaluate, summary_lines
     from inference.fusion import FusionParams
     from inference.pipeline import Pipeline
+    from inference.training.evaluate import evaluate, summary_lines
 
     parts, desc = make_splits(args)
     samples = subsample(parts[args.subset], args.limit, args.seed)
@@ -208,11 +259,21 @@ def run_evaluate(args) -> int:
     det = Detector.load(args.detector, args.device)
     predictors = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        fp = FusionParams(mode=mode, abnormal_threshold=thr, min_score=args.min_score,
-                          detector_conf=args.detector_conf, max_findings=args.max_findings)
+        fp = FusionParams(
+            mode=mode,
+            abnormal_threshold=thr,
+            min_score=args.min_score,
+            detector_conf=args.detector_conf,
+            max_findings=args.max_findings,
+        )
         predictors[mode] = Pipeline(clf, det, fp).run
-    report = evaluate(predictors, samples, Path(args.out or "runs/evaluate"), classifier_threshold=thr,
-                      description=f"{args.subset} split of {desc}")
+    report = evaluate(
+        predictors,
+        samples,
+        Path(args.out or "runs/evaluate"),
+        classifier_threshold=thr,
+        description=f"{args.subset} split of {desc}",
+    )
     for line in summary_lines(report):
         print(line)
     return 0

@@ -15,6 +15,7 @@ sample and writes ``OUT/report.json`` and PNG plots (matplotlib, Agg backend):
 Findings are scored with their fused score. Build the predictors with a low ``min_score`` /
 ``detector_conf`` (e.g. 0.0 / 0.01) and a high ``max_findings``: AP needs the low-score tail.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,10 @@ def _mode_report(samples: list[Sample], preds: list[Prediction]) -> tuple[dict, 
     y = np.asarray([s.label for s in samples])
     s_abn = np.asarray([1.0 - p.p_no_finding for p in preds])
     report = {
-        "map40": full["map"], "map40_findings": findings_only["map"],
-        "map50": coco["map50"], "map50_95": coco["map50_95"],
+        "map40": full["map"],
+        "map40_findings": findings_only["map"],
+        "map50": coco["map50"],
+        "map50_95": coco["map50_95"],
         "ap40_per_class": {ALL_CLASSES[c]: r.ap for c, r in full["per_class"].items() if r.n_gt},
         "gt_per_class": {ALL_CLASSES[c]: r.n_gt for c, r in full["per_class"].items() if r.n_gt},
         "image_level": binary_metrics(y, s_abn, 0.5),
@@ -84,6 +87,7 @@ def _mode_report(samples: list[Sample], preds: list[Prediction]) -> tuple[dict, 
 
 def _plots(out: Path, y: np.ndarray, p_abn: np.ndarray, thr: float, curves: dict[str, dict]) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -103,8 +107,15 @@ def _plots(out: Path, y: np.ndarray, p_abn: np.ndarray, thr: float, curves: dict
     for i in range(2):
         for j in range(2):
             ax.text(j, i, str(cm[i][j]), ha="center", va="center")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "abnormal"], yticklabels=["normal", "abnormal"],
-           xlabel="predicted", ylabel="true", title=f"classifier @ {thr:.3f}")
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["normal", "abnormal"],
+        yticklabels=["normal", "abnormal"],
+        xlabel="predicted",
+        ylabel="true",
+        title=f"classifier @ {thr:.3f}",
+    )
     fig.savefig(out / "confusion_matrix.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     written.append("confusion_matrix.png")
@@ -125,8 +136,13 @@ def _plots(out: Path, y: np.ndarray, p_abn: np.ndarray, thr: float, curves: dict
     return written
 
 
-def evaluate(predictors: Mapping[str, Predictor], samples: list[Sample], out_dir: str | Path,
-             classifier_threshold: float = 0.5, description: str = "") -> dict:
+def evaluate(
+    predictors: Mapping[str, Predictor],
+    samples: list[Sample],
+    out_dir: str | Path,
+    classifier_threshold: float = 0.5,
+    description: str = "",
+) -> dict:
     """Run, score, write ``report.json`` + plots; return the report dict (see module docstring)."""
     from tqdm.auto import tqdm
 
@@ -135,8 +151,10 @@ def evaluate(predictors: Mapping[str, Predictor], samples: list[Sample], out_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(s.clahe_applied for s in samples):
-        log.warning("some evaluation images were exported CLAHE'd; the pipeline applies CLAHE again "
-                    "(export with clahe=False for evaluation)")
+        log.warning(
+            "some evaluation images were exported CLAHE'd; the pipeline applies CLAHE again "
+            "(export with clahe=False for evaluation)"
+        )
     preds: dict[str, list[Prediction]] = {m: [] for m in predictors}
     for s in tqdm(samples, desc="evaluate", unit="img"):
         img = load_image01(s.path)
@@ -146,16 +164,21 @@ def evaluate(predictors: Mapping[str, Predictor], samples: list[Sample], out_dir
     y = np.asarray([s.label for s in samples])
     p_abn = np.asarray([p.p_abnormal for p in first])
     report: dict = {
-        "description": description, "data": describe(samples),
-        "classifier": {**binary_metrics(y, p_abn, classifier_threshold),
-                       "per_view": _per_view(samples, p_abn, classifier_threshold)},
-        "modes": {}, "models": [m.__dict__ for m in (first[0].models if first else ())],
+        "description": description,
+        "data": describe(samples),
+        "classifier": {
+            **binary_metrics(y, p_abn, classifier_threshold),
+            "per_view": _per_view(samples, p_abn, classifier_threshold),
+        },
+        "modes": {},
+        "models": [m.__dict__ for m in (first[0].models if first else ())],
         "metric_notes": "map40: VOC2010 AP at IoU>0.4 incl. 'No finding' (class 14, box [0,0,1,1], score "
-                        "p_no_finding), mean over classes with ground truth; map50/map50_95: findings only, IoU>=t",
+        "p_no_finding), mean over classes with ground truth; map50/map50_95: findings only, IoU>=t",
     }
     curves = {}
     for mode, plist in preds.items():
         report["modes"][mode], curves[mode] = _mode_report(samples, plist)
+
     def score(mode: str) -> float:
         v = report["modes"][mode]["map40"]
         return v if v == v else -1.0
@@ -171,10 +194,14 @@ def evaluate(predictors: Mapping[str, Predictor], samples: list[Sample], out_dir
 
 def summary_lines(report: dict) -> list[str]:
     c = report["classifier"]
-    lines = [f"classifier: AUC {c['roc_auc']}, acc {c['accuracy']}, sens {c['sensitivity']}, "
-             f"spec {c['specificity']}, FN {c['false_negatives']} (threshold {c['threshold']})"]
+    lines = [
+        f"classifier: AUC {c['roc_auc']}, acc {c['accuracy']}, sens {c['sensitivity']}, "
+        f"spec {c['specificity']}, FN {c['false_negatives']} (threshold {c['threshold']})"
+    ]
     for mode, r in report["modes"].items():
-        lines.append(f"{mode}: mAP@0.4 {r['map40']} (findings only {r['map40_findings']}), mAP50 {r['map50']}, "
-                     f"mAP50-95 {r['map50_95']}, image-level acc {r['image_level']['accuracy']}")
+        lines.append(
+            f"{mode}: mAP@0.4 {r['map40']} (findings only {r['map40_findings']}), mAP50 {r['map50']}, "
+            f"mAP50-95 {r['map50_95']}, image-level acc {r['image_level']['accuracy']}"
+        )
     lines.append(f"recommended fusion mode: {report['recommended_fusion_mode']}")
     return lines

@@ -19,6 +19,7 @@ the same matching and AP, at IoU >= t for t in 0.50:0.05:0.95 (COCO's thresholds
 Data shapes: ``gts = {image_id: [(class_id, (x0, y0, x1, y1)), ...]}`` and
 ``preds = {image_id: [(class_id, score, (x0, y0, x1, y1)), ...]}``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ Predictions = dict[str, list[tuple[int, float, tuple]]]
 
 
 # ----------------------------------------------------------------------------- boxes / AP
+
 
 def iou_matrix(a, b) -> np.ndarray:
     """IoU of (N, 4) boxes against (M, 4) boxes, continuous coordinates -> (N, M)."""
@@ -62,23 +64,27 @@ def voc_ap(recall, precision) -> float:
 def voc_ap_11point(recall, precision) -> float:
     """VOC 2007 AP: mean of the best precision at recall >= 0, 0.1, ..., 1.0 (for comparison only)."""
     rec, prec = np.asarray(recall, dtype=np.float64), np.asarray(precision, dtype=np.float64)
-    return float(np.mean([prec[rec >= t].max() if np.any(rec >= t) else 0.0
-                          for t in np.linspace(0, 1, 11)]))
+    return float(np.mean([prec[rec >= t].max() if np.any(rec >= t) else 0.0 for t in np.linspace(0, 1, 11)]))
 
 
 @dataclass
 class ClassAP:
-    ap: float               # nan when the class has no ground truth
+    ap: float  # nan when the class has no ground truth
     n_gt: int
     n_pred: int
-    recall: np.ndarray      # after each prediction, in score order
+    recall: np.ndarray  # after each prediction, in score order
     precision: np.ndarray
-    scores: np.ndarray      # sorted descending
-    tp: np.ndarray          # bool per sorted prediction
+    scores: np.ndarray  # sorted descending
+    tp: np.ndarray  # bool per sorted prediction
 
 
-def class_ap(gt_boxes: dict[str, list[tuple]], preds: list[tuple[str, float, tuple]], iou_thr: float,
-             strict: bool = True, interpolation: str = "voc2010") -> ClassAP:
+def class_ap(
+    gt_boxes: dict[str, list[tuple]],
+    preds: list[tuple[str, float, tuple]],
+    iou_thr: float,
+    strict: bool = True,
+    interpolation: str = "voc2010",
+) -> ClassAP:
     """AP of one class. ``gt_boxes``: image -> boxes; ``preds``: (image, score, box) triples."""
     n_gt = sum(len(v) for v in gt_boxes.values())
     order = np.argsort(-np.asarray([p[1] for p in preds], dtype=np.float64), kind="stable")
@@ -111,44 +117,65 @@ def class_ap(gt_boxes: dict[str, list[tuple]], preds: list[tuple[str, float, tup
     return ClassAP(ap, n_gt, len(preds), recall, precision, scores, tp)
 
 
-def add_no_finding(gts: GroundTruth, preds: Predictions, p_no_finding: dict[str, float]
-                   ) -> tuple[GroundTruth, Predictions]:
+def add_no_finding(
+    gts: GroundTruth, preds: Predictions, p_no_finding: dict[str, float]
+) -> tuple[GroundTruth, Predictions]:
     """Competition convention: class 14 with box [0, 0, 1, 1] (see the module docstring)."""
-    g2 = {k: list(v) + ([] if any(c != NO_FINDING_ID for c, _ in v) else [(NO_FINDING_ID, NO_FINDING_BOX)])
-          for k, v in gts.items()}
+    g2 = {
+        k: list(v) + ([] if any(c != NO_FINDING_ID for c, _ in v) else [(NO_FINDING_ID, NO_FINDING_BOX)])
+        for k, v in gts.items()
+    }
     p2 = {k: [p for p in v if p[0] != NO_FINDING_ID] for k, v in preds.items()}
     for k, p in p_no_finding.items():
         p2.setdefault(k, []).append((NO_FINDING_ID, float(p), NO_FINDING_BOX))
     return g2, p2
 
 
-def _by_class(gts: GroundTruth, preds: Predictions, class_id: int):
+def _by_class(
+    gts: GroundTruth, preds: Predictions, class_id: int
+) -> tuple[dict[str, list[tuple]], list[tuple[str, float, tuple]]]:
     g = {k: [b for c, b in v if c == class_id] for k, v in gts.items()}
     p = [(k, s, b) for k, v in preds.items() if k in gts for c, s, b in v if c == class_id]
     return g, p
 
 
-def detection_map(gts: GroundTruth, preds: Predictions, iou_thr: float = 0.4, strict: bool = True,
-                  interpolation: str = "voc2010", classes: range | None = None) -> dict:
+def detection_map(
+    gts: GroundTruth,
+    preds: Predictions,
+    iou_thr: float = 0.4,
+    strict: bool = True,
+    interpolation: str = "voc2010",
+    classes: range | None = None,
+) -> dict:
     """mAP and per-class AP. Predictions for images not in ``gts`` are ignored."""
     classes = classes if classes is not None else range(len(ALL_CLASSES))
-    per: dict[int, ClassAP] = {c: class_ap(*_by_class(gts, preds, c), iou_thr=iou_thr, strict=strict,
-                                           interpolation=interpolation) for c in classes}
+    per: dict[int, ClassAP] = {
+        c: class_ap(*_by_class(gts, preds, c), iou_thr=iou_thr, strict=strict, interpolation=interpolation)
+        for c in classes
+    }
     aps = [r.ap for r in per.values() if r.n_gt]
-    return {"map": float(np.mean(aps)) if aps else float("nan"), "per_class": per,
-            "iou_thr": iou_thr, "strict": strict, "interpolation": interpolation}
+    return {
+        "map": float(np.mean(aps)) if aps else float("nan"),
+        "per_class": per,
+        "iou_thr": iou_thr,
+        "strict": strict,
+        "interpolation": interpolation,
+    }
 
 
-def map_range(gts: GroundTruth, preds: Predictions, thresholds=COCO_THRESHOLDS,
-              classes: range | None = None) -> dict:
+def map_range(gts: GroundTruth, preds: Predictions, thresholds=COCO_THRESHOLDS, classes: range | None = None) -> dict:
     """mAP at each IoU threshold (IoU >= t) and their mean: ``{"map50", "map50_95", "by_thr"}``."""
     by_thr = {t: detection_map(gts, preds, t, strict=False, classes=classes)["map"] for t in thresholds}
     vals = [v for v in by_thr.values() if v == v]
-    return {"map50": by_thr.get(0.5, float("nan")), "map50_95": float(np.mean(vals)) if vals else float("nan"),
-            "by_thr": by_thr}
+    return {
+        "map50": by_thr.get(0.5, float("nan")),
+        "map50_95": float(np.mean(vals)) if vals else float("nan"),
+        "by_thr": by_thr,
+    }
 
 
 # ----------------------------------------------------------------------------- classification
+
 
 def roc_auc(y_true, scores) -> float:
     """ROC AUC as the Mann-Whitney U statistic (ties count one half); nan with one class only."""
@@ -161,11 +188,11 @@ def roc_auc(y_true, scores) -> float:
     ranks = np.empty(len(s))
     sorted_s = s[order]
     i = 0
-    while i < len(s):                      # average ranks over ties
+    while i < len(s):  # average ranks over ties
         j = i
         while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -207,8 +234,18 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
     def ratio(a, b):
         return a / b if b else float("nan")
 
-    return {"n": int(len(y)), "positives": int(y.sum()), "negatives": int((~y).sum()),
-            "threshold": float(threshold), "accuracy": ratio(tp + tn, len(y)),
-            "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
-            "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn), "roc_auc": roc_auc(y, s),
-            "false_negatives": fn, "false_positives": fp, "confusion": [[tn, fp], [fn, tp]]}
+    return {
+        "n": int(len(y)),
+        "positives": int(y.sum()),
+        "negatives": int((~y).sum()),
+        "threshold": float(threshold),
+        "accuracy": ratio(tp + tn, len(y)),
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "ppv": ratio(tp, tp + fp),
+        "npv": ratio(tn, tn + fn),
+        "roc_auc": roc_auc(y, s),
+        "false_negatives": fn,
+        "false_positives": fp,
+        "confusion": [[tn, fp], [fn, tp]],
+    }

@@ -12,6 +12,7 @@ sensitivity) and the model file is written with :func:`inference.modelfile.save_
 metadata carries the architecture, preprocessing, threshold (``extra["abnormal_threshold"]``),
 validation metrics and a description of the training data.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,6 +21,7 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import cv2
 import numpy as np
@@ -28,14 +30,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from inference.classifier import build_classifier
-from inference.training.data.images import load_clahe01
-from inference.training.data.sample import Sample, describe
 from inference.errors import DatasetError
-from inference.training.metrics import binary_metrics, choose_threshold
 from inference.modelfile import ModelMetadata, save_model_file
 from inference.preprocess import PreprocessParams, letterbox, normalise
+from inference.training.data.images import load_clahe01
+from inference.training.data.sample import Sample, describe
+from inference.training.metrics import binary_metrics, choose_threshold
 
 log = logging.getLogger(__name__)
+
+
+class _RunState(TypedDict):
+    """Progress of a training run; saved in (and restored from) the ``last.pt`` checkpoint."""
+
+    epoch: int  # last finished epoch (0-based), -1 before the first
+    best_auc: float
+    best_epoch: int  # 0-based, -1 before the first
+    best_state: dict[str, Any] | None  # state_dict of the best epoch
+    history: list[dict[str, float]]
 
 
 @dataclass
@@ -46,16 +58,16 @@ class ClassifierTrainConfig:
     batch: int = 32
     lr: float = 3e-4
     weight_decay: float = 0.0
-    schedule: str = "cosine"            # "cosine" or "constant"
-    pos_weight: float | None = None     # BCE pos_weight; None = 1
+    schedule: str = "cosine"  # "cosine" or "constant"
+    pos_weight: float | None = None  # BCE pos_weight; None = 1
     rotation_deg: float = 10.0
-    brightness: float = 0.1             # +- shift of [0, 1] intensities
-    contrast: float = 0.2               # contrast factor in [1 - c, 1 + c]
+    brightness: float = 0.1  # +- shift of [0, 1] intensities
+    contrast: float = 0.2  # contrast factor in [1 - c, 1 + c]
     device: str = "cpu"
-    amp: bool = True                    # used on cuda only
+    amp: bool = True  # used on cuda only
     seed: int = 0
     workers: int = 0
-    threshold_method: str = "youden"    # or "sensitivity"
+    threshold_method: str = "youden"  # or "sensitivity"
     target_sensitivity: float = 0.9
     version: str = "0.1.0"
     clahe_clip_limit: float = 2.0
@@ -73,8 +85,14 @@ def seed_everything(seed: int) -> None:
 class CXRDataset(Dataset):
     """Cached letterboxed CLAHE'd uint8 images; augmentation seeded per (seed, epoch, index)."""
 
-    def __init__(self, samples: list[Sample], params: PreprocessParams, cfg: ClassifierTrainConfig,
-                 augment: bool, desc: str = "caching"):
+    def __init__(
+        self,
+        samples: list[Sample],
+        params: PreprocessParams,
+        cfg: ClassifierTrainConfig,
+        augment: bool,
+        desc: str = "caching",
+    ):
         from tqdm.auto import tqdm
 
         self.params, self.cfg, self.augment, self.epoch = params, cfg, augment, 0
@@ -96,15 +114,17 @@ class CXRDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(self.labels[i])
 
 
-def augment_image(img: np.ndarray, rng: np.random.Generator, cfg: ClassifierTrainConfig,
-                  pad_value: float) -> np.ndarray:
+def augment_image(
+    img: np.ndarray, rng: np.random.Generator, cfg: ClassifierTrainConfig, pad_value: float
+) -> np.ndarray:
     """Random rotation (+-rotation_deg), then brightness/contrast jitter; [0, 1] in and out."""
     s = img.shape[0]
     if cfg.rotation_deg > 0:
         angle = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
         m = cv2.getRotationMatrix2D((s / 2, s / 2), angle, 1.0)
-        img = cv2.warpAffine(img, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                             borderValue=float(pad_value))
+        img = cv2.warpAffine(
+            img, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float(pad_value)
+        )
     c = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
     b = float(rng.uniform(-cfg.brightness, cfg.brightness))
     return np.clip((img - 0.5) * c + 0.5 + b, 0.0, 1.0)
@@ -129,8 +149,9 @@ def _amp_ctx(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, ds: CXRDataset, device: torch.device, batch: int, amp: bool,
-                    workers: int = 0) -> np.ndarray:
+def predict_dataset(
+    model: nn.Module, ds: CXRDataset, device: torch.device, batch: int, amp: bool, workers: int = 0
+) -> np.ndarray:
     model.eval()
     out = []
     for x, _ in DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers):
@@ -153,9 +174,15 @@ def _per_view(samples: list[Sample], probs: np.ndarray, thr: float) -> dict:
     return out
 
 
-def train_classifier(train: list[Sample], val: list[Sample], out_dir: str | Path,
-                     cfg: ClassifierTrainConfig | None = None, resume: bool = False,
-                     model_path: str | Path | None = None, training_data: str = "") -> dict:
+def train_classifier(
+    train: list[Sample],
+    val: list[Sample],
+    out_dir: str | Path,
+    cfg: ClassifierTrainConfig | None = None,
+    resume: bool = False,
+    model_path: str | Path | None = None,
+    training_data: str = "",
+) -> dict:
     """Train, keep the best-AUC epoch, choose the threshold, write the model file.
 
     Returns ``{"model_path", "best_epoch", "val": metrics at the threshold, "history"}``.
@@ -174,28 +201,40 @@ def train_classifier(train: list[Sample], val: list[Sample], out_dir: str | Path
     device = torch.device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda"
     seed_everything(cfg.seed)
-    params = PreprocessParams.for_classifier(cfg.input_size, clahe_clip_limit=cfg.clahe_clip_limit,
-                                             clahe_tile_grid=cfg.clahe_tile_grid)
+    params = PreprocessParams.for_classifier(
+        cfg.input_size, clahe_clip_limit=cfg.clahe_clip_limit, clahe_tile_grid=cfg.clahe_tile_grid
+    )
 
     model = build_classifier(cfg.arch)
     _init_head(model, float(np.mean([s.label for s in train])))
     model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported()) \
-        if device.type == "cuda" else None
+    scaler = (
+        torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+        if device.type == "cuda"
+        else None
+    )
     pos_w = torch.tensor([cfg.pos_weight], device=device) if cfg.pos_weight else None
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_w)
-    state = {"epoch": -1, "best_auc": -1.0, "best_epoch": -1, "best_state": None, "history": []}
+    state: _RunState = {"epoch": -1, "best_auc": -1.0, "best_epoch": -1, "best_state": None, "history": []}
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         if (ck["config"]["arch"], ck["config"]["input_size"]) != (cfg.arch, cfg.input_size):
-            raise DatasetError(f"{ckpt_path} is a {ck['config']['arch']}@{ck['config']['input_size']} run; "
-                               f"cannot resume it as {cfg.arch}@{cfg.input_size}")
+            raise DatasetError(
+                f"{ckpt_path} is a {ck['config']['arch']}@{ck['config']['input_size']} run; "
+                f"cannot resume it as {cfg.arch}@{cfg.input_size}"
+            )
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        state = {k: ck[k] for k in state}
+        state = _RunState(
+            epoch=ck["epoch"],
+            best_auc=ck["best_auc"],
+            best_epoch=ck["best_epoch"],
+            best_state=ck["best_state"],
+            history=ck["history"],
+        )
         log.info("resuming %s after epoch %d (best AUC %.4f)", ckpt_path, state["epoch"] + 1, state["best_auc"])
     elif resume:
         log.warning("--resume: %s not found, starting a new run", ckpt_path)
@@ -209,8 +248,15 @@ def train_classifier(train: list[Sample], val: list[Sample], out_dir: str | Path
             g["lr"] = lr
         train_ds.epoch = epoch
         gen.manual_seed(cfg.seed * 100003 + epoch)
-        loader = DataLoader(train_ds, batch_size=cfg.batch, shuffle=True, generator=gen, drop_last=False,
-                            num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        loader = DataLoader(
+            train_ds,
+            batch_size=cfg.batch,
+            shuffle=True,
+            generator=gen,
+            drop_last=False,
+            num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+        )
         model.train()
         total, n = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
@@ -231,21 +277,48 @@ def train_classifier(train: list[Sample], val: list[Sample], out_dir: str | Path
             bar.set_postfix(loss=f"{total / n:.4f}")
         probs = predict_dataset(model, val_ds, device, cfg.batch, use_amp, cfg.workers)
         m = binary_metrics(val_ds.labels, probs, 0.5)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(n, 1), "val_auc": m["roc_auc"],
-               "val_accuracy@0.5": m["accuracy"]}
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": total / max(n, 1),
+            "val_auc": m["roc_auc"],
+            "val_accuracy@0.5": m["accuracy"],
+        }
         state["history"].append(row)
         auc = m["roc_auc"] if m["roc_auc"] == m["roc_auc"] else 0.0
         if auc > state["best_auc"]:
-            state.update(best_auc=auc, best_epoch=epoch,
-                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            state.update(
+                {
+                    "best_auc": auc,
+                    "best_epoch": epoch,
+                    "best_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                }
+            )
         state["epoch"] = epoch
-        log.info("epoch %d/%d loss %.4f val AUC %.4f (best %.4f @ %d)", epoch + 1, cfg.epochs, row["train_loss"],
-                 row["val_auc"], state["best_auc"], state["best_epoch"] + 1)
-        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}"
-              f"  (best {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1})", flush=True)
-        _save_atomic({**state, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "scaler": scaler.state_dict() if scaler is not None else None,
-                      "config": asdict(cfg)}, ckpt_path)
+        log.info(
+            "epoch %d/%d loss %.4f val AUC %.4f (best %.4f @ %d)",
+            epoch + 1,
+            cfg.epochs,
+            row["train_loss"],
+            row["val_auc"],
+            state["best_auc"],
+            state["best_epoch"] + 1,
+        )
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}"
+            f"  (best {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1})",
+            flush=True,
+        )
+        _save_atomic(
+            {
+                **state,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "config": asdict(cfg),
+            },
+            ckpt_path,
+        )
 
     if state["best_state"] is None:
         raise DatasetError(f"no epoch was trained (epochs={cfg.epochs}; {ckpt_path} already finished?)")
@@ -256,17 +329,35 @@ def train_classifier(train: list[Sample], val: list[Sample], out_dir: str | Path
     metrics = {f"val_{k}": v for k, v in val_m.items() if isinstance(v, (int, float)) and v == v}
     metrics["abnormal_threshold"] = thr
     md = ModelMetadata(
-        kind="classifier", architecture=cfg.arch, preprocess=params, version=cfg.version,
+        kind="classifier",
+        architecture=cfg.arch,
+        preprocess=params,
+        version=cfg.version,
         training_data=training_data or f"train {describe(train)}; val {describe(val)}",
         metrics=metrics,
-        extra={"abnormal_threshold": thr, "threshold_method": cfg.threshold_method,
-               "best_epoch": state["best_epoch"] + 1, "train_config": asdict(cfg),
-               "train_set": describe(train), "val_set": describe(val),
-               "val_confusion": val_m["confusion"], "val_per_view": _per_view(val, probs, thr),
-               "history": state["history"]})
+        extra={
+            "abnormal_threshold": thr,
+            "threshold_method": cfg.threshold_method,
+            "best_epoch": state["best_epoch"] + 1,
+            "train_config": asdict(cfg),
+            "train_set": describe(train),
+            "val_set": describe(val),
+            "val_confusion": val_m["confusion"],
+            "val_per_view": _per_view(val, probs, thr),
+            "history": state["history"],
+        },
+    )
     save_model_file(model_path, md, model.state_dict())
-    print(f"classifier written to {model_path}: best epoch {state['best_epoch'] + 1}, val AUC "
-          f"{val_m['roc_auc']:.4f}, threshold {thr:.4f} (sens {val_m['sensitivity']:.3f}, "
-          f"spec {val_m['specificity']:.3f})", flush=True)
-    return {"model_path": model_path, "best_epoch": state["best_epoch"] + 1, "val": val_m,
-            "threshold": thr, "history": state["history"]}
+    print(
+        f"classifier written to {model_path}: best epoch {state['best_epoch'] + 1}, val AUC "
+        f"{val_m['roc_auc']:.4f}, threshold {thr:.4f} (sens {val_m['sensitivity']:.3f}, "
+        f"spec {val_m['specificity']:.3f})",
+        flush=True,
+    )
+    return {
+        "model_path": model_path,
+        "best_epoch": state["best_epoch"] + 1,
+        "val": val_m,
+        "threshold": thr,
+        "history": state["history"],
+    }

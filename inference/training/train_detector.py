@@ -11,6 +11,7 @@ yolo26n.pt) is bypassed on CUDA; on CPU AMP is off anyway.
 into our model file (:mod:`inference.modelfile`, kind "detector": yaml dict + float16 state dict +
 metadata) and checks that it loads through :class:`inference.detector.Detector`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,11 +33,11 @@ SIZES = ("yolov8n", "yolov8s", "yolov8m", "yolov8l", "yolov8x")
 
 @dataclass
 class DetectorTrainConfig:
-    model: str = "yolov8n"          # ultralytics architecture yaml stem
+    model: str = "yolov8n"  # ultralytics architecture yaml stem
     epochs: int = 100
     imgsz: int = 512
     batch: int = 16
-    device: str = "cpu"             # "cpu", "0", "cuda:0", ...
+    device: str = "cpu"  # "cpu", "0", "cuda:0", ...
     seed: int = 0
     workers: int = 2
     lr0: float = 3e-4
@@ -47,25 +48,44 @@ class DetectorTrainConfig:
     mosaic: float = 1.0
     close_mosaic: int = 10
     patience: int = 100
-    cache: bool = False             # cache images in RAM ("ram") when True
-    amp: bool = True                # CUDA only
-    verbose: bool = True            # ultralytics log + progress bars
+    cache: bool = False  # cache images in RAM ("ram") when True
+    amp: bool = True  # CUDA only
+    verbose: bool = True  # ultralytics log + progress bars
     version: str = "0.1.0"
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
-    extra: dict = field(default_factory=dict)   # any other ultralytics train argument
+    extra: dict = field(default_factory=dict)  # any other ultralytics train argument
 
     def train_args(self) -> dict:
         dev = self.device
         if dev.startswith("cuda"):
             dev = dev.split(":", 1)[1] if ":" in dev else "0"
-        return dict(epochs=self.epochs, imgsz=self.imgsz, batch=self.batch, device=dev, seed=self.seed,
-                    workers=self.workers, optimizer=self.optimizer, lr0=self.lr0, degrees=self.degrees,
-                    hsv_h=0.0, hsv_s=0.0, hsv_v=self.hsv_v, fliplr=self.fliplr, mosaic=self.mosaic,
-                    close_mosaic=self.close_mosaic, patience=self.patience,
-                    cache="ram" if self.cache else False, amp=bool(self.amp) and dev != "cpu",
-                    pretrained=False, plots=False, deterministic=True, exist_ok=True, verbose=True,
-                    **self.extra)
+        return dict(
+            epochs=self.epochs,
+            imgsz=self.imgsz,
+            batch=self.batch,
+            device=dev,
+            seed=self.seed,
+            workers=self.workers,
+            optimizer=self.optimizer,
+            lr0=self.lr0,
+            degrees=self.degrees,
+            hsv_h=0.0,
+            hsv_s=0.0,
+            hsv_v=self.hsv_v,
+            fliplr=self.fliplr,
+            mosaic=self.mosaic,
+            close_mosaic=self.close_mosaic,
+            patience=self.patience,
+            cache="ram" if self.cache else False,
+            amp=bool(self.amp) and dev != "cpu",
+            pretrained=False,
+            plots=False,
+            deterministic=True,
+            exist_ok=True,
+            verbose=True,
+            **self.extra,
+        )
 
 
 @contextlib.contextmanager
@@ -112,8 +132,9 @@ def _finished(last: Path) -> bool:
     return torch.load(last, map_location="cpu", weights_only=False).get("epoch", -1) == -1
 
 
-def train_detector(data_yaml: str | Path, out_dir: str | Path, cfg: DetectorTrainConfig | None = None,
-                   resume: bool = False) -> Path:
+def train_detector(
+    data_yaml: str | Path, out_dir: str | Path, cfg: DetectorTrainConfig | None = None, resume: bool = False
+) -> Path:
     """Run ultralytics training; return the path of its best.pt."""
     from ultralytics import YOLO
 
@@ -154,36 +175,53 @@ def _metrics_of(ckpt: dict) -> dict[str, float]:
     return out
 
 
-def convert_checkpoint(best_pt: str | Path, model_path: str | Path, cfg: DetectorTrainConfig,
-                       training_data: str = "", extra: dict | None = None) -> Path:
+def convert_checkpoint(
+    best_pt: str | Path,
+    model_path: str | Path,
+    cfg: DetectorTrainConfig,
+    training_data: str = "",
+    extra: dict | None = None,
+) -> Path:
     """ultralytics best.pt -> dicom-node detector model file (checked by loading it back)."""
     from inference.detector import Detector
 
     best_pt = Path(best_pt)
     try:
         ckpt = torch.load(best_pt, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001  (any unpickling failure means the same thing)
+    except Exception as exc:
         raise ModelError(f"{best_pt}: not a readable ultralytics checkpoint ({exc})") from exc
     net = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
     if net is None or not hasattr(net, "yaml"):
         raise ModelError(f"{best_pt}: no model in the ultralytics checkpoint")
     names = getattr(net, "names", None)
     if names is not None and list(dict(names).values()) != list(FINDING_CLASSES):
-        raise ModelError(f"{best_pt}: trained class names {list(dict(names).values())[:3]}... are not the "
-                         "14 VinDr-CXR classes")
+        raise ModelError(
+            f"{best_pt}: trained class names {list(dict(names).values())[:3]}... are not the 14 VinDr-CXR classes"
+        )
     state = {k: v.float() if v.is_floating_point() else v for k, v in net.float().state_dict().items()}
     yaml_dict = dict(net.yaml)
     yaml_dict["nc"] = len(FINDING_CLASSES)
-    params = PreprocessParams.for_detector(cfg.imgsz, clahe_clip_limit=cfg.clahe_clip_limit,
-                                           clahe_tile_grid=cfg.clahe_tile_grid)
+    params = PreprocessParams.for_detector(
+        cfg.imgsz, clahe_clip_limit=cfg.clahe_clip_limit, clahe_tile_grid=cfg.clahe_tile_grid
+    )
     train_args = ckpt.get("train_args") or {}
     md = ModelMetadata(
-        kind="detector", architecture=cfg.model, preprocess=params, classes=tuple(FINDING_CLASSES),
-        version=cfg.version, training_data=training_data, metrics=_metrics_of(ckpt),
-        extra={"ultralytics_version": ckpt.get("version"), "epoch": ckpt.get("epoch"),
-               "best_fitness": ckpt.get("best_fitness"), "train_config": asdict(cfg),
-               "train_args": {k: v for k, v in train_args.items() if isinstance(v, (int, float, str, bool))},
-               **(extra or {})})
+        kind="detector",
+        architecture=cfg.model,
+        preprocess=params,
+        classes=tuple(FINDING_CLASSES),
+        version=cfg.version,
+        training_data=training_data,
+        metrics=_metrics_of(ckpt),
+        extra={
+            "ultralytics_version": ckpt.get("version"),
+            "epoch": ckpt.get("epoch"),
+            "best_fitness": ckpt.get("best_fitness"),
+            "train_config": asdict(cfg),
+            "train_args": {k: v for k, v in train_args.items() if isinstance(v, (int, float, str, bool))},
+            **(extra or {}),
+        },
+    )
     save_model_file(model_path, md, state, model_yaml=yaml_dict)
-    Detector.load(model_path)   # raises ModelError if the file does not rebuild
+    Detector.load(model_path)  # raises ModelError if the file does not rebuild
     return Path(model_path)

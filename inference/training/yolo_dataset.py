@@ -10,6 +10,7 @@
 
 Normal images are exported with empty label files (ultralytics trains on them as backgrounds).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,9 @@ import cv2
 import numpy as np
 import yaml
 
+from inference.preprocess import PreprocessParams, export_image, export_scale
 from inference.training.data.images import load_image01
 from inference.training.data.sample import Sample
-from inference.preprocess import PreprocessParams, export_image, export_scale
 from inference.types import FINDING_CLASSES
 
 __all__ = ["export_yolo_dataset", "yolo_label_lines"]
@@ -36,8 +37,10 @@ def yolo_label_lines(boxes: np.ndarray, classes: np.ndarray, width: int, height:
         y0, y1 = np.clip([y0, y1], 0, height)
         if x1 - x0 < 1 or y1 - y0 < 1:
             continue
-        lines.append(f"{int(c)} {(x0 + x1) / 2 / width:.6f} {(y0 + y1) / 2 / height:.6f} "
-                     f"{(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}")
+        lines.append(
+            f"{int(c)} {(x0 + x1) / 2 / width:.6f} {(y0 + y1) / 2 / height:.6f} "
+            f"{(x1 - x0) / width:.6f} {(y1 - y0) / height:.6f}"
+        )
     return lines
 
 
@@ -46,13 +49,22 @@ def _manifest(splits: dict[str, list[Sample]], params: PreprocessParams, max_siz
     for name in sorted(splits):
         for s in splits[name]:
             h.update(f"{name}|{s.image_id}|{s.path}|{s.boxes}|{s.classes}|{s.clahe_applied}\n".encode())
-    return {"format": 1, "samples_sha256": h.hexdigest(), "max_size": max_size,
-            "clahe": [params.clahe_clip_limit, params.clahe_tile_grid, params.clahe_bits],
-            "counts": {k: len(v) for k, v in splits.items()}}
+    return {
+        "format": 1,
+        "samples_sha256": h.hexdigest(),
+        "max_size": max_size,
+        "clahe": [params.clahe_clip_limit, params.clahe_tile_grid, params.clahe_bits],
+        "counts": {k: len(v) for k, v in splits.items()},
+    }
 
 
-def export_yolo_dataset(splits: dict[str, list[Sample]], out_dir: str | Path, params: PreprocessParams,
-                        max_size: int | None = None, include_normals: bool = True) -> Path:
+def export_yolo_dataset(
+    splits: dict[str, list[Sample]],
+    out_dir: str | Path,
+    params: PreprocessParams,
+    max_size: int | None = None,
+    include_normals: bool = True,
+) -> Path:
     """Write the dataset (see module docstring); return the path of ``data.yaml``."""
     from tqdm.auto import tqdm
 
@@ -71,7 +83,7 @@ def export_yolo_dataset(splits: dict[str, list[Sample]], out_dir: str | Path, pa
         (out / "labels" / name).mkdir(parents=True, exist_ok=True)
         for s in tqdm(samples, desc=f"YOLO export {name}", unit="img", leave=False):
             img01 = load_image01(s.path)
-            if s.clahe_applied:   # already CLAHE'd: only resize
+            if s.clahe_applied:  # already CLAHE'd: only resize
                 p = params.with_(clahe_clip_limit=0.0)
             else:
                 p = params
@@ -81,8 +93,12 @@ def export_yolo_dataset(splits: dict[str, list[Sample]], out_dir: str | Path, pa
             cv2.imwrite(str(out / "images" / name / f"{s.image_id}.png"), img)
             lines = yolo_label_lines(s.boxes_array() * k, s.classes_array(), w, h)
             (out / "labels" / name / f"{s.image_id}.txt").write_text("".join(f"{x}\n" for x in lines))
-    data = {"path": str(out.resolve()), "train": "images/train", "val": "images/val",
-            "names": dict(enumerate(FINDING_CLASSES))}
+    data = {
+        "path": str(out.resolve()),
+        "train": "images/train",
+        "val": "images/val",
+        "names": dict(enumerate(FINDING_CLASSES)),
+    }
     if "test" in splits and splits["test"]:
         data["test"] = "images/test"
     data_yaml.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -6,6 +6,7 @@
 - :mod:`inference.training.data.split` splits by patient (seeded, stratified by label and view).
 - :mod:`inference.training.data.images` loads a sample's pixels as the pipeline sees them.
 """
+
 from __future__ import annotations
 
 from inference.training.data.sample import Sample

@@ -1,4 +1,5 @@
 """Pixels of a :class:`Sample` as the pipeline sees them (``float32`` in ``[0, 1]``, 0 = black)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -11,6 +11,7 @@ The patient id is the first 8 digits of the file name in both sets. nih-bbox has
 position (``view=None``); nih-normal has PA/AP. The 8 NIH findings map to 7 VinDr-CXR classes
 (:data:`NIH_TO_VINDR`; Pneumonia -> Consolidation by default, or Lung Opacity).
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,24 +19,26 @@ from collections import defaultdict
 from pathlib import Path
 
 from inference.errors import DatasetError
-from inference.types import FINDING_CLASSES
 from inference.training.data.sample import Sample
 from inference.training.data.split import split_by_patient
+from inference.types import FINDING_CLASSES
 
 NIH_TO_VINDR: dict[str, int] = {
-    "Atelectasis": FINDING_CLASSES.index("Atelectasis"),          # 1
-    "Cardiomegaly": FINDING_CLASSES.index("Cardiomegaly"),        # 3
-    "Effusion": FINDING_CLASSES.index("Pleural effusion"),        # 10
-    "Infiltrate": FINDING_CLASSES.index("Infiltration"),          # 6
-    "Mass": FINDING_CLASSES.index("Nodule/Mass"),                 # 8
-    "Nodule": FINDING_CLASSES.index("Nodule/Mass"),               # 8
-    "Pneumonia": FINDING_CLASSES.index("Consolidation"),          # 4
-    "Pneumothorax": FINDING_CLASSES.index("Pneumothorax"),        # 12
+    "Atelectasis": FINDING_CLASSES.index("Atelectasis"),  # 1
+    "Cardiomegaly": FINDING_CLASSES.index("Cardiomegaly"),  # 3
+    "Effusion": FINDING_CLASSES.index("Pleural effusion"),  # 10
+    "Infiltrate": FINDING_CLASSES.index("Infiltration"),  # 6
+    "Mass": FINDING_CLASSES.index("Nodule/Mass"),  # 8
+    "Nodule": FINDING_CLASSES.index("Nodule/Mass"),  # 8
+    "Pneumonia": FINDING_CLASSES.index("Consolidation"),  # 4
+    "Pneumothorax": FINDING_CLASSES.index("Pneumothorax"),  # 12
 }
 NIH_IMAGE_SIZE = 512
-DESCRIPTION = ("NIH ChestX-ray14 subsets: nih-bbox (880 abnormal, 984 boxes, 8 findings -> VinDr ids) + "
-               "nih-normal (428 'No Finding'); https://nihcc.app.box.com/v/ChestXray-NIHCC, "
-               "Wang et al., CVPR 2017, NIH Clinical Center")
+DESCRIPTION = (
+    "NIH ChestX-ray14 subsets: nih-bbox (880 abnormal, 984 boxes, 8 findings -> VinDr ids) + "
+    "nih-normal (428 'No Finding'); https://nihcc.app.box.com/v/ChestXray-NIHCC, "
+    "Wang et al., CVPR 2017, NIH Clinical Center"
+)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -71,9 +74,18 @@ def read_nih_bbox(root: Path, pneumonia_class: int = NIH_TO_VINDR["Pneumonia"]) 
         path = folder / "images" / name
         if not path.is_file():
             raise DatasetError(f"{path} listed in boxes_512.csv but missing")
-        out.append(Sample(image_id=Path(name).stem, path=path, patient_id=patient_of(name), abnormal=True,
-                          boxes=tuple(b for b, _ in boxes[name]), classes=tuple(c for _, c in boxes[name]),
-                          view=None, source="nih-bbox"))
+        out.append(
+            Sample(
+                image_id=Path(name).stem,
+                path=path,
+                patient_id=patient_of(name),
+                abnormal=True,
+                boxes=tuple(b for b, _ in boxes[name]),
+                classes=tuple(c for _, c in boxes[name]),
+                view=None,
+                source="nih-bbox",
+            )
+        )
     return out
 
 
@@ -85,8 +97,16 @@ def read_nih_normal(root: Path) -> list[Sample]:
         if not path.is_file():
             raise DatasetError(f"{path} listed in labels.csv but missing")
         view = (r.get("view_position") or "").strip().upper() or None
-        out.append(Sample(image_id=Path(r["image"]).stem, path=path, patient_id=patient_of(r["image"]),
-                          abnormal=False, view=view, source="nih-normal"))
+        out.append(
+            Sample(
+                image_id=Path(r["image"]).stem,
+                path=path,
+                patient_id=patient_of(r["image"]),
+                abnormal=False,
+                view=view,
+                source="nih-normal",
+            )
+        )
     return sorted(out, key=lambda s: s.image_id)
 
 

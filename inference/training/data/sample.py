@@ -1,4 +1,5 @@
 """One labelled image of a training/evaluation set."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ class Sample:
     the normal/abnormal classifier. ``clahe_applied`` says the file was written by
     ``inference.preprocess.export_image`` (already CLAHE'd: training must not apply CLAHE again).
     """
+
     image_id: str
     path: Path
     patient_id: str

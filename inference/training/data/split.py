@@ -6,6 +6,7 @@ with ``numpy.random.default_rng(seed)`` (sorted first, so the result does not de
 order) and each one goes to the split that is furthest below its target share of images. Small
 strata therefore still spread as evenly as they can, and the same seed always gives the same split.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -18,8 +19,9 @@ from inference.training.data.sample import Sample
 SPLITS = ("train", "val", "test")
 
 
-def split_by_patient(samples: list[Sample], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-                     seed: int = 0) -> dict[str, list[Sample]]:
+def split_by_patient(
+    samples: list[Sample], fractions: tuple[float, ...] = (0.7, 0.15, 0.15), seed: int = 0
+) -> dict[str, list[Sample]]:
     """``{"train": [...], "val": [...], "test": [...]}``; no patient appears in two splits."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not sum(fractions) > 0:
         raise DatasetError(f"split fractions must be three non-negative numbers, got {fractions}")
