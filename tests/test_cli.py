@@ -25,7 +25,7 @@ def test_exit_code_table_covers_the_whole_tree():
     assert exit_code(ConfigError("x")) == 2
     for err in (PixelDataError("x"), ModelError("x"), DatabaseError("x"), UnknownStudyError("x")):
         assert isinstance(err, DicomNodeError) and exit_code(err) == 1
-    assert exit_code(KeyError("x")) == EXIT_INTERNAL_ERROR   # not ours: a bug, never relabelled
+    assert exit_code(KeyError("x")) == EXIT_INTERNAL_ERROR  # not ours: a bug, never relabelled
     assert [code for _, code in EXIT_CODES] == [2, 1]
 
 

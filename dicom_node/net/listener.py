@@ -98,7 +98,7 @@ class Listener:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
-        self._server = cast(ThreadedAssociationServer, server)   # block=False always returns the server
+        self._server = cast(ThreadedAssociationServer, server)  # block=False always returns the server
         engage_fast_path(self._server)
         log.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.port)
         return self.port

@@ -105,7 +105,7 @@ class FastRecvSocket(AssociationSocket):
         ``ack``: acknowledge at once after each read (see ``quick_ack``); a caller reading many PDUs in a row
         does that once at the end."""
         got, want = 0, len(view)
-        sock = cast(socket.socket, self.socket)   # set by pynetdicom before any read
+        sock = cast(socket.socket, self.socket)  # set by pynetdicom before any read
         while got < want:
             n = sock.recv_into(view[got:], min(CHUNK, want - got))
             if n == 0:
@@ -157,7 +157,7 @@ class FastDUL(DULServiceProvider):
 
     @property
     def _fast_socket(self) -> FastRecvSocket:
-        return cast(FastRecvSocket, self.socket)   # FastRequestHandler gives every FastDUL a FastRecvSocket
+        return cast(FastRecvSocket, self.socket)  # FastRequestHandler gives every FastDUL a FastRecvSocket
 
     def _streaming_file(self):
         """The open file a C-STORE data set is being streamed into, when nothing received is still waiting to
