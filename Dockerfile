@@ -4,7 +4,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends dcmtk dicom3too
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY . /app
-RUN pip install --no-cache-dir -e '.[postgres]' \
+RUN pip install --no-cache-dir '.[postgres]' \
     && useradd --system --home /app dicomnode && mkdir -p /data && chown dicomnode /data /app
 USER dicomnode
 ENV DICOM_NODE_STORAGE_ROOT=/data YOLO_OFFLINE=1 YOLO_CONFIG_DIR=/app/.yolo MPLCONFIGDIR=/app/.yolo/mpl

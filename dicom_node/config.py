@@ -11,6 +11,7 @@ Environment overrides exist only for paths and secrets:
 from __future__ import annotations
 
 import os
+import site
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +98,7 @@ def default_model(name: str) -> Path:
     candidates = [
         Path(__file__).resolve().parents[1] / "models" / name,
         Path(sys.prefix) / "share" / "dicom-node" / "models" / name,
+        Path(site.USER_BASE or "~/.local").expanduser() / "share" / "dicom-node" / "models" / name,  # pip --user
     ]
     return next((c for c in candidates if c.is_file()), candidates[0])
 
