@@ -3,7 +3,7 @@
 
     python bench/e2e.py [--studies 20] [--burst 100] [--tiny] [--stable 2] [--size 1024] [--gsps] [--out DIR]
 
-Orthanc (tests/orthanc.py, the documented Lua routing rule) forwards every chest DX it stores to a real
+Orthanc (tests/support/orthanc.py, the documented Lua routing rule) forwards every chest DX it stores to a real
 ``dicom-node serve`` (tests/support/node.py) with one worker process, which sends SR + SC (+ GSPS with ``--gsps``)
 back to Orthanc. Models: the files named in config.yaml (``models/classifier.pt``, ``models/detector.pt``), or
 tiny random-weight models with ``--tiny`` (times the plumbing, not real networks).
@@ -67,7 +67,7 @@ os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".yolo" / "mpl"))
 from pydicom.uid import generate_uid  # noqa: E402
 
 from support.dicom_factory import make_cxr  # noqa: E402
-from support.node import NodeProcess, free_port, wait_for  # noqa: E402
+from support.node import NodeProcess, wait_for  # noqa: E402
 from support.orthanc import Orthanc  # noqa: E402
 
 TARGET_OVERHEAD_S = 1.0
@@ -591,11 +591,10 @@ def main() -> int:
             f"destination outputs {'+'.join(outputs)}; work folder {work}"
         )
 
-        pacs = Orthanc(work / "orthanc", node_port=free_port())
+        pacs = Orthanc(work / "orthanc")
         stack.callback(pacs.kill)
         node = NodeProcess(
             work / "node",
-            node={"port": pacs.node_port},
             workers={"count": 1},
             inference={"models": models},
             studies={"stable_after_s": args.stable},
@@ -606,6 +605,7 @@ def main() -> int:
         t = time.monotonic()
         pacs.start()
         node.start()
+        pacs.route_to_node(node.port)
         wait_for(
             lambda: " ready" in node.log() or "cannot start" in node.log() or node.proc.poll() is not None,
             600,

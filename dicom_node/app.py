@@ -20,6 +20,7 @@ import logging
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -124,8 +125,8 @@ class Node:
         self.store.close()
         log.info("stopped")
 
-    def run_forever(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    def run_forever(self, announce: Callable[[int], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down cleanly. ``announce(port)`` runs once listening."""
         done = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -134,7 +135,9 @@ class Node:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        self.start()
+        port = self.start()
+        if announce is not None:
+            announce(port)
         try:
             # Wake up now and then: a signal delivered to another thread (pynetdicom's, apscheduler's) only sets
             # a flag, and the main thread runs the Python handler when it next executes bytecode.

@@ -13,13 +13,18 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node import __version__
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.logs import setup_logging
+
+if TYPE_CHECKING:
+    from storage import Store
 
 log = logging.getLogger("dicom_node")
 
@@ -63,18 +68,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(cfg.logging.level)
-    Node(cfg).run_forever()
+
+    def announce(port: int) -> None:  # on stdout whatever the log level: scripts and tests read the port here
+        print(f"dicom-node {__version__} listening as {cfg.node.ae_title} on {cfg.node.host}:{port}", flush=True)
+
+    Node(cfg).run_forever(announce)
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Store]:
+    """The node's storage for one command (works with the node running or stopped)."""
     from dicom_node.app import open_store
 
     store = open_store(_config(args))
     try:
-        report = store.status()
+        yield store
     finally:
         store.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        report = store.status()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -95,25 +111,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from dicom_node.app import open_store
-
-    store = open_store(_config(args))
-    try:
+    with _store(args) as store:
         n = store.retry_failed()
-    finally:
-        store.close()
     print(f"re-queued {n} failed deliver{'y' if n == 1 else 'ies'}; the running node sends them now")
     return 0
 
 
 def cmd_reanalyze(args: argparse.Namespace) -> int:
-    from dicom_node.app import open_store
-
-    store = open_store(_config(args))
-    try:
+    with _store(args) as store:
         job_id = store.reanalyze(args.study_uid)
-    finally:
-        store.close()
     print(f"queued job {job_id}: re-analysis of the study; results go to the configured destinations")
     return 0
 

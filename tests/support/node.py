@@ -150,6 +150,7 @@ class NodeProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout)
+        self.close()
         return self.proc.returncode if self.proc else 0
 
     def kill(self) -> None:
