@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from support.node import free_port, wait_for
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "orthanc"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "orthanc"
 DOCS_CONFIG = DOCS / "orthanc.json"
 DOCS_LUA = DOCS / "route-chest-xrays.lua"
 NODE_MODALITY = "ainode"  # symbolic name of the node in DicomModalities (fixed by the Lua rule)
