@@ -148,7 +148,7 @@ class DestinationConfig(_Strict):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    outputs: list[OutputKind] = Field(default_factory=lambda: list[OutputKind](["sr", "sc"]))
+    outputs: list[OutputKind] = Field(default_factory=lambda: list[OutputKind](["sr", "sc", "gsps"]))
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 

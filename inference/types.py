@@ -29,6 +29,10 @@ NO_FINDING = "No finding"
 NO_FINDING_ID = 14
 
 
+# An image is reported abnormal when something is boxed or its P(abnormal) = 1 - P(no finding) reaches this.
+ABNORMAL_OPERATING_POINT = 0.5
+
+
 @dataclass(frozen=True)
 class Finding:
     class_id: int  # 0-13, index into FINDING_CLASSES
@@ -81,7 +85,7 @@ class Prediction:
 
     @property
     def abnormal(self) -> bool:
-        return bool(self.findings) or self.p_no_finding < 0.5
+        return bool(self.findings) or 1.0 - self.p_no_finding >= ABNORMAL_OPERATING_POINT
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -61,6 +61,41 @@ NORMALITY = Code("121402", "DCM", "Normality")
 PROBABILITY = Code("122157", "DCM", "Probability")
 UNIT_NO_UNITS = Code("1", "UCUM", "no units")
 PROCEDURE_XR = Code("43468-8", "LN", "XR unspecified body region")
+COMMENT = Code("121106", "DCM", "Comment")
+# Modality codes for the Image Library (DCM, CID 29): the radiographs the node analyses.
+MODALITIES = {
+    "CR": Code("CR", "DCM", "Computed Radiography"),
+    "DX": Code("DX", "DCM", "Digital Radiography"),
+}
+LANGUAGE = Code("en-US", "RFC5646", "English (United States)")  # as highdicom's MeasurementReport writes it
+# TID 1500 row "Qualitative Evaluations" (its concept is from UMLS, as in PS3.16).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+# Finding Site per class (PS3.16 / SNOMED CT anatomy as in pydicom's code dictionary) and whether a box on one
+# side of the patient makes the site lateral (a heart or an aorta has no side).
+LUNG = Code("39607008", "SCT", "Lung")
+PLEURA = Code("3120008", "SCT", "Pleura")
+HEART = Code("80891009", "SCT", "Heart")
+THORACIC_AORTA = Code("113262008", "SCT", "Thoracic aorta")
+CHEST = Code("816094009", "SCT", "Chest")
+_SITES: dict[int, tuple[Code, bool]] = {
+    0: (THORACIC_AORTA, False),
+    1: (LUNG, True),
+    2: (LUNG, True),
+    3: (HEART, False),
+    4: (LUNG, True),
+    5: (LUNG, True),
+    6: (LUNG, True),
+    7: (LUNG, True),
+    8: (LUNG, True),
+    9: (CHEST, True),
+    10: (PLEURA, True),
+    11: (PLEURA, True),
+    12: (PLEURA, True),
+    13: (LUNG, True),
+}
+assert len(_SITES) == len(FINDING_CLASSES)
+
 # The classifier's raw output, reported beside the fused study-level probability.
 CLASSIFIER_P_ABNORMAL = Code("CLSPABN", PRIVATE_SCHEME, "Classifier probability of abnormality")
 # Algorithm family of the AI pipeline (PS3.16 DCM code, listed in CID 7162).
@@ -74,6 +109,14 @@ def finding_code(class_id: int) -> Code:
     except (KeyError, ValueError, TypeError):
         raise KeyError(f"unknown finding class id {class_id!r} (0-{NO_FINDING_ID})") from None
     return Code(value, scheme, meaning)
+
+
+def finding_site(class_id: int) -> tuple[Code, bool]:
+    """(anatomic site, whether it can have a laterality) for a finding class id (0-13)."""
+    try:
+        return _SITES[int(class_id)]
+    except (KeyError, ValueError, TypeError):
+        raise KeyError(f"unknown finding class id {class_id!r} (0-{NO_FINDING_ID - 1})") from None
 
 
 def finding_label(class_id: int) -> str:

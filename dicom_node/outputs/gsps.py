@@ -20,12 +20,14 @@ from dicom_node.errors import EncodingError
 from dicom_node.imaging.pixels import first_value
 from dicom_node.outputs.codes import finding_label
 from dicom_node.outputs.identity import (
+    SERIES_DESCRIPTION,
     NodeIdentity,
     check_geometry,
     contributing_equipment,
     copy_body_part,
     no_phi_warnings,
     require_source_image,
+    series_date_time,
     source_header,
 )
 from dicom_node.outputs.sc import BANNER_TEXT, summary_text
@@ -37,6 +39,7 @@ __all__ = ["build_gsps", "LAYER_NAME", "CONTENT_LABEL"]
 LAYER_NAME = "AI"
 CONTENT_LABEL = "AI_FINDINGS"
 LAYER_COLOR = hd.color.CIELabColor(97.0, -21.0, 94.0)  # yellow
+LAYER_GRAYSCALE = 0xFFFF  # P-value: the brightest a grayscale display shows
 
 
 def _text_box(x0: float, y0: float, x1: float, rows: int, cols: int, text: str) -> tuple[float, float, float, float]:
@@ -134,13 +137,17 @@ def build_gsps(
                 voi_lut_transformations=voi,
                 presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape=shape),
                 contributing_equipment=[contributing_equipment(identity, models)] if models else None,
-                series_description="AI result - not for primary diagnosis",
+                series_description=SERIES_DESCRIPTION["gsps"],
             )
     except EncodingError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"cannot build the presentation state: {type(exc).__name__}: {exc}") from exc
     copy_body_part(gsps, source)
+    # A grayscale display value for the layer too: a monochrome display does not use the CIELab colour.
+    for item in gsps.GraphicLayerSequence:
+        item.GraphicLayerRecommendedDisplayGrayscaleValue = LAYER_GRAYSCALE
+    series_date_time(gsps)
     return gsps
 
 

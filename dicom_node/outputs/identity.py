@@ -13,6 +13,7 @@ import hashlib
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from highdicom import ContributingEquipment
 from pydicom.dataset import Dataset
@@ -22,6 +23,8 @@ from dicom_node.errors import EncodingError
 from inference.types import ModelInfo, Prediction
 
 __all__ = [
+    "SERIES_DESCRIPTION",
+    "series_date_time",
     "NodeIdentity",
     "model_device_uid",
     "contributing_equipment",
@@ -47,6 +50,24 @@ _TYPE2_FROM_SOURCE = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+
+
+# One Series Description per output kind, the distinguishing words first: viewers cut the text short, and three
+# rows reading "AI result - not for primar..." told nobody which is which.
+SERIES_DESCRIPTION = {
+    "sr": "AI findings report (SR) - not for primary diagnosis",
+    "sc": "AI overlay image (SC) - not for primary diagnosis",
+    "gsps": "AI boxes to toggle (PR) - not for primary diagnosis",
+}
+assert all(len(v) <= 64 for v in SERIES_DESCRIPTION.values())  # LO
+
+
+def series_date_time(ds: Dataset) -> None:
+    """Series Date/Time of an output (Type 3, but viewers and PACS file series under them) = its content
+    date/time, which highdicom sets when the object is made."""
+    date = ds.get("ContentDate") or datetime.now().strftime("%Y%m%d")
+    time_ = ds.get("ContentTime") or datetime.now().strftime("%H%M%S")
+    ds.SeriesDate, ds.SeriesTime = date, time_
 
 
 @dataclass(frozen=True)

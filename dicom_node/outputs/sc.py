@@ -23,11 +23,13 @@ from pydicom.dataset import Dataset
 from dicom_node.errors import EncodingError
 from dicom_node.outputs.codes import finding_label
 from dicom_node.outputs.identity import (
+    SERIES_DESCRIPTION,
     NodeIdentity,
     contributing_equipment,
     copy_body_part,
     no_phi_warnings,
     require_source_image,
+    series_date_time,
     source_header,
 )
 from inference.types import Prediction
@@ -150,7 +152,7 @@ def _sc_image(
         manufacturer=identity.manufacturer,
         patient_orientation=orientation or ("L", "F"),
         contributing_equipment=[contributing_equipment(identity, models)] if models else None,
-        series_description="AI result - not for primary diagnosis",
+        series_description=SERIES_DESCRIPTION["sc"],
         manufacturer_model_name=identity.model_name[:64],
         software_versions=identity.software_version,
         institution_name=identity.institution,
@@ -214,5 +216,6 @@ def build_sc(
         for kw in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if kw in source:
                 setattr(sc, kw, source[kw].value)
+    series_date_time(sc)
     # View Position is deliberately not copied: the SC is not a radiograph to analyse.
     return sc

@@ -1,22 +1,29 @@
 """The AI result as a Comprehensive 3D SR, TID 1500 "Imaging Measurement Report" (IHE AI Results).
 
-Content tree (built with highdicom, which checks the templates as it builds)::
+Content tree (highdicom's template classes for the parts it has, the root assembled here)::
 
     Imaging Measurement Report (TID 1500)
-    ├── Language, Observer: device (uid, name, manufacturer, model), Procedure: LN 43468-8
-    └── Imaging Measurements
-        ├── Measurement Group (TID 1501, whole image(s)): the study-level result
-        │     Tracking identifier "Study assessment" + UID
-        │     Finding (type): SCT 263654008 Abnormal | DCM 111286 No abnormality ("No finding")
-        │     Algorithm identification (name, versions of the models, parameters)
-        │     Qualitative evaluation: DCM 121402 Normality = SCT 17621005 Normal | 263654008 Abnormal
-        │     Measurement: DCM 122157 Probability (of that evaluation), unit UCUM "1"
-        │     Measurement: 99DCMNODE CLSPABN classifier probability of abnormality, unit "1"
-        └── Measurement Group (TID 1410) per finding
-              Tracking identifier "Finding N: <label>" + UID; Finding (type, DCM 121071): its code
-              Image region: closed 5-point POLYLINE (x_min,y_min)->(x_max,y_min)->(x_max,y_max)->
-                            (x_min,y_max)->(x_min,y_min) on the source image (SOP Class/Instance UID)
-              Measurement: DCM 122157 Probability = the fused score, unit UCUM "1"
+    ├── Language, Observer: device (uid, name, manufacturer, model), Procedure reported: LN 43468-8
+    ├── Image Library (TID 1600): every analysed image
+    ├── Imaging Measurements                       (only when something was found)
+    │   └── Measurement Group (TID 1410) per finding
+    │         Tracking identifier "Finding N: <label>" + UID; Finding (type, DCM 121071): its code
+    │         Finding Site: lung / pleura / heart / thoracic aorta / chest, with Laterality when the box
+    │                       lies on one side of the patient
+    │         Algorithm identification (name, versions of the models, parameters)
+    │         Image region: closed 5-point POLYLINE (x_min,y_min)->(x_max,y_min)->(x_max,y_max)->
+    │                       (x_min,y_max)->(x_min,y_min) on the source image (SOP Class/Instance UID)
+    │         Measurement: DCM 122157 Probability = the fused score, unit UCUM "1"
+    └── Qualitative Evaluations (UMLS C0034375): the study-level result
+          CODE  Finding (DCM 121071) = SCT 263654008 Abnormal | DCM 111286 No abnormality
+          TEXT  Comment (DCM 121106) = what the AI did, with its probability and operating point, e.g.
+                "AI: no abnormality detected, P(abnormal) = 0.12, operating point 0.50"
+
+Why this shape: viewers draw TID 1410 groups (OHIF, dwv) but stop at a measurement group without image
+geometry, so the study-level result is not a measurement group but TID 1500's own "Qualitative Evaluations"
+(CODE and TEXT items only; its probability is stated in the text). A normal study has no "Imaging
+Measurements" container at all (TID 1500 wants at least one of the two, not both). Every container is
+ContinuityOfContent SEPARATE, so renderers (dsr2html, DICOMscope) list items instead of running them together.
 
 Same patient and study as the sources, a new series, CompletionFlag COMPLETE, VerificationFlag
 UNVERIFIED, PreliminaryFlag FINAL (the algorithm's output will not change; no human verified it),
@@ -32,10 +39,12 @@ import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_node.errors import EncodingError
 from dicom_node.outputs import codes as C
 from dicom_node.outputs.identity import (
+    SERIES_DESCRIPTION,
     NodeIdentity,
     check_geometry,
     check_same_study,
@@ -43,11 +52,14 @@ from dicom_node.outputs.identity import (
     derived_uid,
     models_summary,
     no_phi_warnings,
+    series_date_time,
     source_header,
 )
-from inference.types import NO_FINDING_ID, Finding, ModelInfo, Prediction
+from inference.types import ABNORMAL_OPERATING_POINT, NO_FINDING_ID, Finding, ModelInfo, Prediction
 
-__all__ = ["build_sr", "box_polyline"]
+__all__ = ["build_sr", "box_polyline", "study_statement", "OPERATING_POINT"]
+
+OPERATING_POINT = ABNORMAL_OPERATING_POINT
 
 
 def box_polyline(box: tuple[float, float, float, float], rows: int, cols: int) -> np.ndarray:
@@ -88,6 +100,34 @@ def _probability(value: float, name=C.PROBABILITY) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=round(v, 6), unit=C.UNIT_NO_UNITS)
 
 
+def _patient_side(ds: Dataset, box: tuple[float, float, float, float]) -> Code | None:
+    """Right or Left when at least 85 % of the box lies on one side of the image's vertical midline.
+
+    Which side of the image is the patient's right: Patient Orientation's row direction says where the
+    columns run ("L": towards the patient's left, the usual display of a PA or AP chest); without it the
+    usual display is assumed."""
+    cols = float(ds.Columns)
+    x0, x1 = sorted((min(max(float(box[0]), 0.0), cols), min(max(float(box[2]), 0.0), cols)))
+    width = x1 - x0
+    if width <= 0:
+        return None
+    on_left = (min(x1, cols / 2) - min(x0, cols / 2)) / width  # share of the box in the image's left half
+    orientation = ds.get("PatientOrientation")
+    rows_towards = str(orientation[0]).upper()[:1] if orientation and len(orientation) == 2 else "L"
+    left_half_is = codes.SCT.Right if rows_towards != "R" else codes.SCT.Left
+    right_half_is = codes.SCT.Left if left_half_is == codes.SCT.Right else codes.SCT.Right
+    if on_left >= 0.85:
+        return left_half_is
+    if on_left <= 0.15:
+        return right_half_is
+    return None
+
+
+def _finding_site(ds: Dataset, f: Finding) -> hd.sr.FindingSite:
+    site, lateral = C.finding_site(f.class_id)
+    return hd.sr.FindingSite(anatomic_location=site, laterality=_patient_side(ds, f.box) if lateral else None)
+
+
 def _finding_group(
     ds: Dataset, f: Finding, n: int, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
@@ -106,33 +146,47 @@ def _finding_group(
         ),
         referenced_region=region,
         finding_type=code,
+        finding_sites=[_finding_site(ds, f)],
         algorithm_id=algorithm,
         measurements=[_probability(f.score)],
     )
 
 
-def _study_group(
-    sources: list[tuple[Dataset, Prediction]], sop_uid: str, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    preds = [p for _, p in sources]
-    abnormal = any(p.abnormal for p in preds)
-    if abnormal:  # the strongest evidence for "abnormal" among the images
-        probability = max(1.0 - float(p.p_no_finding) for p in preds)
-        finding_type, evaluation = C.ABNORMAL, C.ABNORMAL
-    else:  # "no finding" is only as certain as the least certain image
-        probability = min(float(p.p_no_finding) for p in preds)
-        finding_type, evaluation = C.finding_code(NO_FINDING_ID), C.NORMAL
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(sop_uid, "study"), identifier="Study assessment"),
-        finding_type=finding_type,
-        algorithm_id=algorithm,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds, _ in sources],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=C.NORMALITY, value=evaluation)],
-        measurements=[
-            _probability(probability),
-            _probability(max(float(p.p_abnormal) for p in preds), C.CLASSIFIER_P_ABNORMAL),
-        ],
+def study_statement(predictions: list[Prediction]) -> tuple[bool, str]:
+    """(abnormal, the sentence the SR states) for a study's predictions.
+
+    P(abnormal) is the fused probability of the most suspicious image, 1 - P(no finding); an image is abnormal
+    when something is boxed or that probability reaches the operating point (see :mod:`inference.fusion`)."""
+    abnormal = any(p.abnormal for p in predictions)
+    p_abnormal = max(1.0 - float(p.p_no_finding) for p in predictions)
+    if not np.isfinite(p_abnormal) or not 0.0 <= p_abnormal <= 1.0:
+        raise EncodingError(f"P(abnormal) {p_abnormal!r} is outside [0, 1]")
+    n = sum(len(p.findings) for p in predictions)
+    where = f"; {n} finding{'s' if n != 1 else ''} marked" if n else ""
+    what = "abnormality suspected" if abnormal else "no abnormality detected"
+    return abnormal, f"AI: {what}, P(abnormal) = {p_abnormal:.2f}, operating point {OPERATING_POINT:.2f}{where}"
+
+
+def _qualitative_evaluations(predictions: list[Prediction]) -> hd.sr.ContainerContentItem:
+    abnormal, statement = study_statement(predictions)
+    container = hd.sr.ContainerContentItem(
+        name=C.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,
     )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.CodeContentItem(
+                name=C.FINDING,
+                value=C.ABNORMAL if abnormal else C.finding_code(NO_FINDING_ID),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            hd.sr.TextContentItem(
+                name=C.COMMENT, value=statement, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            ),
+        ]
+    )
+    return container
 
 
 def build_sr(
@@ -176,16 +230,89 @@ def build_sr(
         raise EncodingError(f"cannot build the SR: {type(exc).__name__}: {exc}") from exc
 
 
+_PIXELS = Code("{pixels}", "UCUM", "Pixels")
+_SOURCE = Code("260753009", "SCT", "Source")
+
+
+def _image_library(sources: list[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library: one entry (TID 1601) per analysed image with its modality, matrix and, when the
+    header has valid ones, patient orientation and pixel spacing (highdicom's own ImageLibrary insists on
+    both for radiographs, and real CR/DX files often lack them)."""
+    acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = hd.sr.ContentSequence()
+    for ds in sources:
+        image = hd.sr.ImageContentItem(
+            name=_SOURCE,
+            referenced_sop_class_uid=ds.SOPClassUID,
+            referenced_sop_instance_uid=ds.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        modality = str(ds.get("Modality", "")).strip().upper()
+        items: list = []
+        if modality in C.MODALITIES:
+            items.append(
+                hd.sr.CodeContentItem(name=codes.DCM.Modality, value=C.MODALITIES[modality], relationship_type=acq)
+            )
+        for name, value in ((codes.DCM.PixelDataRows, ds.Rows), (codes.DCM.PixelDataColumns, ds.Columns)):
+            items.append(hd.sr.NumContentItem(name=name, value=int(value), unit=_PIXELS, relationship_type=acq))
+        orientation = [str(v).strip() for v in (ds.get("PatientOrientation") or [])]
+        if len(orientation) == 2 and all(orientation):
+            items.append(
+                hd.sr.TextContentItem(name=codes.DCM.PatientOrientationRow, value=orientation[0], relationship_type=acq)
+            )
+            items.append(
+                hd.sr.TextContentItem(
+                    name=codes.DCM.PatientOrientationColumn, value=orientation[1], relationship_type=acq
+                )
+            )
+        spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+        try:
+            row_mm, col_mm = (float(v) for v in spacing)
+        except (TypeError, ValueError):
+            row_mm = col_mm = 0.0
+        if row_mm > 0 and col_mm > 0:
+            items.append(
+                hd.sr.NumContentItem(
+                    name=codes.DCM.HorizontalPixelSpacing,
+                    value=col_mm,
+                    unit=codes.UCUM.Millimeter,
+                    relationship_type=acq,
+                )
+            )
+            items.append(
+                hd.sr.NumContentItem(
+                    name=codes.DCM.VerticalPixelSpacing, value=row_mm, unit=codes.UCUM.Millimeter, relationship_type=acq
+                )
+            )
+        image.ContentSequence = hd.sr.ContentSequence(items)
+        group.ContentSequence.append(image)
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
+
+
+def _separate(items) -> None:
+    """ContinuityOfContent SEPARATE on every container of the tree (highdicom's default is CONTINUOUS)."""
+    for item in items:
+        if item.get("ValueType") == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+        if "ContentSequence" in item:
+            _separate(item.ContentSequence)
+
+
 def _build(
     sources, models, fusion, *, series_uid, sop_uid, series_number, instance_number, identity: NodeIdentity
 ) -> Dataset:
     algorithm = _algorithm(identity, models, fusion)
-    groups: list = [_study_group(sources, sop_uid, algorithm)]
-    n = 0
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for ds, pred in sources:
         for f in sorted(pred.findings, key=lambda f: -f.score):
-            n += 1
-            groups.append(_finding_group(ds, f, n, sop_uid, algorithm))
+            groups.append(_finding_group(ds, f, len(groups) + 1, sop_uid, algorithm))
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.device_observer_uid,
@@ -199,13 +326,32 @@ def _build(
             observer_type=codes.DCM.Device, observer_identifying_attributes=device
         )
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=context,
-        procedure_reported=C.PROCEDURE_XR,
-        imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport,
+    # TID 1500, assembled as highdicom's MeasurementReport does, with the parts it does not offer: no
+    # "Imaging Measurements" for a normal study, and "Qualitative Evaluations" for the study-level result.
+    root = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport, template_id="1500")
+    content = hd.sr.ContentSequence()
+    content.extend(hd.sr.LanguageOfContentItemAndDescendants(C.LANGUAGE))
+    content.extend(context)
+    content.append(
+        hd.sr.CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=C.PROCEDURE_XR,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
     )
-    # The private scheme is always used (classifier probability), so always declared.
+    content.append(_image_library([ds for ds, _ in sources]))
+    if groups:
+        measurements = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImagingMeasurements, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        measurements.ContentSequence = hd.sr.ContentSequence()
+        for group in groups:
+            measurements.ContentSequence.extend(group)
+        content.append(measurements)
+    content.append(_qualitative_evaluations([p for _, p in sources]))
+    root.ContentSequence = content
+    _separate([root])
+    # The private scheme is declared when a code of it is used (two finding classes have no standard code).
     schemes = [
         CodingSchemeIdentificationItem(
             designator=C.PRIVATE_SCHEME,
@@ -213,9 +359,9 @@ def _build(
             responsible_organization=C.PRIVATE_SCHEME_RESPONSIBLE,
         )
     ]
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[ds for ds, _ in sources],
-        content=report,
+        content=root,
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=sop_uid,
@@ -229,6 +375,8 @@ def _build(
         manufacturer_model_name=identity.model_name[:64],
         software_versions=identity.software_version,
         device_serial_number=identity.device_serial_number,
-        series_description="AI result - not for primary diagnosis",
+        series_description=SERIES_DESCRIPTION["sr"],
         coding_schemes=schemes,
     )
+    series_date_time(sr)
+    return sr

@@ -3,6 +3,8 @@
 - ``dciodvfy`` (dicom3tools) checks a file against its IOD: lines "Error - ..." are errors,
   "Warning - ..." warnings.
 - ``dsrdump`` (dcmtk) renders an SR document as text; it must read what the node writes.
+- PixelMed's ``DicomSRValidator`` (Debian pixelmed-apps) checks an SR against its templates (TID 1500 ...):
+  lines "Error: ..." are errors, "Warning: ..." warnings.
 
 Both tools are optional at run time: :func:`tools_available` says whether they are installed.
 """
@@ -17,7 +19,9 @@ from pathlib import Path
 
 from dicom_node.errors import EncodingError
 
-__all__ = ["IodReport", "dciodvfy", "dsrdump", "tools_available", "assert_valid"]
+__all__ = ["IodReport", "dciodvfy", "dsrdump", "sr_validator", "tools_available", "assert_valid"]
+
+PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,9 @@ class IodReport:
 
 
 def tools_available() -> dict[str, bool]:
-    return {tool: shutil.which(tool) is not None for tool in ("dciodvfy", "dsrdump")}
+    tools = {tool: shutil.which(tool) is not None for tool in ("dciodvfy", "dsrdump")}
+    tools["DicomSRValidator"] = shutil.which("java") is not None and Path(PIXELMED_JAR).is_file()
+    return tools
 
 
 def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
@@ -66,6 +72,27 @@ def dsrdump(path: str | os.PathLike, *options: str, timeout_s: float = 60) -> st
     if proc.returncode != 0:
         raise EncodingError(f"dsrdump cannot read {Path(path).name}: {(proc.stderr or proc.stdout).strip()}")
     return proc.stdout
+
+
+def sr_validator(path: str | os.PathLike, *, timeout_s: float = 120) -> IodReport:
+    """PixelMed's DicomSRValidator on an SR: IOD and template (TID 1500, 1410, ...) errors and warnings.
+
+    Run through java directly: its XSLT exceeds the JDK's default XPath operator limits, which the Debian
+    wrapper script does not lift."""
+    if not Path(PIXELMED_JAR).is_file():
+        raise EncodingError(f"{PIXELMED_JAR} is missing (Debian: pixelmed-apps)")
+    limits = [f"-Djdk.xml.{k}=0" for k in ("xpathExprGrpLimit", "xpathExprOpLimit", "xpathTotalOpLimit")]
+    proc = _run(
+        ["java", *limits, "-cp", PIXELMED_JAR, "com.pixelmed.validate.DicomSRValidator", str(Path(path))], timeout_s
+    )
+    text = (proc.stdout or "") + (proc.stderr or "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not any(ln.startswith("Found Root Template") for ln in lines):
+        raise EncodingError(f"DicomSRValidator could not check {Path(path).name}:\n{text[-2000:]}")
+    errors = tuple(ln for ln in lines if ln.startswith("Error"))
+    warnings_ = tuple(ln for ln in lines if ln.startswith("Warning"))
+    iod = next((ln for ln in lines if ln.startswith("Found") and "IOD" in ln), "")
+    return IodReport(iod=iod, errors=errors, warnings=warnings_, output=text)
 
 
 def assert_valid(path: str | os.PathLike) -> IodReport:
