@@ -232,8 +232,11 @@ def test_lung_findings_carry_the_side_of_the_patient(tmp_path, box, orientation,
 def test_sr_for_a_normal_study_says_no_finding(tmp_path, source):
     src, _ = source
     sr = write_and_check(build_sr([(src, normal(256, 200))], **uids(9001)), tmp_path / "sr.dcm", templates=True)
-    assert polylines(sr) == []
-    assert containers(sr, "Imaging Measurements") == []  # nothing measured: no empty container for viewers
+    # one "No abnormality" region per image, the whole image: viewers fail on an SR without any region
+    assert polylines(sr) == [(src.SOPInstanceUID, [0.0, 0.0, 200.0, 0.0, 200.0, 256.0, 0.0, 256.0, 0.0, 0.0])]
+    (group,) = containers(sr, "Imaging Measurements")[0].ContentSequence
+    assert named(group.ContentSequence, "Finding")[0].ConceptCodeSequence[0].CodeMeaning == "No abnormality"
+    assert named(group.ContentSequence, "Finding Site")[0].ConceptCodeSequence[0].CodeMeaning == "Chest"
     text = dsrdump(tmp_path / "sr.dcm", "+Pl")
     assert '"Finding")=(111286,DCM,"No abnormality")' in text
     assert '"Comment")="AI: no abnormality detected, P(abnormal) = 0.07, operating point 0.50"' in text

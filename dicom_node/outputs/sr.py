@@ -152,6 +152,29 @@ def _finding_group(
     )
 
 
+def _no_abnormality_group(
+    ds: Dataset, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """A normal study's SR still needs one measurement group with an image region: OHIF 3 fails to open an SR
+    without any (black viewport) and dwv ignores it. So each image of a study without findings gets one:
+    "No abnormality" with the whole image as its region, the chest as its site."""
+    rows, cols = float(ds.Rows), float(ds.Columns)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array([[0, 0], [cols, 0], [cols, rows], [0, rows], [0, 0]], dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(sop_uid, "no abnormality", ds.SOPInstanceUID), identifier="AI: no abnormality detected"
+        ),
+        referenced_region=region,
+        finding_type=C.finding_code(NO_FINDING_ID),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=C.CHEST)],
+        algorithm_id=algorithm,
+    )
+
+
 def study_statement(predictions: list[Prediction]) -> tuple[bool, str]:
     """(abnormal, the sentence the SR states) for a study's predictions.
 
@@ -313,6 +336,8 @@ def _build(
     for ds, pred in sources:
         for f in sorted(pred.findings, key=lambda f: -f.score):
             groups.append(_finding_group(ds, f, len(groups) + 1, sop_uid, algorithm))
+    if not groups:
+        groups = [_no_abnormality_group(ds, sop_uid, algorithm) for ds, _ in sources]
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.device_observer_uid,
@@ -340,7 +365,7 @@ def _build(
         )
     )
     content.append(_image_library([ds for ds, _ in sources]))
-    if groups:
+    if groups:  # always, since a normal study has its "No abnormality" regions
         measurements = hd.sr.ContainerContentItem(
             name=codes.DCM.ImagingMeasurements, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
         )

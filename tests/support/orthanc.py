@@ -1,16 +1,17 @@
-"""A real Orthanc PACS for end-to-end tests: own folder, own free ports, the documented routing rule.
+"""A real Orthanc PACS for end-to-end tests: own folder, own free ports, the documented routing plugin.
 
-``Orthanc(folder, node_aet=..., node_port=...)`` writes ``orthanc.json`` into ``folder`` built from
-the user-facing example ``docs/orthanc/orthanc.json`` (only paths, ports, AE titles and the
-StableAge are replaced) and a copy of ``docs/orthanc/route-chest-xrays.lua`` whose two switches
-are set from the constructor, so the docs and the tests run the same rule. ``start()`` runs
-``/usr/sbin/Orthanc`` (no /etc/orthanc, no plugins, nothing from the network; about 0.2 s),
-``storescu()`` sends files into it with dcmtk, and the REST helpers (urllib only) read what it holds.
+``Orthanc(folder, node_aet=..., node_port=...)`` writes ``orthanc.json`` into ``folder`` built from the
+user-facing example ``docs/orthanc/orthanc.json``: only paths, ports, AE titles, StableAge and the
+``DicomNodeRouting`` switches and retry delays are replaced, and it loads the example's own plugins, the
+routing plugin ``docs/orthanc/route_chest_xrays.py`` (Orthanc's Python plugin) and DICOMweb, so the docs and
+the tests run the same rule. ``start()`` runs ``/usr/sbin/Orthanc`` (no /etc/orthanc, nothing from the
+network; about 0.5 s), ``storescu()`` sends files into it with dcmtk, and the REST helpers (urllib only) read
+what it holds; ``dicomweb_url`` is the root of its QIDO-RS / WADO-RS API for the web-viewer tests.
 
 Orthanc 1.10.1 has no option to bind its HTTP or DICOM server to one address: both listen on all
-interfaces. ``RemoteAccessAllowed: false`` refuses HTTP clients other than localhost, and a second
-Lua script written only for tests (``loopback-only.lua``) refuses instances stored over DICOM from
-anywhere but 127.0.0.1.
+interfaces. ``RemoteAccessAllowed: false`` refuses HTTP clients other than localhost, and a Lua script
+written only for tests (``loopback-only.lua``) refuses instances stored over DICOM from anywhere but
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import urllib.error
@@ -34,8 +34,11 @@ from support.node import free_port, wait_for
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "orthanc"
 DOCS_CONFIG = DOCS / "orthanc.json"
-DOCS_LUA = DOCS / "route-chest-xrays.lua"
-NODE_MODALITY = "ainode"  # symbolic name of the node in DicomModalities (fixed by the Lua rule)
+DOCS_PLUGIN = DOCS / "route_chest_xrays.py"
+NODE_MODALITY = "ainode"  # symbolic name of the node in DicomModalities (the plugin's default "Modality")
+# Debian's orthanc-dicomweb / orthanc-python (bookworm) install the plugins here (the example loads both).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 
 LOOPBACK_ONLY_LUA = """\
 -- Tests only: Orthanc 1.10.1 cannot bind its DICOM server to 127.0.0.1, so refuse what others send.
@@ -59,20 +62,6 @@ def _two_free_ports() -> tuple[int, int]:
     return dicom, http
 
 
-def routing_lua(*, skip_node_outputs: bool = True, route_everything: bool = False) -> str:
-    """The documented routing rule with its switches set (fails if the docs file lost a switch)."""
-    text = DOCS_LUA.read_text()
-    for name, value in (("SKIP_NODE_OUTPUTS", skip_node_outputs), ("ROUTE_EVERYTHING", route_everything)):
-        text, n = re.subn(
-            rf"^local {name} = (?:true|false)", f"local {name} = {str(value).lower()}", text, flags=re.MULTILINE
-        )
-        if n != 1:
-            raise RuntimeError(f"{DOCS_LUA} must define 'local {name} = true|false' exactly once")
-    if f"local NODE = '{NODE_MODALITY}'" not in text:
-        raise RuntimeError(f"{DOCS_LUA} must route to the modality named {NODE_MODALITY!r}")
-    return text
-
-
 class OrthancError(RuntimeError):
     """Orthanc did not start, or a REST call failed."""
 
@@ -91,17 +80,29 @@ class Orthanc:
         skip_node_outputs: bool = True,
         route_everything: bool = False,
         stable_age_s: int = 2,
+        retry_initial_s: float = 1,
+        retry_max_s: float = 4,
         verbose: bool = False,
+        dicomweb: bool = True,
     ):
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet, self.node_aet, self.node_port = aet, node_aet, node_port
         self.route, self.verbose = route, verbose
+        self.dicomweb = dicomweb
+        self.routing = {
+            "Enabled": route,
+            "SkipNodeOutputs": skip_node_outputs,
+            "RouteEverything": route_everything,
+            "RetryInitialSeconds": retry_initial_s,
+            "RetryMaxSeconds": retry_max_s,
+        }
+        for plugin, package in ((PYTHON_PLUGIN, "orthanc-python"), (DICOMWEB_PLUGIN, "orthanc-dicomweb")):
+            if not plugin.exists():
+                raise OrthancError(f"{plugin} is missing: apt-get install -y {package} (README, set-up)")
         self.port, self.http_port = _two_free_ports()
         self.config_path = self.folder / "orthanc.json"
         self.log_path = self.folder / "orthanc.log"
-        self.lua_path = self.folder / "route-chest-xrays.lua"
-        self.lua_path.write_text(routing_lua(skip_node_outputs=skip_node_outputs, route_everything=route_everything))
         (self.folder / "loopback-only.lua").write_text(LOOPBACK_ONLY_LUA)
         self.stable_age_s = stable_age_s
         self.proc: subprocess.Popen | None = None
@@ -117,7 +118,9 @@ class Orthanc:
                 "Name": f"test-{self.aet}",
                 "StorageDirectory": str(self.folder / "storage"),
                 "IndexDirectory": str(self.folder / "index"),
-                "LuaScripts": [str(self.folder / "loopback-only.lua")] + ([str(self.lua_path)] if self.route else []),
+                "LuaScripts": [str(self.folder / "loopback-only.lua")],
+                "PythonScript": str(DOCS_PLUGIN),
+                "DicomNodeRouting": dict(config.get("DicomNodeRouting", {}), **self.routing),
                 "HttpPort": self.http_port,
                 "DicomPort": self.port,
                 "DicomAet": self.aet,
@@ -125,6 +128,8 @@ class Orthanc:
                 "StableAge": self.stable_age_s,
             }
         )
+        if not self.dicomweb:
+            config["Plugins"] = [p for p in config["Plugins"] if Path(p) != DICOMWEB_PLUGIN]
         self.config = config
         self.config_path.write_text(json.dumps(config, indent=2))
         return config
@@ -148,6 +153,11 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Root of the DICOMweb API (only served with ``dicomweb=True``), without a trailing slash."""
+        return self.url + "/dicom-web"
 
     def start(self, timeout: float = 30) -> "Orthanc":
         """Start Orthanc and wait until its REST API answers. A first start that finds a port taken
@@ -350,8 +360,7 @@ class Orthanc:
     def wait_jobs_done(self, timeout: float = 60) -> list[dict]:
         """Wait until no job is pending or running; returns the jobs (check their State).
 
-        The routing rule's job stays "Running" about 5 s after its last C-STORE (Orthanc's Lua job
-        manager keeps it open for more operations), so this takes at least that long."""
+        A failed routing job is resubmitted by the plugin after its backoff, so "Failure" may not be final."""
         seen: dict[str, list[dict]] = {}
 
         def done() -> bool:
