@@ -236,3 +236,30 @@ def test_outputs_routed_back_by_the_pacs_are_ignored(pacs_and_node, tmp_path):
     assert st["jobs"]["total"] == 1
     got = results_in(pacs, ds.StudyInstanceUID)
     assert [len(got[m]) for m in ("SR", "OT", "PR")] == [1, 1, 1]
+
+
+def test_node_down_while_studies_arrive_at_the_pacs_every_study_is_analysed(pacs_and_node, tmp_path):
+    """The documented Orthanc example cannot lose a study: with the node stopped, Orthanc's routing jobs fail
+    (visibly: failed jobs and the reason in its log) and are resubmitted until the node is back."""
+    pacs, node = pacs_and_node()
+    first = make_cxr(tmp_path / "first.dcm")
+    assert pacs.storescu(tmp_path / "first.dcm").returncode == 0
+    wait_for(lambda: node.status()["instances"]["total"] == 1, 120, what="first study routed")
+    assert node.stop() == 0  # the node goes down while more studies arrive
+    later = [make_cxr(tmp_path / f"later{i}.dcm") for i in range(3)]
+    r = pacs.storescu(*(tmp_path / f"later{i}.dcm" for i in range(3)))
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: pacs.log().count("to the AI node failed") >= 3, 120, interval=1, what="3 failed routing jobs")
+    assert any(j["State"] == "Failure" for j in pacs.jobs())  # visible in Orthanc's jobs
+    node.start()
+    studies = [first.StudyInstanceUID] + [ds.StudyInstanceUID for ds in later]
+    wait_for(
+        lambda: all(len(pacs.instances_by_modality(s, "SR")) == 1 for s in studies),
+        300,
+        interval=1,
+        what="an SR in every study",
+    )
+    st = node.status()
+    assert st["instances"] == {"total": 4, "eligible": 4, "skipped": 0}
+    assert st["jobs"]["total"] == 4 and st["jobs"]["failed"] == 0
+    wait_for(lambda: all(j["State"] == "Success" for j in pacs.jobs()), 60, what="every routing job succeeded")

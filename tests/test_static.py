@@ -58,5 +58,7 @@ def test_readme_layout_matches_the_tree():
         for p in (REPO / pkg).glob("*/")
         if p.is_dir() and not p.name.startswith((".", "_"))
     }
-    ignored = {"var/", "runs/", "build/", "dist/", "analysis/"} | {p for p in on_disk if p.endswith(".egg-info/")}
+    ignored = {"var/", "runs/", "build/", "dist/", "analysis/", "test-artefacts/"} | {
+        p for p in on_disk if p.endswith(".egg-info/")
+    }
     assert named == on_disk - ignored

@@ -9,7 +9,7 @@ finding, shows the SC and the DX, and breaks on the SRs OHIF 3.13 cannot read (a
 without an image region; an SR without any measurement group), and that dwv builds one annotation per box.
 
 Set-up (once): apt-get install -y chromium orthanc-dicomweb; pip install playwright;
-bash tests/support/fetch_viewers.sh. The tests skip, saying which, when one is missing.
+bash tests/support/fetch_viewers.sh. The tests fail, saying which, when one is missing.
 About 45 s on 2 cores.
 """
 
@@ -28,8 +28,14 @@ from support.dicom_factory import make_cxr
 from support.orthanc import DICOMWEB_PLUGIN, Orthanc
 from support.viewers import Chromium, ViewerServer, missing_requirements, open_files_in_dwv, open_study_in_ohif
 
-_missing = missing_requirements() or (None if DICOMWEB_PLUGIN.exists() else f"{DICOMWEB_PLUGIN} is missing")
-pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
+
+@pytest.fixture(scope="module", autouse=True)
+def _requirements():
+    """The set-up installs everything these tests need (README, .ci/run): a missing piece is a failure."""
+    missing = missing_requirements() or (None if DICOMWEB_PLUGIN.exists() else f"{DICOMWEB_PLUGIN} is missing")
+    if missing:
+        pytest.fail(f"web-viewer test requirements missing: {missing} (README set-up)")
+
 
 FINDINGS = [  # (finding code, box x0, y0, x1, y1 in pixels of the 512 x 512 DX)
     (("60046008", "SCT", "Pleural effusion"), (60, 80, 200, 220)),
