@@ -90,6 +90,24 @@ def analysed_study(tmp_path, node_factory, models: dict, name: str) -> tuple[Ort
     return pacs, ds.StudyInstanceUID, image, sr_file
 
 
+def analyse_and_view(tmp_path, node_factory, chromium, name: str, **model_kw) -> tuple[list, object, object]:
+    """Analyse a study with tiny models made with ``model_kw`` and open it in OHIF and dwv; returns (the SR's
+    regions, OHIF's result, dwv's result). Screenshots are kept under test-artefacts/viewers/<name>."""
+    clf, det = make_tiny_models(tmp_path / "models", **model_kw)
+    pacs, study, image, sr_file = analysed_study(
+        tmp_path, node_factory, {"classifier": str(clf), "detector": str(det)}, name
+    )
+    try:
+        regions = sr_regions(pydicom.dcmread(sr_file))
+        with ViewerServer(pacs.url) as server:
+            ohif = open_study_in_ohif(chromium, server, study, tmp_path / "ohif", hydrate=False)
+            dwv = open_files_in_dwv(chromium, server, [image, sr_file], tmp_path / "dwv")
+    finally:
+        pacs.kill()
+    keep(ohif, name)
+    return regions, ohif, dwv
+
+
 def keep(result, name: str) -> None:
     """Copy the screenshots where a person (and the README) can look at them."""
     folder = ARTEFACTS / name
@@ -99,21 +117,11 @@ def keep(result, name: str) -> None:
         shutil.copy(shot, folder / f"{result.viewer}-{key}.png")
 
 
-def test_ohif_and_dwv_draw_every_box_of_the_node_sr(tmp_path, tmp_path_factory, node_factory, chromium):
-    folder = tmp_path_factory.mktemp("models-abnormal")
-    clf, det = make_tiny_models(folder, p_abnormal=0.8, detector_logit=-0.5, detector_gain=1e6)
-    pacs, study, image, sr_file = analysed_study(
-        tmp_path, node_factory, {"classifier": str(clf), "detector": str(det)}, "abnormal"
+def test_ohif_and_dwv_draw_every_box_of_the_node_sr(tmp_path, node_factory, chromium):
+    regions, ohif, dwv = analyse_and_view(
+        tmp_path, node_factory, chromium, "abnormal", p_abnormal=0.8, detector_logit=-0.5, detector_gain=1e6
     )
-    try:
-        regions = sr_regions(pydicom.dcmread(sr_file))
-        assert regions and all(finding != "No abnormality" for finding, _ in regions), regions
-        with ViewerServer(pacs.url) as server:
-            ohif = open_study_in_ohif(chromium, server, study, tmp_path / "ohif", hydrate=False)
-            dwv = open_files_in_dwv(chromium, server, [image, sr_file], tmp_path / "dwv")
-    finally:
-        pacs.kill()
-    keep(ohif, "abnormal")
+    assert regions and all(finding != "No abnormality" for finding, _ in regions), regions
     summary = ohif.summary()
     assert ohif.page_errors == [] and ohif.console_errors == [], summary
     assert ohif.blocked_requests == [], summary  # nothing left the machine
@@ -130,20 +138,11 @@ def test_ohif_and_dwv_draw_every_box_of_the_node_sr(tmp_path, tmp_path_factory, 
     assert dwv.page_errors == [] and dwv.annotations == len(regions), dwv.summary()
 
 
-def test_a_normal_study_and_its_sr_open_without_error(tmp_path, tmp_path_factory, node_factory, chromium):
-    folder = tmp_path_factory.mktemp("models-normal")
-    clf, det = make_tiny_models(folder, p_abnormal=0.02, detector_logit=-30)
-    pacs, study, image, sr_file = analysed_study(
-        tmp_path, node_factory, {"classifier": str(clf), "detector": str(det)}, "normal"
+def test_a_normal_study_and_its_sr_open_without_error(tmp_path, node_factory, chromium):
+    regions, ohif, dwv = analyse_and_view(
+        tmp_path, node_factory, chromium, "normal", p_abnormal=0.02, detector_logit=-30
     )
-    try:
-        assert sr_regions(pydicom.dcmread(sr_file)) == [("No abnormality", "Chest")]
-        with ViewerServer(pacs.url) as server:
-            ohif = open_study_in_ohif(chromium, server, study, tmp_path / "ohif", hydrate=False)
-            dwv = open_files_in_dwv(chromium, server, [image, sr_file], tmp_path / "dwv")
-    finally:
-        pacs.kill()
-    keep(ohif, "normal")
+    assert regions == [("No abnormality", "Chest")]
     summary = ohif.summary()
     assert ohif.page_errors == [] and ohif.console_errors == [], summary
     assert all(v.rendered for v in ohif.views("DX") + ohif.views("OT")), summary
