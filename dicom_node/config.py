@@ -89,6 +89,9 @@ class SelectionConfig(_Strict):
     allow_missing_body_part: bool = True
     # A missing ViewPosition is common on older CR: analyse it only when this is true.
     allow_missing_view_position: bool = False
+    # Intended use: adults. Younger patients (by Patient's Age, or Birth Date and Study Date) are skipped; an image
+    # without either is analysed. null = no age gate.
+    min_patient_age_years: float | None = Field(18, ge=0)
 
 
 def default_model(name: str) -> Path:
@@ -121,6 +124,8 @@ class FusionConfig(_Strict):
     min_score: float = Field(0.25, ge=0, le=1)  # findings below this fused score are dropped
     detector_conf: float = Field(0.05, ge=0, le=1)  # raw detector confidence floor
     max_findings: int = Field(20, ge=1)
+    same_class_iou: float = Field(0.5, ge=0, le=1)  # same-class boxes overlapping more: one finding, one box
+    same_class_containment: float = Field(0.8, ge=0, le=1)  # ... or nested (share of the smaller box)
 
 
 class InferenceConfig(_Strict):

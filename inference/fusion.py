@@ -18,7 +18,10 @@ Two modes (``FusionParams.mode``):
     uncalibrated probabilities and pushes almost everything below ``min_score``.
 
 In both modes boxes whose detector confidence is below ``detector_conf`` or whose fused score is
-below ``min_score`` are dropped, the rest are sorted by score and cut to ``max_findings``, and::
+below ``min_score`` are dropped, the rest are sorted by score, **one finding is one box**: a box of the same
+class as a stronger kept box is dropped when they overlap by IoU > ``same_class_iou`` or when it lies mostly
+(``same_class_containment`` of its area) inside or around it (the detector's own NMS, at IoU 0.7, lets 2-3
+stacked boxes on one heart through), and the rest is cut to ``max_findings``, and::
 
     p_no_finding = 1 - max(p_abnormal, strongest kept finding's score)
 
@@ -35,7 +38,7 @@ import numpy as np
 
 from inference.types import FINDING_CLASSES, Finding
 
-__all__ = ["FusionParams", "FUSION_MODES", "detector_needed", "fuse", "fused_scores"]
+__all__ = ["FusionParams", "FUSION_MODES", "detector_needed", "fuse", "fused_scores", "suppress_same_class"]
 
 FUSION_MODES = ("gate", "soft")
 
@@ -47,11 +50,13 @@ class FusionParams:
     min_score: float = 0.25
     detector_conf: float = 0.05
     max_findings: int = 20
+    same_class_iou: float = 0.5
+    same_class_containment: float = 0.8
 
     def __post_init__(self) -> None:
         if self.mode not in FUSION_MODES:
             raise ValueError(f"fusion mode must be one of {FUSION_MODES}, got {self.mode!r}")
-        for name in ("abnormal_threshold", "min_score", "detector_conf"):
+        for name in ("abnormal_threshold", "min_score", "detector_conf", "same_class_iou", "same_class_containment"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"fusion {name} must be in [0, 1], got {v}")
@@ -65,7 +70,15 @@ class FusionParams:
             return cls()
         if isinstance(obj, FusionParams):
             return obj
-        names = ("mode", "abnormal_threshold", "min_score", "detector_conf", "max_findings")
+        names = (
+            "mode",
+            "abnormal_threshold",
+            "min_score",
+            "detector_conf",
+            "max_findings",
+            "same_class_iou",
+            "same_class_containment",
+        )
         if isinstance(obj, dict):
             return cls(**{k: obj[k] for k in names if k in obj})
         return cls(**{k: getattr(obj, k) for k in names if hasattr(obj, k)})
@@ -85,6 +98,33 @@ def fused_scores(detector_scores: np.ndarray, p_abnormal: float, mode: str) -> n
     return s
 
 
+def suppress_same_class(
+    boxes: np.ndarray, class_ids: np.ndarray, order: np.ndarray, iou: float, containment: float
+) -> list[int]:
+    """Greedy same-class suppression over ``order`` (indices, strongest first): returns the kept indices.
+
+    A box is dropped when a kept box of its class overlaps it by IoU > ``iou``, or when their intersection is
+    more than ``containment`` of the smaller box (one box nested in the other: IoU can be small then)."""
+    kept: list[int] = []
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    for i in order:
+        duplicate = False
+        for k in kept:
+            if class_ids[k] != class_ids[i]:
+                continue
+            w = min(boxes[i, 2], boxes[k, 2]) - max(boxes[i, 0], boxes[k, 0])
+            h = min(boxes[i, 3], boxes[k, 3]) - max(boxes[i, 1], boxes[k, 1])
+            inter = max(w, 0.0) * max(h, 0.0)
+            union = areas[i] + areas[k] - inter
+            smaller = min(areas[i], areas[k])
+            if (union > 0 and inter / union > iou) or (smaller > 0 and inter / smaller > containment):
+                duplicate = True
+                break
+        if not duplicate:
+            kept.append(int(i))
+    return kept
+
+
 def fuse(
     p_abnormal: float,
     boxes: np.ndarray | None,
@@ -102,7 +142,10 @@ def fuse(
         fused = fused_scores(det, p, params.mode)
         keep = (det >= params.detector_conf) & (fused >= params.min_score) & (cls >= 0) & (cls < len(FINDING_CLASSES))
         idx = np.flatnonzero(keep)
-        idx = idx[np.argsort(-fused[idx], kind="stable")][: params.max_findings]
+        idx = idx[np.argsort(-fused[idx], kind="stable")]
+        idx = np.asarray(
+            suppress_same_class(boxes, cls, idx, params.same_class_iou, params.same_class_containment), dtype=np.int64
+        )[: params.max_findings]
         for i in idx:
             c = int(cls[i])
             x1, y1, x2, y2 = (float(v) for v in boxes[i])  # boxes is N x 4 (reshaped above)

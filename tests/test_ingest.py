@@ -136,6 +136,30 @@ def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(node_factory, 
     assert Path(rows[hand.SOPInstanceUID]["path"]).exists()
 
 
+def test_children_are_stored_but_not_analysed(node_factory, tmp_path):
+    """Intended use: adults. A child by Patient's Age or by birth and study dates is skipped with the reason;
+    an adult, and an image that does not say, are analysed."""
+    node = node_factory()
+    cases = {
+        "age": make_cxr(tmp_path / "a.dcm", PatientAge="006Y"),
+        "dates": make_cxr(tmp_path / "b.dcm", PatientBirthDate="20200301"),  # study 2024-01-02: 3.8 years
+        "months": make_cxr(tmp_path / "c.dcm", PatientAge="018M"),
+        "adult": make_cxr(tmp_path / "d.dcm", PatientAge="045Y"),
+        "unknown": make_cxr(tmp_path / "e.dcm", PatientBirthDate="", PatientAge=""),
+        "nonsense": make_cxr(tmp_path / "f.dcm", PatientBirthDate="20991301"),
+    }
+    ok(node.storescu(*(tmp_path / f"{c}.dcm" for c in "abcdef")))
+    rows = by_sop(node)
+    reason = {name: rows[ds.SOPInstanceUID]["skip_reason"] for name, ds in cases.items()}
+    assert reason["age"].startswith("patient age 6.0 years is below selection.min_patient_age_years (18)")
+    assert reason["dates"].startswith("patient age 3.8 years") and reason["months"].startswith("patient age 1.5")
+    assert reason["adult"] is None and reason["unknown"] is None and reason["nonsense"] is None
+    assert "20991301" not in node.log() and "20200301" not in node.log()  # birth dates are patient data
+    off = node_factory(selection={"min_patient_age_years": None})
+    ok(off.storescu(tmp_path / "a.dcm"))
+    assert by_sop(off)[cases["age"].SOPInstanceUID]["eligible"] == 1
+
+
 @pytest.mark.parametrize(
     "garbage,code,comment",
     [

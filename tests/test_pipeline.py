@@ -83,7 +83,10 @@ def test_pipeline_on_nih_png(models, nih_image):
 def test_boxes_in_source_pixels_on_non_square_image(models, nih_image):
     _, img = nih_image
     crop = np.ascontiguousarray(img[40:460, 100:330])  # tall, 420 x 230
-    pipe = _pipe(models, max_findings=300, min_score=0.0, detector_conf=0.01)
+    # every raw box, same-class suppression off: this test is about geometry
+    pipe = _pipe(
+        models, max_findings=300, min_score=0.0, detector_conf=0.01, same_class_iou=1.0, same_class_containment=1.0
+    )
     pred = pipe.run(crop)
     assert pred.findings
     _assert_boxes_inside(pred)
@@ -144,6 +147,29 @@ def test_fusion_rules_directly():
     assert [x.score for x in f] == [0.81]
     with pytest.raises(ValueError, match="fusion mode"):
         FusionParams(mode="average")
+
+
+def test_one_finding_is_one_box():
+    """Stacked boxes of one class on one structure become one finding; other classes, and the same class on
+    the other side of the chest, stay."""
+    boxes = np.array(
+        [
+            [100, 200, 300, 400],  # cardiomegaly, strongest
+            [110, 210, 310, 390],  # cardiomegaly again, IoU ~0.85
+            [150, 250, 250, 350],  # cardiomegaly nested inside the first (IoU 0.25): still the same finding
+            [100, 200, 300, 400],  # aortic enlargement on the same spot: another finding
+            [20, 50, 90, 300],  # pleural effusion, right
+            [410, 50, 480, 300],  # pleural effusion, left: a second finding of that class
+        ],
+        float,
+    )
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.85, 0.75])
+    cls = np.array([3, 3, 3, 0, 10, 10])
+    f, _ = fuse(0.9, boxes, scores, cls, FusionParams(min_score=0.0))
+    assert sorted((x.class_id, x.box[0]) for x in f) == [(0, 100.0), (3, 100.0), (10, 20.0), (10, 410.0)]
+    # off (1.0): the stacked boxes come back
+    f, _ = fuse(0.9, boxes, scores, cls, FusionParams(min_score=0.0, same_class_iou=1.0, same_class_containment=1.0))
+    assert len(f) == 6
 
 
 def test_fusion_params_from_node_config():

@@ -1,9 +1,14 @@
-"""Which received instances the node analyses: frontal (PA/AP) chest CR/DX images, by default.
+"""Which received instances the node analyses: frontal (PA/AP) chest CR/DX images of adults, by default.
 
-Everything else is stored, marked skipped with a human-readable reason, and left alone.
+Everything else is stored, marked skipped with a human-readable reason, and left alone. The age gate is the
+models' intended use (trained on adult films): a patient known to be younger than
+``selection.min_patient_age_years`` is skipped; an image that says nothing about the age is analysed.
 """
 
 from __future__ import annotations
+
+import re
+from datetime import date
 
 from pydicom.dataset import Dataset
 
@@ -29,6 +34,44 @@ def header_fields(ds: Dataset) -> dict[str, str]:
     }
 
 
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str:
+    """An element's text as received, without pydicom converting it: its validation would log an invalid
+    value (a birth date is patient data) before we could judge it ourselves."""
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip(" \x00")
+    return str(value or "").strip()
+
+
+def _date(text: str) -> date | None:
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """The patient's age in years at the study: Patient's Age (nnnD/W/M/Y), else Patient's Birth Date and
+    the Study (or Content, Acquisition) Date. None when the header does not say, or says nonsense."""
+    age = _raw_text(ds, "PatientAge").upper()
+    m = re.fullmatch(r"(\d{3})([DWMY])", age)
+    if m:
+        return int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2)]
+    born = _date(_raw_text(ds, "PatientBirthDate"))
+    when = next((d for k in ("StudyDate", "ContentDate", "AcquisitionDate") if (d := _date(_raw_text(ds, k)))), None)
+    if born is None or when is None or when < born:
+        return None
+    return (when - born).days / 365.25
+
+
 def select(ds: Dataset, rules: SelectionConfig, own_output: bool = False) -> tuple[bool, str | None]:
     """Return (eligible, skip reason)."""
     if own_output or _get(ds, "Manufacturer") == OWN_MANUFACTURER.upper():
@@ -48,6 +91,13 @@ def select(ds: Dataset, rules: SelectionConfig, own_output: bool = False) -> tup
             return False, f"view position {f['view_position']} is not frontal ({', '.join(rules.view_positions)})"
     elif not rules.allow_missing_view_position:
         return False, "view position is missing (set selection.allow_missing_view_position to analyse such images)"
+    if rules.min_patient_age_years is not None:
+        age = patient_age_years(ds)
+        if age is not None and age < rules.min_patient_age_years:
+            return False, (
+                f"patient age {age:.1f} years is below selection.min_patient_age_years "
+                f"({rules.min_patient_age_years:g}): the models are for adults"
+            )
     frames = ds.get("NumberOfFrames", 1) or 1
     if int(frames) > 1:
         return False, f"multi-frame image ({frames} frames)"
