@@ -5,8 +5,9 @@ Content tree (highdicom's template classes for the parts it has, the root assemb
     Imaging Measurement Report (TID 1500)
     ├── Language, Observer: device (uid, name, manufacturer, model), Procedure reported: LN 43468-8
     ├── Image Library (TID 1600): every analysed image
-    ├── Imaging Measurements                       (only when something was found)
-    │   └── Measurement Group (TID 1410) per finding
+    ├── Imaging Measurements
+    │   └── Measurement Group (TID 1410) per finding (a normal study: one "No abnormality" group per image,
+    │       its region the whole image, its site the chest)
     │         Tracking identifier "Finding N: <label>" + UID; Finding (type, DCM 121071): its code
     │         Finding Site: lung / pleura / heart / thoracic aorta / chest, with Laterality when the box
     │                       lies on one side of the patient
@@ -21,8 +22,8 @@ Content tree (highdicom's template classes for the parts it has, the root assemb
 
 Why this shape: viewers draw TID 1410 groups (OHIF, dwv) but stop at a measurement group without image
 geometry, so the study-level result is not a measurement group but TID 1500's own "Qualitative Evaluations"
-(CODE and TEXT items only; its probability is stated in the text). A normal study has no "Imaging
-Measurements" container at all (TID 1500 wants at least one of the two, not both). Every container is
+(CODE and TEXT items only; its probability is stated in the text). OHIF 3 cannot open an SR without any
+measurement group at all, hence the whole-image "No abnormality" groups of a normal study. Every container is
 ContinuityOfContent SEPARATE, so renderers (dsr2html, DICOMscope) list items instead of running them together.
 
 Same patient and study as the sources, a new series, CompletionFlag COMPLETE, VerificationFlag
@@ -365,7 +366,7 @@ def _build(
         )
     )
     content.append(_image_library([ds for ds, _ in sources]))
-    if groups:  # always, since a normal study has its "No abnormality" regions
+    if groups:  # always: a normal study has its "No abnormality" regions
         measurements = hd.sr.ContainerContentItem(
             name=codes.DCM.ImagingMeasurements, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
         )
