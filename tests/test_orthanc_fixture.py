@@ -57,7 +57,8 @@ def test_docs_config_matches_the_node_defaults():
     for key in ("StorageDirectory", "IndexDirectory"):
         assert Path(docs[key]).is_absolute() and REPO not in Path(docs[key]).parents
     assert docs["Plugins"] == [str(DICOMWEB_PLUGIN), str(PYTHON_PLUGIN)] and docs["DicomWeb"]["Enable"] is True
-    assert (DOCS_CONFIG.parent / docs["PythonScript"]) == DOCS_PLUGIN and "LuaScripts" not in docs
+    # Orthanc's Python plugin reads the script relative to its working directory: the repository (README)
+    assert (REPO / docs["PythonScript"]) == DOCS_PLUGIN and "LuaScripts" not in docs
     assert docs["RemoteAccessAllowed"] is False
     assert docs["DicomAlwaysAllowStore"] is True and docs["UnknownSopClassAccepted"] is True
     assert docs["SaveJobs"] is True and docs["JobsHistorySize"] >= 100  # failed jobs stay to be retried

@@ -12,6 +12,8 @@ What it does
   (RetryInitialSeconds, doubling up to RetryMaxSeconds) until it succeeds; every failure is logged with
   Orthanc's reason. Failed routing jobs left from before a restart of Orthanc are taken up again at start
   ("SaveJobs": true keeps them, "JobsHistorySize" must be large enough to keep them listed).
+- Each image is sent once: when the node's results arrive the study becomes stable again, and only images
+  not yet in a routing job are sent (the node would store a second copy once anyway).
 - Loop protection: what the node sends back (SR, Secondary Capture, GSPS, stored with the node's AE title
   as calling AE) is never routed. The node's AE title is read from its "DicomModalities" entry, so AE
   title, host and port are set in one place.
@@ -23,6 +25,7 @@ The node stores each SOP instance once, so a resubmitted job that sends an image
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -53,6 +56,7 @@ def _settings() -> dict:
 
 
 SETTINGS = _settings()
+SENT_REMEMBERED = 100_000  # instance ids kept to avoid sending an image twice (a forgotten one is sent again)
 
 
 def _get(uri: str):
@@ -69,6 +73,8 @@ class Router:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.jobs: dict[str, dict] = {}
+        # instances in a job already (a study is stable again when results arrive); the oldest are forgotten
+        self.sent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.stop = threading.Event()
 
     # ---- what to send ----------------------------------------------------------------------------------
@@ -83,6 +89,8 @@ class Router:
             if not (chest or SETTINGS["RouteEverything"]):
                 continue
             for instance_id in series.get("Instances", []):
+                if instance_id in self.sent:
+                    continue
                 if SETTINGS["SkipNodeOutputs"] and self.sent_by_node(instance_id):
                     continue
                 wanted.append(instance_id)
@@ -107,6 +115,9 @@ class Router:
         orthanc.LogWarning(f"route_chest_xrays: study {study_id}: {len(instances)} image(s) to the AI node, job {job}")
         with self.lock:
             self.jobs[job] = {"study": study_id, "instances": instances, "attempts": attempts, "due": 0.0}
+            self.sent.update(dict.fromkeys(instances))
+            while len(self.sent) > SENT_REMEMBERED:
+                self.sent.popitem(last=False)
 
     def adopt_failed_jobs(self) -> None:
         """Failed routing jobs from before Orthanc's restart are retried too."""
