@@ -136,6 +136,7 @@ def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(node_factory, 
     assert Path(rows[hand.SOPInstanceUID]["path"]).exists()
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")  # the nonsense date is made on purpose
 def test_children_are_stored_but_not_analysed(node_factory, tmp_path):
     """Intended use: adults. A child by Patient's Age or by birth and study dates is skipped with the reason;
     an adult, and an image that does not say, are analysed."""
