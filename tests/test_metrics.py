@@ -10,6 +10,7 @@ import pytest
 from inference.training.metrics import (
     NO_FINDING_BOX,
     add_no_finding,
+    auc_interval,
     binary_metrics,
     choose_threshold,
     class_ap,
@@ -19,6 +20,7 @@ from inference.training.metrics import (
     roc_auc,
     voc_ap,
     voc_ap_11point,
+    wilson_interval,
 )
 from inference.types import NO_FINDING_ID
 
@@ -101,3 +103,19 @@ def test_classification_metrics_by_hand():
     assert (m["sensitivity"], m["specificity"], m["accuracy"], m["false_negatives"]) == (1.0, 0.5, 0.75, 0)
     assert choose_threshold(y, s) == pytest.approx(0.8)  # J = 0.5 at 0.8 (first of the ties)
     assert choose_threshold(y, s, "sensitivity", 1.0) == pytest.approx(0.35)
+    # DeLong by hand: V10 = [0.5, 1], V01 = [1, 0.5] -> var = 0.125/2 + 0.125/2, half width 1.96 * 0.354
+    assert m["roc_auc_ci95"] == pytest.approx([0.75 - 1.959964 * 0.125**0.5, 1.0], abs=1e-6)
+    assert m["sensitivity_ci95"][1] == 1.0 and 0.0 < m["specificity_ci95"][0] < 0.5 < m["specificity_ci95"][1]
+
+
+def test_confidence_intervals():
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # the textbook example
+    assert wilson_interval(0, 0) != wilson_interval(0, 0)  # nan: no cases, no interval
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(200), np.ones(200)]
+    s = np.r_[rng.normal(0, 1, 200), rng.normal(1, 1, 200)]  # AUC ~0.76
+    lo, hi = auc_interval(y, s)
+    assert lo < roc_auc(y, s) < hi and hi - lo < 0.12
+    lo_small, hi_small = auc_interval(y[::10], s[::10])  # 20 + 20 cases: a much wider interval
+    assert hi_small - lo_small > 2 * (hi - lo)
+    assert auc_interval([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == (1.0, 1.0)  # perfect separation

@@ -223,8 +223,37 @@ def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity:
     raise ValueError(f"threshold method must be 'youden' or 'sensitivity', got {method!r}")
 
 
+Z_95 = 1.959963984540054  # two-sided 95 %
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n (sensitivity, specificity); (nan, nan) for n = 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def auc_interval(y_true, scores, z: float = Z_95) -> tuple[float, float]:
+    """95 % interval of the ROC AUC by DeLong's variance (DeLong et al. 1988); (nan, nan) with one class or
+    fewer than two of either."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if len(pos) < 2 or len(neg) < 2:
+        return float("nan"), float("nan")
+    psi = (pos[:, None] > neg[None, :]).astype(np.float64) + 0.5 * (pos[:, None] == neg[None, :])
+    auc = float(psi.mean())
+    var = psi.mean(axis=1).var(ddof=1) / len(pos) + psi.mean(axis=0).var(ddof=1) / len(neg)
+    half = z * float(np.sqrt(var))
+    return max(0.0, auc - half), min(1.0, auc + half)
+
+
 def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
-    """Accuracy, sensitivity, specificity, PPV, NPV, ROC AUC, FN count, confusion [[TN, FP], [FN, TP]]."""
+    """Accuracy, sensitivity, specificity (with 95 % Wilson intervals), PPV, NPV, ROC AUC (with its 95 % DeLong
+    interval), FN count, confusion [[TN, FP], [FN, TP]]."""
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     pred = s >= threshold
@@ -241,10 +270,13 @@ def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
         "threshold": float(threshold),
         "accuracy": ratio(tp + tn, len(y)),
         "sensitivity": ratio(tp, tp + fn),
+        "sensitivity_ci95": list(wilson_interval(tp, tp + fn)),
         "specificity": ratio(tn, tn + fp),
+        "specificity_ci95": list(wilson_interval(tn, tn + fp)),
         "ppv": ratio(tp, tp + fp),
         "npv": ratio(tn, tn + fn),
         "roc_auc": roc_auc(y, s),
+        "roc_auc_ci95": list(auc_interval(y, s)),
         "false_negatives": fn,
         "false_positives": fp,
         "confusion": [[tn, fp], [fn, tp]],
