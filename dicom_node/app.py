@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom import _config as pynetdicom_config
 
 from dicom_node.config import Config
+from dicom_node.errors import DicomNodeError
 from dicom_node.ingest.assembly import StudyAssembler
 from dicom_node.ingest.store_handler import StoreHandler
 from dicom_node.logs import safe_traceback, setup_logging
@@ -160,7 +161,6 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None) -> None:
         worker = Worker(config, store, Analyzer(config, build_pipeline(config)), name)
     except Exception as exc:
         # Say why in one line (e.g. a missing model file), then exit; a bug also gets its traceback.
-        from dicom_node.errors import DicomNodeError
 
         log.error(
             "worker %s cannot start: %s", name, exc if isinstance(exc, DicomNodeError) else "\n" + safe_traceback(exc)

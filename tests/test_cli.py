@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dicom_node.cli import EXIT_CODES, EXIT_INTERNAL_ERROR, exit_code
+from dicom_node.cli import EXIT_INTERNAL_ERROR, exit_code
 from dicom_node.errors import ConfigError, DicomNodeError, PixelDataError
 from inference.errors import ModelError
 from storage.errors import DatabaseError, UnknownStudyError
@@ -26,7 +26,6 @@ def test_exit_code_table_covers_the_whole_tree():
     for err in (PixelDataError("x"), ModelError("x"), DatabaseError("x"), UnknownStudyError("x")):
         assert isinstance(err, DicomNodeError) and exit_code(err) == 1
     assert exit_code(KeyError("x")) == EXIT_INTERNAL_ERROR  # not ours: a bug, never relabelled
-    assert [code for _, code in EXIT_CODES] == [2, 1]
 
 
 def test_analyze_with_a_missing_model_file_says_which_and_exits_1(tmp_path, samples_dir):

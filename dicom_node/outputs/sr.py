@@ -58,9 +58,7 @@ from dicom_node.outputs.identity import (
 )
 from inference.types import ABNORMAL_OPERATING_POINT, NO_FINDING_ID, Finding, ModelInfo, Prediction
 
-__all__ = ["build_sr", "box_polyline", "study_statement", "OPERATING_POINT"]
-
-OPERATING_POINT = ABNORMAL_OPERATING_POINT
+__all__ = ["build_sr", "box_polyline", "study_statement"]
 
 
 def box_polyline(box: tuple[float, float, float, float], rows: int, cols: int) -> np.ndarray:
@@ -115,8 +113,9 @@ def _patient_side(ds: Dataset, box: tuple[float, float, float, float]) -> Code |
     on_left = (min(x1, cols / 2) - min(x0, cols / 2)) / width  # share of the box in the image's left half
     orientation = ds.get("PatientOrientation")
     rows_towards = str(orientation[0]).upper()[:1] if orientation and len(orientation) == 2 else "L"
-    left_half_is = codes.SCT.Right if rows_towards != "R" else codes.SCT.Left
-    right_half_is = codes.SCT.Left if left_half_is == codes.SCT.Right else codes.SCT.Right
+    left_half_is, right_half_is = codes.SCT.Right, codes.SCT.Left  # the usual display of a PA/AP chest
+    if rows_towards == "R":  # columns run towards the patient's right: flipped
+        left_half_is, right_half_is = right_half_is, left_half_is
     if on_left >= 0.85:
         return left_half_is
     if on_left <= 0.15:
@@ -188,7 +187,10 @@ def study_statement(predictions: list[Prediction]) -> tuple[bool, str]:
     n = sum(len(p.findings) for p in predictions)
     where = f"; {n} finding{'s' if n != 1 else ''} marked" if n else ""
     what = "abnormality suspected" if abnormal else "no abnormality detected"
-    return abnormal, f"AI: {what}, P(abnormal) = {p_abnormal:.2f}, operating point {OPERATING_POINT:.2f}{where}"
+    return (
+        abnormal,
+        f"AI: {what}, P(abnormal) = {p_abnormal:.2f}, operating point {ABNORMAL_OPERATING_POINT:.2f}{where}",
+    )
 
 
 def _qualitative_evaluations(predictions: list[Prediction]) -> hd.sr.ContainerContentItem:
