@@ -56,7 +56,9 @@ def build_pipeline(config: Config) -> Pipeline:
     m = config.inference.models
     if m.threads:
         Pipeline.limit_threads(m.threads)
-    return Pipeline.from_files(m.classifier, m.detector, fusion=config.inference.fusion, device=m.device)
+    return Pipeline.from_files(
+        m.classifier, m.detector, fusion=config.inference.fusion, device=m.device, calibration=m.calibration
+    )
 
 
 def receive_into_spool(store: Store) -> None:

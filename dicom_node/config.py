@@ -109,6 +109,7 @@ def default_model(name: str) -> Path:
 class ModelsConfig(_Strict):
     classifier: Path = Field(default_factory=lambda: default_model("classifier.pt"))  # null = shipped model
     detector: Path = Field(default_factory=lambda: default_model("detector.pt"))
+    calibration: Path | None = None  # a site calibration file from `dicom-node calibrate`; null = the model's own
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)  # torch threads per worker; null = torch's default (all cores)
 

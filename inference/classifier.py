@@ -16,18 +16,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from inference.calibration import Calibration
 from inference.errors import ModelError
 from inference.modelfile import LoadedModel, LoadedNetwork, load_model_file
 
 __all__ = ["build_classifier", "Classifier"]
 
 
-def build_classifier(arch: str, in_chans: int = 1) -> nn.Module:
-    """A timm model by name (e.g. densenet121, efficientnet_b0, davit_tiny, mobilenetv2_100)."""
+def build_classifier(arch: str, in_chans: int = 1, drop_rate: float = 0.0) -> nn.Module:
+    """A timm model by name (e.g. densenet121, efficientnet_b0, davit_tiny, mobilenetv2_100); ``drop_rate`` is
+    the dropout before the head (training only: it has no weights, so the model file does not need it)."""
     import timm  # imported here: importing timm is slow and only model code needs it
 
     try:
-        return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=1)
+        return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=1, drop_rate=drop_rate)
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise ModelError(f"unknown classifier architecture {arch!r} ({exc})") from exc
 
@@ -56,16 +58,27 @@ class Classifier(LoadedNetwork):
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Classifier":
         return cls.from_loaded(load_model_file(path, "classifier"), device)
 
+    calibration: Calibration | None = None  # a site's own operating points (inference.calibration)
+
     @torch.inference_mode()
-    def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        """N x 1 x S x S prepared batch (or a single 1 x S x S) -> float array of N P(abnormal)."""
+    def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """N x 1 x S x S prepared batch (or a single 1 x S x S) -> the N raw logits."""
         x = torch.as_tensor(batch, dtype=torch.float32)
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"classifier input must be N x 1 x S x S, got {tuple(x.shape)}")
-        logits = self.model(x.to(self.device)).float().reshape(x.shape[0], -1)[:, 0]
-        return torch.sigmoid(logits - self.logit_shift).cpu().numpy()
+        return self.model(x.to(self.device)).float().reshape(x.shape[0], -1)[:, 0].cpu().numpy()
+
+    def predict(self, batch: np.ndarray | torch.Tensor, view: str | None = None) -> np.ndarray:
+        """N x 1 x S x S prepared batch -> N P(abnormal), calibrated so that 0.5 is the operating point for
+        ``view`` (the image's ViewPosition, e.g. "PA"/"AP"; see :attr:`logit_shift`)."""
+        z = self.logits(batch) - self.logit_shift(view)
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float64)
+
+    def predict_raw(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """The model's own probabilities, without any operating point (for choosing one)."""
+        return (1.0 / (1.0 + np.exp(-self.logits(batch)))).astype(np.float64)
 
     @property
     def operating_threshold(self) -> float | None:
@@ -73,15 +86,21 @@ class Classifier(LoadedNetwork):
         t = self.loaded.metadata.extra.get("abnormal_threshold")
         return float(t) if t is not None else None
 
-    @property
-    def logit_shift(self) -> float:
-        """Calibrate to the trained operating point: the validation-chosen threshold maps to P = 0.5.
+    def threshold(self, view: str | None = None) -> float | None:
+        """The raw-probability operating point for ``view``: the site calibration's, else the model file's."""
+        if self.calibration is not None:
+            return self.calibration.threshold(view)
+        return self.operating_threshold
 
-        A classifier trained on an imbalanced set (here 2 abnormal : 1 normal) puts its best threshold far
-        from 0.5 (e.g. 0.97). Shifting the logit by logit(threshold) keeps the ranking (ROC AUC unchanged)
-        and makes 0.5 mean "at the operating point", so the gate threshold, the soft fusion and
-        P(no finding) all work on one scale. Files without a stored threshold are used as they are."""
-        t = self.operating_threshold
+    def logit_shift(self, view: str | None = None) -> float:
+        """Calibrate to the operating point: the chosen threshold maps to P = 0.5.
+
+        A classifier's best threshold can lie far from 0.5 (e.g. 0.97 for one trained on 2 abnormal : 1
+        normal). Shifting the logit by logit(threshold) keeps the ranking (ROC AUC unchanged) and makes 0.5
+        mean "at the operating point", so the gate threshold, the soft fusion and P(no finding) all work on one
+        scale. The threshold is the site calibration's for the view when one is loaded, else the one chosen
+        on validation data at training time; files without a stored threshold are used as they are."""
+        t = self.threshold(view)
         if t is None or not 0.0 < t < 1.0:
             return 0.0
         return math.log(t / (1.0 - t))

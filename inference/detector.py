@@ -6,6 +6,12 @@ so that the exact architecture (scale, nc) is rebuilt on load. ``Detector.load(p
 loads the weights, fuses Conv+BN for inference. ``Detector.detect(x, letterbox, conf)`` runs the
 network on one prepared 3 x S x S input, applies ultralytics' NMS and maps the boxes back to
 source pixels with the :class:`~inference.preprocess.Letterbox`.
+
+Which classes are reported, and from what confidence, is part of the model file (``extra``):
+``reportable_classes`` (class names; a class the validation set cannot support, AP@0.4 below 0.1, or that had
+no training boxes, is never reported) and ``class_floors`` (class name -> detector confidence floor, chosen on
+validation). ``dicom-node tune-detector`` writes both. A file without them reports the classes it had training
+boxes for (``extra.train_set.boxes_per_class``), or all classes when that is unknown, with no floors.
 """
 
 from __future__ import annotations
@@ -65,6 +71,23 @@ class Detections:
         return int(self.scores.shape[0])
 
 
+def reporting_rules(classes: tuple[str, ...], extra: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(reportable mask, confidence floor per class) from a detector file's ``extra`` (see the module docs)."""
+    names = list(classes)
+    if "reportable_classes" in extra:
+        wanted = set(extra["reportable_classes"])
+    else:
+        trained = (extra.get("train_set") or {}).get("boxes_per_class")
+        wanted = {c for c, n in trained.items() if n} if trained else set(names)
+    unknown = wanted - set(names)
+    if unknown:
+        raise ModelError(f"reportable classes {sorted(unknown)} are not classes of this detector")
+    reportable = np.asarray([c in wanted for c in names], dtype=bool)
+    given = extra.get("class_floors") or {}
+    floors = np.asarray([float(given.get(c, 0.0)) for c in names], dtype=np.float64)
+    return reportable, floors
+
+
 class Detector(LoadedNetwork):
     """A loaded detector in eval mode (Conv+BN fused) on one device."""
 
@@ -73,6 +96,7 @@ class Detector(LoadedNetwork):
         self.iou = iou
         self.nc = len(loaded.metadata.classes)
         self._nms = _nms()
+        self.reportable, self.floors = reporting_rules(loaded.metadata.classes, loaded.metadata.extra)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu", iou: float = 0.7) -> "Detector":
@@ -121,11 +145,17 @@ class Detector(LoadedNetwork):
         """N x 3 x S x S batch -> per image an (K, 6) array x1, y1, x2, y2, score, class in INPUT pixels."""
         return self.postprocess(self.forward(batch), conf=conf, max_det=max_det)
 
-    def detect(self, x: np.ndarray, geom: Letterbox, conf: float = 0.05, max_det: int = 300) -> Detections:
-        """One prepared 3 x S x S input -> detections with boxes in SOURCE pixels (clipped)."""
+    def detect(
+        self, x: np.ndarray, geom: Letterbox, conf: float = 0.05, max_det: int = 300, all_classes: bool = False
+    ) -> Detections:
+        """One prepared 3 x S x S input -> detections with boxes in SOURCE pixels (clipped): reportable classes
+        at or above their floors (``all_classes=True``: every class, no floors; for tuning them)."""
         d = self.predict(x, conf=conf, max_det=max_det)[0]
         boxes = geom.to_source(d[:, :4]) if len(d) else np.zeros((0, 4))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # drop boxes wholly in padding
+        if not all_classes and len(d):
+            cls = d[:, 5].astype(np.int64)
+            keep &= self.reportable[cls] & (d[:, 4] >= self.floors[cls])
         return Detections(
             boxes=boxes[keep].astype(np.float64),
             scores=d[keep, 4].astype(np.float64),

@@ -3,6 +3,7 @@
 ``Pipeline.from_files(classifier_path, detector_path, fusion, device)`` loads both model files;
 ``Pipeline.run(img01)`` takes a 2-D float32 image in [0, 1] (0 = black; the DICOM side has
 applied the LUTs and MONOCHROME1 inversion) and returns an :class:`inference.types.Prediction`
+(a "not analysable" one, with the reason, when :func:`inference.quality.input_problem` refuses the image)
 with findings in source-pixel coordinates and per-stage timings (seconds)::
 
     resize           shrinking to the working size (the larger model input size), aspect kept
@@ -24,10 +25,12 @@ import time
 import numpy as np
 import torch
 
+from inference.calibration import Calibration
 from inference.classifier import Classifier
 from inference.detector import Detector
 from inference.fusion import FusionParams, detector_needed, fuse
 from inference.preprocess import apply_clahe, check_image, to_model_input, working_image
+from inference.quality import input_problem
 from inference.types import ModelInfo, Prediction
 
 __all__ = ["Pipeline"]
@@ -52,13 +55,16 @@ class Pipeline:
         fusion: FusionParams | dict | object | None = None,
         device: str = "cpu",
         iou: float = 0.7,
+        calibration: str | os.PathLike | None = None,
     ) -> "Pipeline":
-        """``fusion``: FusionParams, a dict or any object with its attribute names (FusionConfig)."""
-        return cls(
-            Classifier.load(classifier_path, device),
-            Detector.load(detector_path, device, iou=iou),
-            FusionParams.from_obj(fusion),
-        )
+        """``fusion``: FusionParams, a dict or any object with its attribute names (FusionConfig);
+        ``calibration``: a site calibration file (:mod:`inference.calibration`) for the classifier."""
+        classifier = Classifier.load(classifier_path, device)
+        if calibration is not None:
+            classifier.calibration = Calibration.load(calibration)
+            if classifier.calibration.model_sha256 and classifier.calibration.model_sha256 != classifier.info.sha256:
+                log.warning("calibration %s was chosen for another classifier file (sha256 differs)", calibration)
+        return cls(classifier, Detector.load(detector_path, device, iou=iou), FusionParams.from_obj(fusion))
 
     @property
     def working_size(self) -> int:
@@ -69,7 +75,9 @@ class Pipeline:
     def models(self) -> tuple[ModelInfo, ...]:
         return (self.classifier.info, self.detector.info)
 
-    def run(self, img01: np.ndarray) -> Prediction:
+    def run(self, img01: np.ndarray, view: str | None = None) -> Prediction:
+        """``view``: the image's ViewPosition (PA, AP, ...) when known; it selects a site calibration's
+        operating point (:mod:`inference.calibration`)."""
         arr = np.asarray(img01)
         if arr.ndim != 2:
             raise ValueError(
@@ -80,6 +88,11 @@ class Pipeline:
         t0 = time.perf_counter()
         img = check_image(arr, "pipeline input")
         cp, dp = self.classifier.preprocess, self.detector.preprocess
+        problem = input_problem(img)
+        if problem:
+            return Prediction.unanalysable(
+                problem, self.fusion.mode, self.models, (int(img.shape[0]), int(img.shape[1]))
+            )
 
         s = time.perf_counter()
         work, (fx, fy) = working_image(img, self.working_size)
@@ -93,7 +106,7 @@ class Pipeline:
         xc, _ = to_model_input(clahe_c, cp)
         t["classifier_input"] = time.perf_counter() - s
         s = time.perf_counter()
-        p_abnormal = float(self.classifier.predict(xc[None])[0])
+        p_abnormal = float(self.classifier.predict(xc[None], view)[0])
         t["classifier"] = time.perf_counter() - s
 
         boxes = scores = class_ids = None

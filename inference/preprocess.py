@@ -4,7 +4,15 @@ Every image enters as a 2-D ``float32`` array in ``[0, 1]`` (rows x columns; 0 =
 DICOM side has already applied the modality/VOI LUT and inverted MONOCHROME1). Then::
 
     img01 --apply_clahe--> clahe01 --to_model_input--> (C x S x S float32 tensor data, Letterbox)
-                                    (letterbox to S x S keeping aspect, normalise, channels)
+      (intensity normalisation,     (letterbox to S x S keeping aspect, normalise, channels)
+       then CLAHE)
+
+Intensity normalisation (``intensity="rank"``, models trained since 0.2) replaces each pixel by its
+rank among the image's pixels (exact histogram equalisation to a uniform [0, 1] distribution). A
+monotone change of the grey scale (brightness, contrast, gamma, a stored VOI window or none, 8/12/16-bit
+storage) moves each pixel at most within the share of its own grey level, and the mean change is ~1e-5. PNG, JPEG and DICOM therefore reach the network alike and the
+network cannot learn how an archive happened to scale its pixels. Older model files say
+``intensity="none"`` and get the image as it is.
 
 ``prepare(img01, params)`` does both steps. The pipeline runs CLAHE once and calls
 ``to_model_input`` for each model, because both models share the CLAHE settings. Training code that
@@ -32,12 +40,15 @@ import cv2
 import numpy as np
 
 PAD_VALUE = 114.0 / 255.0  # ultralytics' letterbox grey
+INTENSITY_MODES = ("none", "rank")
+RANK_LEVELS = 65536  # grey levels the rank normalisation tells apart (16-bit data keeps every level); <= 2**16
 
 __all__ = [
     "PAD_VALUE",
     "PreprocessParams",
     "Letterbox",
     "apply_clahe",
+    "normalise_intensity",
     "normalise",
     "letterbox",
     "to_model_input",
@@ -60,8 +71,11 @@ class PreprocessParams:
     mean: float = 0.0  # model input = (x - mean) / std, x in [0, 1]
     std: float = 1.0
     pad_value: float = PAD_VALUE  # letterbox padding, in [0, 1] before normalisation
+    intensity: str = "none"  # "rank": histogram-equalise before CLAHE; "none": as given (files before 0.2)
 
     def __post_init__(self) -> None:
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if self.clahe_clip_limit < 0:
             raise ValueError(f"clahe_clip_limit must be >= 0, got {self.clahe_clip_limit}")
         if self.clahe_tile_grid < 1:
@@ -89,11 +103,9 @@ class PreprocessParams:
         return PreprocessParams.from_dict({**self.to_dict(), **changes})
 
     def same_clahe(self, other: "PreprocessParams") -> bool:
-        return (self.clahe_clip_limit, self.clahe_tile_grid, self.clahe_bits) == (
-            other.clahe_clip_limit,
-            other.clahe_tile_grid,
-            other.clahe_bits,
-        )
+        """True when both give the same :func:`apply_clahe` output (intensity normalisation and CLAHE)."""
+        keys = ("intensity", "clahe_clip_limit", "clahe_tile_grid", "clahe_bits")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,11 +116,13 @@ class PreprocessParams:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"unknown preprocessing keys {unknown}; known: {sorted(known)}")
-        conv: dict[str, Any] = {  # int or float, per field
-            k: (int(v) if k in ("clahe_tile_grid", "clahe_bits", "input_size", "channels") else float(v))
-            for k, v in data.items()
-        }
-        return cls(**conv)
+
+        def conv(k: str, v: Any) -> Any:
+            if k == "intensity":
+                return str(v)
+            return int(v) if k in ("clahe_tile_grid", "clahe_bits", "input_size", "channels") else float(v)
+
+        return cls(**{k: conv(k, v) for k, v in data.items()})
 
 
 def check_image(img: np.ndarray, what: str = "image") -> np.ndarray:
@@ -126,10 +140,33 @@ def check_image(img: np.ndarray, what: str = "image") -> np.ndarray:
     return np.ascontiguousarray(np.clip(arr, 0.0, 1.0))
 
 
+def normalise_intensity(img01: np.ndarray) -> np.ndarray:
+    """Exact histogram equalisation: each pixel -> its rank among the image's pixels, in [0, 1].
+
+    Pixels are ordered by grey level (on ``RANK_LEVELS`` levels), ties broken by the mean of their 3 x 3
+    neighbourhood (exact histogram specification, Coltuc, Bolon and Chassery, IEEE TIP 2006); pixels equal in
+    both share their mid-rank, so flat areas stay flat. Each grey level keeps its plain mid-rank on average and
+    the order of the levels decides the rest, so a monotone re-mapping of the input (window, gamma, brightness)
+    can only reorder pixels inside one level (by their neighbourhoods). The tie-break matters for bit depth: an 8-bit image has only 256 levels, and plain rank equalisation of it
+    leaves gaps in the histogram that CLAHE then treats differently from the same picture stored with 12 bits.
+    """
+    img = check_image(img01)
+    top = RANK_LEVELS - 1
+    level = np.rint(img * top).astype(np.int64)
+    local = np.rint(cv2.blur(img, (3, 3), borderType=cv2.BORDER_REFLECT) * top).astype(np.int64)
+    key = (level << 16) | local
+    _, group, counts = np.unique(key.ravel(), return_inverse=True, return_counts=True)
+    mid = (np.cumsum(counts) - counts / 2.0) / key.size
+    return mid[group.reshape(-1)].astype(np.float32).reshape(img.shape)
+
+
 def apply_clahe(img01: np.ndarray, params: PreprocessParams | None = None) -> np.ndarray:
-    """CLAHE of a [0, 1] float image; returns float32 [0, 1] of the same shape."""
+    """Intensity normalisation (``params.intensity``), then CLAHE, of a [0, 1] float image; returns
+    float32 [0, 1] of the same shape."""
     p = params or PreprocessParams()
     img = check_image(img01)
+    if p.intensity == "rank":
+        img = normalise_intensity(img)
     if p.clahe_clip_limit == 0:
         return img.copy()
     top = 255 if p.clahe_bits == 8 else 65535

@@ -61,6 +61,15 @@ class Prediction:
     models: tuple[ModelInfo, ...]
     image_size: tuple[int, int]  # (rows, columns) of the source image
     timings_s: dict[str, float] = field(default_factory=dict)
+    # Why the models could not judge the image (inference.quality); then both probabilities are NaN, no findings.
+    not_analysable: str = ""
+
+    @classmethod
+    def unanalysable(
+        cls, reason: str, fusion_mode: str, models: tuple[ModelInfo, ...], image_size: tuple[int, int]
+    ) -> "Prediction":
+        nan = float("nan")
+        return cls(nan, nan, (), fusion_mode, models, image_size, {}, reason)
 
     def rescaled(self, image_size: tuple[int, int]) -> "Prediction":
         """The same prediction for the same picture at another size (rows, columns): boxes scaled by the ratio
@@ -85,6 +94,8 @@ class Prediction:
 
     @property
     def abnormal(self) -> bool:
+        if self.not_analysable:
+            return False
         return bool(self.findings) or 1.0 - self.p_no_finding >= ABNORMAL_OPERATING_POINT
 
     def to_json(self) -> dict:
@@ -99,5 +110,7 @@ class Prediction:
             }
             for f in self.findings
         ]
-        d["abnormal"] = self.abnormal
+        d["abnormal"] = None if self.not_analysable else self.abnormal
+        if self.not_analysable:  # JSON has no NaN
+            d["p_abnormal"] = d["p_no_finding"] = None
         return d

@@ -40,6 +40,8 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 TRAINING_COMMANDS = {
     "train": "train a model (classifier or detector) on VinBigData or the NIH sets",
     "evaluate": "evaluate classifier + detector (both fusion modes) on a held-out split",
+    "tune-detector": "choose on validation data which detector classes are reported and from what confidence",
+    "calibrate": "choose the classifier's operating point per view on a site's own labelled images",
 }
 
 
@@ -138,6 +140,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for r in results:
         if "error" in r:
             print(f"{r['file']}: ERROR {r['error']}")
+            continue
+        if r.get("not_analysable"):
+            print(f"{r['file']}: not analysable: {r['not_analysable']}")
             continue
         verdict = "abnormal" if r["abnormal"] else "no finding"
         print(f"{r['file']}: {verdict} (P(abnormal) {r['p_abnormal']:.2f}, P(no finding) {r['p_no_finding']:.2f})")

@@ -56,6 +56,7 @@ assert len(_FINDINGS) == len(FINDING_CLASSES) + 1
 # Study-level evaluation and report structure.
 NORMAL = Code("17621005", "SCT", "Normal")
 ABNORMAL = Code("263654008", "SCT", "Abnormal")
+INDETERMINATE = Code("82334004", "SCT", "Indeterminate")  # an image the models could not judge
 FINDING = Code("121071", "DCM", "Finding")
 NORMALITY = Code("121402", "DCM", "Normality")
 PROBABILITY = Code("122157", "DCM", "Probability")

@@ -75,6 +75,8 @@ def _centered_text(img: np.ndarray, text: str, y0: int, y1: int, color=(255, 255
 
 
 def summary_text(prediction: Prediction) -> str:
+    if prediction.not_analysable:
+        return f"Not analysable: {prediction.not_analysable}"
     n = len(prediction.findings)
     if prediction.abnormal:
         return f"Abnormal (p={1.0 - prediction.p_no_finding:.2f}), {n} finding{'s' if n != 1 else ''}"

@@ -7,7 +7,8 @@ Content tree (highdicom's template classes for the parts it has, the root assemb
     ├── Image Library (TID 1600): every analysed image
     ├── Imaging Measurements
     │   └── Measurement Group (TID 1410) per finding (a normal study: one "No abnormality" group per image,
-    │       its region the whole image, its site the chest)
+    │       its region the whole image, its site the chest; an image the models could not judge: an
+    │       "Indeterminate" whole-image group "AI: not analysable (<reason>)")
     │         Tracking identifier "Finding N: <label>" + UID; Finding (type, DCM 121071): its code
     │         Finding Site: lung / pleura / heart / thoracic aorta / chest, with Laterality when the box
     │                       lies on one side of the patient
@@ -17,8 +18,10 @@ Content tree (highdicom's template classes for the parts it has, the root assemb
     │         Measurement: DCM 122157 Probability = the fused score, unit UCUM "1"
     └── Qualitative Evaluations (UMLS C0034375): the study-level result
           CODE  Finding (DCM 121071) = SCT 263654008 Abnormal | DCM 111286 No abnormality
+                                       | SCT 82334004 Indeterminate (no image could be judged)
           TEXT  Comment (DCM 121106) = what the AI did, with its probability and operating point, e.g.
-                "AI: no abnormality detected, P(abnormal) = 0.12, operating point 0.50"
+                "AI: no abnormality detected, P(abnormal) = 0.12, operating point 0.50", and the images
+                it could not judge with the reason, e.g. "AI: no result, 1 of 1 image not analysable (...)"
 
 Why this shape: viewers draw TID 1410 groups (OHIF, dwv) but stop at a measurement group without image
 geometry, so the study-level result is not a measurement group but TID 1500's own "Qualitative Evaluations"
@@ -152,49 +155,66 @@ def _finding_group(
     )
 
 
-def _no_abnormality_group(
-    ds: Dataset, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification
+def _whole_image_group(
+    ds: Dataset, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification, pred: Prediction
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """A normal study's SR still needs one measurement group with an image region: OHIF 3 fails to open an SR
-    without any (black viewport) and dwv ignores it. So each image of a study without findings gets one:
-    "No abnormality" with the whole image as its region, the chest as its site."""
+    """A measurement group with the whole image as its region, the chest as its site: "No abnormality" for
+    each image of a study without findings, "Indeterminate" for an image the models could not judge.
+
+    A normal study's SR still needs one group with an image region: OHIF 3 fails to open an SR without any
+    (black viewport) and dwv ignores it."""
     rows, cols = float(ds.Rows), float(ds.Columns)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=np.array([[0, 0], [cols, 0], [cols, rows], [0, rows], [0, 0]], dtype=np.float64),
         source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
     )
+    if pred.not_analysable:
+        kind, label, finding = "not analysable", f"AI: not analysable ({pred.not_analysable})", C.INDETERMINATE
+    else:
+        kind, label, finding = "no abnormality", "AI: no abnormality detected", C.finding_code(NO_FINDING_ID)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(sop_uid, "no abnormality", ds.SOPInstanceUID), identifier="AI: no abnormality detected"
+            uid=derived_uid(sop_uid, kind, ds.SOPInstanceUID), identifier=label[:64]
         ),
         referenced_region=region,
-        finding_type=C.finding_code(NO_FINDING_ID),
+        finding_type=finding,
         finding_sites=[hd.sr.FindingSite(anatomic_location=C.CHEST)],
         algorithm_id=algorithm,
     )
 
 
-def study_statement(predictions: list[Prediction]) -> tuple[bool, str]:
-    """(abnormal, the sentence the SR states) for a study's predictions.
+def study_statement(predictions: list[Prediction]) -> tuple[Code, str]:
+    """(the study-level Finding code, the sentence the SR states) for a study's predictions.
 
     P(abnormal) is the fused probability of the most suspicious image, 1 - P(no finding); an image is abnormal
-    when something is boxed or that probability reaches the operating point (see :mod:`inference.fusion`)."""
-    abnormal = any(p.abnormal for p in predictions)
-    p_abnormal = max(1.0 - float(p.p_no_finding) for p in predictions)
+    when something is boxed or that probability reaches the operating point (see :mod:`inference.fusion`).
+    Images the models could not judge are named with their reason; when no image could be judged the
+    finding is "Indeterminate" and no probability is stated."""
+    judged = [p for p in predictions if not p.not_analysable]
+    refused = [p.not_analysable for p in predictions if p.not_analysable]
+    unjudged = ""
+    if refused:
+        reasons = "; ".join(sorted(set(refused)))
+        images = f"image{'s' if len(predictions) != 1 else ''}"
+        unjudged = f"{len(refused)} of {len(predictions)} {images} not analysable ({reasons})"
+    if not judged:
+        return C.INDETERMINATE, f"AI: no result, {unjudged}"
+    abnormal = any(p.abnormal for p in judged)
+    p_abnormal = max(1.0 - float(p.p_no_finding) for p in judged)
     if not np.isfinite(p_abnormal) or not 0.0 <= p_abnormal <= 1.0:
         raise EncodingError(f"P(abnormal) {p_abnormal!r} is outside [0, 1]")
-    n = sum(len(p.findings) for p in predictions)
+    n = sum(len(p.findings) for p in judged)
     where = f"; {n} finding{'s' if n != 1 else ''} marked" if n else ""
     what = "abnormality suspected" if abnormal else "no abnormality detected"
-    return (
-        abnormal,
-        f"AI: {what}, P(abnormal) = {p_abnormal:.2f}, operating point {ABNORMAL_OPERATING_POINT:.2f}{where}",
+    statement = f"AI: {what}, P(abnormal) = {p_abnormal:.2f}, operating point {ABNORMAL_OPERATING_POINT:.2f}{where}"
+    return (C.ABNORMAL if abnormal else C.finding_code(NO_FINDING_ID)), statement + (
+        f"; {unjudged}" if unjudged else ""
     )
 
 
 def _qualitative_evaluations(predictions: list[Prediction]) -> hd.sr.ContainerContentItem:
-    abnormal, statement = study_statement(predictions)
+    finding, statement = study_statement(predictions)
     container = hd.sr.ContainerContentItem(
         name=C.QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -204,7 +224,7 @@ def _qualitative_evaluations(predictions: list[Prediction]) -> hd.sr.ContainerCo
         [
             hd.sr.CodeContentItem(
                 name=C.FINDING,
-                value=C.ABNORMAL if abnormal else C.finding_code(NO_FINDING_ID),
+                value=finding,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             ),
             hd.sr.TextContentItem(
@@ -339,8 +359,11 @@ def _build(
     for ds, pred in sources:
         for f in sorted(pred.findings, key=lambda f: -f.score):
             groups.append(_finding_group(ds, f, len(groups) + 1, sop_uid, algorithm))
+    for ds, pred in sources:  # images the models could not judge say so, where they are
+        if pred.not_analysable:
+            groups.append(_whole_image_group(ds, sop_uid, algorithm, pred))
     if not groups:
-        groups = [_no_abnormality_group(ds, sop_uid, algorithm) for ds, _ in sources]
+        groups = [_whole_image_group(ds, sop_uid, algorithm, pred) for ds, pred in sources]
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.device_observer_uid,

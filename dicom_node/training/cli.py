@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import numpy as np
+
 from dicom_node.cli import TRAINING_COMMANDS
 from dicom_node.logs import setup_logging
 from dicom_node.training.vinbigdata_export import prepare_args
+from dicom_node.work.offline import read_image
 from inference.training import commands
 
 
@@ -20,9 +23,14 @@ def _run(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
     def go(args: argparse.Namespace) -> int:
         setup_logging("INFO")
         prepare_args(args)
+        args.load_image = _load_image  # DICOM as well as PNG/JPEG, for evaluate and calibrate
         return run(args)
 
     return go
+
+
+def _load_image(path) -> np.ndarray:
+    return read_image(path)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", description=TRAINING_COMMANDS["evaluate"])
     commands.add_evaluate_arguments(ev)
     ev.set_defaults(func=_run(commands.run_evaluate))
+    tune = sub.add_parser("tune-detector", description=TRAINING_COMMANDS["tune-detector"])
+    commands.add_tune_detector_arguments(tune)
+    tune.set_defaults(func=_run(commands.run_tune_detector))
+    cal = sub.add_parser("calibrate", description=TRAINING_COMMANDS["calibrate"])
+    commands.add_calibrate_arguments(cal)
+    cal.set_defaults(func=_run(commands.run_calibrate))
     return p
 
 

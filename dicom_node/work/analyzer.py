@@ -17,6 +17,7 @@ from dicom_node import __version__
 from dicom_node.config import Config
 from dicom_node.errors import PixelDataError
 from dicom_node.imaging.pixels import decode_image, read_dataset
+from dicom_node.ingest.selection import header_fields
 from dicom_node.outputs.gsps import build_gsps
 from dicom_node.outputs.identity import NodeIdentity, derived_uid
 from dicom_node.outputs.sc import build_sc
@@ -67,7 +68,7 @@ class Analyzer:
             except PixelDataError as exc:
                 raise PixelDataError(f"image {n} of {len(job.instances)}: {exc}") from exc
             t0 = time.perf_counter()
-            shown = self.pipeline.run(image01)
+            shown = self.pipeline.run(image01, view=header_fields(ds)["view_position"] or None)
             pipeline_s += time.perf_counter() - t0
             del ds.PixelData  # the encoders need the header only
             analysed.append(_Analysed(sop_uid, ds, image01, window, shown.rescaled((ds.Rows, ds.Columns)), shown))

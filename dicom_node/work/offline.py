@@ -12,6 +12,8 @@ JSON written per image (``schema`` = ``dicom-node/analyze/1``)::
       "p_abnormal": 0.83,            # classifier P(abnormal)
       "p_no_finding": 0.17,          # after fusion (see inference.fusion)
       "abnormal": true,              # any finding, or p_no_finding < 0.5
+      "not_analysable": null,        # or the reason the models could not judge the image (then
+                                     # p_abnormal, p_no_finding and abnormal are null)
       "fusion_mode": "soft",
       "image_size": [rows, columns],
       "findings": [                  # sorted by score, highest first
@@ -47,6 +49,7 @@ import numpy as np
 from dicom_node.errors import DicomNodeError
 from dicom_node.outputs.sc import BANNER_TEXT, render_overlay
 from inference.pipeline import Pipeline
+from inference.quality import colour_problem
 from inference.types import Prediction
 
 __all__ = ["analyze_files", "expand_inputs", "read_image", "prediction_dict", "DISCLAIMER", "IMAGE_SUFFIXES", "SCHEMA"]
@@ -74,21 +77,29 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def read_image(path: str | os.PathLike, at_least: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """A file -> (float32 image in [0, 1], (rows, columns) of the source): PNG/JPEG via OpenCV, anything else as
-    DICOM. ``at_least``: see :func:`dicom_node.imaging.pixels.decode_image` (the image may come back smaller than the
-    source; boxes are then scaled to the source size)."""
+def read_image(path: str | os.PathLike, at_least: int | None = None) -> tuple[np.ndarray, tuple[int, int], str | None]:
+    """A file -> (float32 image in [0, 1], (rows, columns) of the source, its ViewPosition when a DICOM header
+    says): PNG/JPEG via OpenCV, anything else as DICOM. ``at_least``: see
+    :func:`dicom_node.imaging.pixels.decode_image` (the image may come back smaller than the source; boxes are
+    then scaled to the source size). A colour PNG/JPEG photograph is refused (ValueError)."""
     path = Path(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if img is None:
             raise ValueError(f"{path.name}: cannot read the image (missing or not a PNG/JPEG)")
+        if img.ndim == 3:
+            problem = colour_problem(img)
+            if problem:
+                raise ValueError(f"{path.name}: not analysable: {problem}")
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
         top = np.iinfo(img.dtype).max if np.issubdtype(img.dtype, np.integer) else 1.0
-        return (img.astype(np.float32) / np.float32(top)).clip(0, 1), img.shape[:2]
+        return (img.astype(np.float32) / np.float32(top)).clip(0, 1), img.shape[:2], None
     from dicom_node.imaging.pixels import decode_image, read_dataset
+    from dicom_node.ingest.selection import header_fields
 
     ds = read_dataset(path)
-    return decode_image(ds, at_least=at_least)[0], (int(ds.Rows), int(ds.Columns))
+    view = header_fields(ds)["view_position"] or None
+    return decode_image(ds, at_least=at_least)[0], (int(ds.Rows), int(ds.Columns)), view
 
 
 def _finding_code(class_id: int) -> dict:
@@ -103,9 +114,10 @@ def prediction_dict(pred: Prediction, source: str | os.PathLike | None = None) -
     return {
         "schema": SCHEMA,
         "file": str(source) if source is not None else None,
-        "p_abnormal": round(pred.p_abnormal, 4),
-        "p_no_finding": round(pred.p_no_finding, 4),
-        "abnormal": pred.abnormal,
+        "p_abnormal": None if pred.not_analysable else round(pred.p_abnormal, 4),
+        "p_no_finding": None if pred.not_analysable else round(pred.p_no_finding, 4),
+        "abnormal": None if pred.not_analysable else pred.abnormal,
+        "not_analysable": pred.not_analysable or None,
         "fusion_mode": pred.fusion_mode,
         "image_size": list(pred.image_size),
         "findings": [
@@ -160,9 +172,9 @@ def analyze_files(
         json_path = out_dir / f"{stem}.json"
         try:
             t0 = time.perf_counter()
-            img, source_size = read_image(f, at_least=pipeline.working_size)
+            img, source_size, view = read_image(f, at_least=pipeline.working_size)
             decode_s = time.perf_counter() - t0
-            shown = pipeline.run(img)  # on img's pixels
+            shown = pipeline.run(img, view=view)  # on img's pixels
             shown.timings_s["decode"] = decode_s
             pred = shown.rescaled(source_size)  # on the source's pixels, as the SR has them
             data = prediction_dict(pred, f.resolve())
@@ -172,7 +184,13 @@ def analyze_files(
                 if not cv2.imwrite(str(png_path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
                     raise OSError(f"cannot write {png_path}")
                 data["overlay"] = str(png_path)
-            log.info("analysed %s: p_abnormal=%.3f findings=%d", f.name, pred.p_abnormal, len(pred.findings))
+            log.info(
+                "analysed %s: %s",
+                f.name,
+                f"not analysable: {pred.not_analysable}"
+                if pred.not_analysable
+                else f"p_abnormal={pred.p_abnormal:.3f} findings={len(pred.findings)}",
+            )
         except (DicomNodeError, ValueError, OSError) as exc:  # ModelError etc. are DicomNodeErrors too
             log.warning("cannot analyse %s: %s", f.name, exc)
             data = {"schema": SCHEMA, "file": str(f.resolve()), "error": str(exc)}

@@ -32,10 +32,16 @@ DEFAULT_DATA = "../shared/datasets"
 
 def add_data_arguments(p, *, export_raw_default: bool = False) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--layout", choices=("nih", "vinbigdata"), default="nih")
-    g.add_argument("--data", default=DEFAULT_DATA, help="nih: folder holding nih-bbox/ and nih-normal/")
-    g.add_argument("--csv", help="vinbigdata: train.csv")
-    g.add_argument("--images", help="vinbigdata: folder of <image_id>.png|.jpg (or .dicom/.dcm to export)")
+    g.add_argument("--layout", choices=("nih", "nih-matched", "vinbigdata", "folder"), default="nih")
+    g.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="nih: folder holding nih-bbox/ and nih-normal/; nih-matched: folder holding nih-matched/",
+    )
+    g.add_argument("--csv", help="vinbigdata: train.csv; folder: labels.csv with image,label[,view,batch]")
+    g.add_argument(
+        "--images", help="vinbigdata: folder of <image_id>.png|.jpg (or .dicom/.dcm to export); folder: the images"
+    )
     g.add_argument("--annotations", default="R9", help="vinbigdata: a reader id (R9) or 'wbf' (all readers fused)")
     g.add_argument("--min-votes", type=int, default=1, help="vinbigdata wbf: readers that must agree on a box")
     g.add_argument("--seed", type=int, default=0, help="split and training seed")
@@ -56,8 +62,16 @@ def load_samples(args) -> tuple[list[Sample], str]:
         from inference.training.data.nih import DESCRIPTION, read_nih
 
         return read_nih(args.data), DESCRIPTION
+    if args.layout == "nih-matched":
+        from inference.training.data.nih import MATCHED_DESCRIPTION, read_nih_matched
+
+        return read_nih_matched(args.data), MATCHED_DESCRIPTION
     if not args.csv or not args.images:
-        raise DatasetError("--layout vinbigdata needs --csv and --images")
+        raise DatasetError(f"--layout {args.layout} needs --csv and --images")
+    if args.layout == "folder":
+        from inference.training.data.folder import read_folder
+
+        return read_folder(args.csv, args.images), f"local labelled set {args.csv}"
     from inference.training.data.vinbigdata import describe_source, read_vinbigdata
 
     return (
@@ -72,8 +86,13 @@ def make_splits(args) -> tuple[dict[str, list[Sample]], str]:
         fractions = tuple(float(x) for x in str(args.split).split(","))
     except ValueError as exc:
         raise DatasetError(f"--split must be three comma-separated fractions, got {args.split!r}") from exc
-    parts = split_by_patient(samples, fractions, seed=args.seed)
-    desc = f"{source}; patient-level split seed {args.seed} fractions {args.split}: " + "; ".join(
+    if samples and all(s.split for s in samples):  # the data set's own patient-level split
+        parts = {k: [s for s in samples if s.split == k] for k in ("train", "val", "test")}
+        how = "the data set's own patient-level split"
+    else:
+        parts = split_by_patient(samples, fractions, seed=args.seed)
+        how = f"patient-level split seed {args.seed} fractions {args.split}"
+    desc = f"{source}; {how}: " + "; ".join(
         f"{k} {describe(v)['images']} images / {describe(v)['patients']} patients" for k, v in parts.items()
     )
     return parts, desc
@@ -113,8 +132,39 @@ def add_train_classifier_arguments(p) -> None:
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     p.add_argument("--pos-weight", type=float, help="BCE weight of the abnormal class")
     p.add_argument("--rotation", type=float, default=10.0, help="rotation augmentation, +- degrees")
-    p.add_argument("--threshold-method", choices=("youden", "sensitivity"), default="youden")
+    p.add_argument(
+        "--threshold-method",
+        choices=("youden", "sensitivity", "sensitivity_per_view"),
+        default="youden",
+        help="operating point on validation: Youden's J, a target sensitivity overall, or reached in every view",
+    )
     p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.add_argument(
+        "--augment",
+        choices=("site", "geometry", "none"),
+        default="site",
+        help="site: site/archive differences + geometry (inference.training.augment); geometry: rotation, scale, "
+        "shift only",
+    )
+    p.add_argument(
+        "--intensity",
+        choices=("rank", "none"),
+        default="rank",
+        help="input intensity normalisation before CLAHE (rank = histogram equalisation)",
+    )
+    p.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier head")
+    p.add_argument(
+        "--no-balance-views",
+        dest="balance_views",
+        action="store_false",
+        help="sample images uniformly (default: every view x label cell equally)",
+    )
+    p.add_argument(
+        "--select",
+        choices=("worst_view", "auc"),
+        default="worst_view",
+        help="best epoch by the worst view's validation AUC (default) or the overall AUC",
+    )
 
 
 def run_train_classifier(args) -> int:
@@ -135,6 +185,11 @@ def run_train_classifier(args) -> int:
         schedule=args.schedule,
         pos_weight=args.pos_weight,
         rotation_deg=args.rotation,
+        augment=args.augment,
+        intensity=args.intensity,
+        drop_rate=args.drop_rate,
+        balance_views=args.balance_views,
+        select=args.select,
         device=args.device,
         amp=args.amp,
         seed=args.seed,
@@ -224,9 +279,18 @@ def run_train_detector(args) -> int:
 # ----------------------------------------------------------------------------- evaluate
 
 
+def image_loader(args):
+    """How to read an image file: the DICOM side's reader when the CLI set one (``args.load_image``), else
+    PNG/JPEG only (:func:`inference.training.data.images.load_image01`)."""
+    from inference.training.data.images import load_image01
+
+    return getattr(args, "load_image", None) or load_image01
+
+
 def add_evaluate_arguments(p) -> None:
     add_data_arguments(p, export_raw_default=True)
     p.add_argument("--classifier", required=True, help="classifier model file")
+    p.add_argument("--calibration", help="site calibration file (dicom-node calibrate) to evaluate with")
     p.add_argument("--detector", required=True, help="detector model file")
     p.add_argument("--modes", default="gate,soft", help="fusion modes to evaluate")
     p.add_argument("--subset", choices=("test", "val", "train"), default="test", help="which split")
@@ -256,6 +320,10 @@ def run_evaluate(args) -> int:
     # The classifier reports P(abnormal) calibrated to its stored operating point (that point maps to 0.5).
     thr = 0.5 if args.abnormal_threshold is None else args.abnormal_threshold
     clf = Classifier.load(args.classifier, args.device)
+    if args.calibration:
+        from inference.calibration import Calibration
+
+        clf.calibration = Calibration.load(args.calibration)
     det = Detector.load(args.detector, args.device)
     predictors = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
@@ -273,7 +341,95 @@ def run_evaluate(args) -> int:
         Path(args.out or "runs/evaluate"),
         classifier_threshold=thr,
         description=f"{args.subset} split of {desc}",
+        load=image_loader(args),
     )
     for line in summary_lines(report):
         print(line)
+    return 0
+
+
+# ----------------------------------------------------------------------------- tune-detector
+
+
+def add_tune_detector_arguments(p) -> None:
+    add_data_arguments(p, export_raw_default=True)
+    p.add_argument("--detector", required=True, help="detector model file to tune")
+    p.add_argument("--out", required=True, help="model file to write (may be the same as --detector)")
+    p.add_argument("--subset", choices=("val", "train"), default="val", help="split to tune on (never test)")
+    p.add_argument("--min-ap", type=float, default=0.1, help="validation AP@0.4 a class needs to be reported")
+    p.add_argument("--device", default="cpu")
+
+
+def run_tune_detector(args) -> int:
+    from inference.detector import Detector
+    from inference.training.tune_detector import tune, write_tuned
+
+    parts, desc = make_splits(args)
+    det = Detector.load(args.detector, args.device)
+    result = tune(det, parts[args.subset], min_ap=args.min_ap)
+    for name, v in result["per_class"].items():
+        if v["val_boxes"] or v["trained"]:
+            print(
+                f"{name:20s} AP@0.4 {v['val_ap@0.4']:.3f} ({v['val_boxes']} boxes)  floor {v['floor']:.3f}  "
+                f"{'reported' if v['reportable'] else 'NOT reported'}"
+            )
+    path = write_tuned(args.detector, args.out, result, f"{args.subset} split of {desc}")
+    print(f"{path}: reports {', '.join(result['reportable_classes']) or 'no class'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- calibrate
+
+
+def add_calibrate_arguments(p) -> None:
+    add_data_arguments(p, export_raw_default=True)
+    p.add_argument("--classifier", required=True, help="classifier model file (left unchanged)")
+    p.add_argument("--detector", required=True, help="the detector the node runs with it (sets the working image size)")
+    p.add_argument("--out", required=True, help="calibration file to write (JSON); name it in config.yaml")
+    p.add_argument("--target-sensitivity", type=float, default=0.9, help="sensitivity to reach in every view")
+    p.add_argument(
+        "--subset", choices=("test", "val", "train"), default="test", help="split (a --layout folder set is all test)"
+    )
+    p.add_argument("--device", default="cpu")
+
+
+def run_calibrate(args) -> int:
+    from inference.fusion import FusionParams
+    from inference.pipeline import Pipeline
+    from inference.training.calibrate import choose_calibration, raw_probability
+
+    parts, desc = make_splits(args)
+    samples = parts[args.subset]
+    # the node's own path (input check, working size, CLAHE); gate mode at 1.0: the detector never runs
+    pipe = Pipeline.from_files(
+        args.classifier, args.detector, FusionParams(mode="gate", abnormal_threshold=1.0), args.device
+    )
+    load = image_loader(args)
+    labels, probs, views, refused = [], [], [], 0
+    for s in samples:
+        pred = pipe.run(load(s.path))
+        if pred.not_analysable:
+            refused += 1
+            continue
+        labels.append(s.label)
+        probs.append(raw_probability(pipe.classifier, pred.p_abnormal))
+        views.append(s.view)
+    clf = pipe.classifier
+    cal = choose_calibration(
+        labels, probs, views, args.target_sensitivity, clf.info.sha256, f"{args.subset} split of {desc}"
+    )
+    cal.save(args.out)
+    print(f"{len(labels)} images used" + (f", {refused} not analysable and left out" if refused else ""))
+    for name, m in cal.metrics.items():
+        thr = (
+            f"threshold {m['threshold']:.4f}{'' if m.get('own_threshold', True) else ' (overall)'}  "
+            if "threshold" in m and name != "overall"
+            else ""
+        )
+        print(
+            f"{name:8s} {thr}n {m['n']}: sensitivity {m['sensitivity']:.3f} "
+            f"[{m['sensitivity_ci95'][0]:.3f}-{m['sensitivity_ci95'][1]:.3f}], specificity {m['specificity']:.3f} "
+            f"[{m['specificity_ci95'][0]:.3f}-{m['specificity_ci95'][1]:.3f}]"
+        )
+    print(f"calibration written to {args.out}; set inference.models.calibration to it in config.yaml")
     return 0

@@ -32,7 +32,7 @@ from inference.training.metrics import ALL_CLASSES, add_no_finding, binary_metri
 from inference.types import FINDING_CLASSES, Prediction
 
 log = logging.getLogger(__name__)
-Predictor = Callable[[np.ndarray], Prediction]
+Predictor = Callable[[np.ndarray, str | None], Prediction]  # (image, view) -> prediction
 
 
 def _clean(obj):
@@ -50,10 +50,18 @@ def _clean(obj):
 
 
 def _per_view(samples: list[Sample], scores: np.ndarray, thr: float) -> dict:
+    return _per_group(samples, scores, thr, lambda s: s.view or "unknown")
+
+
+def _per_batch(samples: list[Sample], scores: np.ndarray, thr: float) -> dict:
+    return _per_group(samples, scores, thr, lambda s: s.batch or "unknown")
+
+
+def _per_group(samples: list[Sample], scores: np.ndarray, thr: float, key: Callable[[Sample], str]) -> dict:
     out = {}
-    for view in sorted({s.view or "unknown" for s in samples}):
-        idx = [i for i, s in enumerate(samples) if (s.view or "unknown") == view]
-        out[view] = binary_metrics([samples[i].label for i in idx], scores[idx], thr)
+    for group in sorted({key(s) for s in samples}):
+        idx = [i for i, s in enumerate(samples) if key(s) == group]
+        out[group] = binary_metrics([samples[i].label for i in idx], scores[idx], thr)
     return out
 
 
@@ -142,8 +150,12 @@ def evaluate(
     out_dir: str | Path,
     classifier_threshold: float = 0.5,
     description: str = "",
+    load: Callable[[Path], np.ndarray] = load_image01,
 ) -> dict:
-    """Run, score, write ``report.json`` + plots; return the report dict (see module docstring)."""
+    """Run, score, write ``report.json`` + plots; return the report dict (see module docstring).
+
+    ``load`` reads an image file as float32 [0, 1] (the DICOM side passes one that reads DICOM too). Images the
+    pipeline finds not analysable are counted (``not_analysable``) and left out of every metric."""
     from tqdm.auto import tqdm
 
     if not predictors:
@@ -157,18 +169,26 @@ def evaluate(
         )
     preds: dict[str, list[Prediction]] = {m: [] for m in predictors}
     for s in tqdm(samples, desc="evaluate", unit="img"):
-        img = load_image01(s.path)
+        img = load(s.path)
         for mode, fn in predictors.items():
-            preds[mode].append(fn(img))
+            preds[mode].append(fn(img, s.view))
+    refused = {s.image_id: p.not_analysable for s, p in zip(samples, next(iter(preds.values()))) if p.not_analysable}
+    if refused:
+        log.warning("%d of %d images not analysable; left out of the metrics", len(refused), len(samples))
+        keep = [i for i, s in enumerate(samples) if s.image_id not in refused]
+        samples = [samples[i] for i in keep]
+        preds = {m: [pl[i] for i in keep] for m, pl in preds.items()}
     first = next(iter(preds.values()))
     y = np.asarray([s.label for s in samples])
     p_abn = np.asarray([p.p_abnormal for p in first])
     report: dict = {
         "description": description,
         "data": describe(samples),
+        "not_analysable": refused,
         "classifier": {
             **binary_metrics(y, p_abn, classifier_threshold),
             "per_view": _per_view(samples, p_abn, classifier_threshold),
+            "per_batch": _per_batch(samples, p_abn, classifier_threshold),
         },
         "modes": {},
         "models": [m.__dict__ for m in (first[0].models if first else ())],
@@ -192,12 +212,30 @@ def evaluate(
     return report
 
 
+def _ci(v) -> str:
+    return f"[{v[0]:.3f}-{v[1]:.3f}]" if v and None not in v else "[n/a]"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def classifier_line(name: str, m: dict) -> str:
+    return (
+        f"{name}: n {m['n']} ({m['positives']} abnormal), AUC {_num(m['roc_auc'])} {_ci(m['roc_auc_ci95'])}, "
+        f"sensitivity {_num(m['sensitivity'])} {_ci(m['sensitivity_ci95'])}, "
+        f"specificity {_num(m['specificity'])} {_ci(m['specificity_ci95'])}"
+    )
+
+
 def summary_lines(report: dict) -> list[str]:
     c = report["classifier"]
-    lines = [
-        f"classifier: AUC {c['roc_auc']}, acc {c['accuracy']}, sens {c['sensitivity']}, "
-        f"spec {c['specificity']}, FN {c['false_negatives']} (threshold {c['threshold']})"
-    ]
+    lines = [classifier_line(f"classifier (operating point {c['threshold']})", c)]
+    for group in ("per_view", "per_batch"):
+        for name, m in c.get(group, {}).items():
+            lines.append("  " + classifier_line(f"{group[4:]} {name}", m))
+    if report.get("not_analysable"):
+        lines.append(f"not analysable (left out): {len(report['not_analysable'])} images")
     for mode, r in report["modes"].items():
         lines.append(
             f"{mode}: mAP@0.4 {r['map40']} (findings only {r['map40_findings']}), mAP50 {r['map50']}, "

@@ -1,16 +1,20 @@
 """Training the normal/abnormal classifier (timm, 1 channel, 1 logit, BCE).
 
-Inputs go through the inference code path: CLAHE (``inference.preprocess.apply_clahe``, skipped
-for files exported CLAHE'd) -> ``letterbox`` -> [train only: rotation, brightness, contrast] ->
-``normalise``; validation inputs are exactly ``to_model_input``. The CLAHE'd, letterboxed images are
-computed once and kept in memory (uint8).
+Inputs go through the inference code path: intensity normalisation and CLAHE
+(``inference.preprocess.apply_clahe``, skipped for files exported CLAHE'd) -> ``letterbox`` ->
+``normalise``; training images are augmented before (site differences) and after (geometry) that path
+(:mod:`inference.training.augment`); validation inputs are exactly ``to_model_input``.
+
+Every (view, label) cell gets the same share of each epoch (``balance_views``), and the best epoch is
+the one whose *worst view* has the highest validation ROC AUC (``select="worst_view"``), so a model
+that is good on PA films and poor on AP ones is not chosen.
 
 Each epoch writes ``OUT/last.pt`` (model, optimizer, AMP scaler, best weights so far, history);
-``resume=True`` continues from it. The best epoch is the one with the highest validation ROC AUC.
-At the end the abnormal-decision threshold is chosen on the validation set (Youden's J, or a target
-sensitivity) and the model file is written with :func:`inference.modelfile.save_model_file`; its
-metadata carries the architecture, preprocessing, threshold (``extra["abnormal_threshold"]``),
-validation metrics and a description of the training data.
+``resume=True`` continues from it. At the end the abnormal-decision threshold is chosen on the
+validation set (Youden's J, a target sensitivity, or a target sensitivity reached in every view)
+and the model file is written with :func:`inference.modelfile.save_model_file`; its metadata
+carries the architecture, preprocessing, threshold (``extra["abnormal_threshold"]``), validation metrics
+and a description of the training data.
 """
 
 from __future__ import annotations
@@ -19,21 +23,21 @@ import logging
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from inference.classifier import build_classifier
 from inference.errors import DatasetError
 from inference.modelfile import ModelMetadata, save_model_file
-from inference.preprocess import PreprocessParams, letterbox, normalise
-from inference.training.data.images import load_clahe01
+from inference.preprocess import PreprocessParams, apply_clahe, letterbox, normalise
+from inference.training.augment import AugmentConfig, geometry_augment, site_augment
+from inference.training.data.images import load_clahe01, load_image01
 from inference.training.data.sample import Sample, describe
 from inference.training.metrics import binary_metrics, choose_threshold
 
@@ -61,17 +65,26 @@ class ClassifierTrainConfig:
     schedule: str = "cosine"  # "cosine" or "constant"
     pos_weight: float | None = None  # BCE pos_weight; None = 1
     rotation_deg: float = 10.0
-    brightness: float = 0.1  # +- shift of [0, 1] intensities
-    contrast: float = 0.2  # contrast factor in [1 - c, 1 + c]
+    augment: str = "site"  # "site": every augmentation of inference.training.augment; "geometry": rotation etc.
+    intensity: str = "rank"  # input intensity normalisation (PreprocessParams.intensity)
+    drop_rate: float = 0.0  # dropout before the head
+    balance_views: bool = True  # sample every (view, label) cell equally
+    select: str = "worst_view"  # best epoch by "worst_view" validation AUC or overall "auc"
     device: str = "cpu"
     amp: bool = True  # used on cuda only
     seed: int = 0
     workers: int = 0
-    threshold_method: str = "youden"  # or "sensitivity"
+    threshold_method: str = "youden"  # or "sensitivity", "sensitivity_per_view"
     target_sensitivity: float = 0.9
     version: str = "0.1.0"
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
+
+    def augment_config(self) -> AugmentConfig:
+        if self.augment == "none":
+            return AugmentConfig.none()
+        base = AugmentConfig() if self.augment == "site" else AugmentConfig.none()
+        return replace(base, rotation_deg=self.rotation_deg, scale=(0.9, 1.1), translate=0.06)
 
 
 def seed_everything(seed: int) -> None:
@@ -83,7 +96,14 @@ def seed_everything(seed: int) -> None:
 
 
 class CXRDataset(Dataset):
-    """Cached letterboxed CLAHE'd uint8 images; augmentation seeded per (seed, epoch, index)."""
+    """Training/validation images for the classifier.
+
+    Without augmentation the model inputs (intensity-normalised, CLAHE'd, letterboxed) are computed once and
+    cached as uint8. With augmentation the raw images are cached and every item runs the whole input path
+    again: :func:`site_augment` on the raw image -> :func:`apply_clahe` (intensity normalisation + CLAHE, as at
+    inference) -> letterbox -> :func:`geometry_augment` -> normalise. Augmentation is seeded per
+    (seed, epoch, index), so a resumed run sees the same images.
+    """
 
     def __init__(
         self,
@@ -96,11 +116,16 @@ class CXRDataset(Dataset):
         from tqdm.auto import tqdm
 
         self.params, self.cfg, self.augment, self.epoch = params, cfg, augment, 0
+        self.aug = cfg.augment_config()
         self.labels = np.asarray([s.label for s in samples], dtype=np.float32)
-        self.images = np.empty((len(samples), params.input_size, params.input_size), dtype=np.uint8)
-        for i, s in enumerate(tqdm(samples, desc=desc, unit="img", leave=False)):
-            boxed, _ = letterbox(load_clahe01(s, params), params.input_size, params.pad_value)
-            self.images[i] = np.rint(boxed * 255).astype(np.uint8)
+        self.samples = samples
+        self.images: list[np.ndarray] = []
+        for s in tqdm(samples, desc=desc, unit="img", leave=False):
+            if augment and not s.clahe_applied:
+                img = load_image01(s.path)
+            else:
+                img, _ = letterbox(load_clahe01(s, params), params.input_size, params.pad_value)
+            self.images.append(np.rint(img * 255).astype(np.uint8))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -109,25 +134,48 @@ class CXRDataset(Dataset):
         img = self.images[i].astype(np.float32) / 255.0
         if self.augment:
             rng = np.random.default_rng((self.cfg.seed, self.epoch, i))
-            img = augment_image(img, rng, self.cfg, self.params.pad_value)
+            if not self.samples[i].clahe_applied:
+                img = apply_clahe(site_augment(img, rng, self.aug), self.params)
+                img, _ = letterbox(img, self.params.input_size, self.params.pad_value)
+            img = geometry_augment(img, rng, self.aug, self.params.pad_value)
         x = normalise(img, self.params.mean, self.params.std)[None]
         return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(self.labels[i])
 
 
-def augment_image(
-    img: np.ndarray, rng: np.random.Generator, cfg: ClassifierTrainConfig, pad_value: float
-) -> np.ndarray:
-    """Random rotation (+-rotation_deg), then brightness/contrast jitter; [0, 1] in and out."""
-    s = img.shape[0]
-    if cfg.rotation_deg > 0:
-        angle = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
-        m = cv2.getRotationMatrix2D((s / 2, s / 2), angle, 1.0)
-        img = cv2.warpAffine(
-            img, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float(pad_value)
-        )
-    c = float(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast))
-    b = float(rng.uniform(-cfg.brightness, cfg.brightness))
-    return np.clip((img - 0.5) * c + 0.5 + b, 0.0, 1.0)
+def balanced_weights(samples: list[Sample]) -> np.ndarray:
+    """Sampling weights that give every (view, label) cell the same share of an epoch."""
+    cells = [(s.view or "unknown", s.label) for s in samples]
+    counts: dict[tuple, int] = {}
+    for c in cells:
+        counts[c] = counts.get(c, 0) + 1
+    return np.asarray([1.0 / counts[c] for c in cells], dtype=np.float64)
+
+
+def worst_view_auc(samples: list[Sample], probs: np.ndarray) -> float:
+    """The lowest ROC AUC over the views that hold both classes (the overall AUC when none does)."""
+    aucs = []
+    for view in sorted({s.view or "unknown" for s in samples}):
+        idx = [i for i, s in enumerate(samples) if (s.view or "unknown") == view]
+        labels = {samples[i].label for i in idx}
+        if len(labels) == 2:
+            aucs.append(binary_metrics([samples[i].label for i in idx], probs[idx], 0.5)["roc_auc"])
+    if not aucs:
+        return float(binary_metrics([s.label for s in samples], probs, 0.5)["roc_auc"])
+    return float(min(aucs))
+
+
+def per_view_threshold(samples: list[Sample], probs: np.ndarray, target_sensitivity: float) -> float:
+    """The highest threshold that reaches ``target_sensitivity`` in every view (the lowest per-view one)."""
+    thresholds = []
+    for view in sorted({s.view or "unknown" for s in samples}):
+        idx = [i for i, s in enumerate(samples) if (s.view or "unknown") == view]
+        if len({samples[i].label for i in idx}) == 2:
+            thresholds.append(
+                choose_threshold([samples[i].label for i in idx], probs[idx], "sensitivity", target_sensitivity)
+            )
+    if not thresholds:
+        return choose_threshold([s.label for s in samples], probs, "sensitivity", target_sensitivity)
+    return float(min(thresholds))
 
 
 def _init_head(model: nn.Module, prior: float) -> None:
@@ -202,13 +250,16 @@ def train_classifier(
     use_amp = cfg.amp and device.type == "cuda"
     seed_everything(cfg.seed)
     params = PreprocessParams.for_classifier(
-        cfg.input_size, clahe_clip_limit=cfg.clahe_clip_limit, clahe_tile_grid=cfg.clahe_tile_grid
+        cfg.input_size,
+        clahe_clip_limit=cfg.clahe_clip_limit,
+        clahe_tile_grid=cfg.clahe_tile_grid,
+        intensity=cfg.intensity,
     )
 
-    model = build_classifier(cfg.arch)
+    model = build_classifier(cfg.arch, drop_rate=cfg.drop_rate)
     _init_head(model, float(np.mean([s.label for s in train])))
     model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = (
         torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
         if device.type == "cuda"
@@ -248,10 +299,16 @@ def train_classifier(
             g["lr"] = lr
         train_ds.epoch = epoch
         gen.manual_seed(cfg.seed * 100003 + epoch)
+        sampler = (
+            WeightedRandomSampler(balanced_weights(train).tolist(), len(train), replacement=True, generator=gen)
+            if cfg.balance_views
+            else None
+        )
         loader = DataLoader(
             train_ds,
             batch_size=cfg.batch,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             generator=gen,
             drop_last=False,
             num_workers=cfg.workers,
@@ -282,10 +339,12 @@ def train_classifier(
             "lr": lr,
             "train_loss": total / max(n, 1),
             "val_auc": m["roc_auc"],
+            "val_worst_view_auc": worst_view_auc(val, probs),
             "val_accuracy@0.5": m["accuracy"],
         }
         state["history"].append(row)
-        auc = m["roc_auc"] if m["roc_auc"] == m["roc_auc"] else 0.0
+        score = row["val_worst_view_auc"] if cfg.select == "worst_view" else row["val_auc"]
+        auc = score if score == score else 0.0
         if auc > state["best_auc"]:
             state.update(
                 {
@@ -296,17 +355,19 @@ def train_classifier(
             )
         state["epoch"] = epoch
         log.info(
-            "epoch %d/%d loss %.4f val AUC %.4f (best %.4f @ %d)",
+            "epoch %d/%d loss %.4f val AUC %.4f, worst view %.4f (best %.4f @ %d)",
             epoch + 1,
             cfg.epochs,
             row["train_loss"],
             row["val_auc"],
+            row["val_worst_view_auc"],
             state["best_auc"],
             state["best_epoch"] + 1,
         )
         print(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}"
-            f"  (best {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1})",
+            f"  worst view {row['val_worst_view_auc']:.4f}"
+            f"  (best {cfg.select} {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1})",
             flush=True,
         )
         _save_atomic(
@@ -324,7 +385,10 @@ def train_classifier(
         raise DatasetError(f"no epoch was trained (epochs={cfg.epochs}; {ckpt_path} already finished?)")
     model.load_state_dict(state["best_state"])
     probs = predict_dataset(model, val_ds, device, cfg.batch, use_amp, cfg.workers)
-    thr = choose_threshold(val_ds.labels, probs, cfg.threshold_method, cfg.target_sensitivity)
+    if cfg.threshold_method == "sensitivity_per_view":
+        thr = per_view_threshold(val, probs, cfg.target_sensitivity)
+    else:
+        thr = choose_threshold(val_ds.labels, probs, cfg.threshold_method, cfg.target_sensitivity)
     val_m = binary_metrics(val_ds.labels, probs, thr)
     metrics = {f"val_{k}": v for k, v in val_m.items() if isinstance(v, (int, float)) and v == v}
     metrics["abnormal_threshold"] = thr

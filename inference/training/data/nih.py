@@ -20,7 +20,7 @@ from pathlib import Path
 
 from inference.errors import DatasetError
 from inference.training.data.sample import Sample
-from inference.training.data.split import split_by_patient
+from inference.training.data.split import SPLITS, split_by_patient
 from inference.types import FINDING_CLASSES
 
 NIH_TO_VINDR: dict[str, int] = {
@@ -105,6 +105,54 @@ def read_nih_normal(root: Path) -> list[Sample]:
                 abnormal=False,
                 view=view,
                 source="nih-normal",
+            )
+        )
+    return sorted(out, key=lambda s: s.image_id)
+
+
+MATCHED_DESCRIPTION = (
+    "NIH ChestX-ray14 nih-matched (485 normal + 485 abnormal adult frontal CXRs, balanced on NIH conversion "
+    "batch x view x sex, matched on brightness, contrast and sharpness; its own patient-level split); "
+    "https://nihcc.app.box.com/v/ChestXray-NIHCC, Wang et al., CVPR 2017, NIH Clinical Center"
+)
+
+
+def read_nih_matched(root: str | Path, pneumonia_class: int = NIH_TO_VINDR["Pneumonia"]) -> list[Sample]:
+    """The 970 images of ``nih-matched`` (``root`` holds it, or is it), with view, batch, split and boxes."""
+    root = Path(root)
+    folder = root if (root / "labels.csv").is_file() and (root / "normal").is_dir() else root / "nih-matched"
+    mapping = {**NIH_TO_VINDR, "Pneumonia": int(pneumonia_class)}
+    boxes: dict[str, list[tuple]] = defaultdict(list)
+    box_csv = folder / "abnormal" / "boxes_512.csv"
+    if box_csv.is_file():
+        for r in _rows(box_csv):
+            if r["finding"] not in mapping:
+                continue
+            x, y, w, h = (float(r[k]) for k in ("x", "y", "w", "h"))
+            lim = float(NIH_IMAGE_SIZE)
+            box = (max(0.0, x), max(0.0, y), min(lim, x + w), min(lim, y + h))
+            if box[2] > box[0] and box[3] > box[1]:
+                boxes[r["image"]].append((box, mapping[r["finding"]]))
+    out = []
+    for i, r in enumerate(_rows(folder / "labels.csv"), start=2):
+        path = folder / r["path"]
+        if not path.is_file():
+            raise DatasetError(f"{path} listed in {folder / 'labels.csv'} line {i} but missing")
+        if r["label"] not in ("0", "1") or r["split"] not in SPLITS:
+            raise DatasetError(f"{folder / 'labels.csv'} line {i}: label must be 0/1 and split train/val/test")
+        found = boxes.get(r["image"], [])
+        out.append(
+            Sample(
+                image_id=Path(r["image"]).stem,
+                path=path,
+                patient_id=patient_of(r["image"]),
+                abnormal=r["label"] == "1",
+                boxes=tuple(b for b, _ in found),
+                classes=tuple(c for _, c in found),
+                view=(r.get("view_position") or "").strip().upper() or None,
+                source="nih-matched",
+                batch=r.get("nih_batch", ""),
+                split=r["split"],
             )
         )
     return sorted(out, key=lambda s: s.image_id)

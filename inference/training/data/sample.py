@@ -31,6 +31,8 @@ class Sample:
     view: str | None = None
     clahe_applied: bool = False
     source: str = ""
+    batch: str = ""  # acquisition/conversion batch where the data set records one (NIH: bright/dark)
+    split: str = ""  # the data set's own split (train/val/test) where it ships one
 
     def __post_init__(self) -> None:
         if len(self.boxes) != len(self.classes):
@@ -51,11 +53,14 @@ class Sample:
 
 
 def describe(samples: list[Sample]) -> dict:
-    """Counts for logs and model metadata: images, patients, abnormal, views, boxes per class."""
+    """Counts for logs and model metadata: images, patients, abnormal, views, batches, boxes per class."""
     views: dict[str, int] = {}
+    batches: dict[str, int] = {}
     per_class = [0] * len(FINDING_CLASSES)
     for s in samples:
         views[s.view or "unknown"] = views.get(s.view or "unknown", 0) + 1
+        if s.batch:
+            batches[s.batch] = batches.get(s.batch, 0) + 1
         for c in s.classes:
             per_class[c] += 1
     return {
@@ -64,6 +69,7 @@ def describe(samples: list[Sample]) -> dict:
         "abnormal": sum(s.abnormal for s in samples),
         "normal": sum(not s.abnormal for s in samples),
         "views": dict(sorted(views.items())),
+        **({"batches": dict(sorted(batches.items()))} if batches else {}),
         "boxes": sum(per_class),
         "boxes_per_class": {FINDING_CLASSES[i]: n for i, n in enumerate(per_class) if n},
     }
