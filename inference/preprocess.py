@@ -10,8 +10,9 @@ DICOM side has already applied the modality/VOI LUT and inverted MONOCHROME1). T
 Intensity normalisation (``intensity="rank"``, models trained since 0.2) replaces each pixel by its
 rank among the image's pixels (exact histogram equalisation to a uniform [0, 1] distribution). A
 monotone change of the grey scale (brightness, contrast, gamma, a stored VOI window or none, 8/12/16-bit
-storage) moves each pixel at most within the share of its own grey level, and the mean change is ~1e-5. PNG, JPEG and DICOM therefore reach the network alike and the
-network cannot learn how an archive happened to scale its pixels. Older model files say
+storage) moves each pixel at most within the share of its own grey level, and the mean change is ~1e-5.
+PNG, JPEG and DICOM therefore reach the network alike and the network cannot learn how an archive
+happened to scale its pixels. Older model files say
 ``intensity="none"`` and get the image as it is.
 
 ``prepare(img01, params)`` does both steps. The pipeline runs CLAHE once and calls
@@ -147,8 +148,9 @@ def normalise_intensity(img01: np.ndarray) -> np.ndarray:
     neighbourhood (exact histogram specification, Coltuc, Bolon and Chassery, IEEE TIP 2006); pixels equal in
     both share their mid-rank, so flat areas stay flat. Each grey level keeps its plain mid-rank on average and
     the order of the levels decides the rest, so a monotone re-mapping of the input (window, gamma, brightness)
-    can only reorder pixels inside one level (by their neighbourhoods). The tie-break matters for bit depth: an 8-bit image has only 256 levels, and plain rank equalisation of it
-    leaves gaps in the histogram that CLAHE then treats differently from the same picture stored with 12 bits.
+    can only reorder pixels inside one level (by their neighbourhoods). The tie-break matters for bit depth:
+    an 8-bit image has only 256 levels, and plain rank equalisation of it leaves gaps in the histogram that
+    CLAHE then treats differently from the same picture stored with 12 bits.
     """
     img = check_image(img01)
     top = RANK_LEVELS - 1

@@ -42,6 +42,7 @@ TRAINING_COMMANDS = {
     "evaluate": "evaluate classifier + detector (both fusion modes) on a held-out split",
     "tune-detector": "choose on validation data which detector classes are reported and from what confidence",
     "calibrate": "choose the classifier's operating point per view on a site's own labelled images",
+    "audit": "can nuisance (view, brightness, sharpness) alone tell the classes of a training set apart?",
 }
 
 

@@ -433,3 +433,31 @@ def run_calibrate(args) -> int:
         )
     print(f"calibration written to {args.out}; set inference.models.calibration to it in config.yaml")
     return 0
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+def add_audit_arguments(p) -> None:
+    add_data_arguments(p)
+    p.add_argument("--subset", choices=("train", "val", "test"), default="train", help="split to audit")
+    p.add_argument("--classifier", help="audit with this model file's preprocessing (default: training defaults)")
+    p.add_argument("--tool", default=f"{DEFAULT_DATA}/tools/confound_audit.py", help="the confound audit script")
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap replicates for the CIs")
+
+
+def run_audit(args) -> int:
+    from inference.modelfile import read_metadata
+    from inference.preprocess import PreprocessParams
+    from inference.training.audit import run_audit as audit
+
+    parts, desc = make_splits(args)
+    if args.classifier:
+        params = read_metadata(args.classifier).preprocess
+    else:
+        params = PreprocessParams.for_classifier(256, intensity="rank")
+    print(
+        f"{args.subset} split of {desc}\npreprocessing: intensity {params.intensity}, CLAHE {params.clahe_clip_limit}"
+    )
+    print(audit(parts[args.subset], params, Path(args.tool), args.boot))
+    return 0
