@@ -28,7 +28,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid

@@ -23,11 +23,15 @@ def raw_probability(classifier: Classifier, p_abnormal: float) -> float:
 
 
 def _threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    """The highest threshold t with sensitivity (p >= t among positives) >= target."""
+    """A threshold t with sensitivity (p >= t among positives) >= target, as high as that allows: midway between
+    the k-th highest abnormal score and the next lower score of any image, so that no image of the set lies
+    on the threshold (where float noise between machines could flip it)."""
     pos = np.sort(p[y == 1])[::-1]
     k = max(1, int(np.ceil(target * len(pos))))
-    # a hair below the k-th score, so that image stays at or above the operating point after float round trips
-    return float(min(max(pos[k - 1] - 1e-9, 1e-6), 1 - 1e-6))
+    kth = pos[k - 1]
+    below = p[p < kth]
+    t = (kth + below.max()) / 2 if len(below) else kth / 2
+    return float(min(max(t, 1e-6), 1 - 1e-6))
 
 
 def choose_calibration(
