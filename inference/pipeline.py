@@ -45,7 +45,7 @@ class Pipeline:
         self.fusion = FusionParams.from_obj(fusion)
         self._shared_clahe = classifier.preprocess.same_clahe(detector.preprocess)
         if not self._shared_clahe:
-            log.warning("classifier and detector use different CLAHE settings; CLAHE runs twice")
+            log.info("classifier and detector preprocess differently (intensity or CLAHE); CLAHE runs twice")
 
     @classmethod
     def from_files(
