@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
+from dicom_node.outputs.validate import dsrdump
 from support.dcmtk import DcmtkStoreSCP
 from support.dicom_factory import make_cxr
 from support.models import make_tiny_models
@@ -147,6 +148,27 @@ def test_failed_job_is_recorded_and_worker_goes_on(node_factory, models, pacs, t
     wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 120, what="next job delivered")
     reason = node.rows("SELECT reason FROM jobs WHERE state='failed'")[0]["reason"]
     assert "PixelDataError" in reason and "image 1 of 1" in reason
+
+
+def test_one_undecodable_image_does_not_cost_the_study_its_result(node_factory, models, pacs, tmp_path):
+    scp = pacs().start()
+    node = result_node(node_factory, models, scp.port, outputs=("sr", "sc"))
+    study = generate_uid()
+    bad = make_cxr(rows=64, cols=64, study_uid=study)
+    bad.PixelData = bad.PixelData[:100]  # truncated
+    bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    good = make_cxr(tmp_path / "good.dcm", study_uid=study)
+    assert node.storescu(tmp_path / "bad.dcm", tmp_path / "good.dcm").returncode == 0
+    wait_for(lambda: node.status()["deliveries"]["delivered"] == 2, 180, what="SR + one SC")
+    assert node.status()["jobs"]["failed"] == 0
+    received = scp.received()
+    (sr,) = [d for d in received if d.SOPClassUID == SR_CLASS]
+    (sc,) = [d for d in received if d.SOPClassUID != SR_CLASS]
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == good.SOPInstanceUID
+    (sr_file,) = [p for p in scp.out.iterdir() if p.name.endswith("." + sr.SOPInstanceUID)]
+    text = dsrdump(sr_file, "+Pl")
+    assert "1 of 2 images not analysable (pixel data could not be decoded" in text
+    assert '(82334004,SCT,"Indeterminate")' in text
 
 
 def test_reanalyze_and_own_outputs_are_ignored(node_factory, models, pacs, tmp_path):

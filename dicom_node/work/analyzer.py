@@ -41,7 +41,7 @@ def node_identity(config: Config, pipeline: Pipeline) -> NodeIdentity:
 class _Analysed:
     sop_uid: str
     header: Dataset
-    image01: np.ndarray  # as decoded: Rows x Columns, or smaller (a JPEG 2000 resolution level)
+    image01: np.ndarray | None  # as decoded: Rows x Columns, or smaller (JPEG 2000); None: pixels undecodable
     window: tuple[float, float] | None
     prediction: Prediction  # boxes in source pixels (SR, GSPS)
     shown: Prediction  # the same on image01's pixels (the Secondary Capture is drawn on image01)
@@ -59,19 +59,37 @@ class Analyzer:
         return tuple(d.name for d in self.config.destinations if kind in d.outputs)
 
     def analyse(self, job: JobInfo) -> tuple[list[ResultSpec], float]:
+        """Every image whose pixels decode is analysed; one whose pixels do not is "not analysable" in the SR
+        (no SC or GSPS for it), so its study still gets the result of its good images. When no image of the
+        job decodes, the job fails with the first image's reason."""
         analysed: list[_Analysed] = []
         pipeline_s = 0.0
+        undecodable: list[PixelDataError] = []
         for n, (sop_uid, path) in enumerate(job.instances, 1):
             try:
                 ds = read_dataset(path)
+            except PixelDataError as exc:  # not even the header: nothing to reference in the SR
+                raise PixelDataError(f"image {n} of {len(job.instances)}: {exc}") from exc
+            try:
                 image01, window = decode_image(ds, at_least=self.pipeline.working_size)
             except PixelDataError as exc:
-                raise PixelDataError(f"image {n} of {len(job.instances)}: {exc}") from exc
+                if "Rows" not in ds or "Columns" not in ds:
+                    raise PixelDataError(f"image {n} of {len(job.instances)}: {exc}") from exc
+                undecodable.append(PixelDataError(f"image {n} of {len(job.instances)}: {exc}"))
+                reason = f"pixel data could not be decoded: {exc}"
+                models = self.pipeline.models
+                refused = Prediction.unanalysable(reason, self.pipeline.fusion.mode, models, (ds.Rows, ds.Columns))
+                if "PixelData" in ds:
+                    del ds.PixelData
+                analysed.append(_Analysed(sop_uid, ds, None, None, refused, refused))
+                continue
             t0 = time.perf_counter()
             shown = self.pipeline.run(image01, view=header_fields(ds)["view_position"] or None)
             pipeline_s += time.perf_counter() - t0
             del ds.PixelData  # the encoders need the header only
             analysed.append(_Analysed(sop_uid, ds, image01, window, shown.rescaled((ds.Rows, ds.Columns)), shown))
+        if undecodable and len(undecodable) == len(analysed):
+            raise undecodable[0]
         return self._encode(analysed), pipeline_s
 
     def _encode(self, analysed: list[_Analysed]) -> list[ResultSpec]:
@@ -91,6 +109,8 @@ class Analyzer:
         results.append(_spec("sr", sr, None, self.wanted("sr")))
         sc_dest, pr_dest = self.wanted("sc"), self.wanted("gsps")
         for n, a in enumerate(analysed, 1):
+            if a.image01 is None:  # pixels undecodable: the SR says so; nothing to draw on
+                continue
             if sc_dest:
                 sc = build_sc(
                     a.header,
