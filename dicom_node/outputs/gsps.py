@@ -25,6 +25,7 @@ from dicom_node.outputs.identity import (
     check_geometry,
     contributing_equipment,
     copy_body_part,
+    library_error,
     no_phi_warnings,
     require_source_image,
     series_date_time,
@@ -142,7 +143,7 @@ def build_gsps(
     except EncodingError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise EncodingError(f"cannot build the presentation state: {type(exc).__name__}: {exc}") from exc
+        raise EncodingError(f"cannot build the presentation state: {library_error(exc)}") from exc
     copy_body_part(gsps, source)
     # A grayscale display value for the layer too: a monochrome display does not use the CIELab colour.
     for item in gsps.GraphicLayerSequence:

@@ -9,13 +9,16 @@ always gives the same one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from highdicom import ContributingEquipment
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -34,6 +37,7 @@ __all__ = [
     "require_source_image",
     "check_geometry",
     "source_header",
+    "library_error",
     "no_phi_warnings",
     "copy_body_part",
 ]
@@ -166,16 +170,108 @@ def check_geometry(ds: Dataset, pred: Prediction) -> None:
 
 
 def source_header(ds: Dataset) -> Dataset:
-    """A shallow copy of ``ds`` without pixel data, with missing Type 2 patient/study attributes
-    present and empty (so that encoders copy "unknown" instead of failing). ``ds`` is untouched."""
+    """A copy of ``ds`` without pixel data that every encoder can copy from: ``ds`` is untouched.
+
+    Real headers are often not quite valid, and one odd value must not cost the radiologist the result:
+    - missing Type 2 patient/study attributes are present and empty ("unknown");
+    - dates, times and ages that do not parse are emptied (Type 2 "unknown"), never guessed;
+    - a multi-valued name keeps its first value (the outputs' names have one);
+    - the character set is kept when it is a defined term (a first value left empty, the default repertoire
+      of an ISO 2022 set, is written out as "ISO 2022 IR 6"); an unknown or empty one with non-ASCII text is
+      decoded as well as it can be and written as UTF-8 (ISO_IR 192).
+    """
     header = Dataset()
     for elem in ds:
         if elem.tag.group != 0x7FE0:
-            header.add(elem)
+            header.add(copy.copy(elem))
+    _character_set(header)
+    for keyword in _CHECKED:
+        if keyword in header:
+            _clean_value(header, keyword)
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in header:
             setattr(header, keyword, "")
     return header
+
+
+_DA = re.compile(r"\d{8}")
+_TM = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+_AS = re.compile(r"\d{3}[DWMY]")
+_CHECKED = (
+    "PatientBirthDate",
+    "StudyDate",
+    "SeriesDate",
+    "ContentDate",
+    "AcquisitionDate",
+    "StudyTime",
+    "SeriesTime",
+    "ContentTime",
+    "AcquisitionTime",
+    "PatientAge",
+    "PatientName",
+    "ReferringPhysicianName",
+)
+
+
+def _valid_date(text: str) -> bool:
+    if not _DA.fullmatch(text):
+        return False
+    try:
+        datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
+
+
+def _clean_value(header: Dataset, keyword: str) -> None:
+    elem = header[keyword]
+    if elem.VR == "PN":
+        if elem.VM > 1:
+            elem.value = elem.value[0]
+        return
+    value = elem.value
+    text = (value[0] if elem.VM > 1 else value) if value is not None else ""
+    text = str(text).strip()
+    ok = {"DA": _valid_date, "TM": _TM.fullmatch, "AS": _AS.fullmatch}.get(elem.VR, lambda t: True)(text)
+    if text and not ok:
+        elem.value = ""
+    elif elem.VM > 1:
+        elem.value = text
+
+
+def _character_set(header: Dataset) -> None:
+    raw = header.get("SpecificCharacterSet")
+    if raw is None:
+        return
+    values = [str(v).strip() for v in ([raw] if isinstance(raw, str) else raw)]
+    if values and all(v in python_encoding for v in values) and any(values):
+        if values[0] == "" and len(values) > 1:
+            values[0] = "ISO 2022 IR 6"
+        if len(values) == 1 and values[0].startswith("ISO 2022") and values[0] != "ISO 2022 IR 6":
+            values = ["ISO 2022 IR 6", values[0]]
+        header.SpecificCharacterSet = values if len(values) > 1 else values[0]
+        return
+    with warnings.catch_warnings():  # pydicom warns about the unknown term, quoting no patient data
+        warnings.simplefilter("ignore")
+        header.decode()  # with pydicom's fallbacks for unknown terms
+    del header.SpecificCharacterSet
+    text = [str(e.value) for e in header if e.VR in _TEXT_VRS and e.value not in (None, "")]
+    if any(not t.isascii() for t in text):
+        header.SpecificCharacterSet = "ISO_IR 192"
+
+
+_TEXT_VRS = ("PN", "LO", "SH", "ST", "LT", "UT", "UC")
+
+
+def library_error(exc: BaseException) -> str:
+    """A library's exception without its message (which can quote a header value, i.e. patient data): its type
+    and the function that raised it, for logs and job reasons."""
+    tb = exc.__traceback__
+    where = ""
+    while tb is not None:
+        where = f"{tb.tb_frame.f_code.co_name} ({tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]})"
+        tb = tb.tb_next
+    return f"{type(exc).__name__} in {where}" if where else type(exc).__name__
 
 
 @contextlib.contextmanager

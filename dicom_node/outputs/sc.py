@@ -27,6 +27,7 @@ from dicom_node.outputs.identity import (
     NodeIdentity,
     contributing_equipment,
     copy_body_part,
+    library_error,
     no_phi_warnings,
     require_source_image,
     series_date_time,
@@ -198,7 +199,7 @@ def build_sc(
                 identity=identity,
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise EncodingError(f"cannot build the Secondary Capture: {type(exc).__name__}: {exc}") from exc
+        raise EncodingError(f"cannot build the Secondary Capture: {library_error(exc)}") from exc
     if orientation is None:
         sc.PatientOrientation = ""  # Type 2C: unknown, not invented
     copy_body_part(sc, source)

@@ -54,6 +54,7 @@ from dicom_node.outputs.identity import (
     check_same_study,
     contributing_equipment,
     derived_uid,
+    library_error,
     models_summary,
     no_phi_warnings,
     series_date_time,
@@ -273,7 +274,7 @@ def build_sr(
     except EncodingError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise EncodingError(f"cannot build the SR: {type(exc).__name__}: {exc}") from exc
+        raise EncodingError(f"cannot build the SR: {library_error(exc)}") from exc
 
 
 _PIXELS = Code("{pixels}", "UCUM", "Pixels")
