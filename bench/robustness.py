@@ -105,13 +105,19 @@ def main() -> int:
     samples = ([s for s in samples if s.split == "test"] + [s for s in samples if s.split == "val"])[: args.n]
     pipe = Pipeline.from_files(args.classifier, args.detector)
     print(f"{len(samples)} nih-matched films; classifier {args.classifier}; detector {args.detector}")
-    base, flips = [], {k: [] for k in VARIANTS}
+    base, flips, refused = [], {k: [] for k in VARIANTS}, {k: 0 for k in VARIANTS}
     for i, s in enumerate(samples, 1):
         img = load_image01(s.path)
         ref = pipe.run(img, s.view)
+        if ref.not_analysable:
+            print(f"  {s.image_id}: not analysable ({ref.not_analysable}), left out")
+            continue
         base.append(ref)
         for name, make in VARIANTS.items():
             out = pipe.run(np.ascontiguousarray(make(img), dtype=np.float32), s.view)
+            if out.not_analysable:  # counted on its own, not as a flip
+                refused[name] += 1
+                continue
             flips[name].append(
                 (
                     (out.p_abnormal >= 0.5) != (ref.p_abnormal >= 0.5),
@@ -121,14 +127,15 @@ def main() -> int:
             )
         if i % 25 == 0:
             print(f"  {i}/{len(samples)}", flush=True)
-    n = len(samples)
+    n = len(base)
     print(
         f"\nabnormal decisions on the originals: classifier {sum(p.p_abnormal >= 0.5 for p in base)}/{n}, "
         f"result {sum(p.abnormal for p in base)}/{n}"
     )
-    print(f"{'variant':20s} {'decision flips':>24s} {'result flips':>24s} {'median |dP|':>12s}")
+    print(f"{'variant':20s} {'decision flips':>24s} {'result flips':>24s} {'median |dP|':>12s} refused")
     worst = 0.0
     for name, rows in flips.items():
+        n = len(rows)
         d = sum(r[0] for r in rows)
         r_ = sum(r[1] for r in rows)
         lo, hi = wilson_interval(d, n)
@@ -136,7 +143,7 @@ def main() -> int:
         worst = max(worst, d / n)
         print(
             f"{name:20s} {d:3d} = {d / n:5.1%} [{lo:.1%}-{hi:.1%}] {r_:3d} = {r_ / n:5.1%} [{lo2:.1%}-{hi2:.1%}] "
-            f"{np.median([r[2] for r in rows]):12.4f}"
+            f"{np.median([r[2] for r in rows]):12.4f} {refused[name]:7d}"
         )
     print(f"\nworst decision flip rate {worst:.1%} (target <= 5 %)")
     return 0

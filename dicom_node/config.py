@@ -201,6 +201,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         cfg.storage.database_url = os.environ["DICOM_NODE_DATABASE_URL"]
     cfg.inference.models.classifier = fix(cfg.inference.models.classifier)
     cfg.inference.models.detector = fix(cfg.inference.models.detector)
+    if cfg.inference.models.calibration is not None:
+        cfg.inference.models.calibration = fix(cfg.inference.models.calibration)
     return cfg
 
 

@@ -65,5 +65,5 @@ class Calibration:
             raise ModelError(f"{path} is not a dicom-node calibration file (format {FORMAT!r} expected)")
         try:
             return cls(**data)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ModelError(f"calibration file {path}: {exc}") from exc

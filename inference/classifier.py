@@ -60,6 +60,16 @@ class Classifier(LoadedNetwork):
 
     calibration: Calibration | None = None  # a site's own operating points (inference.calibration)
 
+    def use_calibration(self, calibration: Calibration, source: object = "calibration") -> None:
+        """Decide at a site's own operating points; refuses a calibration made for another model file (its
+        thresholds are on that model's scale)."""
+        if calibration.model_sha256 and calibration.model_sha256 != self.info.sha256:
+            raise ModelError(
+                f"{source} was made for another classifier file (sha256 {calibration.model_sha256[:12]}..., this "
+                f"one is {self.info.sha256[:12]}...): run dicom-node calibrate again for this model"
+            )
+        self.calibration = calibration
+
     @torch.inference_mode()
     def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """N x 1 x S x S prepared batch (or a single 1 x S x S) -> the N raw logits."""

@@ -61,9 +61,7 @@ class Pipeline:
         ``calibration``: a site calibration file (:mod:`inference.calibration`) for the classifier."""
         classifier = Classifier.load(classifier_path, device)
         if calibration is not None:
-            classifier.calibration = Calibration.load(calibration)
-            if classifier.calibration.model_sha256 and classifier.calibration.model_sha256 != classifier.info.sha256:
-                log.warning("calibration %s was chosen for another classifier file (sha256 differs)", calibration)
+            classifier.use_calibration(Calibration.load(calibration), calibration)
         return cls(classifier, Detector.load(detector_path, device, iou=iou), FusionParams.from_obj(fusion))
 
     @property
@@ -74,6 +72,12 @@ class Pipeline:
     @property
     def models(self) -> tuple[ModelInfo, ...]:
         return (self.classifier.info, self.detector.info)
+
+    def classifier_input(self, img01: np.ndarray) -> np.ndarray:
+        """The classifier's prepared input (1 x S x S) for an image, exactly as :meth:`run` makes it."""
+        img = check_image(img01, "pipeline input")
+        work, _ = working_image(img, self.working_size)
+        return to_model_input(apply_clahe(work, self.classifier.preprocess), self.classifier.preprocess)[0]
 
     def run(self, img01: np.ndarray, view: str | None = None) -> Prediction:
         """``view``: the image's ViewPosition (PA, AP, ...) when known; it selects a site calibration's

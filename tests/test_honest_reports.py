@@ -25,7 +25,7 @@ from inference.modelfile import load_model_file, save_model_file
 from inference.pipeline import Pipeline
 from inference.preprocess import apply_clahe, to_model_input
 from inference.quality import colour_problem, input_problem
-from inference.training.calibrate import choose_calibration, raw_probability
+from inference.training.calibrate import choose_calibration
 from inference.training.data.images import load_image01
 from inference.training.data.nih import read_nih_matched
 from inference.types import FINDING_CLASSES, ModelInfo, Prediction
@@ -266,6 +266,11 @@ def test_calibration_file_round_trips_and_refuses_other_files(tmp_path):
         Calibration.load(tmp_path / "other.json")
     with pytest.raises(ModelError, match="between 0 and 1"):
         Calibration(1.5)
+    clf, _ = make_tiny_models(tmp_path / "m")
+    from inference.classifier import Classifier
+
+    with pytest.raises(ModelError, match="made for another classifier file"):
+        Classifier.load(clf).use_calibration(cal, "cal.json")  # chosen for the model with sha256 abab...
 
 
 def test_calibrate_on_a_local_labelled_folder_and_run_with_it(tmp_path, matched):
@@ -328,7 +333,7 @@ def test_calibrate_on_a_local_labelled_folder_and_run_with_it(tmp_path, matched)
     decided = {"AP": [], "PA": []}
     for r in rows[:-1]:
         img = load_image01(images / r["image"])
-        raw = raw_probability(plain.classifier, plain.run(img).p_abnormal)
+        raw = float(plain.classifier.predict_raw(plain.classifier_input(img)[None])[0])
         p = calibrated.run(img, view=r["view"]).p_abnormal
         assert (p >= 0.5) == (raw >= cal.threshold(r["view"]) - 1e-9)
         if r["label"] == 1:

@@ -183,7 +183,7 @@ def source_header(ds: Dataset) -> Dataset:
     header = Dataset()
     for elem in ds:
         if elem.tag.group != 0x7FE0:
-            header.add(copy.copy(elem))
+            header.add(copy.deepcopy(elem) if elem.VR == "SQ" else copy.copy(elem))
     _character_set(header)
     for keyword in _CHECKED:
         if keyword in header:
@@ -232,7 +232,12 @@ def _clean_value(header: Dataset, keyword: str) -> None:
     value = elem.value
     text = (value[0] if elem.VM > 1 else value) if value is not None else ""
     text = str(text).strip()
-    ok = {"DA": _valid_date, "TM": _TM.fullmatch, "AS": _AS.fullmatch}.get(elem.VR, lambda t: True)(text)
+    if elem.VR == "DA":
+        ok = _valid_date(text)
+    elif elem.VR in ("TM", "AS"):
+        ok = bool((_TM if elem.VR == "TM" else _AS).fullmatch(text))
+    else:
+        ok = True
     if text and not ok:
         elem.value = ""
     elif elem.VM > 1:

@@ -360,11 +360,10 @@ def _build(
     for ds, pred in sources:
         for f in sorted(pred.findings, key=lambda f: -f.score):
             groups.append(_finding_group(ds, f, len(groups) + 1, sop_uid, algorithm))
-    for ds, pred in sources:  # images the models could not judge say so, where they are
-        if pred.not_analysable:
-            groups.append(_whole_image_group(ds, sop_uid, algorithm, pred))
-    if not groups:
+    if not groups:  # no finding: every image says what it is, "No abnormality" or "not analysable"
         groups = [_whole_image_group(ds, sop_uid, algorithm, pred) for ds, pred in sources]
+    else:  # findings, and the images the models could not judge say so, where they are
+        groups += [_whole_image_group(ds, sop_uid, algorithm, p) for ds, p in sources if p.not_analysable]
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.device_observer_uid,

@@ -13,9 +13,11 @@ from collections.abc import Callable
 import numpy as np
 
 from dicom_node.cli import TRAINING_COMMANDS
+from dicom_node.errors import DicomNodeError
 from dicom_node.logs import setup_logging
 from dicom_node.training.vinbigdata_export import prepare_args
 from dicom_node.work.offline import read_image
+from inference.errors import DatasetError
 from inference.training import commands
 
 
@@ -29,8 +31,14 @@ def _run(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
     return go
 
 
-def _load_image(path) -> np.ndarray:
-    return read_image(path)[0]
+def _load_image(path) -> tuple[np.ndarray, str | None]:
+    """An image file (DICOM, PNG or JPEG) -> (float32 image in [0, 1], its ViewPosition when the header says);
+    a file that cannot be read as a greyscale radiograph raises DatasetError with the reason."""
+    try:
+        img, _, view = read_image(path)
+    except (DicomNodeError, ValueError, OSError) as exc:
+        raise DatasetError(str(exc)) from exc
+    return img, view
 
 
 def build_parser() -> argparse.ArgumentParser:

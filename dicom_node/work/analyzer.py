@@ -76,7 +76,7 @@ class Analyzer:
                 if "Rows" not in ds or "Columns" not in ds:
                     raise PixelDataError(f"image {n} of {len(job.instances)}: {exc}") from exc
                 undecodable.append(PixelDataError(f"image {n} of {len(job.instances)}: {exc}"))
-                reason = f"pixel data could not be decoded: {exc}"
+                reason = "pixel data could not be decoded"  # the details (library text) go to the job log only
                 models = self.pipeline.models
                 refused = Prediction.unanalysable(reason, self.pipeline.fusion.mode, models, (ds.Rows, ds.Columns))
                 if "PixelData" in ds:

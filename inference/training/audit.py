@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 
 from inference.errors import DatasetError
-from inference.preprocess import PreprocessParams, apply_clahe, working_image
-from inference.training.data.images import load_image01
+from inference.preprocess import PreprocessParams
+from inference.training.data.images import load_model_view
 from inference.training.data.sample import Sample
 
 
@@ -42,7 +42,7 @@ def run_audit(samples: list[Sample], params: PreprocessParams, tool: Path, boot:
         _write_csv(tmp_dir / "stored.csv", raw)
         seen = []
         for i, s in enumerate(samples):
-            img = apply_clahe(working_image(load_image01(s.path), 512)[0], params)
+            img = load_model_view(s, params)
             name = f"{i:05d}.png"
             cv2.imwrite(str(tmp_dir / name), np.rint(img * 255).astype(np.uint8))
             seen.append((name, s.label, s.patient_id, s.view or ""))

@@ -7,19 +7,10 @@ import math
 import numpy as np
 
 from inference.calibration import Calibration
-from inference.classifier import Classifier
 from inference.errors import ModelError
 from inference.training.metrics import binary_metrics
 
 MIN_PER_CLASS = 10  # a view needs at least this many normal and abnormal images for its own threshold
-
-
-def raw_probability(classifier: Classifier, p_abnormal: float) -> float:
-    """The model's own probability behind a P(abnormal) the node reported without a site calibration (the
-    node shifts the logit so that the model file's threshold is 0.5; this undoes it)."""
-    p = min(max(float(p_abnormal), 1e-12), 1 - 1e-12)
-    z = math.log(p / (1 - p)) + classifier.logit_shift(None)
-    return 1.0 / (1.0 + math.exp(-z))
 
 
 def _threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
@@ -74,5 +65,7 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(x) for x in obj]
     if isinstance(obj, np.generic):
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON
     return obj

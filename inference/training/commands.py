@@ -123,7 +123,7 @@ def _common_training(p, epochs: int, batch: int) -> None:
 
 
 def add_train_classifier_arguments(p) -> None:
-    add_data_arguments(p)
+    add_data_arguments(p, export_raw_default=True)  # intensity normalisation comes before CLAHE
     _common_training(p, epochs=20, batch=32)
     p.add_argument("--arch", default="efficientnet_b0", help="timm architecture (e.g. resnet10t, davit_tiny)")
     p.add_argument("--input-size", type=int, default=384)
@@ -280,11 +280,11 @@ def run_train_detector(args) -> int:
 
 
 def image_loader(args):
-    """How to read an image file: the DICOM side's reader when the CLI set one (``args.load_image``), else
-    PNG/JPEG only (:func:`inference.training.data.images.load_image01`)."""
+    """How to read an image file, ``path -> (image01, view from its header or None)``: the DICOM side's reader
+    when the CLI set one (``args.load_image``), else PNG/JPEG only. Unreadable files raise DatasetError."""
     from inference.training.data.images import load_image01
 
-    return getattr(args, "load_image", None) or load_image01
+    return getattr(args, "load_image", None) or (lambda path: (load_image01(path), None))
 
 
 def add_evaluate_arguments(p) -> None:
@@ -323,7 +323,7 @@ def run_evaluate(args) -> int:
     if args.calibration:
         from inference.calibration import Calibration
 
-        clf.calibration = Calibration.load(args.calibration)
+        clf.use_calibration(Calibration.load(args.calibration), args.calibration)
     det = Detector.load(args.detector, args.device)
     predictors = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
@@ -374,7 +374,7 @@ def run_tune_detector(args) -> int:
                 f"{'reported' if v['reportable'] else 'NOT reported'}"
             )
     path = write_tuned(args.detector, args.out, result, f"{args.subset} split of {desc}")
-    print(f"{path}: reports {', '.join(result['reportable_classes']) or 'no class'}")
+    print(f"{path}: reports {', '.join(result['reportable_classes']) or 'NO CLASS AT ALL (no class is supported)'}")
     return 0
 
 
@@ -396,25 +396,31 @@ def add_calibrate_arguments(p) -> None:
 def run_calibrate(args) -> int:
     from inference.fusion import FusionParams
     from inference.pipeline import Pipeline
-    from inference.training.calibrate import choose_calibration, raw_probability
+    from inference.quality import input_problem
+    from inference.training.calibrate import choose_calibration
 
     parts, desc = make_splits(args)
     samples = parts[args.subset]
-    # the node's own path (input check, working size, CLAHE); gate mode at 1.0: the detector never runs
+    # the node's own input path (input check, working size, CLAHE); the detector only sets the working size
     pipe = Pipeline.from_files(
         args.classifier, args.detector, FusionParams(mode="gate", abnormal_threshold=1.0), args.device
     )
     load = image_loader(args)
     labels, probs, views, refused = [], [], [], 0
+    clf = pipe.classifier
     for s in samples:
-        pred = pipe.run(load(s.path))
-        if pred.not_analysable:
+        try:
+            img, header_view = load(s.path)
+        except DatasetError as exc:
+            log.warning("left out: %s", exc)
+            refused += 1
+            continue
+        if input_problem(img):
             refused += 1
             continue
         labels.append(s.label)
-        probs.append(raw_probability(pipe.classifier, pred.p_abnormal))
-        views.append(s.view)
-    clf = pipe.classifier
+        probs.append(float(clf.predict_raw(pipe.classifier_input(img)[None])[0]))
+        views.append(s.view or header_view)
     cal = choose_calibration(
         labels, probs, views, args.target_sensitivity, clf.info.sha256, f"{args.subset} split of {desc}"
     )
@@ -439,7 +445,7 @@ def run_calibrate(args) -> int:
 
 
 def add_audit_arguments(p) -> None:
-    add_data_arguments(p)
+    add_data_arguments(p, export_raw_default=True)
     p.add_argument("--subset", choices=("train", "val", "test"), default="train", help="split to audit")
     p.add_argument("--classifier", help="audit with this model file's preprocessing (default: training defaults)")
     p.add_argument("--tool", default=f"{DEFAULT_DATA}/tools/confound_audit.py", help="the confound audit script")

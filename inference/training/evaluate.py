@@ -1,6 +1,6 @@
 """Evaluating the two-stage pipeline on a held-out split, in one or more fusion modes.
 
-``evaluate(predictors, samples, out_dir)`` runs each predictor (a callable ``img01 -> Prediction``,
+``evaluate(predictors, samples, out_dir)`` runs each predictor (a callable ``(img01, view) -> Prediction``,
 e.g. ``Pipeline(...).run`` built with ``FusionParams(mode="gate")`` and ``mode="soft"``) on every
 sample and writes ``OUT/report.json`` and PNG plots (matplotlib, Agg backend):
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.errors import DatasetError
 from inference.training.data.images import load_image01
 from inference.training.data.sample import Sample, describe
 from inference.training.metrics import ALL_CLASSES, add_no_finding, binary_metrics, detection_map, map_range, roc_curve
@@ -150,11 +151,12 @@ def evaluate(
     out_dir: str | Path,
     classifier_threshold: float = 0.5,
     description: str = "",
-    load: Callable[[Path], np.ndarray] = load_image01,
+    load: Callable[[Path], tuple[np.ndarray, str | None]] = lambda path: (load_image01(path), None),
 ) -> dict:
     """Run, score, write ``report.json`` + plots; return the report dict (see module docstring).
 
-    ``load`` reads an image file as float32 [0, 1] (the DICOM side passes one that reads DICOM too). Images the
+    ``load`` reads an image file as (float32 [0, 1], its header's view or None); the DICOM side passes one that
+    reads DICOM too; DatasetError = unreadable. Images the
     pipeline finds not analysable are counted (``not_analysable``) and left out of every metric."""
     from tqdm.auto import tqdm
 
@@ -169,15 +171,22 @@ def evaluate(
         )
     preds: dict[str, list[Prediction]] = {m: [] for m in predictors}
     for s in tqdm(samples, desc="evaluate", unit="img"):
-        img = load(s.path)
+        try:
+            img, header_view = load(s.path)
+        except DatasetError as exc:  # unreadable or a colour picture: as the node would, no result for it
+            for mode in predictors:
+                preds[mode].append(Prediction.unanalysable(str(exc), mode, (), (0, 0)))
+            continue
         for mode, fn in predictors.items():
-            preds[mode].append(fn(img, s.view))
+            preds[mode].append(fn(img, s.view or header_view))
     refused = {s.image_id: p.not_analysable for s, p in zip(samples, next(iter(preds.values()))) if p.not_analysable}
     if refused:
         log.warning("%d of %d images not analysable; left out of the metrics", len(refused), len(samples))
         keep = [i for i, s in enumerate(samples) if s.image_id not in refused]
         samples = [samples[i] for i in keep]
         preds = {m: [pl[i] for i in keep] for m, pl in preds.items()}
+    if not samples:
+        raise DatasetError("no image could be analysed; nothing to evaluate")
     first = next(iter(preds.values()))
     y = np.asarray([s.label for s in samples])
     p_abn = np.asarray([p.p_abnormal for p in first])

@@ -37,7 +37,7 @@ from inference.errors import DatasetError
 from inference.modelfile import ModelMetadata, save_model_file
 from inference.preprocess import PreprocessParams, apply_clahe, letterbox, normalise
 from inference.training.augment import AugmentConfig, geometry_augment, site_augment
-from inference.training.data.images import load_clahe01, load_image01
+from inference.training.data.images import load_clahe01, load_working
 from inference.training.data.sample import Sample, describe
 from inference.training.metrics import binary_metrics, choose_threshold
 
@@ -122,7 +122,7 @@ class CXRDataset(Dataset):
         self.images: list[np.ndarray] = []
         for s in tqdm(samples, desc=desc, unit="img", leave=False):
             if augment and not s.clahe_applied:
-                img = load_image01(s.path)
+                img = load_working(s, params)
             else:
                 img, _ = letterbox(load_clahe01(s, params), params.input_size, params.pad_value)
             self.images.append(np.rint(img * 255).astype(np.uint8))
@@ -151,13 +151,21 @@ def balanced_weights(samples: list[Sample]) -> np.ndarray:
     return np.asarray([1.0 / counts[c] for c in cells], dtype=np.float64)
 
 
+MIN_PER_VIEW_CLASS = 10  # a view needs this many normal and abnormal images to count on its own
+
+
+def _view_counts_enough(samples: list[Sample], idx: list[int]) -> bool:
+    pos = sum(samples[i].label for i in idx)
+    return min(pos, len(idx) - pos) >= MIN_PER_VIEW_CLASS
+
+
 def worst_view_auc(samples: list[Sample], probs: np.ndarray) -> float:
-    """The lowest ROC AUC over the views that hold both classes (the overall AUC when none does)."""
+    """The lowest ROC AUC over the views with at least MIN_PER_VIEW_CLASS images of each class (the overall AUC
+    when none has)."""
     aucs = []
     for view in sorted({s.view or "unknown" for s in samples}):
         idx = [i for i, s in enumerate(samples) if (s.view or "unknown") == view]
-        labels = {samples[i].label for i in idx}
-        if len(labels) == 2:
+        if _view_counts_enough(samples, idx):
             aucs.append(binary_metrics([samples[i].label for i in idx], probs[idx], 0.5)["roc_auc"])
     if not aucs:
         return float(binary_metrics([s.label for s in samples], probs, 0.5)["roc_auc"])
@@ -165,11 +173,12 @@ def worst_view_auc(samples: list[Sample], probs: np.ndarray) -> float:
 
 
 def per_view_threshold(samples: list[Sample], probs: np.ndarray, target_sensitivity: float) -> float:
-    """The highest threshold that reaches ``target_sensitivity`` in every view (the lowest per-view one)."""
+    """The highest threshold that reaches ``target_sensitivity`` in every view (the lowest per-view one; views
+    with fewer than MIN_PER_VIEW_CLASS images of a class do not count)."""
     thresholds = []
     for view in sorted({s.view or "unknown" for s in samples}):
         idx = [i for i, s in enumerate(samples) if (s.view or "unknown") == view]
-        if len({samples[i].label for i in idx}) == 2:
+        if _view_counts_enough(samples, idx):
             thresholds.append(
                 choose_threshold([samples[i].label for i in idx], probs[idx], "sensitivity", target_sensitivity)
             )
@@ -242,6 +251,11 @@ def train_classifier(
         raise DatasetError(f"classifier training needs train and val images (got {len(train)} / {len(val)})")
     if len({s.label for s in train}) < 2 or len({s.label for s in val}) < 2:
         raise DatasetError("train and val sets must both hold normal and abnormal images")
+    if cfg.intensity != "none" and any(s.clahe_applied for s in train + val):
+        raise DatasetError(
+            f"intensity normalisation ({cfg.intensity}) comes before CLAHE, but some images were exported "
+            "CLAHE'd: export them raw (--export-raw) or train with --intensity none"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = Path(model_path) if model_path else out_dir / "classifier.pt"

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from inference.detector import Detector
+from inference.errors import DatasetError
 from inference.modelfile import load_model_file, save_model_file
 from inference.preprocess import apply_clahe, to_model_input, working_image
-from inference.training.data.images import load_image01
+from inference.training.data.images import WORKING_SIZE, load_image01
 from inference.training.data.sample import Sample, describe
 from inference.training.metrics import class_ap
 
@@ -45,7 +46,7 @@ def detect_all(detector: Detector, samples: list[Sample], conf: float = 0.01) ->
     out: dict[str, list[tuple]] = {}
     for s in samples:
         img = load_image01(s.path)
-        work, (fx, fy) = working_image(img, p.input_size)
+        work, (fx, fy) = working_image(img, max(WORKING_SIZE, p.input_size))
         x, geom = to_model_input(apply_clahe(work, p), p)
         d = detector.detect(x, geom, conf=conf, all_classes=True)
         boxes = d.boxes * np.array([fx, fy, fx, fy])
@@ -54,7 +55,12 @@ def detect_all(detector: Detector, samples: list[Sample], conf: float = 0.01) ->
 
 
 def tune(detector: Detector, samples: list[Sample], min_ap: float = 0.1) -> dict:
-    """Per class AP@0.4, n boxes, floor and F1 on ``samples``; the reportable class names."""
+    """Per class AP@0.4, n boxes, floor and F1 on ``samples``; the reportable class names.
+
+    Abnormal images without boxes are left out (a true detection on them would count as a false positive)."""
+    samples = [s for s in samples if s.boxes or not s.abnormal]
+    if not any(s.boxes for s in samples):
+        raise DatasetError("tune-detector needs validation images with boxes; this set has none")
     preds = detect_all(detector, samples)
     classes = detector.loaded.metadata.classes
     trained = (detector.loaded.metadata.extra.get("train_set") or {}).get("boxes_per_class")

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from inference.errors import DatasetError
-from inference.preprocess import PreprocessParams, apply_clahe
+from inference.preprocess import PreprocessParams, apply_clahe, working_image
 from inference.training.data.sample import Sample
 
 
@@ -26,7 +26,22 @@ def load_image01(path: str | Path) -> np.ndarray:
     raise DatasetError(f"{path}: unsupported pixel type {arr.dtype} (8- or 16-bit images expected)")
 
 
+# The node normalises and CLAHEs at its working size, the larger model input (512 with the default detector); so
+# does training, whatever the size of the files (inference.pipeline.Pipeline.working_size).
+WORKING_SIZE = 512
+
+
+def load_working(sample: Sample, params: PreprocessParams) -> np.ndarray:
+    """The file's image shrunk (aspect kept) to the node's working size for a model of ``params``."""
+    return working_image(load_image01(sample.path), max(WORKING_SIZE, params.input_size))[0]
+
+
 def load_clahe01(sample: Sample, params: PreprocessParams) -> np.ndarray:
-    """The CLAHE'd image: from the file as is when it was exported CLAHE'd, else CLAHE applied now."""
-    img = load_image01(sample.path)
-    return img if sample.clahe_applied else apply_clahe(img, params)
+    """The CLAHE'd image: from the file as is when it was exported CLAHE'd, else normalised and CLAHE'd now, at
+    the working size."""
+    if sample.clahe_applied:
+        return load_image01(sample.path)
+    return apply_clahe(load_working(sample, params), params)
+
+
+load_model_view = load_clahe01  # what the classifier's letterbox gets, as the node computes it
