@@ -361,19 +361,25 @@ def test_balanced_weights_give_every_view_label_cell_the_same_share(samples):
 
 
 def test_worst_view_auc_is_the_lowest_per_view_auc():
-    # AP: perfect (AUC 1); PA: 3 of 4 pairs ordered (AUC 0.75); LL: only positives (no AUC, ignored)
-    group = [_mk("AP", 0, 0), _mk("AP", 0, 1), _mk("AP", 1, 0), _mk("AP", 1, 1)]
-    group += [_mk("PA", 0, 0), _mk("PA", 0, 1), _mk("PA", 1, 0), _mk("PA", 1, 1)]
-    group += [_mk("LL", 1, 0), _mk("LL", 1, 1)]
-    probs = np.array([0.1, 0.2, 0.8, 0.9, 0.1, 0.6, 0.4, 0.95, 0.05, 0.05])
-    assert worst_view_auc(group[:4], probs[:4]) == pytest.approx(1.0)
-    assert worst_view_auc(group[4:8], probs[4:8]) == pytest.approx(0.75)
-    overall = roc_auc([s.label for s in group], probs)
-    assert overall < 0.75  # the LL positives drag the pooled AUC down; they are not a view with both classes
-    assert worst_view_auc(group, probs) == pytest.approx(0.75)
-    # no view holds both classes: the overall AUC
-    mixed = [_mk("AP", 0), _mk("PA", 1), _mk("AP", 0, 1), _mk("PA", 1, 1)]
-    assert worst_view_auc(mixed, np.array([0.2, 0.7, 0.6, 0.3])) == pytest.approx(0.75)
+    rng = np.random.default_rng(1)
+    group, probs = [], []
+    for view, gap, n in (("AP", 0.6, 12), ("PA", 0.1, 12), ("LL", -0.8, 3)):
+        for label in (0, 1):
+            for i in range(n):
+                group.append(_mk(view, label, i))
+                probs.append(0.3 + gap * label + 0.1 * rng.standard_normal())
+    probs = np.asarray(probs)
+
+    def auc_of(view):
+        idx = [i for i, s in enumerate(group) if s.view == view]
+        return roc_auc([group[i].label for i in idx], probs[idx])
+
+    assert auc_of("AP") > auc_of("PA") > auc_of("LL")
+    # LL has 3 images per class: too few to count (its AUC is noise), so PA is the worst view
+    assert worst_view_auc(group, probs) == pytest.approx(auc_of("PA"))
+    # no view holds 10 images of each class: the overall AUC
+    small = [i for i, s in enumerate(group) if s.view == "LL"]
+    assert worst_view_auc([group[i] for i in small], probs[small]) == pytest.approx(auc_of("LL"))
 
 
 def test_per_view_threshold_reaches_the_target_sensitivity_in_every_view():
