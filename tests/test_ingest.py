@@ -15,6 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
 from support.dicom_factory import compress, make_cxr
+from support.models import make_tiny_models
 from support.node import wait_for
 
 
@@ -313,6 +314,40 @@ def test_no_phi_in_logs(node_factory, tmp_path):
     for value in canaries.values():
         assert value not in log, f"{value} leaked into the log"
         assert value not in status_text
+
+
+def test_no_phi_in_logs_when_odd_headers_go_through_the_worker(node_factory, tmp_path):
+    """Invalid dates, ages, names and character sets make pydicom and highdicom complain, quoting the value: none
+    of that may reach the node's log, and the study still gets its result."""
+    clf, det = make_tiny_models(tmp_path / "models", p_abnormal=0.9)
+    node = node_factory(
+        logging={"level": "DEBUG"},
+        workers={"count": 1},
+        inference={"models": {"classifier": str(clf), "detector": str(det)}},
+    )
+    make_cxr(
+        tmp_path / "a.dcm",
+        patient_name=["CANARY^ONE", "CANARY^TWO"],
+        patient_id="CANARYID0042",
+        PatientBirthDate="CANARYBD",
+        PatientAge="CANA",
+        StudyDate="2026CANA",
+        SpecificCharacterSet="ISO_IR 999",
+    )
+    ok(node.storescu(tmp_path / "a.dcm"))
+    wait_for(lambda: node.status()["jobs"]["done"] == 1, 120, what="job done despite the odd header")
+    node.stop()
+    log = node.log()
+    assert "job 1 done" in log
+    for value in ("CANARY", "CANA"):
+        assert value not in log, f"{value} leaked into the log"
+
+
+def test_a_radiograph_that_claims_our_manufacturer_is_still_analysed(node_factory, tmp_path):
+    node = node_factory()
+    make_cxr(tmp_path / "a.dcm", Manufacturer="dicom-node")  # a modality may say anything here
+    ok(node.storescu(tmp_path / "a.dcm"))
+    assert node.status()["instances"] == {"total": 1, "eligible": 1, "skipped": 0}
 
 
 def test_check_config_names_the_bad_key(tmp_path):

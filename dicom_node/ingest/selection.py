@@ -14,8 +14,6 @@ from pydicom.dataset import Dataset
 
 from dicom_node.config import SelectionConfig
 
-OWN_MANUFACTURER = "dicom-node"  # Manufacturer written into every object this node makes
-
 
 def _get(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
@@ -74,7 +72,10 @@ def patient_age_years(ds: Dataset) -> float | None:
 
 def select(ds: Dataset, rules: SelectionConfig, own_output: bool = False) -> tuple[bool, str | None]:
     """Return (eligible, skip reason)."""
-    if own_output or _get(ds, "Manufacturer") == OWN_MANUFACTURER.upper():
+    # What only the node knows decides, never a string anyone may write: the store handler looks the SOP Instance
+    # UID up among the results the node made (its outputs are SR, SC and PR objects, which the modality rule
+    # skips anyway). A radiograph whose Manufacturer happens to say "dicom-node" is analysed like any other.
+    if own_output:
         return False, "output of this node (ignored to avoid a routing loop)"
     f = header_fields(ds)
     if f["modality"] not in {m.upper() for m in rules.modalities}:
