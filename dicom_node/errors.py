@@ -52,6 +52,14 @@ class MissingUIDError(InstanceRejected):
     """A UID the node needs to file the instance is missing."""
 
 
+class UIDMismatchError(InstanceRejected):
+    """The data set's SOP Instance UID is not the one its C-STORE command announced."""
+
+
+class InvalidUIDError(InstanceRejected):
+    """A UID of the data set is not a valid UID (other characters than digits and dots, over 64 characters)."""
+
+
 class PixelDataError(DicomNodeError):
     """Pixel data that the node cannot analyse; the message says why."""
 

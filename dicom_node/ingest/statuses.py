@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from dicom_node.errors import MissingUIDError, UndecodableInstanceError
+from dicom_node.errors import InvalidUIDError, MissingUIDError, UIDMismatchError, UndecodableInstanceError
 from storage.errors import DiskFullError, StorageError
 
 
@@ -38,6 +38,12 @@ STORAGE_FAILED = StoreStatus(
     0xA700, "out of resources: the spool or the database failed (retry later)", "storage failure"
 )
 MISSING_UID = StoreStatus(0xA900, "data set does not match SOP class: a required UID is missing", "missing UID")
+UID_MISMATCH = StoreStatus(
+    0xA900,
+    "data set does not match SOP class: its SOP Instance UID differs from the command's",
+    "SOP Instance UID differs from the command",
+)
+INVALID_UID = StoreStatus(0xC212, "cannot understand: a UID is not valid (characters or length)", "invalid UID")
 UNDECODABLE = StoreStatus(0xC210, "cannot understand: the data set cannot be decoded", "dataset cannot be decoded")
 INTERNAL_ERROR = StoreStatus(
     0xC211, "cannot understand: unexpected error in the node (logged with its traceback)", "internal error"
@@ -49,6 +55,8 @@ STATUSES: tuple[tuple[type[BaseException], StoreStatus], ...] = (
     (DiskFullError, OUT_OF_DISK),
     (StorageError, STORAGE_FAILED),
     (MissingUIDError, MISSING_UID),
+    (UIDMismatchError, UID_MISMATCH),
+    (InvalidUIDError, INVALID_UID),
     (UndecodableInstanceError, UNDECODABLE),
 )
 

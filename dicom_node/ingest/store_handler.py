@@ -13,6 +13,7 @@ The handler never raises into pynetdicom: every failure becomes the status that
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -25,7 +26,13 @@ from pydicom.uid import UID
 from pydicom.valuerep import VR
 
 from dicom_node.config import Config
-from dicom_node.errors import InstanceRejected, MissingUIDError, UndecodableInstanceError
+from dicom_node.errors import (
+    InstanceRejected,
+    InvalidUIDError,
+    MissingUIDError,
+    UIDMismatchError,
+    UndecodableInstanceError,
+)
 from dicom_node.ingest.selection import header_fields, select
 from dicom_node.ingest.statuses import STORED, status_for
 from dicom_node.logs import safe_traceback
@@ -43,6 +50,9 @@ IMAGE_CLASSES_ANALYSED = {
 }
 
 _KNOWN_VRS = frozenset(v.value for v in VR)
+# Digits and dots, no empty component, at most 64 characters. Components with leading zeros are not valid either,
+# but old modalities write them and PACS accept them: refusing those would lose real images.
+_UID_CHARS = re.compile(r"[0-9]+(\.[0-9]+)*")
 PIXEL_DATA = 0x7FE00010
 
 
@@ -141,7 +151,7 @@ class StoreHandler:
         start_flush(received)
         ds = read_received(received)
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
-        sop_uid = str(ds.get("SOPInstanceUID", "") or event.request.AffectedSOPInstanceUID or "")
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")  # never the command's: the file must say what it is
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         missing = [
             k
@@ -154,6 +164,13 @@ class StoreHandler:
         ]
         if missing:
             raise MissingUIDError(f"missing {', '.join(missing)}")
+        announced = str(event.request.AffectedSOPInstanceUID or "")
+        if announced and announced != sop_uid:
+            raise UIDMismatchError("SOP Instance UID differs from the command")
+        uids = (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid), ("SOPInstanceUID", sop_uid))
+        invalid = [k for k, v in uids if len(v) > 64 or not _UID_CHARS.fullmatch(v)]
+        if invalid:
+            raise InvalidUIDError(f"invalid {', '.join(invalid)}")
         try:
             fields = header_fields(ds)
         except Exception as exc:
