@@ -4,7 +4,9 @@
     ├── ConfigError                      bad or missing configuration (names the key)
     ├── InstanceRejected                 a received instance the node does not accept (C-STORE failure)
     │   ├── UndecodableInstanceError       the data set cannot be parsed
-    │   └── MissingUIDError                Study, Series or SOP Instance UID is missing
+    │   ├── MissingUIDError                Study, Series or SOP Instance UID is missing
+    │   ├── UIDMismatchError               the data set's SOP Instance UID is not the command's
+    │   └── InvalidUIDError                a UID with other characters than digits and dots, or too long
     ├── PixelDataError                   pixel data that cannot be turned into an image (multi-frame, colour, codec)
     ├── EncodingError                    an output object (SR/SC/GSPS) could not be built or failed validation
     ├── DeliveryError                    sending a result to a destination failed
