@@ -31,6 +31,7 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.ingest.assembly import StudyAssembler
 from dicom_node.ingest.store_handler import StoreHandler
 from dicom_node.logs import safe_traceback, setup_logging
+from dicom_node.net import spoolfile
 from dicom_node.net.listener import Listener
 from dicom_node.net.sender import Sender
 from dicom_node.work.processes import WorkerProcess
@@ -67,6 +68,7 @@ def receive_into_spool(store: Store) -> None:
     so the handler can hard-link the file into place without copying it."""
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(store.spool.tmp)
+    spoolfile.install()  # a full disk gives 0xA700, not an aborted association
 
 
 class Node:

@@ -398,6 +398,42 @@ def test_a_radiograph_that_claims_our_manufacturer_is_still_analysed(node_factor
     assert node.status()["instances"] == {"total": 1, "eligible": 1, "skipped": 0}
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 4 MB tmpfs (needs root, as CI and the dev machine have): a disk that really fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk test: {r.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_answers_0xA700_and_the_association_lives_on(node_factory, tmp_path, small_filesystem):
+    node = node_factory(
+        storage={
+            "root": str(small_filesystem),
+            "database_url": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "min_free_disk_mb": 0,  # no watermark: the disk itself runs out
+        }
+    )
+    big = make_cxr(rows=2048, cols=2048, bits_stored=16)  # 8 MB: does not fit
+    small = make_cxr(rows=32, cols=32)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    status = assoc.send_c_store(big)
+    assert status.Status == 0xA700 and status.ErrorComment == "out of disk space", status
+    assert assoc.is_established  # not aborted: the sender may retry later
+    assert assoc.send_c_store(small).Status == 0x0000  # what fits is stored
+    assoc.release()
+    assert list((small_filesystem / "tmp").iterdir()) == []  # the partial file is gone
+    assert node.status()["instances"]["total"] == 1
+    assert "Traceback" not in node.log()
+
+
 def test_check_config_names_the_bad_key(tmp_path):
     import sys
 

@@ -33,7 +33,11 @@ class StoreStatus:
 
 
 STORED = StoreStatus(0x0000, "stored (also for a duplicate, which is stored once)", None)
-OUT_OF_DISK = StoreStatus(0xA700, "out of resources: free disk below storage.min_free_disk_mb", "out of disk space")
+OUT_OF_DISK = StoreStatus(
+    0xA700,
+    "out of resources: the disk filled up while receiving, or free disk is below storage.min_free_disk_mb",
+    "out of disk space",
+)
 STORAGE_FAILED = StoreStatus(
     0xA700, "out of resources: the spool or the database failed (retry later)", "storage failure"
 )

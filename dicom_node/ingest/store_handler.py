@@ -36,9 +36,10 @@ from dicom_node.errors import (
 from dicom_node.ingest.selection import header_fields, select
 from dicom_node.ingest.statuses import STORED, status_for
 from dicom_node.logs import safe_traceback
+from dicom_node.net.spoolfile import full_disk_error
 from dicom_node.net.transport import start_flush
 from storage import Store
-from storage.errors import StorageError
+from storage.errors import DiskFullError, StorageError
 from storage.repository import InstanceMeta
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ class StoreHandler:
 
     def _store(self, event, sop_class: str, calling: str):
         received = Path(event.dataset_path)
+        if full_disk_error(str(received)) is not None:
+            received.unlink(missing_ok=True)
+            raise DiskFullError("no space left on the storage while receiving")
         start_flush(received)
         ds = read_received(received)
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
