@@ -15,7 +15,6 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.outputs.identity import NodeIdentity
 from dicom_node.outputs.sc import summary_text
 from dicom_node.outputs.sr import build_sr, study_statement
 from dicom_node.outputs.validate import dsrdump
@@ -28,19 +27,19 @@ from inference.quality import colour_problem, input_problem
 from inference.training.calibrate import choose_calibration
 from inference.training.data.images import load_image01
 from inference.training.data.nih import read_nih_matched
-from inference.types import FINDING_CLASSES, ModelInfo, Prediction
+from inference.types import FINDING_CLASSES, Prediction
 from support.dicom_factory import make_cxr
 from support.models import make_tiny_models
+from support.provenance import IDENTITY, MODELS
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = (ModelInfo("classifier", "resnet18", "1.0.0", "a1" * 32), ModelInfo("detector", "yolov8n", "1.0.0", "b2" * 32))
-IDENTITY = NodeIdentity(
-    device_observer_uid="1.2.826.0.1.3680043.8.498.1",
-    software_version="0.1.0",
-    institution="Test Hospital",
-    station_name="DICOM_NODE",
-    models=MODELS,
-)
+
+
+def dicom_node(*args: object) -> subprocess.CompletedProcess:
+    """The command line as a user runs it, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -138,21 +137,8 @@ def test_analyze_refuses_a_colour_photo_and_a_blank_image_with_their_reasons(tmp
     grey = np.rint(real_image * 255).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "photo.png"), np.dstack([grey // 2, grey, np.clip(grey.astype(int) + 80, 0, 255)]))
     cv2.imwrite(str(tmp_path / "blank.png"), np.full((400, 400), 128, np.uint8))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dicom_node",
-            "analyze",
-            str(tmp_path / "photo.png"),
-            str(tmp_path / "blank.png"),
-            "--output",
-            str(tmp_path / "out"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = dicom_node(
+        "analyze", str(tmp_path / "photo.png"), str(tmp_path / "blank.png"), "--output", str(tmp_path / "out")
     )
     assert "photo.png: ERROR photo.png: not analysable: a colour picture" in out.stdout, out.stdout + out.stderr
     assert "blank.png: not analysable: blank or nearly constant image" in out.stdout
@@ -196,28 +182,10 @@ def test_a_detector_file_without_rules_reports_only_classes_it_was_trained_on(tm
 
 def test_tune_detector_on_real_validation_images_writes_the_rules_into_a_copy(tmp_path, datasets_dir):
     shipped = REPO / "models" / "detector.pt"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dicom_node",
-            "tune-detector",
-            "--layout",
-            "nih",
-            "--data",
-            str(datasets_dir),
-            "--detector",
-            str(shipped),
-            "--out",
-            str(tmp_path / "tuned.pt"),
-            "--subset",
-            "val",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = dicom_node(
+        *"tune-detector --layout nih --subset val --data".split(), datasets_dir,
+        "--detector", shipped, "--out", tmp_path / "tuned.pt"
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     md = load_model_file(tmp_path / "tuned.pt", "detector").metadata
     per_class = md.extra["postprocess"]["per_class"]
@@ -294,32 +262,11 @@ def test_calibrate_on_a_local_labelled_folder_and_run_with_it(tmp_path, matched)
         w.writeheader()
         w.writerows(rows)
     shipped = REPO / "models" / "classifier.pt"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dicom_node",
-            "calibrate",
-            "--layout",
-            "folder",
-            "--csv",
-            str(tmp_path / "labels.csv"),
-            "--images",
-            str(images),
-            "--classifier",
-            str(shipped),
-            "--detector",
-            str(REPO / "models" / "detector.pt"),
-            "--target-sensitivity",
-            "0.9",
-            "--out",
-            str(tmp_path / "cal.json"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = dicom_node(
+        *"calibrate --layout folder --target-sensitivity 0.9 --csv".split(), tmp_path / "labels.csv",
+        "--images", images, "--classifier", shipped, "--detector", REPO / "models" / "detector.pt",
+        "--out", tmp_path / "cal.json"
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{len(rows)} images used" in out.stdout
     assert "sensitivity" in out.stdout and "specificity" in out.stdout and "[" in out.stdout  # with CIs

@@ -10,21 +10,14 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.outputs.gsps import build_gsps
-from dicom_node.outputs.identity import NodeIdentity, library_error, source_header
+from dicom_node.outputs.identity import library_error, source_header
 from dicom_node.outputs.sc import build_sc
 from dicom_node.outputs.sr import build_sr
 from dicom_node.outputs.validate import dciodvfy
-from inference.types import Finding, ModelInfo, Prediction
+from inference.types import Finding, Prediction
 from support.dicom_factory import make_cxr
+from support.provenance import IDENTITY, MODELS
 
-MODELS = (ModelInfo("classifier", "resnet18", "1.0.0", "a1" * 32), ModelInfo("detector", "yolov8n", "1.0.0", "b2" * 32))
-IDENTITY = NodeIdentity(
-    device_observer_uid="1.2.826.0.1.3680043.8.498.1",
-    software_version="0.1.0",
-    institution="Test Hospital",
-    station_name="DICOM_NODE",
-    models=MODELS,
-)
 PRED = Prediction(
     0.9, 0.1, (Finding(3, "Cardiomegaly", 0.8, (40.0, 80.0, 200.0, 220.0), 0.8),), "soft", MODELS, (256, 256)
 )

@@ -15,27 +15,17 @@ from dicom_node.errors import EncodingError
 from dicom_node.imaging.pixels import display_window, load_image, read_dataset
 from dicom_node.outputs import codes as C
 from dicom_node.outputs.gsps import LAYER_NAME, build_gsps
-from dicom_node.outputs.identity import SERIES_DESCRIPTION, NodeIdentity, model_device_uid
+from dicom_node.outputs.identity import SERIES_DESCRIPTION, model_device_uid
 from dicom_node.outputs.sc import BANNER_RGB, build_sc
 from dicom_node.outputs.sr import build_sr
 from dicom_node.outputs.validate import dciodvfy, dsrdump, sr_validator
-from inference.types import FINDING_CLASSES, Finding, ModelInfo, Prediction
+from inference.types import FINDING_CLASSES, Finding, Prediction
 from support.dicom_factory import make_cxr
+from support.provenance import IDENTITY, MODELS
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
-MODELS = (
-    ModelInfo("classifier", "efficientnet_b0", "1.0.0", "a1" * 32),
-    ModelInfo("detector", "yolov8n", "1.1.0", "b2" * 32),
-)
-IDENTITY = NodeIdentity(
-    device_observer_uid="1.2.826.0.1.3680043.8.498.1",
-    software_version="0.1.0",
-    institution="Test Hospital",
-    station_name="DICOM_NODE",
-    models=MODELS,
-)
 
 
 def finding(class_id: int, score: float, box) -> Finding:

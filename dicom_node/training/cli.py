@@ -53,18 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         tp = train_sub.add_parser(kind, help=f"train the {kind}")
         add(tp)
         tp.set_defaults(func=_run(run))
-    ev = sub.add_parser("evaluate", description=TRAINING_COMMANDS["evaluate"])
-    commands.add_evaluate_arguments(ev)
-    ev.set_defaults(func=_run(commands.run_evaluate))
-    tune = sub.add_parser("tune-detector", description=TRAINING_COMMANDS["tune-detector"])
-    commands.add_tune_detector_arguments(tune)
-    tune.set_defaults(func=_run(commands.run_tune_detector))
-    audit = sub.add_parser("audit", description=TRAINING_COMMANDS["audit"])
-    commands.add_audit_arguments(audit)
-    audit.set_defaults(func=_run(commands.run_audit))
-    cal = sub.add_parser("calibrate", description=TRAINING_COMMANDS["calibrate"])
-    commands.add_calibrate_arguments(cal)
-    cal.set_defaults(func=_run(commands.run_calibrate))
+    for name, add, run in (
+        ("evaluate", commands.add_evaluate_arguments, commands.run_evaluate),
+        ("tune-detector", commands.add_tune_detector_arguments, commands.run_tune_detector),
+        ("audit", commands.add_audit_arguments, commands.run_audit),
+        ("calibrate", commands.add_calibrate_arguments, commands.run_calibrate),
+    ):
+        cp = sub.add_parser(name, description=TRAINING_COMMANDS[name])
+        add(cp)
+        cp.set_defaults(func=_run(run))
     return p
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from inference.errors import DatasetError
 from inference.preprocess import PreprocessParams
-from inference.training.data.images import load_model_view
+from inference.training.data.images import load_clahe01
 from inference.training.data.sample import Sample
 
 
@@ -42,7 +42,7 @@ def run_audit(samples: list[Sample], params: PreprocessParams, tool: Path, boot:
         _write_csv(tmp_dir / "stored.csv", raw)
         seen = []
         for i, s in enumerate(samples):
-            img = load_model_view(s, params)
+            img = load_clahe01(s, params)  # as the node computes it, before the letterbox
             name = f"{i:05d}.png"
             cv2.imwrite(str(tmp_dir / name), np.rint(img * 255).astype(np.uint8))
             seen.append((name, s.label, s.patient_id, s.view or ""))

@@ -394,7 +394,6 @@ def add_calibrate_arguments(p) -> None:
 
 
 def run_calibrate(args) -> int:
-    from inference.fusion import FusionParams
     from inference.pipeline import Pipeline
     from inference.quality import input_problem
     from inference.training.calibrate import choose_calibration
@@ -402,9 +401,7 @@ def run_calibrate(args) -> int:
     parts, desc = make_splits(args)
     samples = parts[args.subset]
     # the node's own input path (input check, working size, CLAHE); the detector only sets the working size
-    pipe = Pipeline.from_files(
-        args.classifier, args.detector, FusionParams(mode="gate", abnormal_threshold=1.0), args.device
-    )
+    pipe = Pipeline.from_files(args.classifier, args.detector, device=args.device)
     load = image_loader(args)
     labels, probs, views, refused = [], [], [], 0
     clf = pipe.classifier

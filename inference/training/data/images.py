@@ -42,6 +42,3 @@ def load_clahe01(sample: Sample, params: PreprocessParams) -> np.ndarray:
     if sample.clahe_applied:
         return load_image01(sample.path)
     return apply_clahe(load_working(sample, params), params)
-
-
-load_model_view = load_clahe01  # what the classifier's letterbox gets, as the node computes it
