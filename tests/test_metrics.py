@@ -119,3 +119,17 @@ def test_confidence_intervals():
     lo_small, hi_small = auc_interval(y[::10], s[::10])  # 20 + 20 cases: a much wider interval
     assert hi_small - lo_small > 2 * (hi - lo)
     assert auc_interval([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == (1.0, 1.0)  # perfect separation
+
+
+def test_map_interval_brackets_the_map_and_is_exact_when_every_box_is_found():
+    from inference.training.metrics import detection_map, map_interval
+
+    box = (10.0, 10.0, 50.0, 50.0)
+    gts = {f"i{k}": [(0, box)] for k in range(20)}
+    found = {f"i{k}": [(0, 0.9, box)] for k in range(20)}
+    half = {f"i{k}": [(0, 0.9, box)] if k < 10 else [] for k in range(20)}
+    patients = {f"i{k}": f"p{k // 2}" for k in range(20)}
+    assert map_interval(gts, found, patients, reps=200) == (1.0, 1.0)
+    point = detection_map(gts, half, 0.4)["map"]
+    lo, hi = map_interval(gts, half, patients, reps=200)
+    assert point == pytest.approx(0.5) and 0.15 <= lo < point < hi <= 0.85

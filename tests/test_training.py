@@ -94,6 +94,8 @@ def test_tiny_detector_and_evaluate_commands(tmp_path):
             "4",
             "--workers",
             "0",
+            "--export-workers",
+            "2",
         ],
     )
     assert commands.run_train_detector(det_args) == 0
@@ -101,6 +103,7 @@ def test_tiny_detector_and_evaluate_commands(tmp_path):
     det = Detector.load(det_path)
     assert det.loaded.metadata.classes == tuple(FINDING_CLASSES)
     assert det.loaded.metadata.architecture == "yolov8n" and det.preprocess.input_size == 128
+    assert det.preprocess.intensity == "rank"  # the same input normalisation as the classifier
     splits = json.loads((tmp_path / "det" / "splits.json").read_text())
     assert len(splits["train"]) == 8 and not set(splits["train"]) & set(splits["test"])
     assert (
@@ -168,3 +171,50 @@ def test_tiny_detector_and_evaluate_commands(tmp_path):
     for name in ("roc.png", "confusion_matrix.png", "pr_curves_gate.png", "pr_curves_soft.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 1000
     assert "No finding" in report["modes"]["soft"]["ap40_per_class"]
+
+
+def test_yolo_export_shows_the_detector_what_the_node_shows_it(parts, tmp_path):
+    """Training images are what the node feeds the detector (working size, equalised, CLAHE'd) and their
+    labels follow the boxes through the resize; the parallel export writes the same files as the serial one."""
+    import dataclasses
+
+    import cv2
+
+    from inference.preprocess import PreprocessParams, apply_clahe, working_image
+    from inference.training.yolo_dataset import export_yolo_dataset
+
+    boxed = [s for s in parts["train"] if s.boxes][:3]
+    normal = [s for s in parts["train"] if not s.abnormal][:1]
+    # a 1024 px copy of a boxed film with its boxes scaled: the export must bring both back to 512
+    big = boxed[0]
+    raw = cv2.imread(str(big.path), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(tmp_path / "big.png"), cv2.resize(raw, (1024, 1024), interpolation=cv2.INTER_CUBIC))
+    big2 = dataclasses.replace(
+        big, image_id="big", path=tmp_path / "big.png", boxes=tuple(tuple(v * 2 for v in b) for b in big.boxes)
+    )
+    params = PreprocessParams.for_detector(512, intensity="rank")
+    splits = {"train": [*boxed, big2, *normal]}
+    serial = export_yolo_dataset(splits, tmp_path / "serial", params, max_size=512, workers=1).parent
+    parallel = export_yolo_dataset(splits, tmp_path / "parallel", params, max_size=512, workers=2).parent
+    for s in splits["train"]:
+        for sub, ext in (("images", "png"), ("labels", "txt")):
+            a = (serial / sub / "train" / f"{s.image_id}.{ext}").read_bytes()
+            assert a == (parallel / sub / "train" / f"{s.image_id}.{ext}").read_bytes()
+
+    first = boxed[0]
+    expected = apply_clahe(working_image(load_image01(first.path), 512)[0], params)
+    got = cv2.imread(str(serial / "images" / "train" / f"{first.image_id}.png"), cv2.IMREAD_GRAYSCALE)
+    assert np.abs(got.astype(np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
+
+    def labels(image_id):
+        text = (serial / "labels" / "train" / f"{image_id}.txt").read_text().split("\n")
+        return np.array([[float(v) for v in line.split()] for line in text if line])
+
+    small, large = labels(first.image_id), labels("big")
+    assert len(small) == len(first.boxes) and small.shape == large.shape
+    assert np.abs(small - large).max() < 2 / 512  # the same boxes, within the resize's rounding
+    x0, y0, w, h = first.boxes[0][0], first.boxes[0][1], *np.subtract(first.boxes[0][2:], first.boxes[0][:2])
+    assert np.allclose(small[0][1:], [(x0 + w / 2) / 512, (y0 + h / 2) / 512, w / 512, h / 512], atol=1e-4)
+    assert (serial / "labels" / "train" / f"{normal[0].image_id}.txt").read_text() == ""
+    cv2_big = cv2.imread(str(serial / "images" / "train" / "big.png"), cv2.IMREAD_GRAYSCALE)
+    assert cv2_big.shape == (512, 512)

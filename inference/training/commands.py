@@ -222,6 +222,16 @@ def add_train_detector_arguments(p) -> None:
     p.add_argument("--patience", type=int, default=100)
     p.add_argument("--cache", action="store_true", help="cache training images in RAM")
     p.add_argument(
+        "--intensity",
+        choices=("rank", "none"),
+        default="rank",
+        help="input intensity normalisation before CLAHE (rank = histogram equalisation, as the classifier)",
+    )
+    p.add_argument(
+        "--time-hours", type=float, default=0.0, help="train for this long (ultralytics fits the epochs to it)"
+    )
+    p.add_argument("--export-workers", type=int, default=1, help="processes that export the training images")
+    p.add_argument(
         "--no-normals",
         dest="normals",
         action="store_false",
@@ -260,12 +270,22 @@ def run_train_detector(args) -> int:
         version=args.version,
         clahe_clip_limit=args.clahe_clip_limit,
         clahe_tile_grid=args.clahe_tile_grid,
+        intensity=args.intensity,
+        time_hours=args.time_hours,
     )
     params = PreprocessParams.for_detector(
-        args.imgsz, clahe_clip_limit=args.clahe_clip_limit, clahe_tile_grid=args.clahe_tile_grid
+        args.imgsz,
+        clahe_clip_limit=args.clahe_clip_limit,
+        clahe_tile_grid=args.clahe_tile_grid,
+        intensity=args.intensity,
     )
     data_yaml = export_yolo_dataset(
-        {"train": train, "val": val}, out / "yolo", params, max_size=args.imgsz, include_normals=args.normals
+        {"train": train, "val": val},
+        out / "yolo",
+        params,
+        max_size=args.imgsz,
+        include_normals=args.normals,
+        workers=args.export_workers,
     )
     best = train_detector(data_yaml, out, cfg, resume=args.resume)
     model_path = Path(args.model_out) if args.model_out else out / "detector.pt"

@@ -29,7 +29,15 @@ import numpy as np
 from inference.errors import DatasetError
 from inference.training.data.images import load_image01
 from inference.training.data.sample import Sample, describe
-from inference.training.metrics import ALL_CLASSES, add_no_finding, binary_metrics, detection_map, map_range, roc_curve
+from inference.training.metrics import (
+    ALL_CLASSES,
+    add_no_finding,
+    binary_metrics,
+    detection_map,
+    map_interval,
+    map_range,
+    roc_curve,
+)
 from inference.types import FINDING_CLASSES, Prediction
 
 log = logging.getLogger(__name__)
@@ -82,6 +90,9 @@ def _mode_report(samples: list[Sample], preds: list[Prediction]) -> tuple[dict, 
     report = {
         "map40": full["map"],
         "map40_findings": findings_only["map"],
+        "map40_findings_ci": map_interval(
+            gts, dets, {s.image_id: s.patient_id for s in samples}, 0.4, range(len(FINDING_CLASSES)), reps=500
+        ),
         "map50": coco["map50"],
         "map50_95": coco["map50_95"],
         "ap40_per_class": {ALL_CLASSES[c]: r.ap for c, r in full["per_class"].items() if r.n_gt},
@@ -247,7 +258,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"not analysable (left out): {len(report['not_analysable'])} images")
     for mode, r in report["modes"].items():
         lines.append(
-            f"{mode}: mAP@0.4 {r['map40']} (findings only {r['map40_findings']}), mAP50 {r['map50']}, "
+            f"{mode}: mAP@0.4 {r['map40']} (findings only {r['map40_findings']}, 95 % CI "
+            f"{r['map40_findings_ci'][0]:.3f}-{r['map40_findings_ci'][1]:.3f}), mAP50 {r['map50']}, "
             f"mAP50-95 {r['map50_95']}, image-level acc {r['image_level']['accuracy']}"
         )
     lines.append(f"recommended fusion mode: {report['recommended_fusion_mode']}")

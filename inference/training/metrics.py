@@ -177,6 +177,40 @@ def map_range(gts: GroundTruth, preds: Predictions, thresholds=COCO_THRESHOLDS, 
 # ----------------------------------------------------------------------------- classification
 
 
+def map_interval(
+    gts: GroundTruth,
+    preds: Predictions,
+    groups: dict[str, str],
+    iou_thr: float = 0.4,
+    classes: range | None = None,
+    reps: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95 % percentile interval of :func:`detection_map` under a bootstrap that resamples ``groups`` (image id
+    -> patient id) with replacement, so a patient's films stay together. Replicates whose mAP is undefined (no
+    ground-truth box drawn) are left out."""
+    by_group: dict[str, list[str]] = {}
+    for image_id in gts:
+        by_group.setdefault(groups.get(image_id, image_id), []).append(image_id)
+    keys = sorted(by_group)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(reps):
+        g: dict = {}
+        p: dict = {}
+        for n, k in enumerate(rng.integers(0, len(keys), len(keys))):
+            for image_id in by_group[keys[k]]:
+                g[f"{n}/{image_id}"] = gts[image_id]
+                p[f"{n}/{image_id}"] = preds.get(image_id, [])
+        v = detection_map(g, p, iou_thr, classes=classes)["map"]
+        if v == v:
+            values.append(v)
+    if not values:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def roc_auc(y_true, scores) -> float:
     """ROC AUC as the Mann-Whitney U statistic (ties count one half); nan with one class only."""
     y = np.asarray(y_true).astype(bool)

@@ -2,10 +2,11 @@
 
 ``train_detector(data_yaml, out_dir, cfg)`` trains ``YOLO("<size>.yaml")`` from scratch
 (``pretrained=False``: nothing is downloaded) with the original project's choices: optimizer Adam,
-lr0 3e-4, rotation +-10 degrees, brightness (hsv_v) jitter, contrast from CLAHE (done at export),
-no hue/saturation jitter (greyscale). Runs go to ``OUT/ultralytics/train``; ``resume=True``
-continues from its ``weights/last.pt``. ultralytics' AMP self-check (which would download
-yolo26n.pt) is bypassed on CUDA; on CPU AMP is off anyway.
+lr0 3e-4, rotation +-10 degrees, brightness (hsv_v) jitter, contrast from intensity normalisation
+and CLAHE (done at export, as the node does), no hue/saturation jitter (greyscale). ``time_hours``
+hands ultralytics a time budget instead of a fixed number of epochs. Runs go to
+``OUT/ultralytics/train``; ``resume=True`` continues from its ``weights/last.pt``. ultralytics' AMP
+self-check (which would download yolo26n.pt) is bypassed on CUDA; on CPU AMP is off anyway.
 
 ``convert_checkpoint(best_pt, model_path, ...)`` turns ultralytics' ``best.pt`` (a pickled model)
 into our model file (:mod:`inference.modelfile`, kind "detector": yaml dict + float16 state dict +
@@ -54,6 +55,8 @@ class DetectorTrainConfig:
     version: str = "0.1.0"
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
+    intensity: str = "rank"  # intensity normalisation before CLAHE (PreprocessParams.intensity)
+    time_hours: float = 0.0  # > 0: ultralytics fits the epochs into this much training time
     extra: dict = field(default_factory=dict)  # any other ultralytics train argument
 
     def train_args(self) -> dict:
@@ -84,6 +87,7 @@ class DetectorTrainConfig:
             deterministic=True,
             exist_ok=True,
             verbose=True,
+            **({"time": self.time_hours} if self.time_hours > 0 else {}),
             **self.extra,
         )
 
@@ -202,7 +206,7 @@ def convert_checkpoint(
     yaml_dict = dict(net.yaml)
     yaml_dict["nc"] = len(FINDING_CLASSES)
     params = PreprocessParams.for_detector(
-        cfg.imgsz, clahe_clip_limit=cfg.clahe_clip_limit, clahe_tile_grid=cfg.clahe_tile_grid
+        cfg.imgsz, clahe_clip_limit=cfg.clahe_clip_limit, clahe_tile_grid=cfg.clahe_tile_grid, intensity=cfg.intensity
     )
     train_args = ckpt.get("train_args") or {}
     md = ModelMetadata(
