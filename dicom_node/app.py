@@ -96,6 +96,9 @@ class Node:
         removed = self.store.spool.clean_tmp()
         if removed:
             log.info("removed %d partial files of interrupted transfers (never acknowledged)", removed)
+        orphans = self.store.remove_unreferenced_files()
+        if orphans:
+            log.info("removed %d unreferenced spool files (placed by a crash before their row was committed)", orphans)
         self.scheduler.start()
         restored = self.assembler.restore()
         if restored:

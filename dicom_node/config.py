@@ -43,6 +43,7 @@ class NodeConfig(_Strict):
     port: int = Field(11112, ge=0, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)  # [] = any
     max_associations: int = Field(16, ge=1)
+    max_connections_per_peer: int = Field(8, ge=1)  # open connections one host (IP) may hold
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(120, gt=0)

@@ -24,6 +24,7 @@ def setup_logging(level: str = "INFO") -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT))
         handler._dicom_node = True  # type: ignore[attr-defined]
+        handler.addFilter(ThirdPartyRedaction())
         root.addHandler(handler)
     root.setLevel(level)
     # Third-party loggers: pynetdicom and highdicom would log identifiers at INFO/DEBUG.
@@ -31,6 +32,28 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for chatty in ("apscheduler.executors.default", "apscheduler.scheduler"):  # "job skipped: still running"
         logging.getLogger(chatty).setLevel(logging.ERROR)
+
+
+class ThirdPartyRedaction(logging.Filter):
+    """Exception messages logged by the DICOM libraries themselves (pynetdicom logs ``LOGGER.exception(exc)``
+    when a peer's bytes break its state machine) are replaced by their type, and their tracebacks by
+    :func:`safe_traceback`: such a message may quote a header value."""
+
+    LIBRARIES = ("pynetdicom", "pydicom", "highdicom")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] not in self.LIBRARIES:
+            return True
+        if isinstance(record.msg, BaseException):
+            record.msg, record.args = _withheld(record.msg), ()
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = f"{record.getMessage()}\n{safe_traceback(record.exc_info[1])}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _withheld(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__name__} (message withheld: may hold patient data)"
 
 
 def safe_traceback(exc: BaseException) -> str:
@@ -46,11 +69,7 @@ def safe_traceback(exc: BaseException) -> str:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         frames = "".join(traceback.format_tb(current.__traceback__))
-        text = (
-            f"{type(current).__name__}: {current}"
-            if isinstance(current, DicomNodeError)
-            else f"{type(current).__module__}.{type(current).__name__} (message withheld: may hold patient data)"
-        )
+        text = f"{type(current).__name__}: {current}" if isinstance(current, DicomNodeError) else _withheld(current)
         parts.append(f"Traceback (most recent call last):\n{frames}{text}")
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return "\n\nwhich was caused by:\n".join(parts)

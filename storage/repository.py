@@ -146,6 +146,30 @@ class Store:
             return s.get(Instance, sop_uid) is not None
 
     @_database_errors
+    def instance_file(self, sop_uid: str) -> Path | None:
+        with self._session() as s:
+            path = s.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_uid))
+            return Path(path) if path is not None else None
+
+    @_database_errors
+    def remove_unreferenced_files(self) -> int:
+        """Delete spool files that no instance row references: left by a crash between placing a received file
+        and committing its row (never acknowledged, so the sender still has it). Call only while nothing is being
+        received. Returns how many were removed."""
+
+        def key(path: Path) -> tuple[str, ...]:  # study folder + file name: the same if the root was moved
+            return path.parts[-2:]
+
+        with self._session() as s:
+            known = {key(Path(p)) for p in s.scalars(select(Instance.path))}
+        removed = 0
+        for p in sorted(self.spool.files.rglob("*")):
+            if p.is_file() and key(p) not in known:
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    @_database_errors
     def add_instance(self, data: bytes | memoryview | Path, meta: InstanceMeta, stable_after_s: float) -> Stored:
         """Store one received instance durably. Returns only after the file is fsync'd and the row committed.
 
@@ -190,8 +214,11 @@ class Store:
                     {**meta.__dict__, "size_bytes": size, "path": str(final), "received_at": now, "job_id": None},
                 )
         except IntegrityError:
-            if self.has_instance(meta.sop_instance_uid):  # a concurrent copy committed first: same file name
-                return Stored(True, final, None)
+            committed = self.instance_file(meta.sop_instance_uid)
+            if committed is not None:  # stored earlier (or concurrently) - under another study, if the name differs
+                if committed != final:
+                    final.unlink(missing_ok=True)  # our copy is referenced by no row
+                return Stored(True, committed, None)
             raise
         return Stored(False, final, due)
 

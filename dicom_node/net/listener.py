@@ -2,7 +2,8 @@
 common transfer syntaxes, with the fast receive path of :mod:`dicom_node.net.transport` engaged.
 
 What a C-STORE does is the handler's business (:class:`dicom_node.ingest.store_handler.StoreHandler`, handed
-in by the composition root); this module only speaks the protocol: AE titles, timeouts, association limits.
+in by the composition root); this module only speaks the protocol: AE titles, timeouts, association limits (counted by
+:class:`dicom_node.net.admission.Admission`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeConfig
+from dicom_node.net.admission import UNLIMITED, Admission
 from dicom_node.net.transport import engage_fast_path
 
 try:  # JPEG Lossless (Process 14, non-SV1) exists under this name in pydicom 3
@@ -67,6 +69,7 @@ class Listener:
         self.node = node
         self.on_store = on_store
         self._server: ThreadedAssociationServer | None = None
+        self.admission = Admission(node.max_associations, node.max_connections_per_peer)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -78,7 +81,7 @@ class Listener:
         ae.require_called_aet = True
         if node.allowed_calling_aets:
             ae.require_calling_aet = list(node.allowed_calling_aets)
-        ae.maximum_associations = node.max_associations
+        ae.maximum_associations = UNLIMITED  # counted by self.admission instead (see dicom_node.net.admission)
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
@@ -92,6 +95,7 @@ class Listener:
     def start(self) -> int:
         """Start listening (non-blocking); returns the bound port (the one the OS chose with ``node.port: 0``)."""
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self.admission.on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -99,7 +103,7 @@ class Listener:
         ]
         server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
         self._server = cast(ThreadedAssociationServer, server)  # block=False always returns the server
-        engage_fast_path(self._server)
+        engage_fast_path(self._server, self.admission)
         log.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.port)
         return self.port
 

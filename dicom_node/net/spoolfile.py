@@ -6,11 +6,16 @@ escape from its reactor thread, which aborts the association: the sender sees a 
 that fails because the disk or quota is full is remembered for that file and every later write to it is
 dropped, so the transfer runs to its end; the C-STORE handler then asks :func:`full_disk_error` and answers
 0xA700 with a reason (and deletes the partial file). Other write errors still raise.
+
+Each receive file is also remembered by the association that created it: :func:`cleanup_receive_files` deletes
+what is left of them when the association ends, so no way of breaking off a transfer leaves a file in tmp/.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import tempfile
 import threading
 from typing import Any
@@ -20,6 +25,8 @@ from pynetdicom import dimse_messages
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _failed: dict[str, int] = {}  # file path -> errno of the first failed write
 _lock = threading.Lock()
+_FILES = "_dicom_node_receive_files"  # attribute of an Association: the receive files its DUL created
+log = logging.getLogger(__name__)
 
 
 class GuardedWriter:
@@ -57,7 +64,34 @@ class GuardedWriter:
 def _guarded_temporary_file(*args: Any, **kwargs: Any):
     f = tempfile.NamedTemporaryFile(*args, **kwargs)
     f.file = GuardedWriter(f.file, f.name)  # type: ignore[assignment]
+    # pynetdicom creates it in the association's DUL thread: remember it there, for cleanup_receive_files
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    if assoc is not None:
+        files = assoc.__dict__.setdefault(_FILES, [])
+        if len(files) >= 64:  # a long association: forget the files pynetdicom already removed
+            files[:] = [name for name in files if os.path.exists(name)]
+        files.append(f.name)
     return f
+
+
+def cleanup_receive_files(assoc) -> int:
+    """Delete what is left of the receive files of an association that has ended: a transfer that was aborted,
+    reset, released, timed out or refused half way leaves its partial file (pynetdicom removes a file only after
+    a complete C-STORE's handler). Returns how many were removed."""
+    removed = 0
+    for name in assoc.__dict__.pop(_FILES, []):
+        with _lock:
+            _failed.pop(name, None)
+        try:
+            os.unlink(name)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("could not remove the partial receive file %s (%s)", os.path.basename(name), exc.strerror)
+    if removed:
+        log.info("removed %d partial receive file(s) of an association that ended mid-transfer", removed)
+    return removed
 
 
 def install() -> None:

@@ -38,6 +38,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import cast
 
@@ -46,12 +47,16 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
+from dicom_node.net.admission import Admission
+from dicom_node.net.spoolfile import cleanup_receive_files
+
 LOGGER = logging.getLogger("pynetdicom.dul")  # the DUL's own messages keep their logger
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 BATCH_BYTES = 4 << 20  # most data-set bytes taken per reactor cycle while more is waiting
 MAX_PREALLOCATED = 1 << 26  # larger PDUs are read as they arrive, not allocated up front
 IDLE_WAIT_S = 0.001
+GONE_POLL_S = 0.05  # how often a waiting acceptor looks whether its connection is gone
 FLUSH_STEP = 1 << 20
 
 
@@ -100,20 +105,45 @@ def start_flush(path) -> None:
 
 
 class FastRecvSocket(AssociationSocket):
+    gone = False  # the peer closed the connection, or sent nothing for longer than the timeout allows
+
+    def _read_timeout(self) -> float | None:
+        """How long one read may wait for the peer: ``network_timeout`` once the association is established,
+        ``acse_timeout`` before (a request that stalls half way)."""
+        assoc = self._assoc
+        return assoc.network_timeout if assoc.is_established else assoc.acse_timeout
+
     def recv_into(self, view: memoryview, ack: bool = True) -> int:
         """Fill ``view``; returns the number of bytes read (fewer only when the peer closed the connection).
         ``ack``: acknowledge at once after each read (see ``quick_ack``); a caller reading many PDUs in a row
-        does that once at the end."""
+        does that once at the end. A peer that sends nothing for the read timeout raises TimeoutError: the
+        DUL then treats the connection as closed (Evt17) instead of waiting for ever inside a PDU."""
         got, want = 0, len(view)
         sock = cast(socket.socket, self.socket)  # set by pynetdicom before any read
+        timeout = self._read_timeout()
         while got < want:
+            if timeout is not None and not select.select([sock], [], [], timeout)[0]:
+                self.gone = True
+                log.warning(
+                    "network timeout: no data from %s for %g s inside a PDU; closing the connection",
+                    self._peer_host(),
+                    timeout,
+                )
+                raise TimeoutError(f"no data for {timeout:g} s")
             n = sock.recv_into(view[got:], min(CHUNK, want - got))
             if n == 0:
+                self.gone = True
                 break
             got += n
             if ack:
                 quick_ack(sock)
         return got
+
+    def _peer_host(self) -> str:
+        try:
+            return str(cast(socket.socket, self.socket).getpeername()[0])
+        except (OSError, AttributeError, IndexError):
+            return "the peer"
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PREALLOCATED:  # a PDU length is the peer's claim: grow with what really arrives
@@ -219,6 +249,20 @@ class FastDUL(DULServiceProvider):
             quick_ack(sock)
             if written:
                 STATS.add(direct_bytes=written)
+
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None):
+        """pynetdicom's, except that a wait (the acceptor waits ``acse_timeout`` for the A-ASSOCIATE-RQ) ends
+        as soon as the connection is gone: a connection that closed at once no longer holds its thread."""
+        if not wait or timeout is None:
+            return super().receive_pdu(wait, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            got = super().receive_pdu(True, max(0.0, min(GONE_POLL_S, deadline - time.monotonic())))
+            if got is not None or time.monotonic() >= deadline:
+                return got
+            sock = self.socket
+            if sock is None or sock.socket is None or getattr(sock, "gone", False) or not self.is_alive():
+                return super().receive_pdu(False)
 
     def _recv_exact(self, view: memoryview) -> bool:
         """Fill ``view`` from the socket; on a closed connection or an error queue Evt17 and return False."""
@@ -350,9 +394,23 @@ def rejection_result(assoc) -> int | None:
 
 
 class FastRequestHandler(RequestHandler):
+    _handed_over = False  # the association's thread now gives the connection back when it ends
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except BaseException:
+            admission = getattr(self.server, "admission", None)
+            if admission is not None and not self._handed_over:
+                admission.finished(None, self.client_address[0])
+            raise
+
     def _create_association(self):
         assoc = super()._create_association()
         no_delay(self.request)
+        _on_thread_end(assoc, getattr(self.server, "admission", None), self.client_address[0])
+        self._handed_over = True
+        _guard_state_machine(assoc, self.client_address[0])
         # Swap in the subclasses only over the exact classes they extend: another pynetdicom, or someone else's
         # subclass, keeps pynetdicom's own path.
         if type(assoc.dul) is DULServiceProvider and type(assoc.dul.socket) is AssociationSocket:
@@ -369,7 +427,80 @@ class FastRequestHandler(RequestHandler):
         return assoc
 
 
-def engage_fast_path(server: AssociationServer) -> None:
+def _guard_state_machine(assoc, host: str) -> None:
+    """An exception in a state-machine action (pynetdicom decoding a garbage command set, say) escapes the DUL's
+    thread and kills it with a traceback. Instead: log what failed (type only: a message may quote the data),
+    send an A-ABORT and end this association, as pynetdicom does for an exception in the rest of its reactor."""
+    machine = assoc.dul.state_machine
+    do_action = machine.do_action
+
+    def guarded(event: str) -> None:
+        try:
+            do_action(event)
+        except Exception as exc:  # noqa: BLE001 - the peer's bytes made pynetdicom fail: end this association only
+            log.warning(
+                "association with %s aborted: its %s could not be processed (%s in %s)",
+                host,
+                "DIMSE message" if event == "Evt10" else f"PDU ({event})",
+                type(exc).__name__,
+                _raising_function(exc),
+            )
+            _hard_abort(assoc)
+
+    machine.do_action = guarded
+
+
+def _raising_function(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_name if tb is not None else "?"
+
+
+def _hard_abort(assoc) -> None:
+    """A-ABORT (service provider, reason not specified) and stop both reactors (pynetdicom's own way out of an
+    exception in its DUL reactor)."""
+    from pynetdicom.pdu import A_ABORT_RQ
+
+    dul = assoc.dul
+    try:
+        pdu = A_ABORT_RQ()
+        pdu.source = 0x02
+        pdu.reason_diagnostic = 0x00
+        if dul.socket is not None:
+            dul.socket.send(pdu.encode())
+    except Exception:  # noqa: BLE001 - the connection may be gone already; the reactors stop anyway
+        pass
+    assoc.is_aborted = True
+    assoc.is_established = False
+    assoc._kill = True
+    dul._kill_thread = True
+
+
+def _on_thread_end(assoc, admission: Admission | None, host: str) -> None:
+    """When the association's thread ends, however it ends: delete what is left of its receive files and give
+    its connection and slot back to ``admission``."""
+    run = assoc.run
+
+    def run_then_clean_up() -> None:
+        try:
+            run()
+        finally:
+            cleanup_receive_files(assoc)
+            if admission is not None:
+                admission.finished(assoc, host)
+
+    assoc.run = run_then_clean_up  # Thread.start() calls self.run(): the instance attribute wins
+
+
+def engage_fast_path(server: AssociationServer, admission: Admission | None = None) -> None:
     """Serve the server's next associations with :class:`FastRequestHandler` (``RequestHandlerClass`` is the
-    standard ``socketserver`` attribute that names the per-connection handler)."""
+    standard ``socketserver`` attribute that names the per-connection handler); with ``admission``, connections
+    and association slots are counted by it (:mod:`dicom_node.net.admission`)."""
     server.RequestHandlerClass = FastRequestHandler
+    if admission is not None:
+        server.admission = admission  # type: ignore[attr-defined]
+        # socketserver's hook, called on accept: False closes the connection before a thread exists for it
+        server.verify_request = lambda request, client_address: admission.connection_opened(  # type: ignore[method-assign]
+            client_address[0]
+        )

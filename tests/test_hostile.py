@@ -1,0 +1,203 @@
+"""Hostile and broken clients against the real node process, with raw sockets on loopback: connections that
+close at once, stall in the handshake or inside a PDU, hold every slot from one host, or send garbage; and
+every way a transfer can end leaves no partial file in tmp/ and no unreferenced file in the spool."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from tests.support.dicom_factory import make_cxr
+from tests.support.node import wait_for
+from tests.support.rawdicom import (
+    associate_rq,
+    c_store_command,
+    closed_by_peer,
+    connect,
+    established,
+    p_data,
+    read_pdu,
+)
+
+A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0)
+A_RELEASE_RQ = struct.pack(">BBLL", 0x05, 0, 4, 0)
+
+
+def echo(node, source: str = "127.0.0.1") -> bool:
+    """A C-ECHO with pynetdicom from ``source``: True when the association was accepted and answered."""
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 5
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
+    if not assoc.is_established:
+        return False
+    ok = assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    return ok
+
+
+def tmp_files(node) -> list[Path]:
+    return sorted((Path(node.config["storage"]["root"]) / "tmp").iterdir())
+
+
+def spool_files(node) -> set[str]:
+    return {str(p) for p in (Path(node.config["storage"]["root"]) / "spool").rglob("*") if p.is_file()}
+
+
+def referenced(node) -> set[str]:
+    return {r["path"] for r in node.rows("SELECT path FROM instances")}
+
+
+def start_store(node, source: str = "127.0.0.1", fragment: int = 8192) -> socket.socket:
+    """An association with a C-STORE command and the first data-set fragment sent: the node has a partial
+    file in tmp/ from here on."""
+    s = established(node.port, node.ae_title, source)
+    s.sendall(p_data(1, c_store_command(generate_uid()), command=True, last=True))
+    s.sendall(p_data(1, b"\0" * fragment, command=False, last=False))
+    wait_for(lambda: tmp_files(node), 5, what="the partial file")
+    return s
+
+
+def test_connections_that_close_at_once_free_their_slots_at_once(node_factory):
+    node = node_factory(node={"max_associations": 2})
+    for _ in range(30):
+        connect(node.port).close()
+    t0 = time.monotonic()
+    wait_for(lambda: echo(node), 3, interval=0.1, what="a slot after 30 connect/close churners")
+    assert time.monotonic() - t0 < 3
+    assert echo(node) and echo(node)
+
+
+def test_a_stalled_handshake_is_closed_and_never_takes_a_slot(node_factory):
+    node = node_factory(node={"max_associations": 2, "acse_timeout_s": 2})
+    rq = associate_rq(node.ae_title)
+    stalled = []
+    for _ in range(2):
+        s = connect(node.port, "127.0.0.2")
+        s.sendall(rq[:30])  # the first 30 bytes, then nothing
+        stalled.append(s)
+    assert echo(node) and echo(node)  # neither holds an association slot
+    for s in stalled:
+        waited = closed_by_peer(s, 6)
+        assert waited is not None, "a connection stalled in the handshake was never closed"
+    assert node.proc.poll() is None
+
+
+def test_one_host_cannot_take_every_connection(node_factory):
+    node = node_factory(node={"max_associations": 4, "max_connections_per_peer": 2})
+    held = [connect(node.port, "127.0.0.3") for _ in range(2)]
+    extra = connect(node.port, "127.0.0.3")
+    assert closed_by_peer(extra, 2) is not None  # over the per-host limit: closed at once
+    assert echo(node, "127.0.0.1")  # another host still gets in
+    for s in held:
+        s.close()
+    wait_for(lambda: echo(node, "127.0.0.3"), 3, interval=0.1, what="the host's connections to be counted free")
+    assert "127.0.0.3" in node.log() and "connections per host" in node.log()
+
+
+def test_simultaneous_requests_get_exactly_the_configured_number_of_slots(node_factory):
+    node = node_factory(node={"max_associations": 16, "max_connections_per_peer": 30})
+    rq = associate_rq(node.ae_title)
+    socks = [connect(node.port) for _ in range(30)]
+    for s in socks:
+        s.sendall(rq)
+    answers = [read_pdu(s)[0] for s in socks]
+    assert answers.count(0x02) == 16 and answers.count(0x03) == 14, answers
+    for s in socks:
+        s.close()
+    wait_for(lambda: echo(node), 3, interval=0.1, what="slots back after the 30 closed")
+
+
+def test_a_c_store_that_stalls_inside_a_pdu_is_closed_and_leaves_nothing(node_factory):
+    node = node_factory(node={"max_associations": 1, "network_timeout_s": 2})
+    s = start_store(node)
+    s.sendall(struct.pack(">BBL", 0x04, 0, 65536) + b"\0" * 1024)  # a PDU of 64 KB, 1 KB of it sent
+    waited = closed_by_peer(s, 8)
+    assert waited is not None, "a C-STORE stalled inside a PDU was never closed"
+    wait_for(lambda: not tmp_files(node), 3, what="tmp/ to be empty")
+    wait_for(lambda: echo(node), 3, interval=0.1, what="the slot back")
+    assert "network timeout" in node.log().lower()
+
+
+@pytest.mark.parametrize("ending", ["abort", "reset", "release", "close"])
+def test_a_transfer_that_ends_half_way_leaves_no_partial_file(node_factory, ending):
+    node = node_factory(node={"max_associations": 1})
+    s = start_store(node)
+    if ending == "abort":
+        s.sendall(A_ABORT)
+    elif ending == "release":
+        s.sendall(A_RELEASE_RQ)
+    elif ending == "reset":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+    s.close()
+    wait_for(lambda: not tmp_files(node), 5, what=f"tmp/ to be empty after a {ending}")
+    assert not spool_files(node)
+    wait_for(lambda: echo(node), 3, interval=0.1, what="the slot back")
+
+
+def test_refused_and_duplicate_instances_leave_no_file_behind(node_factory, tmp_path):
+    from tests.test_ingest import _send_file
+
+    node = node_factory()
+    ds = make_cxr(tmp_path / "a.dcm", rows=32, cols=32)
+    assert _send_file(node, tmp_path / "a.dcm").Status == 0x0000
+    # the same SOP Instance UID in another study: acknowledged (stored once), no second file
+    other = make_cxr(rows=32, cols=32, sop_uid=ds.SOPInstanceUID)
+    other.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    assert other.StudyInstanceUID != ds.StudyInstanceUID
+    assert _send_file(node, tmp_path / "b.dcm").Status == 0x0000
+    # refused: the data set's UID differs from the command's
+    bad = make_cxr(tmp_path / "c.dcm", rows=32, cols=32)
+    raw = (tmp_path / "c.dcm").read_bytes()
+    (tmp_path / "c.dcm").write_bytes(
+        raw.replace(
+            bad.SOPInstanceUID.encode(),
+            bad.SOPInstanceUID[:-1].encode() + (b"1" if bad.SOPInstanceUID[-1] != "1" else b"2"),
+            1,
+        )
+    )
+    assert _send_file(node, tmp_path / "c.dcm").Status == 0xA900
+    assert not tmp_files(node)
+    assert spool_files(node) == referenced(node) and len(referenced(node)) == 1
+
+
+def test_a_restart_after_a_crash_sweeps_partial_and_unreferenced_files(node_factory, tmp_path):
+    from tests.test_ingest import _send_file
+
+    node = node_factory()
+    make_cxr(tmp_path / "a.dcm", rows=32, cols=32)
+    assert _send_file(node, tmp_path / "a.dcm").Status == 0x0000
+    s = start_store(node)  # a transfer in flight when the machine dies
+    node.kill()
+    s.close()
+    kept = referenced(node)
+    root = Path(node.config["storage"]["root"])
+    orphan = root / "spool" / "ab" / "1.2.3.4.5" / "9.9.9.dcm"  # placed, never committed (crash in between)
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"x" * 100)
+    assert tmp_files(node)
+    node.start()
+    assert not tmp_files(node)
+    assert spool_files(node) == kept and all(os.path.exists(p) for p in kept)
+    assert "unreferenced" in node.log()
+
+
+def test_a_garbage_command_set_ends_that_association_only(node_factory):
+    node = node_factory(node={"max_associations": 1})
+    s = established(node.port, node.ae_title)
+    s.sendall(p_data(1, b"\x07\x00\x99\x00garbage garbage garbage", command=True, last=True))
+    assert closed_by_peer(s, 5) is not None
+    wait_for(lambda: echo(node), 3, interval=0.1, what="the slot back")
+    assert node.proc.poll() is None
+    log = node.log()
+    assert "Exception in thread" not in log  # no reactor thread died
+    assert "DIMSE message could not be processed" in log
+    assert "has no attribute" not in log  # pynetdicom's own exception messages are withheld (may quote data)
