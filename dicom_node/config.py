@@ -44,6 +44,7 @@ class NodeConfig(_Strict):
     allowed_calling_aets: list[str] = Field(default_factory=list)  # [] = any
     max_associations: int = Field(16, ge=1)
     max_connections_per_peer: int = Field(8, ge=1)  # open connections one host (IP) may hold
+    max_inflated_mb: int = Field(512, ge=1)  # a deflated data set may inflate to at most this
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(120, gt=0)

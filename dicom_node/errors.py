@@ -3,7 +3,8 @@
     DicomNodeError
     ├── ConfigError                      bad or missing configuration (names the key)
     ├── InstanceRejected                 a received instance the node does not accept (C-STORE failure)
-    │   ├── UndecodableInstanceError       the data set cannot be parsed
+    │   ├── UndecodableInstanceError       the data set cannot be parsed (or is shorter than its lengths)
+    │   ├── InflatedTooLargeError          a deflated data set inflates beyond node.max_inflated_mb
     │   ├── MissingUIDError                Study, Series or SOP Instance UID is missing
     │   ├── UIDMismatchError               the data set's SOP Instance UID is not the command's
     │   └── InvalidUIDError                a UID with other characters than digits and dots, or too long
@@ -48,6 +49,11 @@ class InstanceRejected(DicomNodeError):
 
 class UndecodableInstanceError(InstanceRejected):
     """The received data set cannot be parsed (unknown VR, broken sequence, not DICOM)."""
+
+
+class InflatedTooLargeError(InstanceRejected):
+    """A deflated data set that inflates beyond the node's limit (a decompression bomb, or far larger than any
+    radiograph)."""
 
 
 class MissingUIDError(InstanceRejected):

@@ -201,3 +201,85 @@ def test_a_garbage_command_set_ends_that_association_only(node_factory):
     assert "Exception in thread" not in log  # no reactor thread died
     assert "DIMSE message could not be processed" in log
     assert "has no attribute" not in log  # pynetdicom's own exception messages are withheld (may quote data)
+
+
+def _deflated_file(path: Path, pixel_bytes: int, rows: int, cols: int) -> Path:
+    """A DX file in Deflated Explicit VR Little Endian whose Pixel Data holds ``pixel_bytes`` zero bytes,
+    written (and deflated) in pieces: a 600 MB image costs the test 600 kB."""
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = make_cxr(rows=32, cols=32)
+    del ds.PixelData
+    ds.Rows, ds.Columns = rows, cols
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM" + meta.getvalue())
+        f.write(packer.compress(body.getvalue() + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)))
+        zeros = b"\0" * (1 << 20)
+        for _ in range(pixel_bytes >> 20):
+            f.write(packer.compress(zeros))
+        f.write(packer.compress(b"\0" * (pixel_bytes % (1 << 20))) + packer.flush())
+    return path
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _send_deflated(node, path: Path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from pynetdicom import _config
+
+    old, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True  # the bytes as they are
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", [DeflatedExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    return status
+
+
+def test_a_deflate_bomb_is_refused_with_bounded_memory(node_factory, tmp_path):
+    _send_file = _send_deflated
+    node = node_factory(node={"max_inflated_mb": 256})
+    bomb = _deflated_file(tmp_path / "bomb.dcm", 18000 * 18000 * 2, 18000, 18000)  # 648 MB of pixels
+    assert bomb.stat().st_size < 2 << 20
+    ok = _deflated_file(tmp_path / "ok.dcm", 256 * 256 * 2, 256, 256)
+    assert _send_file(node, ok).Status == 0x0000  # a deflated image of ordinary size is stored
+    before = _peak_rss_mb(node.proc.pid)
+    status = _send_file(node, bomb)
+    assert status.Status == 0xC210 and "inflates beyond 256 MB" in status.ErrorComment
+    assert _peak_rss_mb(node.proc.pid) - before < 100  # the node's peak memory barely moved
+    assert "node.max_inflated_mb" in node.log()
+    assert not tmp_files(node) and node.status()["instances"]["total"] == 1
+
+
+def test_a_data_set_shorter_than_its_own_lengths_is_refused_naming_the_element(node_factory, tmp_path):
+    from tests.test_ingest import _send_file
+
+    node = node_factory()
+    make_cxr(tmp_path / "a.dcm", rows=64, cols=64)
+    raw = (tmp_path / "a.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(raw[:-3000])  # the transfer stopped inside the pixel data
+    status = _send_file(node, tmp_path / "cut.dcm")
+    assert status.Status == 0xC210 and "ends inside PixelData" in status.ErrorComment
+    assert not tmp_files(node) and not spool_files(node)
+    assert "ends inside PixelData" in node.log()

@@ -168,7 +168,7 @@ def test_children_are_stored_but_not_analysed(node_factory, tmp_path):
     [
         (b"\x08\x00\x16\x00ZZ\x04\x00abcd", 0xC210, "cannot be decoded"),  # unknown VR
         (b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\x01\x02\x03\x04\x05", 0xC210, "cannot be decoded"),  # broken SQ
-        (b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40, 0xA900, "missing StudyInstanceUID"),  # length past the end
+        (b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 40, 0xC210, "ends inside SOPClassUID"),  # length past the end
     ],
 )
 def test_malformed_dataset_gets_a_clear_status_and_node_keeps_serving(

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from dicom_node.errors import InvalidUIDError, MissingUIDError, UIDMismatchError, UndecodableInstanceError
+from dicom_node.errors import (
+    InflatedTooLargeError,
+    InvalidUIDError,
+    MissingUIDError,
+    UIDMismatchError,
+    UndecodableInstanceError,
+)
 from storage.errors import DiskFullError, StorageError
 
 
@@ -49,6 +55,11 @@ UID_MISMATCH = StoreStatus(
 )
 INVALID_UID = StoreStatus(0xC212, "cannot understand: a UID is not valid (characters or length)", "invalid UID")
 UNDECODABLE = StoreStatus(0xC210, "cannot understand: the data set cannot be decoded", "dataset cannot be decoded")
+INFLATED_TOO_LARGE = StoreStatus(
+    0xC210,
+    "cannot understand: a deflated data set inflates beyond node.max_inflated_mb (read with that cap)",
+    "deflated data set inflates beyond the limit",
+)
 INTERNAL_ERROR = StoreStatus(
     0xC211, "cannot understand: unexpected error in the node (logged with its traceback)", "internal error"
 )
@@ -61,6 +72,7 @@ STATUSES: tuple[tuple[type[BaseException], StoreStatus], ...] = (
     (MissingUIDError, MISSING_UID),
     (UIDMismatchError, UID_MISMATCH),
     (InvalidUIDError, INVALID_UID),
+    (InflatedTooLargeError, INFLATED_TOO_LARGE),
     (UndecodableInstanceError, UNDECODABLE),
 )
 

@@ -15,18 +15,22 @@ from __future__ import annotations
 import logging
 import re
 import time
+import zlib
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
 from dicom_node.config import Config
 from dicom_node.errors import (
+    InflatedTooLargeError,
     InstanceRejected,
     InvalidUIDError,
     MissingUIDError,
@@ -87,12 +91,81 @@ def _io_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno is not None
 
 
+INFLATE_STEP = 16 << 20  # at most this much inflated data in memory at once while measuring
+
+
+def check_inflated_size(path: Path, limit_bytes: int) -> int:
+    """The size of a received deflated data set once inflated, measured with bounded memory; raises
+    InflatedTooLargeError beyond ``limit_bytes`` (pydicom would inflate all of it into memory at once)."""
+    with open(path, "rb") as f:
+        head = f.read(144)  # preamble, "DICM", then (0002,0000) UL: the file meta group length
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+            raise UndecodableInstanceError("dataset cannot be decoded (no file meta group length)")
+        f.seek(144 + int.from_bytes(head[140:144], "little"))
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while chunk := f.read(1 << 20):
+                while chunk:
+                    total += len(inflater.decompress(chunk, INFLATE_STEP))
+                    if total > limit_bytes:
+                        raise InflatedTooLargeError(
+                            f"deflated data set inflates beyond {limit_bytes >> 20} MB (node.max_inflated_mb)"
+                        )
+                    chunk = inflater.unconsumed_tail
+        except zlib.error as exc:
+            raise UndecodableInstanceError("dataset cannot be decoded (broken deflate stream)") from exc
+    return total
+
+
+def _element_name(tag) -> str:
+    return keyword_for_tag(tag) or str(Tag(tag))
+
+
+def check_complete(ds: Dataset, path: Path) -> None:
+    """The parsed data set must account for the whole file: pydicom reads lazily and stops quietly where the
+    bytes stop making sense. A value that runs past the end of the file (a truncated transfer or a lying length)
+    or bytes after the last element it could parse (other than zero padding) are refused, naming the element."""
+    size = path.stat().st_size
+    tags = list(ds.keys())
+    if not tags:
+        raise UndecodableInstanceError("dataset cannot be parsed: no element after the file meta")
+
+    def extent(tag) -> tuple[int, int] | None:
+        """(offset, length) of a value still as read from the file, when its length is defined."""
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value_tell is not None and raw.length != 0xFFFFFFFF:
+            return raw.value_tell, raw.length
+        return None
+
+    for tag in tags:
+        where = extent(tag)
+        if where is not None and where[0] + where[1] > size:
+            raise UndecodableInstanceError(
+                f"dataset ends inside {_element_name(tag)} ({size - where[0]} of {where[1]} bytes)"
+            )
+    where = extent(tags[-1])
+    if where is not None and sum(where) < size:
+        with open(path, "rb") as f:
+            f.seek(sum(where))
+            rest = f.read(1 << 16)
+        if len(rest) < 1 << 16 and not rest.strip(b"\0"):
+            return  # zero padding after the data set: harmless
+        raise UndecodableInstanceError(
+            f"dataset cannot be parsed after {_element_name(tags[-1])} ({size - sum(where)} bytes left)"
+        )
+
+
 def read_received(path: Path) -> Dataset:
     """The header of a received file, checked. Our own I/O failure is a StorageError (the sender may retry);
-    anything wrong with the bytes the peer sent is an UndecodableInstanceError."""
+    anything wrong with the bytes the peer sent is an UndecodableInstanceError that says what."""
     try:
         ds = dcmread(path, defer_size=4096)  # header only: large values stay on disk
         check_decodable(ds)
+        if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:  # offsets are inflated ones
+            check_complete(ds, path)
+    except UndecodableInstanceError:
+        raise
     except Exception as exc:
         if _io_failure(exc):
             errno = getattr(exc, "errno", None)
@@ -153,6 +226,8 @@ class StoreHandler:
             received.unlink(missing_ok=True)
             raise DiskFullError("no space left on the storage while receiving")
         start_flush(received)
+        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            check_inflated_size(received, self.config.node.max_inflated_mb << 20)
         ds = read_received(received)
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
         sop_uid = str(ds.get("SOPInstanceUID", "") or "")  # never the command's: the file must say what it is
