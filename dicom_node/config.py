@@ -10,6 +10,7 @@ Environment overrides exist only for paths and secrets:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import site
 import sys
@@ -37,11 +38,31 @@ def _ae_title(value: str) -> str:
     return value
 
 
+class AllowedPeer(_Strict):
+    """A calling AE title and the hosts it may call from (like Orthanc's DicomCheckModalityHost)."""
+
+    ae_title: str
+    hosts: list[str] = Field(min_length=1)  # IP addresses or networks (10.1.0.0/16)
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+    @field_validator("hosts")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for host in v:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or network (e.g. 10.0.0.5, 10.1.0.0/16)") from None
+        return v
+
+
 class NodeConfig(_Strict):
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)  # [] = any
+    allowed_peers: list[AllowedPeer] = Field(default_factory=list)  # [] = any AE from any host
     max_associations: int = Field(16, ge=1)
     max_connections_per_peer: int = Field(8, ge=1)  # open connections one host (IP) may hold
     max_inflated_mb: int = Field(512, ge=1)  # a deflated data set may inflate to at most this

@@ -283,3 +283,32 @@ def test_a_data_set_shorter_than_its_own_lengths_is_refused_naming_the_element(n
     assert status.Status == 0xC210 and "ends inside PixelData" in status.ErrorComment
     assert not tmp_files(node) and not spool_files(node)
     assert "ends inside PixelData" in node.log()
+
+
+def test_a_calling_ae_is_accepted_only_from_its_own_host(node_factory):
+    node = node_factory(node={"allowed_peers": [{"ae_title": "PACS", "hosts": ["127.0.0.2", "127.0.1.0/24"]}]})
+
+    def echo_as(calling: str, source: str) -> bool:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
+        ok = assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        if assoc.is_established:
+            assoc.release()
+        return ok
+
+    assert echo_as("PACS", "127.0.0.2") and echo_as("PACS", "127.0.1.7")
+    assert not echo_as("PACS", "127.0.0.1")  # a known AE title on the wrong host
+    assert not echo_as("OTHER", "127.0.0.2")  # an unknown AE title on a known host
+    log = node.log()
+    assert "PACS (127.0.0.1) rejected" in log and "node.allowed_peers" in log
+    bad = node.folder / "bad.yaml"
+    bad.write_text("node:\n  allowed_peers:\n    - ae_title: PACS\n      hosts: [pacs.example]\n")
+    out = node.cli("check-config", check=False)
+    assert out.returncode == 0
+    res = __import__("subprocess").run(
+        [__import__("sys").executable, "-m", "dicom_node", "check-config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and "not an IP address or network" in res.stdout + res.stderr

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeConfig
-from dicom_node.net.admission import UNLIMITED, Admission
+from dicom_node.net.admission import UNLIMITED, Admission, PeerPolicy
 from dicom_node.net.transport import engage_fast_path
 
 try:  # JPEG Lossless (Process 14, non-SV1) exists under this name in pydicom 3
@@ -69,7 +69,11 @@ class Listener:
         self.node = node
         self.on_store = on_store
         self._server: ThreadedAssociationServer | None = None
-        self.admission = Admission(node.max_associations, node.max_connections_per_peer)
+        self.admission = Admission(
+            node.max_associations,
+            node.max_connections_per_peer,
+            PeerPolicy((p.ae_title, p.hosts) for p in node.allowed_peers),
+        )
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
