@@ -21,6 +21,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -36,6 +37,7 @@ from dicom_node.net.listener import Listener
 from dicom_node.net.sender import Sender
 from dicom_node.work.processes import WorkerProcess
 from storage import Store
+from storage.retention import Purger, RetentionPolicy
 
 if TYPE_CHECKING:
     from inference.pipeline import Pipeline
@@ -108,6 +110,19 @@ class Node:
             w.start()
         if self.workers:
             log.info("started %d worker process(es)", len(self.workers))
+        retention = self.config.retention
+        policy = RetentionPolicy(retention.keep_days, retention.high_watermark_percent, retention.low_watermark_percent)
+        if policy.active:
+            self.scheduler.add_job(
+                Purger(self.store, policy).run,
+                "interval",
+                seconds=retention.check_interval_s,
+                id="retention",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+                next_run_time=datetime.now(UTC),  # once at start-up, then every check_interval_s
+            )
         self.scheduler.add_job(
             self.sender.run_due,
             "interval",

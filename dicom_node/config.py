@@ -96,6 +96,19 @@ class StorageConfig(_Strict):
         return self.database_url or f"sqlite:///{(self.root / 'dicom-node.sqlite3').resolve()}"
 
 
+class RetentionConfig(_Strict):
+    keep_days: float = Field(0, ge=0)  # 0 = no age limit
+    high_watermark_percent: float = Field(90, ge=0, le=100)  # 0 = no disk rule
+    low_watermark_percent: float = Field(80, ge=0, le=100)
+    check_interval_s: float = Field(300, gt=0)
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> "RetentionConfig":
+        if self.high_watermark_percent and self.low_watermark_percent >= self.high_watermark_percent:
+            raise ValueError("retention.low_watermark_percent must be below high_watermark_percent")
+        return self
+
+
 class StudiesConfig(_Strict):
     stable_after_s: float = Field(10, ge=0)
 
@@ -197,6 +210,7 @@ class LoggingConfig(_Strict):
 class Config(_Strict):
     node: NodeConfig = Field(default_factory=NodeConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     studies: StudiesConfig = Field(default_factory=StudiesConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)

@@ -13,13 +13,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, and_, func, insert, or_, select, update
+from sqlalchemy import CursorResult, and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Result as QueryResult
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import Delivery, Instance, Job, Result, Study, make_engine
+from storage.db import Delivery, Instance, Job, Purge, Result, Study, make_engine
 from storage.errors import DatabaseError, DiskFullError, StaleJobError, StorageError, UnknownStudyError
 from storage.spool import Spool
 from storage.states import DeliveryState, JobState
@@ -153,24 +153,28 @@ class Store:
 
     @_database_errors
     def remove_unreferenced_files(self) -> int:
-        """Delete spool files that no instance row references: left by a crash between placing a received file
-        and committing its row (never acknowledged, so the sender still has it). Call only while nothing is being
+        """Delete spool and result files that no row references: left by a crash between placing a received file
+        and committing its row (never acknowledged, so the sender still has it), or between a purge's commit and
+        its deletions. Call only while nothing is being
         received. Returns how many were removed."""
 
         def key(path: Path) -> tuple[str, ...]:  # study folder + file name: the same if the root was moved
             return path.parts[-2:]
 
-        with self._session() as s:
-            known = {key(Path(p)) for p in s.scalars(select(Instance.path))}
         removed = 0
-        for p in sorted(self.spool.files.rglob("*")):
-            if p.is_file() and key(p) not in known:
-                p.unlink(missing_ok=True)
-                removed += 1
+        for folder, column in ((self.spool.files, Instance.path), (self.spool.results, Result.path)):
+            with self._session() as s:
+                known = {key(Path(p)) for p in s.scalars(select(column))}
+            for p in sorted(folder.rglob("*")):
+                if p.is_file() and key(p) not in known:
+                    p.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
     @_database_errors
-    def add_instance(self, data: bytes | memoryview | Path, meta: InstanceMeta, stable_after_s: float) -> Stored:
+    def add_instance(
+        self, data: bytes | memoryview | Path, meta: InstanceMeta, stable_after_s: float, now: datetime | None = None
+    ) -> Stored:
         """Store one received instance durably. Returns only after the file is fsync'd and the row committed.
 
         ``data`` is the encoded file, as bytes or as the path of a complete file in the spool's tmp folder
@@ -196,7 +200,7 @@ class Store:
             if isinstance(data, Path):
                 temp = self.spool.write_temp(data.read_bytes())
             self.spool.place(temp, final, replace=True)
-        now = utcnow()
+        now = now or utcnow()
         due = now + timedelta(seconds=stable_after_s) if meta.eligible else None
         try:
             with self.engine.begin() as conn:
@@ -377,7 +381,10 @@ class Store:
         another worker took it over, so exactly one set of results is ever delivered."""
         now = utcnow()
         with self._session() as s:
-            study_uid = cast(Job, s.get(Job, job_id)).study_uid  # job rows are never deleted
+            job = s.get(Job, job_id)
+            if job is None:  # only a finished study's jobs are ever purged: this worker's lease had run out
+                raise StaleJobError(f"job {job_id} no longer exists")
+            study_uid = job.study_uid
         paths = [self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid)) for r in results]
         with self._session.begin() as s:
             owned = _rowcount(
@@ -496,6 +503,71 @@ class Store:
             return n > 0
 
     # ---- reporting ---------------------------------------------------------------------------------
+    # ---- retention -----------------------------------------------------------------------------------
+    def _nothing_waits(self):
+        """SQL condition on Study: nothing waits for this study any more - no timer, no queued or running job, no
+        delivery pending or failed (a failed one waits for `dicom-node retry`)."""
+        busy_jobs = select(Job.study_uid).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        open_deliveries = (
+            select(Result.study_uid)
+            .join(Delivery, Delivery.result_id == Result.id)
+            .where(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]))
+        )
+        return and_(
+            Study.stable_due_at.is_(None), Study.study_uid.not_in(busy_jobs), Study.study_uid.not_in(open_deliveries)
+        )
+
+    @_database_errors
+    def purgeable_studies(self, received_before: datetime | None = None, limit: int = 100) -> list[str]:
+        """Studies nothing waits for (see ``_nothing_waits``), the one whose last image came longest ago first;
+        with ``received_before``, only those whose last image came before it."""
+        q = select(Study.study_uid).where(self._nothing_waits())
+        if received_before is not None:
+            q = q.where(Study.last_received_at < received_before)
+        with self._session() as s:
+            return list(s.scalars(q.order_by(Study.last_received_at, Study.study_uid).limit(limit)))
+
+    @_database_errors
+    def purge_study(self, study_uid: str) -> tuple[int, int, int]:
+        """Remove a study nothing waits for, rows and files together: returns (instances, results, bytes), or
+        (0, 0, 0) when something started waiting for it meanwhile (an image arrived, a re-analysis was queued).
+
+        In one transaction the conditions are checked again, the rows deleted and the files moved into tmp/;
+        after the commit they are deleted. A crash in between leaves files that start-up removes (tmp/ and
+        unreferenced spool files), never a row without its file."""
+        with self._session.begin() as s:
+            still = s.scalar(select(Study.study_uid).where(Study.study_uid == study_uid, self._nothing_waits()))
+            if still is None:
+                return 0, 0, 0
+            instances = s.scalars(select(Instance.path).where(Instance.study_uid == study_uid)).all()
+            results = s.scalars(select(Result.path).where(Result.study_uid == study_uid)).all()
+            result_ids = select(Result.id).where(Result.study_uid == study_uid)
+            s.execute(delete(Delivery).where(Delivery.result_id.in_(result_ids)))
+            s.execute(delete(Result).where(Result.study_uid == study_uid))
+            s.execute(delete(Instance).where(Instance.study_uid == study_uid))
+            s.execute(delete(Job).where(Job.study_uid == study_uid))
+            s.execute(delete(Study).where(Study.study_uid == study_uid))
+            trash = [self.spool.to_trash(Path(p)) for p in [*instances, *results]]
+            size = sum(t[1] for t in trash)
+        for path, _ in trash:
+            if path is not None:
+                path.unlink(missing_ok=True)
+        return len(instances), len(results), size
+
+    @_database_errors
+    def record_purge(self, reason: str, studies: int, instances: int, results: int, size: int) -> None:
+        with self._session.begin() as s:
+            s.add(
+                Purge(
+                    run_at=utcnow(),
+                    reason=reason,
+                    studies=studies,
+                    instances=instances,
+                    results=results,
+                    bytes=size,
+                )
+            )
+
     @_database_errors
     def status(self) -> dict:
         """Counts by state and the latest activity; no patient identifiers (there are none in the DB)."""
@@ -518,11 +590,25 @@ class Store:
             )
             jobs = counts(s, Job.state, list(JobState))
             deliveries = counts(s, Delivery.state, list(DeliveryState))
+            purged = s.execute(
+                select(
+                    func.coalesce(func.sum(Purge.studies), 0),
+                    func.coalesce(func.sum(Purge.instances), 0),
+                    func.coalesce(func.sum(Purge.bytes), 0),
+                    func.max(Purge.run_at),
+                )
+            ).one()
             return {
                 "instances": {"total": total, "eligible": eligible, "skipped": total - eligible},
                 "studies": {"total": studies, "receiving": receiving, "complete": studies - receiving},
                 "jobs": {"total": sum(jobs.values()), **jobs},
                 "deliveries": {"total": sum(deliveries.values()), **deliveries},
+                "purged": {
+                    "studies": int(purged[0]),
+                    "instances": int(purged[1]),
+                    "bytes": int(purged[2]),
+                    "last_at": iso(purged[3]),
+                },
                 "last_activity": {
                     "instance_received_at": iso(s.scalar(select(func.max(Instance.received_at)))),
                     "job_finished_at": iso(s.scalar(select(func.max(Job.finished_at)))),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -306,8 +308,8 @@ def test_a_calling_ae_is_accepted_only_from_its_own_host(node_factory):
     bad.write_text("node:\n  allowed_peers:\n    - ae_title: PACS\n      hosts: [pacs.example]\n")
     out = node.cli("check-config", check=False)
     assert out.returncode == 0
-    res = __import__("subprocess").run(
-        [__import__("sys").executable, "-m", "dicom_node", "check-config", "--config", str(bad)],
+    res = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "check-config", "--config", str(bad)],
         capture_output=True,
         text=True,
     )

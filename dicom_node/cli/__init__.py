@@ -97,7 +97,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    for section in ("instances", "studies", "jobs", "deliveries"):
+    for section in ("instances", "studies", "jobs", "deliveries", "purged"):
         print(f"{section:11s} " + "  ".join(f"{k}={v}" for k, v in report[section].items()))
     for k, v in report["last_activity"].items():
         print(f"last {k.replace('_', ' ')}: {v or '-'}")
