@@ -16,6 +16,7 @@ Importing this module does not import torch: only worker processes and ``analyze
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import tempfile
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom import _config as pynetdicom_config
 
+from dicom_node import audit
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError
 from dicom_node.ingest.assembly import StudyAssembler
@@ -73,11 +75,23 @@ def receive_into_spool(store: Store) -> None:
     spoolfile.install()  # a full disk gives 0xA700, not an aborted association
 
 
+def run_retention(purger: Purger) -> None:
+    """One retention check (scheduled by the node); each rule that removed something goes into the audit trail."""
+    for r in purger.run():
+        audit.event(
+            "purge", studies=r.studies, instances=r.instances, results=r.results, bytes=r.bytes, reason=r.reason
+        )
+
+
 class Node:
     """The running node: listener, study timers, worker processes and the sender."""
 
     def __init__(self, config: Config):
         self.config = config
+        log_cfg = config.logging
+        audit.configure(
+            log_cfg.audit_path(config.storage.root), int(log_cfg.audit_max_mb * 1e6), log_cfg.audit_backups, rotate=True
+        )
         self.store = open_store(config)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"max_instances": 1})
         self.assembler = StudyAssembler(self.store, self.scheduler)
@@ -114,7 +128,7 @@ class Node:
         policy = RetentionPolicy(retention.keep_days, retention.high_watermark_percent, retention.low_watermark_percent)
         if policy.active:
             self.scheduler.add_job(
-                Purger(self.store, policy).run,
+                functools.partial(run_retention, Purger(self.store, policy)),
                 "interval",
                 seconds=retention.check_interval_s,
                 id="retention",
@@ -178,6 +192,7 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None) -> None:
 
     config = Config.model_validate(config_data)
     setup_logging(config.logging.level)
+    audit.configure(config.logging.audit_path(config.storage.root))  # appends; serve rotates
     store = open_store(config)
     try:
         worker = Worker(config, store, Analyzer(config, build_pipeline(config)), name)

@@ -205,6 +205,12 @@ class DeliveryConfig(_Strict):
 
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    audit_file: Path | None = None  # the audit trail (JSON lines); null = <storage.root>/audit.jsonl
+    audit_max_mb: float = Field(10, gt=0)  # rotated beyond this size ...
+    audit_backups: int = Field(5, ge=0)  # ... keeping this many old files
+
+    def audit_path(self, storage_root: Path) -> Path:
+        return self.audit_file if self.audit_file is not None else storage_root / "audit.jsonl"
 
 
 class Config(_Strict):
@@ -240,6 +246,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.inference.models.detector = fix(cfg.inference.models.detector)
     if cfg.inference.models.calibration is not None:
         cfg.inference.models.calibration = fix(cfg.inference.models.calibration)
+    if cfg.logging.audit_file is not None:
+        cfg.logging.audit_file = fix(cfg.logging.audit_file)
     return cfg
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -113,7 +114,7 @@ class Purge(Base):
     studies: Mapped[int] = mapped_column(Integer)
     instances: Mapped[int] = mapped_column(Integer)
     results: Mapped[int] = mapped_column(Integer)
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -139,5 +140,7 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin_immediate)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    from storage.migrate import upgrade  # the schema: created, or upgraded from an earlier release
+
+    upgrade(engine)
     return engine

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from dicom_node.audit import study_key
 from support.dicom_factory import make_cxr
 from support.models import make_tiny_models
 from support.node import wait_for
@@ -161,6 +162,18 @@ def test_pacs_routes_chest_studies_and_gets_results_back(pacs_and_node, samples_
     for skipped in (hand, lateral):
         assert [s["Modality"] for s in pacs.series_of_study(skipped.StudyInstanceUID)] == ["DX"]
     wait_for(lambda: "view position LL is not frontal" in node.log(), 30, what="lateral skipped")
+    # the audit trail has each job and each delivery, naming studies only by their spool key
+    trail = [
+        json.loads(line) for line in (Path(node.config["storage"]["root"]) / "audit.jsonl").read_text().splitlines()
+    ]
+    done = {e["study"] for e in trail if e["event"] == "job_done"}
+    assert done == {study_key(s) for s in studies}
+    delivered = [e for e in trail if e["event"] == "delivery_done"]
+    assert len(delivered) == node.status()["deliveries"]["delivered"] and {e["kind"] for e in delivered} == {
+        "sr",
+        "sc",
+        "gsps",
+    }
 
 
 def test_pacs_down_during_analysis_every_result_arrives_once(pacs_and_node, tmp_path):

@@ -28,6 +28,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
+from dicom_node import audit
 from dicom_node.config import Config
 from dicom_node.errors import (
     InflatedTooLargeError,
@@ -186,10 +187,19 @@ class StoreHandler:
         t0 = time.perf_counter()
         calling = event.assoc.requestor.ae_title
         sop_class = str(event.request.AffectedSOPClassUID)
+        peer = event.assoc.requestor.address
         try:
             stored, eligible, reason, study_uid = self._store(event, sop_class, calling)
         except Exception as exc:  # noqa: BLE001 - never raise into pynetdicom: every failure is a status
             status = status_for(exc)
+            audit.event(
+                "instance_refused",
+                peer=peer,
+                calling_ae=calling,
+                sop_class=sop_class_name(sop_class),
+                status=f"0x{status.code:04X}",
+                reason=str(exc) if isinstance(exc, (InstanceRejected, StorageError)) else status.comment,
+            )
             if isinstance(exc, InstanceRejected):
                 log.warning("C-STORE %s from %s refused: %s", sop_class_name(sop_class), calling, exc)
             elif isinstance(exc, StorageError):
@@ -203,6 +213,16 @@ class StoreHandler:
                     safe_traceback(exc),
                 )
             return status.dataset(str(exc) if isinstance(exc, InstanceRejected) else None)
+        audit.event(
+            "instance_stored",
+            peer=peer,
+            calling_ae=calling,
+            sop_class=sop_class_name(sop_class),
+            study=audit.study_key(study_uid),
+            bytes=stored.path.stat().st_size if stored.path.exists() else None,
+            duplicate=stored.duplicate,
+            eligible=eligible,
+        )
         if stored.duplicate:
             log.info("C-STORE %s from %s: already stored", sop_class_name(sop_class), calling)
             return STORED.code

@@ -26,6 +26,8 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 
+from dicom_node import audit
+
 log = logging.getLogger(__name__)
 
 UNLIMITED = 1 << 30  # pynetdicom's maximum_associations: its count is replaced by Admission's
@@ -80,6 +82,7 @@ class Admission:
             host,
             held,
         )
+        audit.event("connection_refused", peer=host, reason=f"{held} open connections (node.max_connections_per_peer)")
         return False
 
     def take_slot(self, assoc) -> bool:
@@ -114,6 +117,7 @@ class Admission:
                 ae_title,
                 address,
             )
+            audit.event("association_rejected", peer=address, calling_ae=ae_title, reason="not allowed from this host")
             assoc.acse.send_reject(*CALLING_AE_NOT_RECOGNISED)
             assoc.kill()
             return
@@ -125,6 +129,7 @@ class Admission:
             address,
             self.max_associations,
         )
+        audit.event("association_rejected", peer=address, calling_ae=ae_title, reason="all association slots in use")
         assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
         assoc.kill()  # as pynetdicom does after its own rejections: the RJ is sent before the socket closes
 

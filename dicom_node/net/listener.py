@@ -32,6 +32,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node import audit
 from dicom_node.config import NodeConfig
 from dicom_node.net.admission import UNLIMITED, Admission, PeerPolicy
 from dicom_node.net.transport import engage_fast_path
@@ -58,6 +59,16 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
+
+# (source, diagnostic) of pynetdicom's own A-ASSOCIATE-RJ -> the reason in the audit trail
+REJECT_REASONS: dict[tuple[object, object], str] = {
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not recognised (node.allowed_calling_aets)",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "local limit exceeded",
+}
 
 StoreHandlerType = Callable[[evt.Event], "Dataset | int"]
 
@@ -102,6 +113,7 @@ class Listener:
             (evt.EVT_REQUESTED, self.admission.on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
@@ -122,8 +134,25 @@ class Listener:
         return 0x0000
 
     @staticmethod
+    def _on_accepted(event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        audit.event(
+            "association_accepted",
+            peer=requestor.address,
+            calling_ae=requestor.ae_title,
+            called_ae=event.assoc.acceptor.ae_title,
+        )
+
+    @staticmethod
     def _on_rejected(event: evt.Event) -> None:
-        log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        requestor = event.assoc.requestor
+        log.warning("association from %s (%s) rejected", requestor.ae_title, requestor.address)
+        primitive = event.assoc.acceptor.primitive
+        diagnostic = getattr(primitive, "diagnostic", None)
+        reason = REJECT_REASONS.get(
+            (getattr(primitive, "result_source", None), diagnostic), f"rejected (diagnostic {diagnostic})"
+        )
+        audit.event("association_rejected", peer=requestor.address, calling_ae=requestor.ae_title, reason=reason)
 
     @staticmethod
     def _on_aborted(event: evt.Event) -> None:

@@ -22,6 +22,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node import audit
 from dicom_node.config import Config, DestinationConfig
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_node.logs import safe_traceback
@@ -130,6 +131,7 @@ class Sender:
                 problem = classify_status(int(status))
                 if problem is None:
                     self.store.mark_delivered(d.id)
+                    audit.event("delivery_done", delivery=d.id, destination=name, kind=d.kind)
                     delivered += 1
                     log.info("delivered %s to %s", d.kind.upper(), name)
                 else:
@@ -146,6 +148,9 @@ class Sender:
             why = "permanent" if isinstance(err, PermanentDeliveryError) else f"gave up after {attempts} attempts"
             log.error("delivery %d of %s to %s failed (%s): %s", d.id, d.kind.upper(), d.destination, why, err)
             self.store.mark_failed(d.id, f"{err} ({why})")
+            audit.event(
+                "delivery_failed", delivery=d.id, destination=d.destination, kind=d.kind, error=f"{err} ({why})"
+            )
             return
         delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempts - 1))
         delay *= random.uniform(0.5, 1.0)  # jitter: many results do not retry in lock-step

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 
+from dicom_node import audit
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError, PixelDataError
 from dicom_node.logs import safe_traceback
@@ -61,7 +62,14 @@ class Worker:
             else:  # a bug: keep where it happened (without patient data)
                 log.error("job %d failed:\n%s", job.id, safe_traceback(exc))
             self.store.fail_job(job.id, self.name, reason)
+            audit.event(
+                "job_failed",
+                job=job.id,
+                study=audit.study_key(job.study_uid),
+                reason=reason if isinstance(exc, DicomNodeError) else type(exc).__name__,
+            )
         else:
+            audit.event("job_done", job=job.id, study=audit.study_key(job.study_uid), results=len(results))
             kinds = ", ".join(sorted({r.kind for r in results}))
             log.info(
                 "job %d done in %.2f s (pipeline %.2f s): %d result object(s) [%s]",
