@@ -57,6 +57,37 @@ class AllowedPeer(_Strict):
         return v
 
 
+class TLSConfig(_Strict):
+    """DICOM TLS (PS3.15 Annex B) listener, beside the plain one on ``node.port``."""
+
+    port: int | None = Field(None, ge=0, le=65535)  # null = no TLS listener (2762 is DICOM TLS's registered port)
+    certificate: Path | None = None  # PEM: the node's certificate (chain)
+    private_key: Path | None = None  # PEM
+    ca_certificates: Path | None = None  # PEM bundle that client certificates must chain to
+    require_client_certificate: bool = False  # mutual TLS
+    allowed_client_names: list[str] = Field(default_factory=list)  # [] = any client the CA signed; else CN/DNS names
+    only: bool = False  # true: no plain listener (node.port is not opened)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TLSConfig":
+        if self.port is not None and (self.certificate is None or self.private_key is None):
+            raise ValueError("node.tls.port needs node.tls.certificate and node.tls.private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("node.tls.require_client_certificate needs node.tls.ca_certificates")
+        if self.allowed_client_names and not self.require_client_certificate:
+            raise ValueError("node.tls.allowed_client_names needs node.tls.require_client_certificate: true")
+        if self.only and self.port is None:
+            raise ValueError("node.tls.only needs node.tls.port")
+        return self
+
+
+class DestinationTLSConfig(_Strict):
+    ca_certificates: Path  # PEM bundle the destination's certificate must chain to
+    certificate: Path | None = None  # the node's client certificate, for a destination that asks for one
+    private_key: Path | None = None
+    server_name: str | None = None  # name to check in the destination's certificate; null = its host
+
+
 class NodeConfig(_Strict):
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
@@ -70,6 +101,7 @@ class NodeConfig(_Strict):
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(120, gt=0)
     max_pdu_bytes: int = Field(0, ge=0)  # 0 = unlimited
+    tls: TLSConfig = Field(default_factory=TLSConfig)
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -191,6 +223,7 @@ class DestinationConfig(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     outputs: list[OutputKind] = Field(default_factory=lambda: list[OutputKind](["sr", "sc", "gsps"]))
+    tls: DestinationTLSConfig | None = None  # null = plain DICOM
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -248,6 +281,15 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         cfg.inference.models.calibration = fix(cfg.inference.models.calibration)
     if cfg.logging.audit_file is not None:
         cfg.logging.audit_file = fix(cfg.logging.audit_file)
+    tls = cfg.node.tls
+    for name in ("certificate", "private_key", "ca_certificates"):
+        if getattr(tls, name) is not None:
+            setattr(tls, name, fix(getattr(tls, name)))
+    for dest in cfg.destinations:
+        if dest.tls is not None:
+            for name in ("certificate", "private_key", "ca_certificates"):
+                if getattr(dest.tls, name) is not None:
+                    setattr(dest.tls, name, fix(getattr(dest.tls, name)))
     return cfg
 
 

@@ -35,7 +35,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import audit
 from dicom_node.config import NodeConfig
 from dicom_node.net.admission import UNLIMITED, Admission, PeerPolicy
-from dicom_node.net.transport import engage_fast_path
+from dicom_node.net.tls import server_context
+from dicom_node.net.transport import TLSAccept, defer_tls_handshake, engage_fast_path
 
 try:  # JPEG Lossless (Process 14, non-SV1) exists under this name in pydicom 3
     from pydicom.uid import JPEGLossless
@@ -80,6 +81,7 @@ class Listener:
         self.node = node
         self.on_store = on_store
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
         self.admission = Admission(
             node.max_associations,
             node.max_connections_per_peer,
@@ -107,6 +109,10 @@ class Listener:
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server else self.node.port
 
+    @property
+    def tls_port(self) -> int | None:
+        return int(self._tls_server.server_address[1]) if self._tls_server else self.node.tls.port
+
     def start(self) -> int:
         """Start listening (non-blocking); returns the bound port (the one the OS chose with ``node.port: 0``)."""
         handlers: list[Any] = [
@@ -117,16 +123,37 @@ class Listener:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
-        self._server = cast(ThreadedAssociationServer, server)  # block=False always returns the server
-        engage_fast_path(self._server, self.admission)
-        log.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.port)
+        tls = self.node.tls
+        if tls.port is not None:
+            context = server_context(tls)  # a bad certificate or key stops the start, with the reason
+            server = self.ae.start_server(
+                (self.node.host, tls.port), block=False, evt_handlers=handlers, ssl_context=context
+            )
+            self._tls_server = cast(ThreadedAssociationServer, server)
+            engage_fast_path(self._tls_server, self.admission)
+            defer_tls_handshake(
+                self._tls_server,
+                TLSAccept(self.node.acse_timeout_s, self.node.network_timeout_s, frozenset(tls.allowed_client_names)),
+            )
+            log.info(
+                "listening (DICOM TLS%s) as %s on %s:%d",
+                ", client certificates required" if tls.require_client_certificate else "",
+                self.node.ae_title,
+                self.node.host,
+                self.tls_port,
+            )
+        if not tls.only:
+            server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
+            self._server = cast(ThreadedAssociationServer, server)  # block=False always returns the server
+            engage_fast_path(self._server, self.admission)
+            log.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.port)
         return self.port
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
 
     @staticmethod
     def _on_echo(event: evt.Event) -> int:

@@ -26,6 +26,7 @@ from dicom_node import audit
 from dicom_node.config import Config, DestinationConfig
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_node.logs import safe_traceback
+from dicom_node.net.tls import client_context
 from dicom_node.net.transport import no_delay, rejection_result
 from storage import Store
 from storage.errors import StorageError
@@ -51,6 +52,12 @@ class Sender:
         self.config = config
         self.store = store
         self.destinations: dict[str, DestinationConfig] = {d.name: d for d in config.destinations}
+        # TLS contexts made once, at start: a certificate that cannot be loaded stops the start with the reason
+        self._tls = {
+            d.name: (client_context(d.tls, d.name), d.tls.server_name or d.host)
+            for d in config.destinations
+            if d.tls is not None
+        }
         self._lock = threading.Lock()
 
     def run_due(self) -> int:
@@ -91,7 +98,7 @@ class Sender:
         ae.network_timeout = self.config.delivery.dimse_timeout_s
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets.values()}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=self._tls.get(dest.name))
         if assoc.is_established:
             no_delay(getattr(assoc.dul.socket, "socket", None))
         else:

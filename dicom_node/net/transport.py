@@ -36,10 +36,12 @@ import logging
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import cast
 
 from pynetdicom import evt
@@ -47,8 +49,10 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
+from dicom_node import audit
 from dicom_node.net.admission import Admission
 from dicom_node.net.spoolfile import cleanup_receive_files
+from dicom_node.net.tls import peer_names
 
 LOGGER = logging.getLogger("pynetdicom.dul")  # the DUL's own messages keep their logger
 log = logging.getLogger(__name__)
@@ -393,17 +397,71 @@ def rejection_result(assoc) -> int | None:
     return 0x01 if assoc.is_rejected else None
 
 
+@dataclass(frozen=True)
+class TLSAccept:
+    """How the TLS listener finishes a connection in its own thread: the handshake within
+    ``handshake_timeout_s``, then reads bounded by ``read_timeout_s``; ``allowed_names``: when not empty, the
+    client certificate must carry one of these names (CN, DNS or IP)."""
+
+    handshake_timeout_s: float
+    read_timeout_s: float
+    allowed_names: frozenset[str] = frozenset()
+
+
+def defer_tls_handshake(server: AssociationServer, accept: TLSAccept) -> None:
+    """pynetdicom wraps an accepted socket and completes the TLS handshake in the server's only accepting thread:
+    one client that connects and says nothing stops every other TLS client. Here the wrapping happens there, the
+    handshake in the connection's thread (:meth:`FastRequestHandler.handle`)."""
+    ctx = cast(ssl.SSLContext, server.ssl_context)
+
+    def get_request():
+        client, address = cast(socket.socket, server.socket).accept()
+        return ctx.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    server.get_request = get_request  # type: ignore[method-assign]
+    server.tls_accept = accept  # type: ignore[attr-defined]
+
+
 class FastRequestHandler(RequestHandler):
     _handed_over = False  # the association's thread now gives the connection back when it ends
 
     def handle(self) -> None:
         try:
+            if isinstance(self.request, ssl.SSLSocket) and not self._tls_handshake():
+                admission = getattr(self.server, "admission", None)
+                if admission is not None:
+                    admission.finished(None, self.client_address[0])
+                self.server.shutdown_request(self.request)
+                return
             super().handle()
         except BaseException:
             admission = getattr(self.server, "admission", None)
             if admission is not None and not self._handed_over:
                 admission.finished(None, self.client_address[0])
             raise
+
+    def _tls_handshake(self) -> bool:
+        """Complete the TLS handshake (bounded), check the client's names; False: the connection is refused."""
+        accept: TLSAccept = getattr(self.server, "tls_accept", TLSAccept(30.0, 120.0))
+        sock = cast(ssl.SSLSocket, self.request)
+        host = self.client_address[0]
+        try:
+            sock.settimeout(accept.handshake_timeout_s)
+            sock.do_handshake()
+            sock.settimeout(accept.read_timeout_s)  # stalls inside a PDU end the connection (see FastRecvSocket)
+        except (OSError, ssl.SSLError) as exc:
+            reason = f"TLS handshake failed ({type(exc).__name__}: {getattr(exc, 'reason', None) or 'timeout'})"
+            log.warning("connection from %s refused: %s", host, reason)
+            audit.event("connection_refused", peer=host, reason=reason)
+            return False
+        if accept.allowed_names:
+            names = peer_names(sock)
+            if not names & accept.allowed_names:
+                reason = f"client certificate {sorted(names)} not in node.tls.allowed_client_names"
+                log.warning("connection from %s refused: %s", host, reason)
+                audit.event("connection_refused", peer=host, reason=reason)
+                return False
+        return True
 
     def _create_association(self):
         assoc = super()._create_association()
@@ -412,8 +470,11 @@ class FastRequestHandler(RequestHandler):
         self._handed_over = True
         _guard_state_machine(assoc, self.client_address[0])
         # Swap in the subclasses only over the exact classes they extend: another pynetdicom, or someone else's
-        # subclass, keeps pynetdicom's own path.
-        if type(assoc.dul) is DULServiceProvider and type(assoc.dul.socket) is AssociationSocket:
+        # subclass, keeps pynetdicom's own path. TLS connections keep it too: the fast path selects on the raw
+        # socket, which cannot see what the TLS layer has already decrypted.
+        if isinstance(self.request, ssl.SSLSocket):
+            pass
+        elif type(assoc.dul) is DULServiceProvider and type(assoc.dul.socket) is AssociationSocket:
             assoc.dul.socket.__class__ = FastRecvSocket  # same state, faster recv
             assoc.dul.__class__ = FastDUL  # same state, no blind sleep between PDUs
             STATS.add(engaged=1)

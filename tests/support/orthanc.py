@@ -84,12 +84,14 @@ class Orthanc:
         retry_max_s: float = 4,
         verbose: bool = False,
         dicomweb: bool = True,
+        extra_config: dict | None = None,
     ):
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.aet, self.node_aet, self.node_port = aet, node_aet, node_port
         self.route, self.verbose = route, verbose
         self.dicomweb = dicomweb
+        self.extra_config = dict(extra_config or {})  # any other Orthanc option (e.g. DICOM TLS)
         self.routing = {
             "Enabled": route,
             "SkipNodeOutputs": skip_node_outputs,
@@ -130,6 +132,7 @@ class Orthanc:
         )
         if not self.dicomweb:
             config["Plugins"] = [p for p in config["Plugins"] if Path(p) != DICOMWEB_PLUGIN]
+        config.update(self.extra_config)
         self.config = config
         self.config_path.write_text(json.dumps(config, indent=2))
         return config
