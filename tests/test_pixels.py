@@ -282,3 +282,14 @@ def test_jpeg2000_resolution_level_keeps_the_values_of_every_bit_depth(tmp_path,
     assert reduced.shape == (600, 500)
     diff = np.abs(reduced - _area_down(full, reduced.shape))
     assert diff.mean() < 0.01, diff.mean()
+
+
+def test_a_header_that_claims_a_huge_image_is_refused_before_decoding(tmp_path):
+    """A JPEG 2000 frame of a few kB whose header says 60000 x 60000: refused with a reason, nothing decoded."""
+    make_cxr(tmp_path / "small.dcm", rows=64, cols=64)
+    j2k = compress(tmp_path / "small.dcm", "jpeg2000-lossless")
+    ds = pydicom.dcmread(j2k)
+    ds.Rows = ds.Columns = 60000
+    ds.save_as(tmp_path / "bomb.dcm")
+    with pytest.raises(PixelDataError, match="too large to decode"):
+        decode_image(tmp_path / "bomb.dcm")

@@ -42,6 +42,9 @@ __all__ = ["load_image", "display_window", "first_value", "read_dataset", "read_
 SATURATED_FRACTION = 0.99
 FALLBACK_PERCENTILES = (0.5, 99.5)
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+# The largest image decoded (Rows x Columns): a chest radiograph has 5-20 megapixels; a header that claims far
+# more (a compressed "bomb") would make the decoder allocate gigabytes before anything could be checked.
+MAX_PIXELS = 64_000_000
 
 
 def ensure_transfer_syntax(ds: Dataset) -> Dataset:
@@ -100,6 +103,10 @@ def _check_image(ds: Dataset) -> None:
     for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored"):
         if ds.get(keyword) in (None, "", 0):
             raise PixelDataError(f"the image pixel module is incomplete ({keyword} missing)")
+    if int(ds.Rows) * int(ds.Columns) > MAX_PIXELS:
+        raise PixelDataError(
+            f"image too large to decode ({int(ds.Rows)} x {int(ds.Columns)}; at most {MAX_PIXELS // 10**6} megapixels)"
+        )
 
 
 def _j2k_precision(codestream: bytes) -> tuple[int, bool] | None:
