@@ -169,3 +169,20 @@ def test_the_node_reports_what_retention_removed(node_factory, tmp_path):
         [sys.executable, "-m", "dicom_node", "check-config", "--config", str(bad)], capture_output=True, text=True
     )
     assert res.returncode == 2 and "low_watermark_percent must be below" in res.stdout + res.stderr
+
+
+def test_the_running_node_removes_an_expired_study_and_says_so(node_factory, tmp_path):
+    from tests.support.node import wait_for
+    from tests.test_ingest import _send_file
+
+    # keep_days of about 1 s: a lateral film (stored, nothing to analyse or deliver) expires at once
+    node = node_factory(retention={"keep_days": 1.2e-5, "check_interval_s": 1}, studies={"stable_after_s": 0.5})
+    make_cxr(tmp_path / "lat.dcm", rows=32, cols=32, view="LL")
+    assert _send_file(node, tmp_path / "lat.dcm").Status == 0x0000
+    wait_for(lambda: node.status()["purged"]["studies"] == 1, 20, what="the node's retention run")
+    assert node.status()["instances"]["total"] == 0
+    root = Path(node.config["storage"]["root"])
+    assert not [p for p in (root / "spool").rglob("*") if p.is_file()]
+    assert "retention: removed 1 studies" in node.log()
+    purges = [line for line in (root / "audit.jsonl").read_text().splitlines() if '"purge"' in line]
+    assert len(purges) == 1 and '"studies": 1' in purges[0]
