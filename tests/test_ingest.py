@@ -325,7 +325,8 @@ def test_status_json_documented_shape(node_factory, tmp_path):
     make_cxr(tmp_path / "a.dcm")
     ok(node.storescu(tmp_path / "a.dcm"))
     st = wait_for(lambda: (s := node.status())["jobs"]["queued"] == 1 and s, 20, what="job queued")
-    assert set(st) == {"instances", "studies", "jobs", "deliveries", "last_activity"}
+    assert set(st) == {"instances", "studies", "jobs", "deliveries", "purged", "last_activity"}
+    assert st["purged"] == {"studies": 0, "instances": 0, "bytes": 0, "last_at": None}
     assert st["studies"] == {"total": 1, "receiving": 0, "complete": 1}
     assert set(st["jobs"]) == {"total", "queued", "running", "done", "failed"}
     assert set(st["deliveries"]) == {"total", "pending", "delivered", "failed"}
