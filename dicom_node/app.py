@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
+import queue
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -30,7 +33,7 @@ from pynetdicom import _config as pynetdicom_config
 
 from dicom_node import audit
 from dicom_node.config import Config
-from dicom_node.errors import DicomNodeError
+from dicom_node.errors import DicomNodeError, WorkerStartError
 from dicom_node.ingest.assembly import StudyAssembler
 from dicom_node.ingest.store_handler import StoreHandler
 from dicom_node.logs import safe_traceback, setup_logging
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SENDER_POLL_S = 0.1  # how often the outbox is checked for due deliveries (a cheap indexed query)
+SUPERVISE_S = 1.0  # how often the worker processes are checked
+RESTART_INITIAL_S, RESTART_MAX_S = 1.0, 60.0  # restart backoff after a worker died, doubling per quick death
+WORKER_STABLE_S = 60.0  # a worker that has lived this long resets its backoff
 
 
 def open_store(config: Config) -> Store:
@@ -97,8 +103,10 @@ class Node:
         self.assembler = StudyAssembler(self.store, self.scheduler)
         self.listener = Listener(config.node, StoreHandler(config, self.store, on_stored=self.assembler.arm))
         self.sender = Sender(config, self.store)
+        self._ready = multiprocessing.get_context("spawn").Queue()  # workers report "ready" or "failed" here
         self.workers = [
-            WorkerProcess(worker_main, config.model_dump(mode="json"), i) for i in range(config.workers.count)
+            WorkerProcess(worker_main, config.model_dump(mode="json"), i, self._ready)
+            for i in range(config.workers.count)
         ]
         self._stopped = threading.Event()
 
@@ -114,16 +122,30 @@ class Node:
             log.info("removed %d partial files of interrupted transfers (never acknowledged)", removed)
         orphans = self.store.remove_unreferenced_files()
         if orphans:
-            log.info("removed %d unreferenced spool files (placed by a crash before their row was committed)", orphans)
+            log.warning(
+                "set aside %d unreferenced spool files in %s (a crash between writing a file and committing its row)",
+                orphans,
+                self.store.spool.root / "orphans",
+            )
         self.scheduler.start()
         restored = self.assembler.restore()
         if restored:
             log.info("re-armed %d study timers after restart", restored)
-        port = self.listener.start()
         for w in self.workers:
             w.start()
         if self.workers:
+            self._wait_for_workers()  # models that do not load: refuse to start, before accepting any study
             log.info("started %d worker process(es)", len(self.workers))
+            self.scheduler.add_job(
+                self._supervise,
+                "interval",
+                seconds=SUPERVISE_S,
+                id="supervisor",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+        port = self.listener.start()
         retention = self.config.retention
         policy = RetentionPolicy(retention.keep_days, retention.high_watermark_percent, retention.low_watermark_percent)
         if policy.active:
@@ -148,11 +170,72 @@ class Node:
         )
         return port
 
+    def _wait_for_workers(self) -> None:
+        """Until every worker has loaded its models; WorkerStartError (with the reason) if one cannot."""
+        pending = {w.name: w for w in self.workers}
+        deadline = time.monotonic() + self.config.workers.start_timeout_s
+        while pending:
+            try:
+                kind, name, detail = self._ready.get(timeout=0.5)
+            except queue.Empty:
+                gone = [w for w in pending.values() if not w.process.is_alive()]
+                if gone:
+                    raise WorkerStartError(f"worker {gone[0].name} exited at start ({gone[0].exit_reason()})") from None
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(
+                        f"{len(pending)} worker(s) did not load their models within "
+                        f"{self.config.workers.start_timeout_s:g} s (workers.start_timeout_s)"
+                    ) from None
+                continue
+            if kind == "failed":
+                raise WorkerStartError(f"worker cannot start: {detail}")
+            pending.pop(name, None)
+            log.info("worker %s ready: %s", name, detail)
+
+    def _supervise(self) -> None:
+        """Every SUPERVISE_S: a worker process that died is recorded (its job counts one crash and is taken over
+        at once), then restarted after a backoff that doubles with each death soon after a start."""
+        while True:  # what restarted workers reported
+            try:
+                kind, name, detail = self._ready.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                break
+            (log.info if kind == "ready" else log.error)("worker %s %s: %s", name, kind, detail)
+        now = time.monotonic()
+        for w in self.workers:
+            if self._stopped.is_set():
+                return
+            if w.process.is_alive():
+                if w.deaths_in_a_row and now - w.started_at > WORKER_STABLE_S:
+                    w.deaths_in_a_row = 0
+                continue
+            if w.restart_at is None:  # found dead just now
+                reason = w.exit_reason()
+                jobs = self.store.worker_died(w.name, reason)
+                w.deaths_in_a_row += 1
+                delay = min(RESTART_MAX_S, RESTART_INITIAL_S * 2 ** (w.deaths_in_a_row - 1))
+                w.restart_at = now + delay
+                log.error(
+                    "worker %s died (%s)%s; restarting it in %.0f s",
+                    w.name,
+                    reason,
+                    f"; job {', '.join(map(str, jobs))} will be taken over" if jobs else "",
+                    delay,
+                )
+                audit.event("worker_died", worker=w.name, reason=reason, jobs=jobs)
+            elif now >= w.restart_at:
+                w.restart()
+                log.info("worker %s restarted", w.name)
+
     def stop(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
         log.info("shutting down")
+        try:
+            self.scheduler.remove_job("supervisor")  # no restarts while the workers are being stopped
+        except Exception:  # noqa: BLE001 - not scheduled (no workers) or the scheduler never started
+            pass
         self.listener.stop()
         for w in self.workers:
             w.process.terminate()
@@ -184,7 +267,15 @@ class Node:
             self.stop()
 
 
-def worker_main(config_data: dict, name: str, parent_pid: int | None) -> None:
+def models_summary(pipeline) -> str:
+    """What a worker reports it runs, e.g. "classifier resnet18 0.2.0 (4f2a9c1b), detector yolov8s 0.3.0 (...)"."""
+    return ", ".join(
+        f"{i.name} {i.architecture} {i.version} ({i.sha256[:8]})"
+        for i in (pipeline.classifier.info, pipeline.detector.info)
+    )
+
+
+def worker_main(config_data: dict, name: str, parent_pid: int | None, ready: Any = None) -> None:
     """A worker: in a child process of ``serve`` (then it exits when its parent is gone) or in the foreground
     (``dicom-node worker``). Exits on SIGTERM/SIGINT after the job at hand."""
     from dicom_node.work.analyzer import Analyzer
@@ -195,15 +286,19 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None) -> None:
     audit.configure(config.logging.audit_path(config.storage.root))  # appends; serve rotates
     store = open_store(config)
     try:
-        worker = Worker(config, store, Analyzer(config, build_pipeline(config)), name)
+        pipeline = build_pipeline(config)
+        worker = Worker(config, store, Analyzer(config, pipeline), name, models_summary(pipeline))
     except Exception as exc:
         # Say why in one line (e.g. a missing model file), then exit; a bug also gets its traceback.
-
         log.error(
             "worker %s cannot start: %s", name, exc if isinstance(exc, DicomNodeError) else "\n" + safe_traceback(exc)
         )
+        if ready is not None:
+            ready.put(("failed", name, str(exc) if isinstance(exc, DicomNodeError) else type(exc).__name__))
         store.close()
         raise SystemExit(1) from exc
+    if ready is not None:
+        ready.put(("ready", name, worker.models))
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
     log.info("worker %s ready", name)

@@ -12,6 +12,7 @@ Events (``event`` field) and what each line carries besides ``ts`` (UTC, ISO 860
 ``job_done`` / ``job_failed``  ``job``, ``study``, ``results`` / ``reason``
 ``delivery_done`` / ``delivery_failed``  ``delivery``, ``destination``, ``kind``, ``error`` (failed)
 ``purge``                   ``studies``, ``instances``, ``results``, ``bytes``, ``reason``
+``worker_died``             ``worker``, ``reason`` (exit code or signal), ``jobs`` (taken over)
 ==========================  =================================================================================
 
 ``study`` is :func:`study_key`: the first 16 hex digits of the SHA-1 of the Study Instance UID - the name of

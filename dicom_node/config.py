@@ -130,8 +130,8 @@ class StorageConfig(_Strict):
 
 class RetentionConfig(_Strict):
     keep_days: float = Field(0, ge=0)  # 0 = no age limit
-    high_watermark_percent: float = Field(90, ge=0, le=100)  # 0 = no disk rule
-    low_watermark_percent: float = Field(80, ge=0, le=100)
+    high_watermark_percent: float = Field(0, ge=0, le=100)  # 0 = no disk rule (e.g. 90 with a low mark of 80)
+    low_watermark_percent: float = Field(0, ge=0, le=100)
     check_interval_s: float = Field(300, gt=0)
 
     @model_validator(mode="after")
@@ -208,6 +208,7 @@ class WorkersConfig(_Strict):
     job_lease_s: float = Field(
         60, gt=0
     )  # renewed while a worker works; a job whose worker died is taken over after this
+    start_timeout_s: float = Field(300, gt=0)  # serve waits this long for its workers to load their models
 
 
 class OutputsConfig(_Strict):

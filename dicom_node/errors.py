@@ -9,6 +9,7 @@
     │   ├── UIDMismatchError               the data set's SOP Instance UID is not the command's
     │   └── InvalidUIDError                a UID with other characters than digits and dots, or too long
     ├── PixelDataError                   pixel data that cannot be turned into an image (multi-frame, colour, codec)
+    ├── WorkerStartError                 a worker process could not start (e.g. its model files do not load)
     ├── EncodingError                    an output object (SR/SC/GSPS) could not be built or failed validation
     ├── DeliveryError                    sending a result to a destination failed
     │   ├── TransientDeliveryError         worth retrying: refused, timeout, abort, A7xx, rejected-transient
@@ -70,6 +71,10 @@ class InvalidUIDError(InstanceRejected):
 
 class PixelDataError(DicomNodeError):
     """Pixel data that the node cannot analyse; the message says why."""
+
+
+class WorkerStartError(DicomNodeError):
+    """A worker process could not start (its models did not load): ``serve`` refuses to run without it."""
 
 
 class EncodingError(DicomNodeError):

@@ -69,6 +69,9 @@ class Job(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Deaths of a worker process while it held this job, seen by the supervisor of a running node (a whole-node
+    # restart is not one): a study that kills its worker every time is failed after MAX_JOB_CRASHES.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pipeline_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
@@ -102,6 +105,22 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class WorkerRow(Base):
+    """A worker process and its last heartbeat (``state``: alive, dead = died and being restarted, stopped)."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(128))
+    models: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    current_job: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    deaths: Mapped[int] = mapped_column(Integer, default=0)
+    last_exit: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Purge(Base):

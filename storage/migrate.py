@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def current(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine) -> None:
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # serve and workers starting together: one migrates, the rest wait
+            conn.execute(text("SELECT pg_advisory_xact_lock(72430017)"))
         cfg = alembic_config(conn)
         tables = set(inspect(conn).get_table_names())
         before = MigrationContext.configure(conn).get_current_revision()

@@ -7,6 +7,9 @@ acknowledged instance, a queued job and a pending delivery all survive a crash.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +22,7 @@ from sqlalchemy.engine import Result as QueryResult
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import Delivery, Instance, Job, Purge, Result, Study, make_engine
+from storage.db import Delivery, Instance, Job, Purge, Result, Study, WorkerRow, make_engine
 from storage.errors import DatabaseError, DiskFullError, StaleJobError, StorageError, UnknownStudyError
 from storage.spool import Spool
 from storage.states import DeliveryState, JobState
@@ -28,7 +31,9 @@ _UPSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}  # INSERT .
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-MAX_JOB_ATTEMPTS = 3  # a job whose worker died this many times is failed instead of taken over again
+log = logging.getLogger(__name__)
+MAX_JOB_CRASHES = 3  # a job whose worker process died this many times (node running) is failed, not retried
+WORKER_STALE_S = 30.0  # an "alive" worker without a heartbeat for this long is reported stale
 
 
 def _database_errors(method: F) -> F:
@@ -152,24 +157,43 @@ class Store:
             return Path(path) if path is not None else None
 
     @_database_errors
-    def remove_unreferenced_files(self) -> int:
-        """Delete spool and result files that no row references: left by a crash between placing a received file
-        and committing its row (never acknowledged, so the sender still has it), or between a purge's commit and
-        its deletions. Call only while nothing is being
-        received. Returns how many were removed."""
+    def remove_unreferenced_files(self, result_min_age_s: float = 3600.0) -> int:
+        """Set aside (into ``storage.root/orphans``, never deleted) spool and result files that no row references:
+        left by a crash between placing a received file and committing its row (never acknowledged, so the sender
+        still has it), or between a purge's commit and its deletions. Result files younger than
+        ``result_min_age_s`` are left alone (a `dicom-node worker` elsewhere writes them just before its commit).
+        When most files look unreferenced, the database is probably not this spool's (a wrong
+        ``storage.database_url``): nothing is moved and StorageError says so. Call only while nothing is being
+        received. Returns how many were set aside."""
 
         def key(path: Path) -> tuple[str, ...]:  # study folder + file name: the same if the root was moved
             return path.parts[-2:]
 
-        removed = 0
-        for folder, column in ((self.spool.files, Instance.path), (self.spool.results, Result.path)):
+        now = time.time()
+        orphans: list[Path] = []
+        total = 0
+        for folder, column, min_age in (
+            (self.spool.files, Instance.path, 0.0),
+            (self.spool.results, Result.path, result_min_age_s),
+        ):
             with self._session() as s:
                 known = {key(Path(p)) for p in s.scalars(select(column))}
             for p in sorted(folder.rglob("*")):
-                if p.is_file() and key(p) not in known:
-                    p.unlink(missing_ok=True)
-                    removed += 1
-        return removed
+                if not p.is_file():
+                    continue
+                total += 1
+                if key(p) not in known and now - p.stat().st_mtime >= min_age:
+                    orphans.append(p)
+        if len(orphans) > 10 and len(orphans) > total // 2:
+            raise StorageError(
+                f"{len(orphans)} of {total} spool files are unknown to the database: is storage.database_url the "
+                f"database of this spool ({self.spool.root})? Nothing was moved."
+            )
+        for p in orphans:
+            dest = self.spool.root / "orphans" / p.relative_to(self.spool.root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dest)
+        return len(orphans)
 
     @_database_errors
     def add_instance(
@@ -285,6 +309,7 @@ class Store:
     def reanalyze(self, study_uid: str) -> int:
         """Queue an operator-requested re-analysis of a study (all its eligible instances)."""
         with self._session.begin() as s:
+            s.execute(select(Study.study_uid).where(Study.study_uid == study_uid).with_for_update())  # vs. a purge
             n = s.scalar(
                 select(func.count())
                 .select_from(Instance)
@@ -320,8 +345,8 @@ class Store:
                 if cand is None:
                     return None
                 job_id, study_uid, attempts = cand.id, cand.study_uid, cand.attempts
-                if cand.state == JobState.RUNNING and attempts >= MAX_JOB_ATTEMPTS:
-                    # its workers died every time (a crash or out of memory on this study): stop trying
+                if cand.state == JobState.RUNNING and (cand.crashes or 0) >= MAX_JOB_CRASHES:
+                    # its worker died every time (a crash or out of memory on this study): stop trying
                     s.execute(
                         update(Job)
                         .where(Job.id == job_id)
@@ -329,7 +354,7 @@ class Store:
                             state=JobState.FAILED,
                             finished_at=now,
                             lease_until=None,
-                            reason=f"the worker stopped {attempts} times while analysing this study",
+                            reason=f"the worker process died {cand.crashes} times while analysing this study",
                         )
                     )
                     continue
@@ -503,6 +528,54 @@ class Store:
             return n > 0
 
     # ---- reporting ---------------------------------------------------------------------------------
+    # ---- workers -------------------------------------------------------------------------------------
+    @_database_errors
+    def worker_heartbeat(self, name: str, pid: int, host: str, models: str, current_job: int | None) -> None:
+        """A worker is alive (and what it is doing); the first beat of a (re)started worker says so too."""
+        now = utcnow()
+        with self._session.begin() as s:
+            row = s.get(WorkerRow, name)
+            if row is None:
+                s.add(
+                    WorkerRow(
+                        name=name,
+                        state="alive",
+                        pid=pid,
+                        host=host,
+                        models=models,
+                        started_at=now,
+                        heartbeat_at=now,
+                        current_job=current_job,
+                        deaths=0,
+                    )
+                )
+                return
+            if row.pid != pid or row.state != "alive":
+                row.started_at = now
+            row.state, row.pid, row.host, row.models = "alive", pid, host, models
+            row.heartbeat_at, row.current_job = now, current_job
+
+    @_database_errors
+    def worker_stopped(self, name: str) -> None:
+        with self._session.begin() as s:
+            s.execute(update(WorkerRow).where(WorkerRow.name == name).values(state="stopped", current_job=None))
+
+    @_database_errors
+    def worker_died(self, name: str, exit_reason: str) -> list[int]:
+        """The supervisor saw a worker process die: its running job counts one crash and may be taken over at
+        once (no need to wait for the lease). Returns the ids of those jobs."""
+        now = utcnow()
+        with self._session.begin() as s:
+            jobs = list(s.scalars(select(Job.id).where(Job.worker == name, Job.state == JobState.RUNNING)))
+            if jobs:
+                s.execute(update(Job).where(Job.id.in_(jobs)).values(crashes=Job.crashes + 1, lease_until=now))
+            s.execute(
+                update(WorkerRow)
+                .where(WorkerRow.name == name)
+                .values(state="dead", current_job=None, deaths=WorkerRow.deaths + 1, last_exit=exit_reason[:200])
+            )
+            return jobs
+
     # ---- retention -----------------------------------------------------------------------------------
     def _nothing_waits(self):
         """SQL condition on Study: nothing waits for this study any more - no timer, no queued or running job, no
@@ -532,12 +605,15 @@ class Store:
         """Remove a study nothing waits for, rows and files together: returns (instances, results, bytes), or
         (0, 0, 0) when something started waiting for it meanwhile (an image arrived, a re-analysis was queued).
 
-        In one transaction the conditions are checked again, the rows deleted and the files moved into tmp/;
-        after the commit they are deleted. A crash in between leaves files that start-up removes (tmp/ and
-        unreferenced spool files), never a row without its file."""
+        In one transaction the study row is locked (PostgreSQL: an image or a re-analysis for it waits), the
+        conditions are checked again and the rows deleted; after the commit the files are deleted. A crash in
+        between leaves files no row references (set aside at the next start), never a row without its file."""
         with self._session.begin() as s:
-            still = s.scalar(select(Study.study_uid).where(Study.study_uid == study_uid, self._nothing_waits()))
-            if still is None:
+            locked = s.scalar(select(Study.study_uid).where(Study.study_uid == study_uid).with_for_update())
+            still = locked and s.scalar(
+                select(Study.study_uid).where(Study.study_uid == study_uid, self._nothing_waits())
+            )
+            if not still:
                 return 0, 0, 0
             instances = s.scalars(select(Instance.path).where(Instance.study_uid == study_uid)).all()
             results = s.scalars(select(Result.path).where(Result.study_uid == study_uid)).all()
@@ -547,11 +623,15 @@ class Store:
             s.execute(delete(Instance).where(Instance.study_uid == study_uid))
             s.execute(delete(Job).where(Job.study_uid == study_uid))
             s.execute(delete(Study).where(Study.study_uid == study_uid))
-            trash = [self.spool.to_trash(Path(p)) for p in [*instances, *results]]
-            size = sum(t[1] for t in trash)
-        for path, _ in trash:
-            if path is not None:
-                path.unlink(missing_ok=True)
+        size = 0
+        for p in map(Path, [*instances, *results]):
+            try:
+                size += p.stat().st_size
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the rows are gone: the file is set aside at the next start
+                log.error("retention: could not delete %s (%s)", p.name, exc.strerror)
         return len(instances), len(results), size
 
     @_database_errors
@@ -590,6 +670,10 @@ class Store:
             )
             jobs = counts(s, Job.state, list(JobState))
             deliveries = counts(s, Delivery.state, list(DeliveryState))
+            now = utcnow()
+            workers = s.execute(select(WorkerRow.state, WorkerRow.heartbeat_at)).all()
+            stale_before = now - timedelta(seconds=WORKER_STALE_S)
+            oldest_queued = s.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.QUEUED))
             purged = s.execute(
                 select(
                     func.coalesce(func.sum(Purge.studies), 0),
@@ -603,6 +687,14 @@ class Store:
                 "studies": {"total": studies, "receiving": receiving, "complete": studies - receiving},
                 "jobs": {"total": sum(jobs.values()), **jobs},
                 "deliveries": {"total": sum(deliveries.values()), **deliveries},
+                "workers": {
+                    "alive": sum(1 for st, hb in workers if st == "alive" and hb >= stale_before),
+                    "stale": sum(1 for st, hb in workers if st == "alive" and hb < stale_before),
+                    "dead": sum(1 for st, _ in workers if st == "dead"),
+                },
+                "oldest_queued_job_age_s": (
+                    round((now - oldest_queued).total_seconds(), 1) if oldest_queued is not None else None
+                ),
                 "purged": {
                     "studies": int(purged[0]),
                     "instances": int(purged[1]),

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from storage.errors import StorageError
 from storage.repository import Store, utcnow
 
 log = logging.getLogger(__name__)
 
 BATCH = 50  # studies looked up per round
+MAX_PER_RUN = 1000  # studies one run of the disk rule removes at most (the next run goes on)
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,9 @@ class Purger:
             while batch := self.store.purgeable_studies(received_before=cutoff, limit=BATCH):
                 before = report.studies
                 for study_uid in batch:
-                    report.add(self.store.purge_study(study_uid))
+                    report.add(self._purge(study_uid))
                 if report.studies == before:
-                    break  # all of them started waiting for something meanwhile
+                    break  # all of them started waiting for something meanwhile, or could not be removed
             reports.append(report)
         if self.policy.high_watermark_percent > 0:
             root = self.store.spool.root
@@ -95,16 +97,19 @@ class Purger:
                     f"disk {used:.0f} % full, above {self.policy.high_watermark_percent:g} % "
                     f"(retention.high_watermark_percent)"
                 )
-                while used > self.policy.low_watermark_percent:
+                freed_nothing = 0
+                while used > self.policy.low_watermark_percent and report.studies < MAX_PER_RUN:
                     batch = self.store.purgeable_studies(limit=BATCH)
                     before = report.studies
                     for study_uid in batch:
-                        report.add(self.store.purge_study(study_uid))
+                        counts = self._purge(study_uid)
+                        report.add(counts)
+                        freed_nothing = freed_nothing + 1 if counts[0] and not counts[2] else 0
                         used = self.used_percent(root)
-                        if used <= self.policy.low_watermark_percent:
+                        if used <= self.policy.low_watermark_percent or freed_nothing >= 5:
                             break
-                    if report.studies == before:
-                        break  # nothing more may be removed
+                    if report.studies == before or freed_nothing >= 5:
+                        break  # nothing more may be removed, or removing frees no space (files not where rows say)
                 if used > self.policy.low_watermark_percent:
                     log.warning(
                         "retention: disk still %.0f %% full; every remaining study is waiting for a job or a "
@@ -113,6 +118,17 @@ class Purger:
                     )
                 reports.append(report)
         done = [r for r in reports if r.studies]
+        return self._record(done)
+
+    def _purge(self, study_uid: str) -> tuple[int, int, int]:
+        """One study; a storage failure skips it (logged) instead of stopping every later run at the same study."""
+        try:
+            return self.store.purge_study(study_uid)
+        except StorageError as exc:
+            log.error("retention: a study could not be removed, skipped: %s", exc)
+            return 0, 0, 0
+
+    def _record(self, done: list[PurgeReport]) -> list[PurgeReport]:
         for r in done:
             self.store.record_purge(r.reason, r.studies, r.instances, r.results, r.bytes)
             log.info(

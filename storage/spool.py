@@ -112,18 +112,6 @@ class Spool:
     def discard(self, temp: Path) -> None:
         temp.unlink(missing_ok=True)
 
-    def to_trash(self, path: Path) -> tuple[Path | None, int]:
-        """Move a file about to be deleted into tmp/ (same filesystem: a rename); returns its new path (None if it
-        was already gone) and size. What a crash leaves there is removed at start-up (:meth:`clean_tmp`)."""
-        try:
-            size = path.stat().st_size
-            fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".purged")
-            os.close(fd)
-            os.replace(path, name)
-            return Path(name), size
-        except FileNotFoundError:
-            return None, 0
-
     def clean_tmp(self) -> int:
         """Remove leftovers of interrupted transfers and writes (never acknowledged, so nothing is lost)."""
         n = 0

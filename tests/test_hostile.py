@@ -190,6 +190,7 @@ def test_a_restart_after_a_crash_sweeps_partial_and_unreferenced_files(node_fact
     assert not tmp_files(node)
     assert spool_files(node) == kept and all(os.path.exists(p) for p in kept)
     assert "unreferenced" in node.log()
+    assert (root / "orphans" / "spool" / "ab" / "1.2.3.4.5" / "9.9.9.dcm").is_file()  # set aside, not deleted
 
 
 def test_a_garbage_command_set_ends_that_association_only(node_factory):

@@ -186,3 +186,21 @@ def test_the_running_node_removes_an_expired_study_and_says_so(node_factory, tmp
     assert "retention: removed 1 studies" in node.log()
     purges = [line for line in (root / "audit.jsonl").read_text().splitlines() if '"purge"' in line]
     assert len(purges) == 1 and '"studies": 1' in purges[0]
+
+
+def test_a_spool_the_database_does_not_know_is_left_alone(store, tmp_path):
+    """Start-up sets unreferenced files aside; but when most of the spool is unknown (a wrong database URL),
+    it moves nothing and says why."""
+    from storage.errors import StorageError
+
+    for _ in range(12):
+        add_study(store, T0)
+    other = Store(f"sqlite:///{tmp_path / 'other.sqlite3'}", store.spool.root, 0)  # an empty database, same spool
+    try:
+        before = files_of(store)
+        with pytest.raises(StorageError, match="unknown to the database"):
+            other.remove_unreferenced_files()
+        assert files_of(store) == before
+        assert store.remove_unreferenced_files() == 0  # its own database knows them all
+    finally:
+        other.close()

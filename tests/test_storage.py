@@ -11,7 +11,7 @@ import pytest
 
 from storage import Store
 from storage.errors import StaleJobError
-from storage.repository import MAX_JOB_ATTEMPTS, InstanceMeta, ResultSpec, utcnow
+from storage.repository import MAX_JOB_CRASHES, InstanceMeta, ResultSpec, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -93,14 +93,18 @@ def test_renewed_lease_is_not_taken_over(store):
     assert store.claim_job("w2", 60) is None
 
 
-def test_a_job_whose_workers_keep_dying_is_failed(store):
+def test_a_job_whose_worker_process_keeps_dying_is_failed_but_lease_expiries_do_not_count(store):
     job = queued_job(store)
-    for n in range(MAX_JOB_ATTEMPTS):
+    for n in range(MAX_JOB_CRASHES + 2):  # leases that ran out (a whole-node restart): taken over, never failed
         assert store.claim_job(f"w{n}", lease_s=0.05).id == job
         time.sleep(0.1)
+    for n in range(MAX_JOB_CRASHES):  # the supervisor saw the worker die while holding it: taken over at once
+        assert store.claim_job(f"crash{n}", lease_s=60).id == job
+        assert store.worker_died(f"crash{n}", "killed by SIGKILL") == [job]
     assert store.claim_job("last", lease_s=60) is None
-    st = store.status()["jobs"]
-    assert st["failed"] == 1 and st["running"] == 0
+    st = store.status()
+    assert st["jobs"]["failed"] == 1 and st["jobs"]["running"] == 0
+    assert st["workers"] == {"alive": 0, "stale": 0, "dead": 0}  # no heartbeat rows for these names
 
 
 def test_deliveries_backoff_and_operator_retry(store):

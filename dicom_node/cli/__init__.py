@@ -58,11 +58,19 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The configuration, then both model files (metadata and weights) as a worker loads them."""
+    from dicom_node.app import build_pipeline, models_summary
+
     cfg = _config(args)
+    try:
+        pipeline = build_pipeline(cfg)
+    except DicomNodeError as exc:
+        raise ConfigError(f"inference.models: {exc}") from exc
     print(
         f"configuration OK: AE {cfg.node.ae_title} on {cfg.node.host}:{cfg.node.port}, "
         f"storage {cfg.storage.root}, {len(cfg.destinations)} destination(s)"
     )
+    print(f"models OK: {models_summary(pipeline)}")
     return 0
 
 
@@ -97,8 +105,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    for section in ("instances", "studies", "jobs", "deliveries", "purged"):
+    for section in ("instances", "studies", "jobs", "deliveries", "workers", "purged"):
         print(f"{section:11s} " + "  ".join(f"{k}={v}" for k, v in report[section].items()))
+    age = report["oldest_queued_job_age_s"]
+    print(f"oldest queued job: {'-' if age is None else f'{age:.0f} s'}")
     for k, v in report["last_activity"].items():
         print(f"last {k.replace('_', ' ')}: {v or '-'}")
     return 0

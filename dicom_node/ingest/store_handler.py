@@ -119,6 +119,13 @@ def check_inflated_size(path: Path, limit_bytes: int) -> int:
     return total
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def _element_name(tag) -> str:
     return keyword_for_tag(tag) or str(Tag(tag))
 
@@ -219,7 +226,7 @@ class StoreHandler:
             calling_ae=calling,
             sop_class=sop_class_name(sop_class),
             study=audit.study_key(study_uid),
-            bytes=stored.path.stat().st_size if stored.path.exists() else None,
+            bytes=_size(stored.path),
             duplicate=stored.duplicate,
             eligible=eligible,
         )

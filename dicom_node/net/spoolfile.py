@@ -69,8 +69,8 @@ def _guarded_temporary_file(*args: Any, **kwargs: Any):
     if assoc is not None:
         files = assoc.__dict__.setdefault(_FILES, [])
         if len(files) >= 64:  # a long association: forget the files pynetdicom already removed
-            files[:] = [name for name in files if os.path.exists(name)]
-        files.append(f.name)
+            files[:] = [g for g in files if os.path.exists(g.name)]
+        files.append(f)
     return f
 
 
@@ -79,7 +79,12 @@ def cleanup_receive_files(assoc) -> int:
     reset, released, timed out or refused half way leaves its partial file (pynetdicom removes a file only after
     a complete C-STORE's handler). Returns how many were removed."""
     removed = 0
-    for name in assoc.__dict__.pop(_FILES, []):
+    for f in assoc.__dict__.pop(_FILES, []):
+        name = f.name
+        try:
+            f.close()  # an aborted transfer's file is still open: unlinking alone would not free its space
+        except OSError:
+            pass
         with _lock:
             _failed.pop(name, None)
         try:

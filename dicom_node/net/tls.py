@@ -43,9 +43,8 @@ def client_context(tls: DestinationTLSConfig, destination: str) -> ssl.SSLContex
     where = f"destinations[{destination}].tls"
     _load(f"{where}.ca_certificates", lambda: ctx.load_verify_locations(str(tls.ca_certificates)))
     if tls.certificate is not None:
-        _load(
-            f"{where}.certificate/private_key", lambda: ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
-        )
+        key = str(tls.private_key) if tls.private_key is not None else None  # None: the key is in the certificate file
+        _load(f"{where}.certificate/private_key", lambda: ctx.load_cert_chain(str(tls.certificate), key))
     return ctx
 
 

@@ -433,7 +433,10 @@ class FastRequestHandler(RequestHandler):
                     admission.finished(None, self.client_address[0])
                 self.server.shutdown_request(self.request)
                 return
-            super().handle()
+            assoc = self._create_association()  # pynetdicom's RequestHandler.handle, step by step
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            self._handed_over = True  # from here its thread gives the connection back when it ends
         except BaseException:
             admission = getattr(self.server, "admission", None)
             if admission is not None and not self._handed_over:
@@ -467,7 +470,6 @@ class FastRequestHandler(RequestHandler):
         assoc = super()._create_association()
         no_delay(self.request)
         _on_thread_end(assoc, getattr(self.server, "admission", None), self.client_address[0])
-        self._handed_over = True
         _guard_state_machine(assoc, self.client_address[0])
         # Swap in the subclasses only over the exact classes they extend: another pynetdicom, or someone else's
         # subclass, keeps pynetdicom's own path. TLS connections keep it too: the fast path selects on the raw

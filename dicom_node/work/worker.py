@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -26,15 +27,29 @@ from storage.errors import StaleJobError, StorageError
 log = logging.getLogger(__name__)
 
 STORAGE_RETRY_S = 5.0  # wait after a storage failure outside a job (database down, locked, full disk)
+HEARTBEAT_S = 5.0  # how often a worker says it is alive (storage.repository.WORKER_STALE_S: when it is not)
 
 
 class Worker:
-    def __init__(self, config: Config, store: Store, analyzer: Analyzer, name: str):
+    def __init__(self, config: Config, store: Store, analyzer: Analyzer, name: str, models: str = ""):
         self.config = config
         self.store = store
         self.analyzer = analyzer
         self.name = name
+        self.models = models  # what the heartbeat reports: the loaded models' versions
+        self.current_job: int | None = None
         self.stopping = threading.Event()
+
+    def _heartbeat(self) -> None:
+        """Say "alive" (and which job) every HEARTBEAT_S until the worker stops; a storage failure skips a beat."""
+        host = socket.gethostname()
+        while True:
+            try:
+                self.store.worker_heartbeat(self.name, os.getpid(), host, self.models, self.current_job)
+            except StorageError as exc:
+                log.warning("worker %s: heartbeat not recorded: %s", self.name, exc)
+            if self.stopping.wait(HEARTBEAT_S):
+                return
 
     def run_once(self) -> bool:
         """Process one job if there is one; returns whether a job was processed."""
@@ -42,6 +57,7 @@ class Worker:
         job = self.store.claim_job(self.name, lease_s)
         if job is None:
             return False
+        self.current_job = job.id
         log.info("job %d: analysing %d image(s) (attempt %d)", job.id, len(job.instances), job.attempts)
         t0 = time.perf_counter()
         done = threading.Event()
@@ -82,6 +98,7 @@ class Worker:
         finally:
             done.set()
             heartbeat.join()
+            self.current_job = None
         return True
 
     def _renew(self, job_id: int, lease_s: float, done: threading.Event) -> None:
@@ -92,6 +109,19 @@ class Worker:
                 log.warning("job %d: could not renew the lease (%s)", job_id, exc)
 
     def run(self, parent_pid: int | None = None) -> None:
+        beats = threading.Thread(target=self._heartbeat, name=f"{self.name}-heartbeat", daemon=True)
+        beats.start()
+        try:
+            self._loop(parent_pid)
+        finally:
+            self.stopping.set()
+            beats.join(10)
+            try:
+                self.store.worker_stopped(self.name)
+            except StorageError:
+                pass
+
+    def _loop(self, parent_pid: int | None) -> None:
         poll = self.config.workers.poll_interval_s
         while not self.stopping.is_set():
             if parent_pid is not None and os.getppid() != parent_pid:

@@ -65,8 +65,6 @@ class NodeProcess:
             "studies": {"stable_after_s": 1},
             "workers": {"count": 0},
             "destinations": [],
-            # no disk rule unless a test sets one: a full disk on the test machine must not remove test studies
-            "retention": {"high_watermark_percent": 0},
         }
         self.config = deep_merge(base, overrides)
         self.port: int = self.config["node"]["port"]

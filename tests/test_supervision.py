@@ -1,0 +1,76 @@
+"""Supervised workers and a start that fails fast, with the real node process: models that do not load stop
+check-config and serve with the reason; a worker killed with SIGKILL shows "dead", is restarted, and the study
+queued meanwhile is still analysed; status reports workers and the age of the oldest queued job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.dicom_factory import make_cxr
+from tests.support.models import make_tiny_models
+from tests.support.node import NodeProcess, wait_for
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    clf, det = make_tiny_models(tmp_path_factory.mktemp("models"), p_abnormal=0.8, detector_logit=-0.3)
+    return {"classifier": str(clf), "detector": str(det)}
+
+
+def test_models_that_do_not_load_stop_check_config_and_serve(tmp_path, models):
+    missing = tmp_path / "nowhere" / "classifier.pt"
+    node = NodeProcess(
+        tmp_path / "node", workers={"count": 1}, inference={"models": {**models, "classifier": str(missing)}}
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "check-config", "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 2 and "classifier.pt" in check.stdout + check.stderr
+    assert "configuration OK" not in check.stdout
+    with pytest.raises(RuntimeError, match="node exited at start"):
+        node.start(timeout=120)
+    assert node.proc.returncode == 1
+    log = node.log()
+    assert "worker cannot start" in log and "classifier.pt" in log and "listening as" not in log
+    good = NodeProcess(tmp_path / "good", workers={"count": 1}, inference={"models": models})
+    ok = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "check-config", "--config", str(good.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0 and "models OK: classifier" in ok.stdout and "detector" in ok.stdout
+
+
+def test_a_killed_worker_is_restarted_and_the_study_queued_meanwhile_is_analysed(node_factory, tmp_path, models):
+    node = node_factory(workers={"count": 1, "job_lease_s": 60}, inference={"models": models})
+    alive = wait_for(
+        lambda: [r for r in node.rows("SELECT * FROM workers") if r["state"] == "alive"], 30, what="a heartbeat"
+    )
+    pid = alive[0]["pid"]
+    assert "classifier" in alive[0]["models"] and node.status()["workers"]["alive"] == 1
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+    wait_for(lambda: node.status()["workers"]["dead"] == 1, 10, what='"dead" in status')
+    make_cxr(tmp_path / "a.dcm")
+    assert node.storescu(tmp_path / "a.dcm").returncode == 0
+    wait_for(lambda: node.status()["jobs"]["done"] == 1, 120, what="the study analysed by the restarted worker")
+    st = node.status()
+    assert st["workers"] == {"alive": 1, "stale": 0, "dead": 0} and st["oldest_queued_job_age_s"] is None
+    (row,) = node.rows("SELECT * FROM workers")
+    assert row["pid"] != pid and row["deaths"] == 1 and row["last_exit"] == "killed by SIGKILL"
+    log = node.log()
+    assert "died (killed by SIGKILL); restarting it in 1 s" in log and "restarted" in log
+    trail = (Path(node.config["storage"]["root"]) / "audit.jsonl").read_text().splitlines()
+    assert any(json.loads(line)["event"] == "worker_died" for line in trail)
+    out = node.cli("status").stdout
+    assert "workers     alive=1" in out and "oldest queued job: -" in out
