@@ -9,6 +9,8 @@ RUN pip install --no-cache-dir '.[postgres]' \
 USER dicomnode
 ENV DICOM_NODE_STORAGE_ROOT=/data YOLO_OFFLINE=1 YOLO_CONFIG_DIR=/app/.yolo MPLCONFIGDIR=/app/.yolo/mpl
 VOLUME /data
-EXPOSE 11112
+EXPOSE 11112 8480
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8480/readyz', timeout=4)"
 STOPSIGNAL SIGTERM
 CMD ["dicom-node", "serve", "--config", "/app/config.yaml"]

@@ -45,6 +45,7 @@ from storage import Store
 from storage.retention import Purger, RetentionPolicy
 
 if TYPE_CHECKING:
+    from dicom_node.web.server import WebServer
     from inference.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class Node:
             WorkerProcess(worker_main, config.model_dump(mode="json"), i, self._ready)
             for i in range(config.workers.count)
         ]
+        self.web: WebServer | None = None
+        self.web_port: int | None = None
         self._stopped = threading.Event()
 
     @property
@@ -145,6 +148,11 @@ class Node:
                 coalesce=True,
                 misfire_grace_time=None,
             )
+        if self.config.web.enabled:  # before the listener: "listening" means everything is up
+            from dicom_node.web.server import WebServer
+
+            self.web = WebServer(self.config, self.store, lambda: self.listener.admission.snapshot()["associations"])
+            self.web_port = self.web.start()
         port = self.listener.start()
         retention = self.config.retention
         policy = RetentionPolicy(retention.keep_days, retention.high_watermark_percent, retention.low_watermark_percent)
@@ -237,11 +245,15 @@ class Node:
         except Exception:  # noqa: BLE001 - not scheduled (no workers) or the scheduler never started
             pass
         self.listener.stop()
+        if self.web is not None:
+            self.web.stop()
         for w in self.workers:
-            w.process.terminate()
+            if w.process.is_alive():  # (never started when the start failed before them)
+                w.process.terminate()
         for w in self.workers:
             w.stop()
-        self.scheduler.shutdown(wait=True)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
         self.store.close()
         log.info("stopped")
 
@@ -255,7 +267,11 @@ class Node:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        port = self.start()
+        try:
+            port = self.start()
+        except BaseException:
+            self.stop()  # workers, scheduler, listener: nothing may outlive a start that failed
+            raise
         if announce is not None:
             announce(port)
         try:

@@ -237,6 +237,12 @@ class DeliveryConfig(_Strict):
     dimse_timeout_s: float = Field(60, gt=0)
 
 
+class WebConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"  # /healthz, /readyz, /metrics (no patient data); 0.0.0.0 for a Prometheus elsewhere
+    port: int = Field(8480, ge=0, le=65535)
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     audit_file: Path | None = None  # the audit trail (JSON lines); null = <storage.root>/audit.jsonl
@@ -259,6 +265,7 @@ class Config(_Strict):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> "Config":

@@ -28,7 +28,17 @@ def setup_logging(level: str = "INFO") -> None:
         root.addHandler(handler)
     root.setLevel(level)
     # Third-party loggers: pynetdicom and highdicom would log identifiers at INFO/DEBUG.
-    for noisy in ("pynetdicom", "highdicom", "apscheduler", "PIL", "matplotlib", "urllib3", "ultralytics", "timm"):
+    for noisy in (
+        "pynetdicom",
+        "highdicom",
+        "apscheduler",
+        "PIL",
+        "matplotlib",
+        "urllib3",
+        "ultralytics",
+        "timm",
+        "alembic",  # its INFO lines name every plugin at each start; storage.migrate logs an upgrade itself
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for chatty in ("apscheduler.executors.default", "apscheduler.scheduler"):  # "job skipped: still running"
         logging.getLogger(chatty).setLevel(logging.ERROR)

@@ -528,6 +528,26 @@ class Store:
             return n > 0
 
     # ---- reporting ---------------------------------------------------------------------------------
+    @_database_errors
+    def deliveries_by_destination(self) -> dict[tuple[str, str], int]:
+        with self._session() as s:
+            rows = s.execute(
+                select(Delivery.destination, Delivery.state, func.count()).group_by(
+                    Delivery.destination, Delivery.state
+                )
+            )
+            return {(str(d), str(st)): int(n) for d, st, n in rows}
+
+    @_database_errors
+    def recent_pipeline_seconds(self, within_s: float) -> list[float]:
+        """Pipeline times of the jobs finished in the last ``within_s`` seconds."""
+        since = utcnow() - timedelta(seconds=within_s)
+        with self._session() as s:
+            return [
+                float(v or 0.0)
+                for v in s.scalars(select(Job.pipeline_s).where(Job.finished_at >= since, Job.pipeline_s.is_not(None)))
+            ]
+
     # ---- workers -------------------------------------------------------------------------------------
     @_database_errors
     def worker_heartbeat(self, name: str, pid: int, host: str, models: str, current_job: int | None) -> None:

@@ -32,6 +32,7 @@ def node_in_process(tmp_path, monkeypatch):
             "storage": {"root": str(tmp_path / "var"), "min_free_disk_mb": 1},
             "workers": {"count": 0},
             "studies": {"stable_after_s": 60},
+            "web": {"enabled": False},
         },
         tmp_path,
     )

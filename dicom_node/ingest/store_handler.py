@@ -28,7 +28,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
-from dicom_node import audit
+from dicom_node import audit, metrics
 from dicom_node.config import Config
 from dicom_node.errors import (
     InflatedTooLargeError,
@@ -199,6 +199,7 @@ class StoreHandler:
             stored, eligible, reason, study_uid = self._store(event, sop_class, calling)
         except Exception as exc:  # noqa: BLE001 - never raise into pynetdicom: every failure is a status
             status = status_for(exc)
+            metrics.CSTORES.labels(f"0x{status.code:04X}", calling).inc()
             audit.event(
                 "instance_refused",
                 peer=peer,
@@ -220,13 +221,17 @@ class StoreHandler:
                     safe_traceback(exc),
                 )
             return status.dataset(str(exc) if isinstance(exc, InstanceRejected) else None)
+        size = _size(stored.path)
+        metrics.CSTORES.labels("0x0000", calling).inc()
+        if size and not stored.duplicate:
+            metrics.RECEIVED_BYTES.inc(size)
         audit.event(
             "instance_stored",
             peer=peer,
             calling_ae=calling,
             sop_class=sop_class_name(sop_class),
             study=audit.study_key(study_uid),
-            bytes=_size(stored.path),
+            bytes=size,
             duplicate=stored.duplicate,
             eligible=eligible,
         )

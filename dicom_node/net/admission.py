@@ -26,7 +26,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 
-from dicom_node import audit
+from dicom_node import audit, metrics
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Admission:
                 ae_title,
                 address,
             )
+            metrics.ASSOCIATIONS.labels("rejected").inc()
             audit.event("association_rejected", peer=address, calling_ae=ae_title, reason="not allowed from this host")
             assoc.acse.send_reject(*CALLING_AE_NOT_RECOGNISED)
             assoc.kill()
@@ -129,6 +130,7 @@ class Admission:
             address,
             self.max_associations,
         )
+        metrics.ASSOCIATIONS.labels("rejected").inc()
         audit.event("association_rejected", peer=address, calling_ae=ae_title, reason="all association slots in use")
         assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
         assoc.kill()  # as pynetdicom does after its own rejections: the RJ is sent before the socket closes

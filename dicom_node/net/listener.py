@@ -32,7 +32,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import audit
+from dicom_node import audit, metrics
 from dicom_node.config import NodeConfig
 from dicom_node.net.admission import UNLIMITED, Admission, PeerPolicy
 from dicom_node.net.tls import server_context
@@ -163,6 +163,7 @@ class Listener:
     @staticmethod
     def _on_accepted(event: evt.Event) -> None:
         requestor = event.assoc.requestor
+        metrics.ASSOCIATIONS.labels("accepted").inc()
         audit.event(
             "association_accepted",
             peer=requestor.address,
@@ -179,6 +180,7 @@ class Listener:
         reason = REJECT_REASONS.get(
             (getattr(primitive, "result_source", None), diagnostic), f"rejected (diagnostic {diagnostic})"
         )
+        metrics.ASSOCIATIONS.labels("rejected").inc()
         audit.event("association_rejected", peer=requestor.address, calling_ae=requestor.ae_title, reason=reason)
 
     @staticmethod

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_node import audit
+from dicom_node import audit, metrics
 from dicom_node.config import Config, DestinationConfig
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_node.logs import safe_traceback
@@ -138,6 +138,7 @@ class Sender:
                 problem = classify_status(int(status))
                 if problem is None:
                     self.store.mark_delivered(d.id)
+                    metrics.DELIVERIES.labels(name, "delivered").inc()
                     audit.event("delivery_done", delivery=d.id, destination=name, kind=d.kind)
                     delivered += 1
                     log.info("delivered %s to %s", d.kind.upper(), name)
@@ -155,6 +156,7 @@ class Sender:
             why = "permanent" if isinstance(err, PermanentDeliveryError) else f"gave up after {attempts} attempts"
             log.error("delivery %d of %s to %s failed (%s): %s", d.id, d.kind.upper(), d.destination, why, err)
             self.store.mark_failed(d.id, f"{err} ({why})")
+            metrics.DELIVERIES.labels(d.destination, "failed").inc()
             audit.event(
                 "delivery_failed", delivery=d.id, destination=d.destination, kind=d.kind, error=f"{err} ({why})"
             )
@@ -165,3 +167,4 @@ class Sender:
             "delivery %d of %s to %s: %s; retry %d in %.1f s", d.id, d.kind.upper(), d.destination, err, attempts, delay
         )
         self.store.mark_retry(d.id, utcnow() + timedelta(seconds=delay), str(err))
+        metrics.DELIVERIES.labels(d.destination, "retry").inc()

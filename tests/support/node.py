@@ -26,6 +26,7 @@ from dicom_node.config import load_config
 from storage import Store
 
 LISTENING = re.compile(r"listening as \S+ on \S+:(\d+)")
+WEB = re.compile(r"web \(healthz, readyz, metrics\) on (http://\S+:\d+)")
 
 
 def free_port() -> int:
@@ -65,6 +66,7 @@ class NodeProcess:
             "studies": {"stable_after_s": 1},
             "workers": {"count": 0},
             "destinations": [],
+            "web": {"port": 0},  # /healthz, /readyz, /metrics on a port the OS chooses (see web_port)
         }
         self.config = deep_merge(base, overrides)
         self.port: int = self.config["node"]["port"]
@@ -108,6 +110,14 @@ class NodeProcess:
         except (AssertionError, RuntimeError):
             self.kill()
             raise
+
+    @property
+    def web_url(self) -> str:
+        """The base URL of the node's web side (the last one it logged: a restart may bind another port)."""
+        found = WEB.findall(self.log())
+        if not found:
+            raise AssertionError("the node logged no web address")
+        return found[-1]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

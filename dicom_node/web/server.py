@@ -1,0 +1,101 @@
+"""The HTTP server of ``serve`` (Starlette on uvicorn, in a thread of the node process): ``/healthz`` (the process
+is up), ``/readyz`` (it can do its job: database reachable, spool writable, free disk above
+``storage.min_free_disk_mb``, at least one live worker with its models loaded) and ``/metrics`` (Prometheus text
+format). None of them carries patient data, so none needs a login."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from dicom_node.config import Config
+from dicom_node.web.metrics import registry_for
+from storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def readiness(config: Config, store: Store) -> dict[str, str]:
+    """Each check -> "ok" or what is wrong."""
+    checks: dict[str, str] = {}
+    try:
+        status = store.status()
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the type says which
+        return {"database": f"unreachable ({type(exc).__name__})"}
+    try:
+        fd, name = tempfile.mkstemp(dir=store.spool.tmp, suffix=".ready")
+        os.close(fd)
+        os.unlink(name)
+        checks["spool"] = "ok"
+    except OSError as exc:
+        checks["spool"] = f"not writable ({exc.strerror})"
+    free = store.spool.free_mb()
+    floor = config.storage.min_free_disk_mb
+    checks["disk"] = "ok" if free >= floor else f"{free:.0f} MB free, below storage.min_free_disk_mb ({floor})"
+    alive = status["workers"]["alive"]
+    checks["workers"] = "ok" if alive else "no live worker with loaded models"
+    return checks
+
+
+def make_app(config: Config, store: Store, active: Callable[[], int] | None = None) -> Starlette:
+    registry = registry_for(store, active)
+
+    async def healthz(_: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(_: Request) -> Response:
+        checks = readiness(config, store)
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ]
+    )
+
+
+class WebServer:
+    """uvicorn in a daemon thread; ``start`` returns the bound port (``web.port: 0``: the one the OS chose)."""
+
+    def __init__(self, config: Config, store: Store, active: Callable[[], int] | None = None):
+        self.config = config
+        app = make_app(config, store, active)
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=config.web.host, port=config.web.port, log_level="warning", access_log=False, lifespan="off"
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, name="web", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> int:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the web server did not start on {self.config.web.host}:{self.config.web.port}")
+            time.sleep(0.02)
+        port = int(self.server.servers[0].sockets[0].getsockname()[1])
+        log.info("web (healthz, readyz, metrics) on http://%s:%d", self.config.web.host, port)
+        return port
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
