@@ -245,19 +245,10 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _send_deflated(node, path: Path):
     from pydicom.uid import DeflatedExplicitVRLittleEndian
-    from pynetdicom import _config
 
-    old, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True  # the bytes as they are
-    try:
-        ae = AE(ae_title="PYSCU")
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", [DeflatedExplicitVRLittleEndian])
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-        assert assoc.is_established
-        status = assoc.send_c_store(path)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
-    return status
+    from tests.test_ingest import _send_file
+
+    return _send_file(node, path, [DeflatedExplicitVRLittleEndian])
 
 
 def test_a_deflate_bomb_is_refused_with_bounded_memory(node_factory, tmp_path):

@@ -211,14 +211,15 @@ def test_missing_study_uid_refused(node_factory, tmp_path):
     assert status.Status == 0xA900 and "StudyInstanceUID" in status.ErrorComment  # does not match its IOD
 
 
-def _send_file(node, path) -> Dataset:
-    """C-STORE of a file's bytes as they are; the command's SOP Instance UID comes from the file meta."""
+def _send_file(node, path, syntaxes: list[str] | None = None) -> Dataset:
+    """C-STORE of a file's bytes as they are; the command's SOP Instance UID comes from the file meta.
+    ``syntaxes``: the transfer syntaxes to propose (default: pynetdicom's)."""
     from pynetdicom import _config
 
     old, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
     try:
         ae = AE(ae_title="PYSCU")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, syntaxes)
         assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
         assert assoc.is_established
         status = assoc.send_c_store(path)
