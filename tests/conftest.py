@@ -71,3 +71,13 @@ def postgres_server():
 def postgres_url(postgres_server) -> str:
     """The SQLAlchemy URL of a new, empty PostgreSQL database."""
     return postgres_server.new_database()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    """Tiny model files that load fast (classifier says 0.8, the detector boxes something): ``inference.models``
+    for a node under test. Modules that need other models define their own ``models``."""
+    from support.models import make_tiny_models
+
+    clf, det = make_tiny_models(tmp_path_factory.mktemp("models"), p_abnormal=0.8, detector_logit=-0.3)
+    return {"classifier": str(clf), "detector": str(det)}

@@ -33,9 +33,9 @@ A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0)
 A_RELEASE_RQ = struct.pack(">BBLL", 0x05, 0, 4, 0)
 
 
-def echo(node, source: str = "127.0.0.1") -> bool:
-    """A C-ECHO with pynetdicom from ``source``: True when the association was accepted and answered."""
-    ae = AE(ae_title="PROBE")
+def echo(node, source: str = "127.0.0.1", calling: str = "PROBE") -> bool:
+    """A C-ECHO with pynetdicom from ``source`` as ``calling``: True when the association was accepted and answered."""
+    ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.acse_timeout = 5
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
@@ -282,18 +282,9 @@ def test_a_data_set_shorter_than_its_own_lengths_is_refused_naming_the_element(n
 def test_a_calling_ae_is_accepted_only_from_its_own_host(node_factory):
     node = node_factory(node={"allowed_peers": [{"ae_title": "PACS", "hosts": ["127.0.0.2", "127.0.1.0/24"]}]})
 
-    def echo_as(calling: str, source: str) -> bool:
-        ae = AE(ae_title=calling)
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, bind_address=(source, 0))
-        ok = assoc.is_established and assoc.send_c_echo().Status == 0x0000
-        if assoc.is_established:
-            assoc.release()
-        return ok
-
-    assert echo_as("PACS", "127.0.0.2") and echo_as("PACS", "127.0.1.7")
-    assert not echo_as("PACS", "127.0.0.1")  # a known AE title on the wrong host
-    assert not echo_as("OTHER", "127.0.0.2")  # an unknown AE title on a known host
+    assert echo(node, "127.0.0.2", "PACS") and echo(node, "127.0.1.7", "PACS")
+    assert not echo(node, "127.0.0.1", "PACS")  # a known AE title on the wrong host
+    assert not echo(node, "127.0.0.2", "OTHER")  # an unknown AE title on a known host
     log = node.log()
     assert "PACS (127.0.0.1) rejected" in log and "node.allowed_peers" in log
     bad = node.folder / "bad.yaml"

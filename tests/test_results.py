@@ -13,19 +13,11 @@ from pydicom.uid import generate_uid
 from dicom_node.outputs.validate import dsrdump
 from support.dcmtk import DcmtkStoreSCP
 from support.dicom_factory import make_cxr
-from support.models import make_tiny_models
 from support.node import free_port, wait_for
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
-
-
-@pytest.fixture
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    clf, det = make_tiny_models(folder, p_abnormal=0.8, detector_logit=-0.3)
-    return {"classifier": str(clf), "detector": str(det)}
 
 
 @pytest.fixture

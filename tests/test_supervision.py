@@ -14,14 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dicom_factory import make_cxr
-from tests.support.models import make_tiny_models
 from tests.support.node import NodeProcess, wait_for
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    clf, det = make_tiny_models(tmp_path_factory.mktemp("models"), p_abnormal=0.8, detector_logit=-0.3)
-    return {"classifier": str(clf), "detector": str(det)}
 
 
 def test_models_that_do_not_load_stop_check_config_and_serve(tmp_path, models):

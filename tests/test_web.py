@@ -10,11 +10,9 @@ import signal
 import urllib.error
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.dicom_factory import make_cxr
-from tests.support.models import make_tiny_models
 from tests.support.node import wait_for
 
 
@@ -32,12 +30,6 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    clf, det = make_tiny_models(tmp_path_factory.mktemp("models"), p_abnormal=0.8, detector_logit=-0.3)
-    return {"classifier": str(clf), "detector": str(det)}
 
 
 def test_health_readiness_and_metrics_agree_with_status(node_factory, tmp_path, models):
