@@ -239,8 +239,33 @@ class DeliveryConfig(_Strict):
 
 class WebConfig(_Strict):
     enabled: bool = True
-    host: str = "127.0.0.1"  # /healthz, /readyz, /metrics (no patient data); 0.0.0.0 for a Prometheus elsewhere
+    host: str = "127.0.0.1"  # the console, /healthz, /readyz, /metrics; 0.0.0.0 to reach it from elsewhere
     port: int = Field(8480, ge=0, le=65535)
+    # Who may log in to the console: login name -> password hash (`dicom-node hash-password`). Also from the
+    # environment: DICOM_NODE_WEB_USERS="name:hash,name:hash" (added to these). None: the console shows how
+    # to add one and nothing else; /healthz, /readyz and /metrics never need a login.
+    users: dict[str, str] = Field(default_factory=dict)
+    session_hours: float = Field(8, gt=0)  # a login lasts this long
+    secure_cookies: bool = False  # true when users reach the console over HTTPS (a reverse proxy in front)
+    max_upload_mb: float = Field(200, gt=0)  # the analyse page's upload limit (all files of one upload)
+    page_size: int = Field(50, ge=1, le=1000)  # studies per page
+
+    @field_validator("users")
+    @classmethod
+    def _check_users(cls, v: dict[str, str]) -> dict[str, str]:
+        from dicom_node.web.auth import check_hash
+
+        for name, hashed in v.items():
+            problem = check_hash(hashed)
+            if problem:
+                raise ValueError(f"user {name!r}: {problem}")
+        return v
+
+    def all_users(self) -> dict[str, str]:
+        """The configured users plus DICOM_NODE_WEB_USERS."""
+        from dicom_node.web.auth import parse_users
+
+        return {**self.users, **parse_users(os.environ.get("DICOM_NODE_WEB_USERS", ""))}
 
 
 class LoggingConfig(_Strict):

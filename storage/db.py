@@ -32,7 +32,7 @@ class Study(Base):
     __tablename__ = "studies"
     study_uid: Mapped[str] = mapped_column(UID, primary_key=True)
     first_received_at: Mapped[datetime] = mapped_column(DateTime)
-    last_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)  # the console lists newest first
     # When the "stable" timer fires; NULL once the study's received instances have been handed to a job.
     stable_due_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
 
@@ -73,6 +73,37 @@ class Job(Base):
     # restart is not one): a study that kills its worker every time is failed after MAX_JOB_CRASHES.
     crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pipeline_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    models: Mapped[str | None] = mapped_column(Text, nullable=True)  # the model versions that made the result
+
+
+class ImageResult(Base):
+    """What a done job said about one image (the SR says the same): P(abnormal) and the verdict, or why the
+    models could not judge it. Its findings are :class:`FindingRow` rows."""
+
+    __tablename__ = "image_results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    p_abnormal: Mapped[float | None] = mapped_column(Float, nullable=True)
+    abnormal: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    not_analysable: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class FindingRow(Base):
+    """One finding (box) of an image of a done job, in the source image's pixels."""
+
+    __tablename__ = "findings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, ForeignKey("jobs.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    label: Mapped[str] = mapped_column(String(64), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    x_min: Mapped[float] = mapped_column(Float)
+    y_min: Mapped[float] = mapped_column(Float)
+    x_max: Mapped[float] = mapped_column(Float)
+    y_max: Mapped[float] = mapped_column(Float)
 
 
 class Result(Base):
@@ -103,6 +134,7 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 

@@ -22,7 +22,18 @@ from sqlalchemy.engine import Result as QueryResult
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import Delivery, Instance, Job, Purge, Result, Study, WorkerRow, make_engine
+from storage.db import (
+    Delivery,
+    FindingRow,
+    ImageResult,
+    Instance,
+    Job,
+    Purge,
+    Result,
+    Study,
+    WorkerRow,
+    make_engine,
+)
 from storage.errors import DatabaseError, DiskFullError, StaleJobError, StorageError, UnknownStudyError
 from storage.spool import Spool
 from storage.states import DeliveryState, JobState
@@ -106,6 +117,24 @@ class ResultSpec:
     source_sop_uid: str | None
     data: bytes
     destinations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FindingSpec:
+    label: str
+    score: float
+    box: tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in the source image's pixels
+
+
+@dataclass(frozen=True)
+class ImageVerdict:
+    """What the job said about one image (kept for the console and the findings metric)."""
+
+    sop_instance_uid: str
+    p_abnormal: float | None  # None: not analysable
+    abnormal: bool | None
+    not_analysable: str | None
+    findings: tuple[FindingSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -399,8 +428,17 @@ class Store:
             return list(s.scalars(select(Result).where(Result.study_uid == study_uid).order_by(Result.id)))
 
     @_database_errors
-    def finish_job(self, job_id: int, worker: str, results: list[ResultSpec], pipeline_s: float | None = None) -> None:
-        """Write result files, then commit their rows, one delivery per destination, and the job's end at once.
+    def finish_job(
+        self,
+        job_id: int,
+        worker: str,
+        results: list[ResultSpec],
+        pipeline_s: float | None = None,
+        images: list[ImageVerdict] | None = None,
+        models: str | None = None,
+    ) -> None:
+        """Write result files, then commit their rows, one delivery per destination, the verdict per image and
+        the job's end at once.
 
         Raises StaleJobError (and keeps nothing) when the job is no longer this worker's: its lease ran out and
         another worker took it over, so exactly one set of results is ever delivered."""
@@ -416,13 +454,46 @@ class Store:
                 s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
-                    .values(state=JobState.DONE, finished_at=now, lease_until=None, reason=None, pipeline_s=pipeline_s)
+                    .values(
+                        state=JobState.DONE,
+                        finished_at=now,
+                        lease_until=None,
+                        reason=None,
+                        pipeline_s=pipeline_s,
+                        models=models,
+                    )
                 )
             )
             if not owned:
                 for p in paths:
                     p.unlink(missing_ok=True)
                 raise StaleJobError(f"job {job_id} was taken over by another worker; results discarded")
+            for image in images or ():
+                s.add(
+                    ImageResult(
+                        job_id=job_id,
+                        study_uid=study_uid,
+                        sop_instance_uid=image.sop_instance_uid,
+                        p_abnormal=image.p_abnormal,
+                        abnormal=image.abnormal,
+                        not_analysable=image.not_analysable,
+                    )
+                )
+                for f in image.findings:
+                    x0, y0, x1, y1 = f.box
+                    s.add(
+                        FindingRow(
+                            job_id=job_id,
+                            study_uid=study_uid,
+                            sop_instance_uid=image.sop_instance_uid,
+                            label=f.label,
+                            score=f.score,
+                            x_min=x0,
+                            y_min=y0,
+                            x_max=x1,
+                            y_max=y1,
+                        )
+                    )
             for spec, path in zip(results, paths):
                 row = Result(
                     job_id=job_id,
@@ -494,18 +565,27 @@ class Store:
             delivery_id,
             state=DeliveryState.DELIVERED,
             delivered_at=utcnow(),
+            last_attempt_at=utcnow(),
             last_error=None,
             attempts=Delivery.attempts + 1,
         )
 
     def mark_retry(self, delivery_id: int, next_attempt_at: datetime, error: str) -> None:
         self._set_delivery(
-            delivery_id, next_attempt_at=next_attempt_at, last_error=error[:2000], attempts=Delivery.attempts + 1
+            delivery_id,
+            next_attempt_at=next_attempt_at,
+            last_error=error[:2000],
+            last_attempt_at=utcnow(),
+            attempts=Delivery.attempts + 1,
         )
 
     def mark_failed(self, delivery_id: int, error: str) -> None:
         self._set_delivery(
-            delivery_id, state=DeliveryState.FAILED, last_error=error[:2000], attempts=Delivery.attempts + 1
+            delivery_id,
+            state=DeliveryState.FAILED,
+            last_error=error[:2000],
+            last_attempt_at=utcnow(),
+            attempts=Delivery.attempts + 1,
         )
 
     @_database_errors
@@ -519,6 +599,28 @@ class Store:
                     .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), attempts=0)
                 )
             )
+
+    @_database_errors
+    def retry_delivery(self, delivery_id: int) -> bool:
+        """Re-queue one failed delivery (operator action from the console); False when it is not failed."""
+        with self._session.begin() as s:
+            return bool(
+                _rowcount(
+                    s.execute(
+                        update(Delivery)
+                        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.FAILED)
+                        .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), attempts=0)
+                    )
+                )
+            )
+
+    @_database_errors
+    def findings_by_class(self) -> dict[str, int]:
+        """Findings reported so far (by the studies still stored), per class label."""
+        with self._session() as s:
+            return {
+                str(k): int(n) for k, n in s.execute(select(FindingRow.label, func.count()).group_by(FindingRow.label))
+            }
 
     @_database_errors
     def is_own_output(self, sop_uid: str) -> bool:
@@ -640,6 +742,8 @@ class Store:
             result_ids = select(Result.id).where(Result.study_uid == study_uid)
             s.execute(delete(Delivery).where(Delivery.result_id.in_(result_ids)))
             s.execute(delete(Result).where(Result.study_uid == study_uid))
+            s.execute(delete(FindingRow).where(FindingRow.study_uid == study_uid))
+            s.execute(delete(ImageResult).where(ImageResult.study_uid == study_uid))
             s.execute(delete(Instance).where(Instance.study_uid == study_uid))
             s.execute(delete(Job).where(Job.study_uid == study_uid))
             s.execute(delete(Study).where(Study.study_uid == study_uid))

@@ -74,6 +74,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print a password hash for ``web.users`` (the password is read from the terminal, or one line of stdin)."""
+    import getpass
+
+    from dicom_node.web.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password for the web console: ")
+        if password != getpass.getpass("again: "):
+            raise ConfigError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        raise ConfigError("a console password needs at least 8 characters")
+    print(hash_password(password))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.app import Node
 
@@ -180,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("status", cmd_status, "counts of instances, studies, jobs and deliveries (no patient data)").add_argument(
         "--json", action="store_true", help="print the documented JSON form"
     )
+    command("hash-password", cmd_hash_password, "print a password hash for web.users (the console's logins)")
     command("worker", cmd_worker, "run one analysis worker against the same storage (add more to scale out)")
     command("retry", cmd_retry, "re-queue every failed delivery")
     command("reanalyze", cmd_reanalyze, "queue a re-analysis of a study").add_argument(

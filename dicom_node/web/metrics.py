@@ -9,7 +9,8 @@ Two kinds:
 - **Read from the database at each scrape** (:class:`StoreCollector`), so that what the worker processes did is
   counted whichever process did it, and the figures agree with ``dicom-node status --json``: instances, studies,
   jobs and deliveries by state, the queue (depth, oldest queued job's age), workers by state, what retention
-  purged, deliveries by destination, free disk, and the job pipeline times of the last hour (a histogram).
+  purged, deliveries by destination, findings by class, free disk, and the job pipeline times of the last hour
+  (a histogram).
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class StoreCollector(Collector):
         )
         h.add_metric([], buckets, total)
         yield h
+        findings = GaugeMetricFamily(
+            "dicom_node_findings", "findings reported in the studies still stored, by class", labels=["finding"]
+        )
+        for label, n in sorted(self.store.findings_by_class().items()):
+            findings.add_metric([label], n)
+        yield findings
         yield GaugeMetricFamily(
             "dicom_node_disk_free_bytes",
             "free disk under storage.root",

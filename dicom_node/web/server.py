@@ -1,7 +1,8 @@
 """The HTTP server of ``serve`` (Starlette on uvicorn, in a thread of the node process): ``/healthz`` (the process
 is up), ``/readyz`` (it can do its job: database reachable, spool writable, free disk above
 ``storage.min_free_disk_mb``, at least one live worker with its models loaded) and ``/metrics`` (Prometheus text
-format). None of them carries patient data, so none needs a login."""
+format), none of which carries patient data or needs a login; and the web console behind a login
+(:mod:`dicom_node.web.console`)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ from collections.abc import Callable
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dicom_node.config import Config
+from dicom_node.web.auth import session_secret
+from dicom_node.web.console import Console
 from dicom_node.web.metrics import registry_for
 from storage import Store
 
@@ -63,13 +68,59 @@ def make_app(config: Config, store: Store, active: Callable[[], int] | None = No
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    console = Console(config, store)
     return Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
-        ]
+            *console.routes(),
+        ],
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(
+                SessionMiddleware,
+                secret_key=session_secret(config.storage.root),
+                session_cookie="dicom_node_session",
+                max_age=int(config.web.session_hours * 3600),
+                same_site="strict",
+                https_only=config.web.secure_cookies,
+            ),
+        ],
     )
+
+
+class SecurityHeaders:
+    """No framing, no foreign content, no caching of pages that show patient data (pure ASGI middleware)."""
+
+    HEADERS = [
+        (
+            b"content-security-policy",
+            b"default-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'",
+        ),
+        (b"x-frame-options", b"DENY"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+    ]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        static = scope["path"].startswith("/static/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.extend(self.HEADERS)
+                if not static and not any(k == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class WebServer:
@@ -93,7 +144,7 @@ class WebServer:
                 raise RuntimeError(f"the web server did not start on {self.config.web.host}:{self.config.web.port}")
             time.sleep(0.02)
         port = int(self.server.servers[0].sockets[0].getsockname()[1])
-        log.info("web (healthz, readyz, metrics) on http://%s:%d", self.config.web.host, port)
+        log.info("web console, healthz, readyz, metrics on http://%s:%d", self.config.web.host, port)
         return port
 
     def stop(self) -> None:

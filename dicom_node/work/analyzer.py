@@ -24,7 +24,7 @@ from dicom_node.outputs.sc import build_sc
 from dicom_node.outputs.sr import build_sr
 from inference.pipeline import Pipeline
 from inference.types import Prediction
-from storage.repository import JobInfo, ResultSpec
+from storage.repository import FindingSpec, ImageVerdict, JobInfo, ResultSpec
 
 
 def node_identity(config: Config, pipeline: Pipeline) -> NodeIdentity:
@@ -58,10 +58,11 @@ class Analyzer:
     def wanted(self, kind: str) -> tuple[str, ...]:
         return tuple(d.name for d in self.config.destinations if kind in d.outputs)
 
-    def analyse(self, job: JobInfo) -> tuple[list[ResultSpec], float]:
+    def analyse(self, job: JobInfo) -> tuple[list[ResultSpec], float, list[ImageVerdict]]:
         """Every image whose pixels decode is analysed; one whose pixels do not is "not analysable" in the SR
         (no SC or GSPS for it), so its study still gets the result of its good images. When no image of the
-        job decodes, the job fails with the first image's reason."""
+        job decodes, the job fails with the first image's reason. Returns the result objects, the pipeline
+        time and the verdict per image (what the SR says, for the console)."""
         analysed: list[_Analysed] = []
         pipeline_s = 0.0
         undecodable: list[PixelDataError] = []
@@ -90,7 +91,7 @@ class Analyzer:
             analysed.append(_Analysed(sop_uid, ds, image01, window, shown.rescaled((ds.Rows, ds.Columns)), shown))
         if undecodable and len(undecodable) == len(analysed):
             raise undecodable[0]
-        return self._encode(analysed), pipeline_s
+        return self._encode(analysed), pipeline_s, [verdict(a.sop_uid, a.prediction) for a in analysed]
 
     def _encode(self, analysed: list[_Analysed]) -> list[ResultSpec]:
         out = self.config.outputs
@@ -136,6 +137,13 @@ class Analyzer:
                 )
                 results.append(_spec("gsps", pr, a.sop_uid, pr_dest))
         return results
+
+
+def verdict(sop_uid: str, pred: Prediction) -> ImageVerdict:
+    if pred.not_analysable:
+        return ImageVerdict(sop_uid, None, None, pred.not_analysable)
+    findings = tuple(FindingSpec(f.label, round(f.score, 4), f.box) for f in pred.findings)
+    return ImageVerdict(sop_uid, round(pred.p_abnormal, 4), pred.abnormal, None, findings)
 
 
 def _spec(kind: str, ds: Dataset, source_sop_uid: str | None, destinations: tuple[str, ...]) -> ResultSpec:

@@ -66,8 +66,10 @@ class Worker:
         try:
             if not job.instances:
                 raise PixelDataError("no eligible instances left in the study")
-            results, pipeline_s = self.analyzer.analyse(job)
-            self.store.finish_job(job.id, self.name, results, pipeline_s=pipeline_s)
+            results, pipeline_s, images = self.analyzer.analyse(job)
+            self.store.finish_job(
+                job.id, self.name, results, pipeline_s=pipeline_s, images=images, models=self.models or None
+            )
         except StaleJobError as exc:
             log.warning("%s", exc)
             return True

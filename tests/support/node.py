@@ -26,7 +26,7 @@ from dicom_node.config import load_config
 from storage import Store
 
 LISTENING = re.compile(r"listening as \S+ on \S+:(\d+)")
-WEB = re.compile(r"web \(healthz, readyz, metrics\) on (http://\S+:\d+)")
+WEB = re.compile(r"web console, healthz, readyz, metrics on (http://\S+:\d+)")
 
 
 def free_port() -> int:
