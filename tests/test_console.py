@@ -20,12 +20,11 @@ from pathlib import Path
 import cv2
 import pytest
 
+from dicom_node.web.auth import hash_password
 from support.dcmtk import DcmtkStoreSCP
 from support.dicom_factory import make_cxr
 from support.node import NodeProcess, free_port, wait_for
 from support.viewers import Chromium
-
-from dicom_node.web.auth import hash_password
 
 REPO = Path(__file__).resolve().parents[1]
 ARTEFACTS = REPO / "test-artefacts" / "console"

@@ -55,6 +55,11 @@ def test_health_readiness_and_metrics_agree_with_status(node_factory, tmp_path, 
     assert m[("dicom_node_workers", (("state", "alive"),))] == 1
     assert m[("dicom_node_job_pipeline_seconds_count", ())] == status["jobs"]["done"]
     assert m[("dicom_node_disk_free_bytes", ())] > 0
+    found = node.rows("SELECT label, COUNT(*) AS n FROM findings GROUP BY label")
+    assert found, "the tiny detector boxes something"
+    assert {r["label"]: r["n"] for r in found} == {
+        dict(labels)["finding"]: v for (name, labels), v in m.items() if name == "dicom_node_findings"
+    }
 
     # a worker killed with SIGKILL: not ready (and "dead") until the supervisor has restarted it
     (row,) = node.rows("SELECT pid FROM workers")

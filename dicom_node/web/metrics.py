@@ -95,10 +95,14 @@ class StoreCollector(Collector):
 
 
 def registry_for(store: Store, active: Callable[[], int] | None = None) -> CollectorRegistry:
-    """The process's registry with the database collector of ``store`` added (once)."""
-    if not getattr(REGISTRY, "_dicom_node_store", None):
-        REGISTRY.register(StoreCollector(store))
-        REGISTRY._dicom_node_store = True  # type: ignore[attr-defined]
+    """The process's registry with the database collector of ``store`` (replacing one for another store)."""
+    current = getattr(REGISTRY, "_dicom_node_collector", None)
+    if current is None or current.store is not store:
+        if current is not None:
+            REGISTRY.unregister(current)
+        collector = StoreCollector(store)
+        REGISTRY.register(collector)
+        REGISTRY._dicom_node_collector = collector  # type: ignore[attr-defined]
     if active is not None:
         ACTIVE.set_function(active)
     return REGISTRY
