@@ -222,9 +222,7 @@ def main() -> int:
     print(f"large database ({args.studies} studies):")
     large = measure(args.studies, args.repeat, password_hash)
     base = statistics.median(large["/healthz"])
-    print(
-        f"\n{'page':<24s}{'small ms':>10s}{'large ms':>10s}{'large max':>11s}{'large/small':>13s}{'x healthz':>11s}"
-    )
+    print(f"\n{'page':<24s}{'small ms':>10s}{'large ms':>10s}{'large max':>11s}{'large/small':>13s}{'x healthz':>11s}")
     for name in large:
         s, big = statistics.median(small[name]), statistics.median(large[name])
         print(f"{name:<24s}{s:>10.1f}{big:>10.1f}{max(large[name]):>11.1f}{big / s:>13.2f}{big / base:>11.1f}")

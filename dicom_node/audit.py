@@ -13,6 +13,10 @@ Events (``event`` field) and what each line carries besides ``ts`` (UTC, ISO 860
 ``delivery_done`` / ``delivery_failed``  ``delivery``, ``destination``, ``kind``, ``error`` (failed)
 ``purge``                   ``studies``, ``instances``, ``results``, ``bytes``, ``reason``
 ``worker_died``             ``worker``, ``reason`` (exit code or signal), ``jobs`` (taken over)
+``console_login``           ``peer``, ``user``, ``result`` (ok, failed, throttled)
+``console_reanalyse``       ``user``, ``study``, ``job``
+``console_retry``           ``user``, ``delivery``
+``console_analyse``         ``user``, ``files`` (how many were uploaded; nothing of them is kept)
 ==========================  =================================================================================
 
 ``study`` is :func:`study_key`: the first 16 hex digits of the SHA-1 of the Study Instance UID - the name of

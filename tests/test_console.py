@@ -116,7 +116,8 @@ def test_console_in_a_browser(tmp_path, node_factory, models, browser, password_
     assert labels, "the tiny detector boxes something; the study page lists it"
     img = page.locator("img.overlay").first
     img.wait_for()
-    assert page.evaluate("i => i.complete && i.naturalWidth", img.element_handle()) == 512  # the SC, decoded
+    page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=img.element_handle(), timeout=20_000)
+    assert img.evaluate("i => i.naturalWidth") == 512  # the Secondary Capture, decoded and served as PNG
     assert page.locator("#deliveries tr.state-failed").count() == 2
     shot(page, "study-failed-delivery")
 
@@ -155,7 +156,8 @@ def test_console_in_a_browser(tmp_path, node_factory, models, browser, password_
     section.wait_for(timeout=120_000)
     p = float(section.locator(".p-abnormal").inner_text())
     assert 0.0 <= p <= 1.0
-    assert section.locator("img.overlay").evaluate("i => i.naturalWidth") > 0
+    shown = section.locator("img.overlay").element_handle()
+    page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=shown, timeout=20_000)  # the overlay PNG
     assert section.locator("a.json").get_attribute("href").startswith("data:application/json;base64,")
     shot(page, "analyse")
 
