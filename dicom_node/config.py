@@ -265,7 +265,10 @@ class WebConfig(_Strict):
         """The configured users plus DICOM_NODE_WEB_USERS."""
         from dicom_node.web.auth import parse_users
 
-        return {**self.users, **parse_users(os.environ.get("DICOM_NODE_WEB_USERS", ""))}
+        try:
+            return {**self.users, **parse_users(os.environ.get("DICOM_NODE_WEB_USERS", ""))}
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 class LoggingConfig(_Strict):

@@ -77,3 +77,28 @@ def test_the_node_imports_neither_torch_nor_training_code():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_hash_password_makes_a_hash_the_console_accepts(tmp_path):
+    from dicom_node.web.auth import verify_password
+
+    r = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "hash-password"],
+        input="a long enough password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    hashed = r.stdout.strip()
+    assert hashed.startswith("scrypt$") and "a long enough password" not in hashed
+    assert verify_password("a long enough password", hashed) and not verify_password("another password", hashed)
+    short = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "hash-password"], input="short\n", capture_output=True, text=True
+    )
+    assert short.returncode == 2 and "at least 8 characters" in short.stderr
+
+    # a password pasted where the hash belongs is refused with the key's name
+    (tmp_path / "config.yaml").write_text("web:\n  users:\n    alice: my-plain-password\n")
+    r = dicom_node("status", "--config", str(tmp_path / "config.yaml"))
+    assert r.returncode == 2 and "web.users" in r.stderr and "hash-password" in r.stderr, r.stderr

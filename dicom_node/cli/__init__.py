@@ -62,6 +62,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from dicom_node.app import build_pipeline, models_summary
 
     cfg = _config(args)
+    users = cfg.web.all_users()  # DICOM_NODE_WEB_USERS too
     try:
         pipeline = build_pipeline(cfg)
     except DicomNodeError as exc:
@@ -71,6 +72,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"storage {cfg.storage.root}, {len(cfg.destinations)} destination(s)"
     )
     print(f"models OK: {models_summary(pipeline)}")
+    if cfg.web.enabled:
+        print(
+            f"web console on http://{cfg.web.host}:{cfg.web.port}: "
+            + (f"{len(users)} user(s)" if users else "no users yet (dicom-node hash-password, then web.users)")
+        )
     return 0
 
 
