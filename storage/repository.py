@@ -641,13 +641,18 @@ class Store:
             return {(str(d), str(st)): int(n) for d, st, n in rows}
 
     @_database_errors
-    def recent_pipeline_seconds(self, within_s: float) -> list[float]:
-        """Pipeline times of the jobs finished in the last ``within_s`` seconds."""
+    def recent_job_seconds(self, within_s: float) -> list[tuple[float, float]]:
+        """(pipeline time, whole job time from claim to commit) of the jobs done in the last ``within_s`` s."""
         since = utcnow() - timedelta(seconds=within_s)
         with self._session() as s:
+            rows = s.execute(
+                select(Job.pipeline_s, Job.started_at, Job.finished_at).where(
+                    Job.finished_at >= since, Job.state == JobState.DONE, Job.pipeline_s.is_not(None)
+                )
+            )
             return [
-                float(v or 0.0)
-                for v in s.scalars(select(Job.pipeline_s).where(Job.finished_at >= since, Job.pipeline_s.is_not(None)))
+                (float(p or 0.0), (end - start).total_seconds() if start and end else float(p or 0.0))
+                for p, start, end in rows
             ]
 
     # ---- workers -------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ def test_health_readiness_and_metrics_agree_with_status(node_factory, tmp_path, 
     assert m[("dicom_node_instances", (("state", "eligible"),))] == status["instances"]["eligible"] == 2
     assert m[("dicom_node_workers", (("state", "alive"),))] == 1
     assert m[("dicom_node_job_pipeline_seconds_count", ())] == status["jobs"]["done"]
+    assert m[("dicom_node_job_seconds_count", ())] == status["jobs"]["done"]
+    assert m[("dicom_node_job_seconds_sum", ())] >= m[("dicom_node_job_pipeline_seconds_sum", ())] > 0
     assert m[("dicom_node_disk_free_bytes", ())] > 0
     found = node.rows("SELECT label, COUNT(*) AS n FROM findings GROUP BY label")
     assert found, "the tiny detector boxes something"

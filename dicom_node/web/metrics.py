@@ -9,8 +9,8 @@ Two kinds:
 - **Read from the database at each scrape** (:class:`StoreCollector`), so that what the worker processes did is
   counted whichever process did it, and the figures agree with ``dicom-node status --json``: instances, studies,
   jobs and deliveries by state, the queue (depth, oldest queued job's age), workers by state, what retention
-  purged, deliveries by destination, findings by class, free disk, and the job pipeline times of the last hour
-  (a histogram).
+  purged, deliveries by destination, findings by class, free disk, and the job and pipeline times of the
+  last hour (histograms).
 """
 
 from __future__ import annotations
@@ -70,17 +70,26 @@ class StoreCollector(Collector):
         for (dest, state), n in self.store.deliveries_by_destination().items():
             by_dest.add_metric([dest, state], n)
         yield by_dest
-        durations = self.store.recent_pipeline_seconds(3600)
-        buckets: list[tuple[str, float]] = [
-            (str(bound), len([d for d in durations if d <= bound])) for bound in PIPELINE_BUCKETS
-        ]
-        buckets.append(("+Inf", len(durations)))
-        total = float(sum(durations))
-        h = HistogramMetricFamily(
-            "dicom_node_job_pipeline_seconds", "pipeline time of the jobs done in the last hour", unit=""
-        )
-        h.add_metric([], buckets, total)
-        yield h
+        recent = self.store.recent_job_seconds(3600)
+        for name, what, durations in (
+            (
+                "dicom_node_job_pipeline_seconds",
+                "pipeline (model) time of the jobs done in the last hour",
+                [p for p, _ in recent],
+            ),
+            (
+                "dicom_node_job_seconds",
+                "whole job time (decode, models, encode, commit) of the jobs done in the last hour",
+                [j for _, j in recent],
+            ),
+        ):
+            buckets: list[tuple[str, float]] = [
+                (str(bound), len([d for d in durations if d <= bound])) for bound in PIPELINE_BUCKETS
+            ]
+            buckets.append(("+Inf", len(durations)))
+            h = HistogramMetricFamily(name, what, unit="")
+            h.add_metric([], buckets, float(sum(durations)))
+            yield h
         findings = GaugeMetricFamily(
             "dicom_node_findings", "findings reported in the studies still stored, by class", labels=["finding"]
         )
