@@ -1,6 +1,7 @@
 """Per-stage timings of the inference pipeline on the real DICOM samples.
 
     .venv/bin/python bench/pipeline.py [--reps 5] [--threads 1] [--classifier PATH --detector PATH]
+                                       [--backend torch|onnxruntime|both]
 
 Stages per image (median over ``--reps`` after one warm-up): decode (dicom_node.imaging.pixels.decode_image as the
 worker calls it: a JPEG 2000 image at the coarsest resolution level that still covers the working size),
@@ -11,6 +12,12 @@ forward, NMS (+ mapping boxes to source pixels), fusion; then the whole path as 
     overhead = whole / (classifier forward + detector forward)
 
 i.e. how much the non-network work costs on top of the two networks (1.0 = none).
+
+``--backend both`` then compares the backends in the same process: the model files are copied to a temporary
+folder, exported to ONNX there (as ``dicom-node export-onnx`` does), and per image the median time of the two
+network forwards and of the whole ``Pipeline.run`` is printed for torch and ONNX Runtime, with the ratio
+ONNX / torch (issue 12's target: <= 0.6 for the default models on 2 cores), and the largest difference in
+P(abnormal) and in box coordinates between the two.
 
 Models: the files named in ``config.yaml`` (``models/classifier.pt``, ``models/detector.pt``) when
 they exist, else tiny random-weight models (printed), which time the plumbing, not real networks.
@@ -82,6 +89,57 @@ def bench_file(pipe: Pipeline, path: Path, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
+def compare_backends(clf_path: Path, det_path: Path, fusion: FusionParams, files: list[Path], reps: int) -> None:
+    import shutil
+
+    from inference.onnx_backend import export_onnx, export_path
+
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        pipes = {}
+        c, d = Path(tmp) / "classifier.pt", Path(tmp) / "detector.pt"
+        shutil.copy(clf_path, c)
+        shutil.copy(det_path, d)
+        torch_pipe = Pipeline.from_files(c, d, fusion)
+        for net, path in ((torch_pipe.classifier, c), (torch_pipe.detector, d)):
+            pre = net.preprocess
+            export_onnx(net.model, pre.channels, pre.input_size, export_path(path), net.info.sha256)
+        pipes["torch"] = Pipeline.from_files(c, d, fusion)
+        pipes["onnxruntime"] = Pipeline.from_files(c, d, fusion, backend="onnxruntime")
+        print(f"{'image':<28s}{'backend':<13s}{'networks ms':>12s}{'whole ms':>10s}{'ratio':>8s}")
+        ratios = []
+        for f in files:
+            img = decode_image(f, at_least=torch_pipe.working_size)[0]
+            times: dict[str, tuple[float, float]] = {}
+            preds = {}
+            for name, pipe in pipes.items():
+                nets, whole = [], []
+                for i in range(reps + 1):
+                    t0 = time.perf_counter()
+                    pred = pipe.run(img)
+                    if i:
+                        whole.append(time.perf_counter() - t0)
+                        nets.append(pred.timings_s["classifier"] + pred.timings_s["detector"])
+                times[name] = (statistics.median(nets), statistics.median(whole))
+                preds[name] = pred
+            ratio = times["onnxruntime"][1] / times["torch"][1]
+            ratios.append(ratio)
+            for name, (n, w) in times.items():
+                r = f"{ratio:8.2f}" if name == "onnxruntime" else ""
+                print(f"{f.name[:27]:<28s}{name:<13s}{n * 1000:12.1f}{w * 1000:10.1f}{r}")
+            a, b = preds["torch"], preds["onnxruntime"]
+            dp = abs(a.p_abnormal - b.p_abnormal)
+            db = max(
+                [max(abs(x - y) for x, y in zip(fa.box, fb.box)) for fa, fb in zip(a.findings, b.findings)] or [0.0]
+            )
+            print(
+                f"{'':28s}P(abnormal) differs by {dp:.1e}, boxes by {db:.2f} px, findings {len(a.findings)}/"
+                f"{len(b.findings)}"
+            )
+        print(
+            f"\nwhole pipeline, ONNX Runtime / torch: median ratio {statistics.median(ratios):.2f} over {len(files)} images"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -90,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detector", type=Path)
     ap.add_argument("--device", default=None)
     ap.add_argument("--samples", type=Path, default=SHARED / "samples")
+    ap.add_argument("--backend", choices=("torch", "onnxruntime", "both"), default="torch")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             f"models: {REPO / 'models'} has no classifier.pt/detector.pt -> TINY RANDOM models "
             "(mobilenetv2_050 @64, yolov8n @128): plumbing timings only, not real networks"
         )
-    pipe = Pipeline.from_files(clf_path, det_path, fusion, device=device)
+    if args.backend == "both":
+        compare_backends(clf_path, det_path, fusion, sorted(args.samples.glob("*.dcm")), args.reps)
+        return 0
+    pipe = Pipeline.from_files(clf_path, det_path, fusion, device=device, backend=args.backend)
     for m, kind in zip(pipe.models, ("classifier", "detector")):
         size = (pipe.classifier if kind == "classifier" else pipe.detector).preprocess.input_size
         print(f"  {kind}: {m.architecture} v{m.version} input {size} sha256 {m.sha256[:12]}")

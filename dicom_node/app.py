@@ -69,7 +69,12 @@ def build_pipeline(config: Config) -> Pipeline:
     if m.threads:
         Pipeline.limit_threads(m.threads)
     return Pipeline.from_files(
-        m.classifier, m.detector, fusion=config.inference.fusion, device=m.device, calibration=m.calibration
+        m.classifier,
+        m.detector,
+        fusion=config.inference.fusion,
+        device=m.device,
+        calibration=m.calibration,
+        backend=m.backend,
     )
 
 

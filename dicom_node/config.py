@@ -180,6 +180,10 @@ class ModelsConfig(_Strict):
     calibration: Path | None = None  # a site calibration file from `dicom-node calibrate`; null = the model's own
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)  # torch threads per worker; null = torch's default (all cores)
+    # torch, or onnxruntime (each model file's export beside it: `dicom-node export-onnx`; a model imported from
+    # ONNX always runs in onnxruntime)
+    backend: Literal["torch", "onnxruntime"] = "torch"
+    batch_images: int = Field(8, ge=1)  # images of one job that go through each network together
 
     @field_validator("classifier", "detector", mode="before")
     @classmethod

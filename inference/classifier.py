@@ -1,10 +1,13 @@
-"""Normal/abnormal classifier: a timm backbone with one input channel and one output logit.
+"""Normal/abnormal classifier: a timm backbone; P(abnormal) per image.
 
 ``build_classifier(arch)`` builds the architecture offline (``pretrained=False``, random weights);
-``Classifier.load(path, device)`` builds it from a dicom-node model file (kind "classifier", classes
-``("abnormal",)``) and ``Classifier.predict(batch)`` returns P(abnormal) = sigmoid(logit) per image.
-The batch is what :func:`inference.preprocess.to_model_input` produces (N x 1 x S x S, normalised
-with the mean/std stored in the model file).
+``Classifier.load(path, device, backend)`` builds it from a dicom-node model file (kind "classifier", classes
+``("abnormal",)``) and ``Classifier.predict(batch)`` returns P(abnormal) per image. The network has one input
+channel (the node's own models) or three (grey repeated; models trained the ImageNet way, imported with
+``dicom-node import-model``), and one output, the logit of "abnormal", or several (``extra.outputs``), a softmax
+of which output ``extra.abnormal_index`` is "abnormal". The batch is what
+:func:`inference.preprocess.to_model_input` produces (N x C x S x S, normalised as the model file says).
+With ``backend="onnxruntime"`` the network runs in ONNX Runtime (:mod:`inference.onnx_backend`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from inference.modelfile import LoadedModel, LoadedNetwork, load_model_file
 __all__ = ["build_classifier", "Classifier"]
 
 
-def build_classifier(arch: str, in_chans: int = 1, drop_rate: float = 0.0) -> nn.Module:
+def build_classifier(arch: str, in_chans: int = 1, drop_rate: float = 0.0, num_classes: int = 1) -> nn.Module:
     """A timm model by name (e.g. densenet121, efficientnet_b0, davit_tiny, mobilenetv2_100); ``drop_rate`` is
     the dropout before the head (training only: it has no weights, so the model file does not need it)."""
     import timm  # imported here: importing timm is slow and only model code needs it
 
     try:
-        return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=1, drop_rate=drop_rate)
+        return timm.create_model(
+            arch, pretrained=False, in_chans=in_chans, num_classes=num_classes, drop_rate=drop_rate
+        )
     except RuntimeError as exc:  # timm: "Unknown model (...)"
         raise ModelError(f"unknown classifier architecture {arch!r} ({exc})") from exc
 
@@ -38,25 +43,29 @@ class Classifier(LoadedNetwork):
     """A loaded classifier in eval mode on one device."""
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu") -> "Classifier":
+    def from_loaded(
+        cls, loaded: LoadedModel, device: str | torch.device = "cpu", backend: str = "torch"
+    ) -> "Classifier":
         meta = loaded.metadata
-        if meta.preprocess.channels != 1:
-            raise ModelError(
-                f"{loaded.path}: classifier preprocess must have 1 channel, has {meta.preprocess.channels}"
-            )
-        model = build_classifier(meta.architecture, in_chans=1)
-        try:
-            model.load_state_dict(loaded.state_dict, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0:2]
-            raise ModelError(
-                f"{loaded.path}: weights do not fit architecture {meta.architecture!r}: {' '.join(first)}"
-            ) from exc
-        return cls(model, loaded, device)
+        channels = meta.preprocess.channels
+        outputs = int(meta.extra.get("outputs", 1))
+        if outputs > 1 and not 0 <= int(meta.extra.get("abnormal_index", -1)) < outputs:
+            raise ModelError(f"{loaded.path}: a classifier with {outputs} outputs needs extra.abnormal_index")
+        network = cls.onnx_network(loaded, device, backend)
+        if network is None:
+            network = build_classifier(meta.architecture, in_chans=channels, num_classes=outputs)
+            try:
+                network.load_state_dict(loaded.state_dict, strict=True)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[0:2]
+                raise ModelError(
+                    f"{loaded.path}: weights do not fit architecture {meta.architecture!r}: {' '.join(first)}"
+                ) from exc
+        return cls(network, loaded, device)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Classifier":
-        return cls.from_loaded(load_model_file(path, "classifier"), device)
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "torch") -> "Classifier":
+        return cls.from_loaded(load_model_file(path, "classifier"), device, backend)
 
     calibration: Calibration | None = None  # a site's own operating points (inference.calibration)
 
@@ -72,16 +81,19 @@ class Classifier(LoadedNetwork):
 
     @torch.inference_mode()
     def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        """N x 1 x S x S prepared batch (or a single 1 x S x S) -> the N raw logits."""
-        x = torch.as_tensor(batch, dtype=torch.float32)
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"classifier input must be N x 1 x S x S, got {tuple(x.shape)}")
-        return self.model(x.to(self.device)).float().reshape(x.shape[0], -1)[:, 0].cpu().numpy()
+        """N x C x S x S prepared batch (or a single C x S x S) -> the N raw logits of "abnormal" (with a softmax
+        head: log(p / (1 - p)) of the abnormal output's probability)."""
+        x = self.as_input(batch, "classifier")
+        out = self.model(x).float().reshape(x.shape[0], -1)
+        extra = self.loaded.metadata.extra
+        if out.shape[1] == 1:
+            return out[:, 0].cpu().numpy()
+        k = int(extra["abnormal_index"])
+        others = torch.cat([out[:, :k], out[:, k + 1 :]], dim=1)
+        return (out[:, k] - torch.logsumexp(others, dim=1)).cpu().numpy()
 
     def predict(self, batch: np.ndarray | torch.Tensor, view: str | None = None) -> np.ndarray:
-        """N x 1 x S x S prepared batch -> N P(abnormal), calibrated so that 0.5 is the operating point for
+        """N x C x S x S prepared batch -> N P(abnormal), calibrated so that 0.5 is the operating point for
         ``view`` (the image's ViewPosition, e.g. "PA"/"AP"; see :attr:`logit_shift`)."""
         z = self.logits(batch) - self.logit_shift(view)
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float64)

@@ -88,26 +88,43 @@ def reporting_rules(classes: tuple[str, ...], extra: dict) -> tuple[np.ndarray, 
     return reportable, floors
 
 
+def output_classes(classes: tuple[str, ...], extra: dict) -> np.ndarray:
+    """Per network output class, the finding id it reports as (-1: dropped); identity for the node's own files."""
+    given = extra.get("output_classes")
+    if given is None:
+        return np.arange(len(classes), dtype=np.int64)
+    out = np.asarray(given, dtype=np.int64)
+    if out.ndim != 1 or not len(out) or out.max() >= len(classes) or out.min() < -1:
+        raise ModelError(f"extra.output_classes must map each network class to a finding id or -1, got {given}")
+    return out
+
+
 class Detector(LoadedNetwork):
     """A loaded detector in eval mode (Conv+BN fused) on one device."""
 
     def __init__(self, model: nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu", iou: float = 0.7):
         super().__init__(model, loaded, device)
         self.iou = iou
-        self.nc = len(loaded.metadata.classes)
+        self.output_classes = output_classes(loaded.metadata.classes, loaded.metadata.extra)
+        self.nc = len(self.output_classes)  # the network's own classes
         self._nms = _nms()
         self.reportable, self.floors = reporting_rules(loaded.metadata.classes, loaded.metadata.extra)
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu", iou: float = 0.7) -> "Detector":
+    def from_loaded(
+        cls, loaded: LoadedModel, device: str | torch.device = "cpu", iou: float = 0.7, backend: str = "torch"
+    ) -> "Detector":
         meta = loaded.metadata
         if meta.preprocess.channels != 3:
             raise ModelError(f"{loaded.path}: detector preprocess must have 3 channels, has {meta.preprocess.channels}")
         if meta.input_size % 32:
             raise ModelError(f"{loaded.path}: detector input_size {meta.input_size} is not a multiple of 32")
+        network = cls.onnx_network(loaded, device, backend)
+        if network is not None:
+            return cls(network, loaded, device, iou)
         if loaded.model_yaml is None:  # load_model_file(path, "detector") has checked it is there
             raise ModelError(f"{loaded.path}: detector model file without its model yaml")
-        model, _ = build_detector(loaded.model_yaml, nc=len(meta.classes))
+        model, _ = build_detector(loaded.model_yaml, nc=len(output_classes(meta.classes, meta.extra)))
         try:
             model.load_state_dict(loaded.state_dict, strict=True)
         except RuntimeError as exc:
@@ -115,31 +132,37 @@ class Detector(LoadedNetwork):
                 f"{loaded.path}: weights do not fit the detector architecture "
                 f"{meta.architecture!r}: {str(exc).splitlines()[0]}"
             ) from exc
-        model.names = dict(enumerate(meta.classes))
+        model.names = dict(enumerate(meta.extra.get("output_names") or meta.classes))
         model.eval()
         model.fuse(verbose=False)
         return cls(model, loaded, device, iou)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", iou: float = 0.7) -> "Detector":
-        return cls.from_loaded(load_model_file(path, "detector"), device, iou)
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", iou: float = 0.7, backend: str = "torch"
+    ) -> "Detector":
+        return cls.from_loaded(load_model_file(path, "detector"), device, iou, backend)
 
     @torch.inference_mode()
     def forward(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Raw network output for an N x 3 x S x S batch: (N, 4 + nc, anchors), xywh in input pixels."""
-        x = torch.as_tensor(batch, dtype=torch.float32)
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"detector input must be N x 3 x S x S, got {tuple(x.shape)}")
-        out = self.model(x.to(self.device))
-        return out[0] if isinstance(out, (tuple, list)) else out
+        out = self.model(self.as_input(batch, "detector"))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.float()
 
     @torch.inference_mode()
     def postprocess(self, raw: torch.Tensor, conf: float = 0.05, max_det: int = 300) -> list[np.ndarray]:
-        """ultralytics NMS -> per image a (K, 6) array x1, y1, x2, y2, score, class in INPUT pixels."""
+        """ultralytics NMS -> per image a (K, 6) array x1, y1, x2, y2, score, finding id in INPUT pixels (network
+        classes mapped to findings; dropped ones removed)."""
         dets = self._nms(raw, conf_thres=float(conf), iou_thres=float(self.iou), max_det=int(max_det), nc=self.nc)
-        return [d[:, :6].float().cpu().numpy() for d in dets]
+        out = []
+        for d in dets:
+            d = d[:, :6].float().cpu().numpy()
+            if len(d):
+                d[:, 5] = self.output_classes[d[:, 5].astype(np.int64)]
+                d = d[d[:, 5] >= 0]
+            out.append(d)
+        return out
 
     def predict(self, batch: np.ndarray | torch.Tensor, conf: float = 0.05, max_det: int = 300) -> list[np.ndarray]:
         """N x 3 x S x S batch -> per image an (K, 6) array x1, y1, x2, y2, score, class in INPUT pixels."""

@@ -21,8 +21,13 @@ code, so a model file cannot run anything on load)::
         "extra": {...}                      # anything else JSON-like (training args, ...)
       },
       "state_dict": {name: tensor},         # floating tensors stored as float16
-      "model_yaml": {...}                   # detector only: the ultralytics model dict (nc = 14)
+      "model_yaml": {...}                   # detector only: the ultralytics model dict
+      "onnx": uint8 tensor                  # only in files imported from ONNX: the graph (then state_dict is {})
     }
+
+A detector's network may have other classes than the 14 findings (an imported ultralytics model):
+``extra.output_classes`` then lists, per network output class, the finding id it reports as (-1: dropped).
+A classifier's network may have several outputs (a softmax): ``extra.outputs`` and ``extra.abnormal_index``.
 
 Weights are stored as float16 (half the size) and cast back to float32 on load; a tensor whose
 values do not fit float16 is kept in float32.
@@ -40,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from inference.errors import ModelError
@@ -125,6 +131,7 @@ class LoadedModel:
     state_dict: dict[str, torch.Tensor]  # float32
     model_yaml: dict | None
     sha256: str
+    onnx: bytes | None = None  # the ONNX graph of a model imported from ONNX (no torch weights then)
 
     def model_info(self) -> ModelInfo:
         m = self.metadata
@@ -157,10 +164,12 @@ def save_model_file(
     metadata: ModelMetadata,
     state_dict: dict[str, torch.Tensor],
     model_yaml: dict | None = None,
+    onnx: bytes | None = None,
 ) -> Path:
-    """Write a model file atomically (temp file + rename). Detectors must pass ``model_yaml``."""
+    """Write a model file atomically (temp file + rename). Detectors must pass ``model_yaml``, unless the file
+    carries an ``onnx`` graph instead of torch weights."""
     path = Path(path)
-    if metadata.kind == "detector" and not model_yaml:
+    if metadata.kind == "detector" and not model_yaml and onnx is None:
         raise ModelError("a detector model file needs the ultralytics model yaml dict (model_yaml)")
     payload: dict[str, Any] = {
         METADATA_KEY: _plain(metadata.to_dict()),
@@ -168,6 +177,8 @@ def save_model_file(
     }
     if model_yaml is not None:
         payload["model_yaml"] = _plain(model_yaml)
+    if onnx is not None:
+        payload["onnx"] = torch.frombuffer(bytearray(onnx), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -258,23 +269,63 @@ def load_model_file(
             f"{path}: class list mismatch: the file has {len(meta.classes)} classes "
             f"{list(meta.classes)[:5]}..., expected {len(want)} {list(want)[:5]}..."
         )
+    graph = payload.get("onnx")
+    onnx = bytes(graph.numpy().tobytes()) if isinstance(graph, torch.Tensor) else None
     sd = payload.get("state_dict")
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if onnx is None and (
+        not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values())
+    ):
         raise ModelError(f"{path}: the model file holds no usable state_dict")
     model_yaml = payload.get("model_yaml")
-    if expected_kind == "detector" and not isinstance(model_yaml, dict):
+    if expected_kind == "detector" and onnx is None and not isinstance(model_yaml, dict):
         raise ModelError(f"{path}: detector model file without its model yaml")
-    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    return LoadedModel(path=path, metadata=meta, state_dict=sd, model_yaml=model_yaml, sha256=sha256_of(path))
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in (sd or {}).items()}
+    return LoadedModel(
+        path=path, metadata=meta, state_dict=sd, model_yaml=model_yaml, sha256=sha256_of(path), onnx=onnx
+    )
+
+
+BACKENDS = ("torch", "onnxruntime")
 
 
 class LoadedNetwork:
-    """A network in eval mode on one device, with the model file it came from (base of Classifier, Detector)."""
+    """A network in eval mode on one device, with the model file it came from (base of Classifier, Detector).
+
+    On a CUDA device a torch network runs in half precision (its inputs are cast to match; outputs come back as
+    float32 where the callers read them)."""
 
     def __init__(self, model: torch.nn.Module, loaded: LoadedModel, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.loaded = loaded
+        self.onnx = not any(True for _ in model.parameters())  # an OnnxModule has no torch parameters
+        self.dtype = torch.float16 if self.device.type == "cuda" and not self.onnx else torch.float32
+        if self.dtype == torch.float16:
+            self.model.half()
+
+    @staticmethod
+    def onnx_network(loaded: LoadedModel, device: str | torch.device, backend: str) -> torch.nn.Module | None:
+        """The ONNX Runtime network for this model file when it should run there: a file imported from ONNX
+        always, any other with ``backend="onnxruntime"`` (its export beside it); None: build the torch network."""
+        if backend not in BACKENDS:
+            raise ModelError(f"inference.models.backend must be one of {BACKENDS}, not {backend!r}")
+        from inference.onnx_backend import OnnxModule, session_for
+
+        if loaded.onnx is not None:
+            return OnnxModule(loaded.onnx, device)
+        if backend == "onnxruntime":
+            return session_for(loaded.path, loaded.sha256, device)
+        return None
+
+    def as_input(self, batch: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
+        """A prepared N x C x S x S batch (or one C x S x S) on the network's device and dtype, checked."""
+        x = torch.as_tensor(batch, dtype=torch.float32)
+        if x.ndim == 3:
+            x = x[None]
+        c = self.preprocess.channels
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"{what} input must be N x {c} x S x S, got {tuple(x.shape)}")
+        return x.to(self.device, self.dtype)
 
     @property
     def preprocess(self) -> PreprocessParams:

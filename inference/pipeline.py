@@ -56,13 +56,16 @@ class Pipeline:
         device: str = "cpu",
         iou: float = 0.7,
         calibration: str | os.PathLike | None = None,
+        backend: str = "torch",
     ) -> "Pipeline":
         """``fusion``: FusionParams, a dict or any object with its attribute names (FusionConfig);
-        ``calibration``: a site calibration file (:mod:`inference.calibration`) for the classifier."""
-        classifier = Classifier.load(classifier_path, device)
+        ``calibration``: a site calibration file (:mod:`inference.calibration`) for the classifier;
+        ``backend``: ``torch`` or ``onnxruntime`` (:mod:`inference.onnx_backend`)."""
+        classifier = Classifier.load(classifier_path, device, backend)
         if calibration is not None:
             classifier.use_calibration(Calibration.load(calibration), calibration)
-        return cls(classifier, Detector.load(detector_path, device, iou=iou), FusionParams.from_obj(fusion))
+        detector = Detector.load(detector_path, device, iou=iou, backend=backend)
+        return cls(classifier, detector, FusionParams.from_obj(fusion))
 
     @property
     def working_size(self) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 
 PAD_VALUE = 114.0 / 255.0  # ultralytics' letterbox grey
 INTENSITY_MODES = ("none", "rank")
+RESIZE_MODES = ("letterbox", "stretch")
 RANK_LEVELS = 65536  # grey levels the rank normalisation tells apart (16-bit data keeps every level); <= 2**16
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "normalise_intensity",
     "normalise",
     "letterbox",
+    "stretch",
     "to_model_input",
     "prepare",
     "export_image",
@@ -67,12 +69,14 @@ class PreprocessParams:
     clahe_clip_limit: float = 2.0  # OpenCV clipLimit; 0 disables CLAHE
     clahe_tile_grid: int = 8  # tiles per side (tileGridSize = (n, n))
     clahe_bits: int = 8  # 8 or 16: depth of the copy CLAHE runs on
-    input_size: int = 512  # square model input side S (letterboxed)
-    channels: int = 1  # 1 (timm classifier, in_chans=1) or 3 (YOLO: grey repeated)
-    mean: float = 0.0  # model input = (x - mean) / std, x in [0, 1]
-    std: float = 1.0
+    input_size: int = 512  # square model input side S
+    channels: int = 1  # 1 (timm classifier, in_chans=1) or 3 (grey repeated: YOLO, ImageNet-style classifiers)
+    # model input = (x - mean) / std, x in [0, 1]; one number, or one per channel (ImageNet's mean and std)
+    mean: float | tuple[float, ...] = 0.0
+    std: float | tuple[float, ...] = 1.0
     pad_value: float = PAD_VALUE  # letterbox padding, in [0, 1] before normalisation
     intensity: str = "none"  # "rank": histogram-equalise before CLAHE; "none": as given (files before 0.2)
+    resize: str = "letterbox"  # "letterbox": aspect kept, padded; "stretch": straight to S x S (torchvision Resize)
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITY_MODES:
@@ -87,8 +91,16 @@ class PreprocessParams:
             raise ValueError(f"input_size must be >= 8, got {self.input_size}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if not self.std > 0:
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                if len(v) != self.channels:
+                    raise ValueError(f"{name} has {len(v)} values for {self.channels} channel(s)")
+                object.__setattr__(self, name, tuple(float(x) for x in v))
+        if not min(np.atleast_1d(self.std)) > 0:
             raise ValueError(f"std must be > 0, got {self.std}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
 
     @classmethod
     def for_detector(cls, input_size: int = 512, **kw) -> "PreprocessParams":
@@ -109,7 +121,11 @@ class PreprocessParams:
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("mean", "std"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessParams":
@@ -119,8 +135,10 @@ class PreprocessParams:
             raise ValueError(f"unknown preprocessing keys {unknown}; known: {sorted(known)}")
 
         def conv(k: str, v: Any) -> Any:
-            if k == "intensity":
+            if k in ("intensity", "resize"):
                 return str(v)
+            if k in ("mean", "std") and isinstance(v, (list, tuple)):
+                return tuple(float(x) for x in v)
             return int(v) if k in ("clahe_tile_grid", "clahe_bits", "input_size", "channels") else float(v)
 
         return cls(**{k: conv(k, v) for k, v in data.items()})
@@ -177,9 +195,15 @@ def apply_clahe(img01: np.ndarray, params: PreprocessParams | None = None) -> np
     return clahe.apply(q).astype(np.float32) / np.float32(top)
 
 
-def normalise(img: np.ndarray, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
-    """``(img - mean) / std`` as float32."""
-    return ((np.asarray(img, dtype=np.float32) - np.float32(mean)) / np.float32(std)).astype(np.float32)
+def normalise(
+    img: np.ndarray, mean: float | tuple[float, ...] = 0.0, std: float | tuple[float, ...] = 1.0
+) -> np.ndarray:
+    """``(img - mean) / std`` as float32; per-channel values apply along the first axis of a C x H x W array."""
+    arr = np.asarray(img, dtype=np.float32)
+    m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    if m.ndim:
+        m, s = m.reshape(-1, 1, 1), s.reshape(-1, 1, 1)
+    return ((arr - m) / s).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -285,13 +309,25 @@ def working_image(img01: np.ndarray, max_side: int) -> tuple[np.ndarray, tuple[f
     return small, (w / new_w, h / new_h)
 
 
+def stretch(img: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize straight to ``size`` x ``size`` (aspect not kept, as torchvision's ``Resize((S, S))``); the
+    returned geometry maps boxes back like a letterbox without padding."""
+    arr = np.asarray(img)
+    h, w = arr.shape[:2]
+    interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
+    out = cv2.resize(arr, (size, size), interpolation=interp) if (h, w) != (size, size) else arr
+    return out, Letterbox((int(h), int(w)), int(size), size / w, size / h, 0, 0)
+
+
 def to_model_input(clahe01: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, Letterbox]:
     """An already CLAHE'd [0, 1] image -> (C x S x S float32, Letterbox). No CLAHE here."""
     img = check_image(clahe01)
-    boxed, geom = letterbox(img, params.input_size, params.pad_value)
-    x = normalise(boxed, params.mean, params.std)
-    x = np.repeat(x[None], params.channels, axis=0) if params.channels > 1 else x[None]
-    return np.ascontiguousarray(x), geom
+    if params.resize == "stretch":
+        boxed, geom = stretch(img, params.input_size)
+    else:
+        boxed, geom = letterbox(img, params.input_size, params.pad_value)
+    x = np.repeat(boxed[None], params.channels, axis=0)
+    return np.ascontiguousarray(normalise(x, params.mean, params.std)), geom
 
 
 def prepare(img01: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, Letterbox]:

@@ -43,6 +43,8 @@ TRAINING_COMMANDS = {
     "tune-detector": "choose on validation data which detector classes are reported and from what confidence",
     "calibrate": "choose the classifier's operating point per view on a site's own labelled images",
     "audit": "can nuisance (view, brightness, sharpness) alone tell the classes of a training set apart?",
+    "import-model": "turn an ultralytics, timm or ONNX model into a dicom-node model file",
+    "export-onnx": "write the ONNX export of a model file beside it (for inference.models.backend: onnxruntime)",
 }
 
 

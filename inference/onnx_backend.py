@@ -1,0 +1,129 @@
+"""The ONNX Runtime backend (``inference.models.backend: onnxruntime``).
+
+The network runs in ONNX Runtime; everything around it (CLAHE, letterbox, normalisation, NMS, fusion) is the
+same code as with torch, so both backends give the same boxes and probabilities within float tolerance
+(``tests/test_onnx.py``). The graph comes from one of two places:
+
+- an **export beside the model file**: ``dicom-node export-onnx models/detector.pt`` writes
+  ``models/detector.onnx``, which records the sha256 of the model file it was made from; the node refuses an
+  export that does not match its model file (a model replaced without exporting again);
+- an **ONNX model imported** with ``dicom-node import-model --format onnx``: the graph is stored inside the
+  node's model file (there are no torch weights), so that model always runs in ONNX Runtime.
+
+On CPU, ONNX Runtime is usually faster than eager torch for these small convolutional networks
+(``bench/pipeline.py --backend both``). On a GPU, the CUDA execution provider is used when the installed
+onnxruntime has it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SOURCE_KEY = "dicom_node_source_sha256"  # ONNX metadata_props: the model file an export was made from
+OPSET = 17
+
+
+def export_path(model_file: str | os.PathLike) -> Path:
+    """Where ``export-onnx`` puts a model file's export: the same name with ``.onnx``."""
+    return Path(model_file).with_suffix(".onnx")
+
+
+def export_onnx(model: torch.nn.Module, channels: int, size: int, out: str | os.PathLike, source_sha256: str) -> Path:
+    """Export a network in eval mode (batch size dynamic) and record the model file it came from."""
+    import onnx
+
+    out = Path(out)
+    model = model.eval().float().cpu()
+    for m in model.modules():  # ultralytics heads: return the decoded (N, 4 + nc, anchors) tensor only
+        if type(m).__name__ in ("Detect", "v10Detect"):
+            m.export, m.format = True, "onnx"
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (torch.zeros(1, channels, size, size),),
+                str(tmp),
+                input_names=["images"],
+                output_names=["output"],
+                dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        graph = onnx.load(str(tmp))
+        prop = graph.metadata_props.add()
+        prop.key, prop.value = SOURCE_KEY, source_sha256
+        onnx.save(graph, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+class OnnxModule(torch.nn.Module):
+    """An ONNX Runtime session that looks like the torch module it replaces: tensor in, tensor out."""
+
+    def __init__(
+        self, graph: bytes | str | os.PathLike, device: str | torch.device = "cpu", threads: int | None = None
+    ):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - a dependency of the package
+            raise ModelError("inference.models.backend onnxruntime: the onnxruntime package is not installed") from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # no busy-waiting between runs: the classifier's and the detector's sessions (and torch, CLAHE, NMS) share
+        # the cores, and spinning threads of one session slow the next step down
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        source = graph if isinstance(graph, bytes) else str(graph)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as exc:
+            what = "the embedded ONNX graph" if isinstance(graph, bytes) else str(graph)
+            raise ModelError(f"{what}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = tuple(inp.shape)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: arr})[0])
+
+
+def session_for(model_file: Path, sha256: str, device: str | torch.device = "cpu") -> OnnxModule:
+    """The export beside ``model_file``, checked to have been made from this very file."""
+    path = export_path(model_file)
+    if not path.is_file():
+        raise ModelError(
+            f"{model_file}: inference.models.backend is onnxruntime but there is no {path.name} beside it; "
+            f"make it with: dicom-node export-onnx {model_file}"
+        )
+    module = OnnxModule(path, device)
+    made_from = module.metadata.get(SOURCE_KEY)
+    if made_from != sha256:
+        raise ModelError(
+            f"{path}: exported from another model file (sha256 {str(made_from)[:12]}..., {model_file.name} is "
+            f"{sha256[:12]}...); export it again: dicom-node export-onnx {model_file}"
+        )
+    return module
