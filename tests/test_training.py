@@ -14,6 +14,7 @@ import torch
 
 from inference.classifier import Classifier
 from inference.detector import Detector
+from inference.errors import ModelError
 from inference.modelfile import read_metadata
 from inference.preprocess import prepare
 from inference.training import commands
@@ -218,3 +219,53 @@ def test_yolo_export_shows_the_detector_what_the_node_shows_it(parts, tmp_path):
     assert (serial / "labels" / "train" / f"{normal[0].image_id}.txt").read_text() == ""
     cv2_big = cv2.imread(str(serial / "images" / "train" / "big.png"), cv2.IMREAD_GRAYSCALE)
     assert cv2_big.shape == (512, 512)
+
+
+def test_init_weights_start_a_3_channel_imagenet_style_classifier_from_a_local_checkpoint(matched, tmp_path):
+    """The research project's recipe offline: a timm network with 3 channels and ImageNet normalisation, started
+    from a local ImageNet-style checkpoint (here a random 1000-class resnet10t saved as notebooks save it)."""
+    import timm
+
+    torch.set_num_threads(2)
+    torch.manual_seed(5)
+    imagenet = timm.create_model("resnet10t", pretrained=False, num_classes=1000)
+    torch.save(imagenet.state_dict(), tmp_path / "resnet10t-imagenet.pth")
+    train, val = subsample(matched["train"], 24, 0), subsample(matched["val"], 20, 0)
+    cfg = ClassifierTrainConfig(
+        arch="resnet10t", input_size=64, epochs=1, batch=8, seed=0, lr=1e-5, augment="none", select="auc",
+        channels=3, normalize="imagenet", init_weights=str(tmp_path / "resnet10t-imagenet.pth"),
+    )  # fmt: skip
+    res = train_classifier(train, val, tmp_path / "run", cfg)
+    clf = Classifier.load(res["model_path"])
+    assert clf.preprocess.channels == 3 and clf.preprocess.mean == (0.485, 0.456, 0.406)
+    stem = "conv1.0.weight"
+    got, start = clf.model.state_dict()[stem].flatten(), imagenet.state_dict()[stem].flatten()
+    assert torch.nn.functional.cosine_similarity(got, start, dim=0) > 0.99  # began from the checkpoint
+    fresh = timm.create_model("resnet10t", pretrained=False, num_classes=1).state_dict()[stem].flatten()
+    assert abs(torch.nn.functional.cosine_similarity(got, fresh, dim=0)) < 0.2
+    x = np.stack([prepare(load_image01(s.path), clf.preprocess)[0] for s in val])
+    assert x.shape[1] == 3 and np.isfinite(clf.predict(x)).all()
+
+    # a file that fits nothing is refused with the reason
+    torch.save({"something": torch.zeros(3)}, tmp_path / "wrong.pth")
+    cfg.init_weights = str(tmp_path / "wrong.pth")
+    with pytest.raises(ModelError, match="no tensor fits"):
+        train_classifier(train, val, tmp_path / "run2", cfg)
+
+
+def test_init_weights_copy_a_detector_file_into_a_new_yolo_run(tmp_path):
+    from ultralytics import YOLO
+
+    from inference.modelfile import load_model_file
+    from inference.training.train_detector import init_from
+    from support.models import make_tiny_models
+
+    _, det = make_tiny_models(tmp_path, p_abnormal=0.5, detector_logit=0.0)
+    model = YOLO("yolov8n.yaml", task="detect")
+    init_from(model, str(det))
+    want = load_model_file(det, "detector").state_dict
+    got = model.model.state_dict()
+    same = [k for k, v in want.items() if k in got and got[k].shape == v.shape and torch.equal(got[k].float(), v)]
+    # everything but the class branch of the head (80 COCO classes in a bare yaml; ultralytics rebuilds it for the
+    # data set's classes when training starts and keeps what fits)
+    assert same and all(".cv3." in k for k in set(want) - set(same)), sorted(set(want) - set(same))[:5]

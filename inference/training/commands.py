@@ -153,6 +153,14 @@ def add_train_classifier_arguments(p) -> None:
         help="input intensity normalisation before CLAHE (rank = histogram equalisation)",
     )
     p.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier head")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="3: grey repeated (ImageNet networks)")
+    p.add_argument(
+        "--normalize", choices=("node", "imagenet"), default="node", help="input normalisation (imagenet: per channel)"
+    )
+    p.add_argument(
+        "--init-weights",
+        help="start from these weights: an ImageNet state_dict or .safetensors of --arch, or a previous model file",
+    )
     p.add_argument(
         "--no-balance-views",
         dest="balance_views",
@@ -199,6 +207,9 @@ def run_train_classifier(args) -> int:
         version=args.version,
         clahe_clip_limit=args.clahe_clip_limit,
         clahe_tile_grid=args.clahe_tile_grid,
+        channels=args.channels,
+        normalize=args.normalize,
+        init_weights=args.init_weights,
     )
     train_classifier(train, val, out, cfg, resume=args.resume, model_path=args.model_out, training_data=desc)
     return 0
@@ -211,6 +222,9 @@ def add_train_detector_arguments(p) -> None:
     add_data_arguments(p)
     _common_training(p, epochs=100, batch=16)
     p.add_argument("--model", default="yolov8n", help="ultralytics architecture: yolov8n|s|m|l|x")
+    p.add_argument(
+        "--init-weights", help="start from an ultralytics checkpoint (e.g. yolov8x.pt) or a dicom-node detector file"
+    )
     p.add_argument("--imgsz", type=int, default=512)
     p.add_argument("--lr0", type=float, default=3e-4)
     p.add_argument("--optimizer", default="Adam")
@@ -251,6 +265,7 @@ def run_train_detector(args) -> int:
     _write_splits(out, {"train": train, "val": val, "test": parts["test"]})
     cfg = DetectorTrainConfig(
         model=args.model,
+        init_weights=args.init_weights,
         epochs=args.epochs,
         imgsz=args.imgsz,
         batch=args.batch,

@@ -79,6 +79,9 @@ class ClassifierTrainConfig:
     version: str = "0.1.0"
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
+    channels: int = 1  # 3: grey repeated, as ImageNet-pretrained networks expect
+    normalize: str = "node"  # "node": mean 0.5, std 0.25; "imagenet": ImageNet's per-channel mean and std
+    init_weights: str | None = None  # start from these weights (inference.training.init_weights)
 
     def augment_config(self) -> AugmentConfig:
         if self.augment == "none":
@@ -138,7 +141,7 @@ class CXRDataset(Dataset):
                 img = apply_clahe(site_augment(img, rng, self.aug), self.params)
                 img, _ = letterbox(img, self.params.input_size, self.params.pad_value)
             img = geometry_augment(img, rng, self.aug, self.params.pad_value)
-        x = normalise(img, self.params.mean, self.params.std)[None]
+        x = normalise(np.repeat(img[None], self.params.channels, axis=0), self.params.mean, self.params.std)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(self.labels[i])
 
 
@@ -270,8 +273,27 @@ def train_classifier(
         intensity=cfg.intensity,
     )
 
-    model = build_classifier(cfg.arch, drop_rate=cfg.drop_rate)
-    _init_head(model, float(np.mean([s.label for s in train])))
+    if cfg.channels != 1 or cfg.normalize != "node":
+        from inference.importing import IMAGENET_MEAN, IMAGENET_STD
+
+        imagenet = cfg.normalize == "imagenet"
+        mean = (IMAGENET_MEAN if cfg.channels == 3 else sum(IMAGENET_MEAN) / 3) if imagenet else params.mean
+        std = (IMAGENET_STD if cfg.channels == 3 else sum(IMAGENET_STD) / 3) if imagenet else params.std
+        params = params.with_(channels=cfg.channels, mean=mean, std=std)
+
+    model = build_classifier(cfg.arch, in_chans=cfg.channels, drop_rate=cfg.drop_rate)
+    fresh_head = True
+    if cfg.init_weights and not (resume and ckpt_path.is_file()):
+        from inference.training.init_weights import load_matching, read_weights
+
+        _, left = load_matching(model, read_weights(cfg.init_weights), cfg.init_weights)
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        head_names = {
+            n for n, q in model.named_parameters() if head is not None and any(q is h for h in head.parameters())
+        }
+        fresh_head = bool(head_names & set(left))  # an ImageNet head does not fit; a previous run's does
+    if fresh_head:
+        _init_head(model, float(np.mean([s.label for s in train])))
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = (

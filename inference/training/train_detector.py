@@ -35,6 +35,7 @@ SIZES = ("yolov8n", "yolov8s", "yolov8m", "yolov8l", "yolov8x")
 @dataclass
 class DetectorTrainConfig:
     model: str = "yolov8n"  # ultralytics architecture yaml stem
+    init_weights: str | None = None  # start from an ultralytics checkpoint (yolov8x.pt) or a dicom-node detector file
     epochs: int = 100
     imgsz: int = 512
     batch: int = 16
@@ -160,6 +161,8 @@ def train_detector(
             if resume:
                 log.warning("--resume: %s not found, starting a new run", last)
             model = YOLO(f"{cfg.model}.yaml", task="detect")
+            if cfg.init_weights:
+                init_from(model, cfg.init_weights)
             model.train(data=str(data_yaml), project=str(project), name="train", **cfg.train_args())
     best = run_dir / "weights" / "best.pt"
     if not best.is_file():
@@ -167,6 +170,25 @@ def train_detector(
     if not best.is_file():
         raise ModelError(f"ultralytics training left no checkpoint in {run_dir / 'weights'}")
     return best
+
+
+def init_from(model, path: str) -> None:
+    """Copy the fitting weights of ``path`` into an ultralytics ``YOLO`` before training: a dicom-node detector
+    file (only tensors are read), else an ultralytics checkpoint (``YOLO.load``, which unpickles it)."""
+    from inference.modelfile import METADATA_KEY
+    from inference.training.init_weights import load_matching
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - pickled: an ultralytics checkpoint
+        payload = None
+    if isinstance(payload, dict) and METADATA_KEY in payload:
+        load_matching(model.model, payload["state_dict"], path)
+        return
+    if not Path(path).is_file():
+        raise ModelError(f"--init-weights {path}: file not found")
+    log.info("init weights from the ultralytics checkpoint %s (unpickled: a file you trust)", path)
+    model.load(path)
 
 
 def _metrics_of(ckpt: dict) -> dict[str, float]:
