@@ -136,7 +136,8 @@ def compare_backends(clf_path: Path, det_path: Path, fusion: FusionParams, files
                 f"{len(b.findings)}"
             )
         print(
-            f"\nwhole pipeline, ONNX Runtime / torch: median ratio {statistics.median(ratios):.2f} over {len(files)} images"
+            f"\nwhole pipeline, ONNX Runtime / torch: median ratio {statistics.median(ratios):.2f} "
+            f"over {len(files)} images"
         )
 
 

@@ -173,14 +173,29 @@ class Detector(LoadedNetwork):
     ) -> Detections:
         """One prepared 3 x S x S input -> detections with boxes in SOURCE pixels (clipped): reportable classes
         at or above their floors (``all_classes=True``: every class, no floors; for tuning them)."""
-        d = self.predict(x, conf=conf, max_det=max_det)[0]
-        boxes = geom.to_source(d[:, :4]) if len(d) else np.zeros((0, 4))
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # drop boxes wholly in padding
-        if not all_classes and len(d):
-            cls = d[:, 5].astype(np.int64)
-            keep &= self.reportable[cls] & (d[:, 4] >= self.floors[cls])
-        return Detections(
-            boxes=boxes[keep].astype(np.float64),
-            scores=d[keep, 4].astype(np.float64),
-            class_ids=d[keep, 5].astype(np.int64),
-        )
+        return self.detect_batch([x], [geom], conf, max_det, all_classes)[0]
+
+    def detect_batch(
+        self,
+        xs: list[np.ndarray],
+        geoms: list[Letterbox],
+        conf: float = 0.05,
+        max_det: int = 300,
+        all_classes: bool = False,
+    ) -> list[Detections]:
+        """:meth:`detect` for several prepared inputs, in one forward pass."""
+        out = []
+        for d, geom in zip(self.predict(np.stack(xs), conf=conf, max_det=max_det), geoms):
+            boxes = geom.to_source(d[:, :4]) if len(d) else np.zeros((0, 4))
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # drop boxes wholly in padding
+            if not all_classes and len(d):
+                cls = d[:, 5].astype(np.int64)
+                keep &= self.reportable[cls] & (d[:, 4] >= self.floors[cls])
+            out.append(
+                Detections(
+                    boxes=boxes[keep].astype(np.float64),
+                    scores=d[keep, 4].astype(np.float64),
+                    class_ids=d[keep, 5].astype(np.int64),
+                )
+            )
+        return out

@@ -35,6 +35,12 @@ from inference.types import ModelInfo, Prediction
 
 __all__ = ["Pipeline"]
 
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    size = max(1, int(size))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 log = logging.getLogger(__name__)
 
 
@@ -85,68 +91,110 @@ class Pipeline:
     def run(self, img01: np.ndarray, view: str | None = None) -> Prediction:
         """``view``: the image's ViewPosition (PA, AP, ...) when known; it selects a site calibration's
         operating point (:mod:`inference.calibration`)."""
-        arr = np.asarray(img01)
-        if arr.ndim != 2:
-            raise ValueError(
-                f"the pipeline takes one 2-D greyscale image (rows, columns); got an array "
-                f"of shape {arr.shape} (colour or multi-frame images are not analysed)"
-            )
-        t: dict[str, float] = {}
-        t0 = time.perf_counter()
-        img = check_image(arr, "pipeline input")
+        return self.run_batch([img01], [view])[0]
+
+    def run_batch(
+        self, images: list[np.ndarray], views: list[str | None] | None = None, batch_size: int = 8
+    ) -> list[Prediction]:
+        """:meth:`run` for several images (e.g. the images of a study): each network sees up to ``batch_size``
+        of them in one forward pass, which is what makes a GPU worth having. The results are those of
+        :meth:`run` image by image; a network's time is shared out equally among the images of its batch."""
+        views = list(views) if views is not None else [None] * len(images)
+        if len(views) != len(images):
+            raise ValueError(f"{len(images)} images but {len(views)} views")
         cp, dp = self.classifier.preprocess, self.detector.preprocess
-        problem = input_problem(img)
-        if problem:
-            return Prediction.unanalysable(
-                problem, self.fusion.mode, self.models, (int(img.shape[0]), int(img.shape[1]))
-            )
-
-        s = time.perf_counter()
-        work, (fx, fy) = working_image(img, self.working_size)
-        t["resize"] = time.perf_counter() - s
-        s = time.perf_counter()
-        clahe_c = apply_clahe(work, cp)
-        clahe_d = clahe_c if self._shared_clahe else apply_clahe(work, dp)
-        t["clahe"] = time.perf_counter() - s
-
-        s = time.perf_counter()
-        xc, _ = to_model_input(clahe_c, cp)
-        t["classifier_input"] = time.perf_counter() - s
-        s = time.perf_counter()
-        p_abnormal = float(self.classifier.predict(xc[None], view)[0])
-        t["classifier"] = time.perf_counter() - s
-
-        boxes = scores = class_ids = None
-        t["detector_input"] = t["detector"] = 0.0
-        if detector_needed(p_abnormal, self.fusion):
-            s = time.perf_counter()
-            xd, geom = to_model_input(clahe_d, dp)
-            t["detector_input"] = time.perf_counter() - s
-            s = time.perf_counter()
-            dets = self.detector.detect(
-                xd, geom, conf=self.fusion.detector_conf, max_det=max(300, self.fusion.max_findings)
-            )
-            t["detector"] = time.perf_counter() - s
-            boxes, scores, class_ids = dets.boxes, dets.scores, dets.class_ids
-            if (fx, fy) != (1.0, 1.0):  # working-image pixels -> source pixels
-                boxes = np.minimum(
-                    boxes * np.array([fx, fy, fx, fy]),
-                    np.array([img.shape[1], img.shape[0], img.shape[1], img.shape[0]], float),
+        n = len(images)
+        preds: list[Prediction | None] = [None] * n
+        timings: list[dict[str, float]] = [{} for _ in range(n)]
+        prepared: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]] = {}
+        for k, img01 in enumerate(images):
+            arr = np.asarray(img01)
+            if arr.ndim != 2:
+                raise ValueError(
+                    f"the pipeline takes one 2-D greyscale image (rows, columns); got an array "
+                    f"of shape {arr.shape} (colour or multi-frame images are not analysed)"
                 )
+            t = timings[k]
+            t0 = time.perf_counter()
+            img = check_image(arr, "pipeline input")
+            problem = input_problem(img)
+            if problem:
+                preds[k] = Prediction.unanalysable(
+                    problem, self.fusion.mode, self.models, (int(img.shape[0]), int(img.shape[1]))
+                )
+                continue
+            s = time.perf_counter()
+            work, scale = working_image(img, self.working_size)
+            t["resize"] = time.perf_counter() - s
+            s = time.perf_counter()
+            clahe_c = apply_clahe(work, cp)
+            clahe_d = clahe_c if self._shared_clahe else apply_clahe(work, dp)
+            t["clahe"] = time.perf_counter() - s
+            s = time.perf_counter()
+            xc, _ = to_model_input(clahe_c, cp)
+            t["classifier_input"] = time.perf_counter() - s
+            t["total"] = time.perf_counter() - t0
+            prepared[k] = (img, xc, clahe_d, scale)
 
-        s = time.perf_counter()
-        findings, p_no_finding = fuse(p_abnormal, boxes, scores, class_ids, self.fusion)
-        t["fusion"] = time.perf_counter() - s
-        t["total"] = time.perf_counter() - t0
-        return Prediction(
-            p_abnormal=p_abnormal,
-            p_no_finding=float(p_no_finding),
-            findings=findings,
-            fusion_mode=self.fusion.mode,
-            models=self.models,
-            image_size=(int(img.shape[0]), int(img.shape[1])),
-            timings_s=t,
-        )
+        order = list(prepared)
+        p_abnormal: dict[int, float] = {}
+        for chunk in _chunks(order, batch_size):
+            s = time.perf_counter()
+            logits = self.classifier.logits(np.stack([prepared[k][1] for k in chunk]))
+            share = (time.perf_counter() - s) / len(chunk)
+            for k, z in zip(chunk, logits):
+                z = float(z) - self.classifier.logit_shift(views[k])
+                p_abnormal[k] = float(1.0 / (1.0 + np.exp(-z)))
+                timings[k]["classifier"] = share
+
+        detections: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        wanted = [k for k in order if detector_needed(p_abnormal[k], self.fusion)]
+        for k in order:
+            timings[k]["detector_input"] = timings[k]["detector"] = 0.0
+        for chunk in _chunks(wanted, batch_size):
+            xs, geoms = [], []
+            for k in chunk:
+                s = time.perf_counter()
+                xd, geom = to_model_input(prepared[k][2], dp)
+                timings[k]["detector_input"] = time.perf_counter() - s
+                xs.append(xd)
+                geoms.append(geom)
+            s = time.perf_counter()
+            found = self.detector.detect_batch(
+                xs, geoms, conf=self.fusion.detector_conf, max_det=max(300, self.fusion.max_findings)
+            )
+            share = (time.perf_counter() - s) / len(chunk)
+            for k, dets in zip(chunk, found):
+                img, _, _, (fx, fy) = prepared[k]
+                boxes = dets.boxes
+                if (fx, fy) != (1.0, 1.0):  # working-image pixels -> source pixels
+                    boxes = np.minimum(
+                        boxes * np.array([fx, fy, fx, fy]),
+                        np.array([img.shape[1], img.shape[0], img.shape[1], img.shape[0]], float),
+                    )
+                detections[k] = (boxes, dets.scores, dets.class_ids)
+                timings[k]["detector"] = share
+
+        for k in order:
+            img = prepared[k][0]
+            t = timings[k]
+            s = time.perf_counter()
+            if k in detections:
+                findings, p_no_finding = fuse(p_abnormal[k], *detections[k], self.fusion)
+            else:
+                findings, p_no_finding = fuse(p_abnormal[k], None, None, None, self.fusion)
+            t["fusion"] = time.perf_counter() - s
+            t["total"] += sum(t[key] for key in ("classifier", "detector_input", "detector", "fusion"))
+            preds[k] = Prediction(
+                p_abnormal=p_abnormal[k],
+                p_no_finding=float(p_no_finding),
+                findings=findings,
+                fusion_mode=self.fusion.mode,
+                models=self.models,
+                image_size=(int(img.shape[0]), int(img.shape[1])),
+                timings_s=t,
+            )
+        return [p for p in preds if p is not None]
 
     @staticmethod
     def limit_threads(n: int) -> None:

@@ -300,3 +300,24 @@ def test_prediction_rescaled_to_the_source_size_scales_boxes_and_size():
     assert g.box == pytest.approx((10 * 1841 / 921, 20 * 1955 / 978, 30 * 1841 / 921, 40.5 * 1955 / 978))
     assert (g.label, g.score, g.class_id) == (f.label, f.score, f.class_id)
     assert pred.rescaled((978, 921)) is pred
+
+
+def test_a_batch_of_images_gives_what_each_image_gives_alone(models, nih_image):
+    """The worker runs a study's images through each network together (inference.models.batch_images); the result
+    per image is the one-at-a-time result. Real images of different sizes and views, one not analysable."""
+    pipe = _pipe(models, mode="gate", abnormal_threshold=0.5)
+    img = nih_image[1]
+    h, w = img.shape
+    images = [img, img[: h * 3 // 4], cv2.resize(img, (w // 2, h // 2)), np.zeros_like(img)]
+    views = ["PA", "AP", None, "PA"]
+    alone = [pipe.run(img, view=v) for img, v in zip(images, views)]
+    for size in (1, 2, 8):
+        together = pipe.run_batch(images, views, batch_size=size)
+        assert len(together) == len(images)
+        for a, b in zip(alone, together):
+            assert a.not_analysable == b.not_analysable
+            if a.not_analysable:
+                continue
+            assert abs(a.p_abnormal - b.p_abnormal) < 1e-5 and len(a.findings) == len(b.findings) > 0
+            for fa, fb in zip(a.findings, b.findings):
+                assert fa.label == fb.label and np.allclose(fa.box, fb.box, atol=0.05)

@@ -64,8 +64,8 @@ class Analyzer:
         job decodes, the job fails with the first image's reason. Returns the result objects, the pipeline
         time and the verdict per image (what the SR says, for the console)."""
         analysed: list[_Analysed] = []
-        pipeline_s = 0.0
         undecodable: list[PixelDataError] = []
+        decoded: list[tuple[int, np.ndarray, str | None]] = []  # (index in analysed, image, view) to run
         for n, (sop_uid, path) in enumerate(job.instances, 1):
             try:
                 ds = read_dataset(path)
@@ -84,13 +84,21 @@ class Analyzer:
                     del ds.PixelData
                 analysed.append(_Analysed(sop_uid, ds, None, None, refused, refused))
                 continue
-            t0 = time.perf_counter()
-            shown = self.pipeline.run(image01, view=header_fields(ds)["view_position"] or None)
-            pipeline_s += time.perf_counter() - t0
+            decoded.append((len(analysed), image01, header_fields(ds)["view_position"] or None))
             del ds.PixelData  # the encoders need the header only
-            analysed.append(_Analysed(sop_uid, ds, image01, window, shown.rescaled((ds.Rows, ds.Columns)), shown))
+            analysed.append(_Analysed(sop_uid, ds, image01, window, None, None))  # type: ignore[arg-type]
         if undecodable and len(undecodable) == len(analysed):
             raise undecodable[0]
+        t0 = time.perf_counter()  # the study's images through each network together (inference.models.batch_images)
+        shown_all = self.pipeline.run_batch(
+            [img for _, img, _ in decoded],
+            [view for _, _, view in decoded],
+            batch_size=self.config.inference.models.batch_images,
+        )
+        pipeline_s = time.perf_counter() - t0
+        for (k, _, _), shown in zip(decoded, shown_all):
+            a = analysed[k]
+            a.shown, a.prediction = shown, shown.rescaled((a.header.Rows, a.header.Columns))
         return self._encode(analysed), pipeline_s, [verdict(a.sop_uid, a.prediction) for a in analysed]
 
     def _encode(self, analysed: list[_Analysed]) -> list[ResultSpec]:
