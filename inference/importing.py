@@ -141,6 +141,17 @@ def card_metadata(card: str | Path | None, **overrides: Any) -> dict[str, Any]:
     return data
 
 
+def card_fields(card: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    """The ModelMetadata fields a model card gives (see :func:`card_metadata`), with defaults."""
+    card = card or {}
+    return {
+        "version": str(card.get("version", "0.0.0")),
+        "name": str(card.get("name", kind)),
+        "training_data": str(card.get("training_data", "")),
+        "metrics": dict(card.get("metrics") or {}),
+    }
+
+
 def _provenance(path: Path, fmt: str, **more: Any) -> dict[str, Any]:
     return {"imported_from": {"file": path.name, "sha256": sha256_of(path), "format": fmt, **more}}
 
@@ -186,10 +197,7 @@ def import_ultralytics(
         preprocess=PreprocessParams.for_detector(
             input_size=size, clahe_clip_limit=clahe_clip_limit, clahe_tile_grid=clahe_tile_grid
         ),
-        version=str(card.get("version", "0.0.0")),
-        name=str(card.get("name", "detector")),
-        training_data=str(card.get("training_data", "")),
-        metrics=dict(card.get("metrics") or {}),
+        **card_fields(card, "detector"),
         extra={
             **dict(card.get("extra") or {}),
             "output_classes": output_classes,
@@ -302,10 +310,7 @@ def import_timm(
         kind="classifier",
         architecture=arch,
         preprocess=classifier_preprocess(input_size, channels, normalize, resize, clahe_clip_limit, clahe_tile_grid),
-        version=str(card.get("version", "0.0.0")),
-        name=str(card.get("name", "classifier")),
-        training_data=str(card.get("training_data", "")),
-        metrics=dict(card.get("metrics") or {}),
+        **card_fields(card, "classifier"),
         extra={**extra, **_provenance(source, "timm")},
         weights_dtype="float32",  # as trained: the same probabilities as the original, not a rounded copy
     )
@@ -383,11 +388,6 @@ def import_onnx(
         raise ModelError(f"{source}: the graph takes {fixed_c} channel(s), not --channels {c}")
     probe = module(torch.zeros(1, c, size, size))
     card = card or {}
-    common: dict[str, Any] = {
-        "version": str(card.get("version", "0.0.0")),
-        "training_data": str(card.get("training_data", "")),
-        "metrics": dict(card.get("metrics") or {}),
-    }
     if kind == "detector":
         if size % 32:
             raise ModelError(f"detector input size {size} is not a multiple of 32")
@@ -406,7 +406,6 @@ def import_onnx(
             preprocess=PreprocessParams.for_detector(
                 input_size=size, clahe_clip_limit=clahe_clip_limit, clahe_tile_grid=clahe_tile_grid
             ),
-            name=str(card.get("name", "detector")),
             extra={
                 **dict(card.get("extra") or {}),
                 "output_classes": classes,
@@ -414,7 +413,7 @@ def import_onnx(
                 "reportable_classes": sorted({FINDING_CLASSES[i] for i in classes if i >= 0}),
                 **_provenance(source, "onnx"),
             },
-            **common,
+            **card_fields(card, "detector"),
         )
     elif kind == "classifier":
         outputs = int(probe.reshape(1, -1).shape[1])
@@ -427,9 +426,8 @@ def import_onnx(
             kind="classifier",
             architecture=f"onnx:{source.stem}",
             preprocess=classifier_preprocess(size, c, normalize, resize, clahe_clip_limit, clahe_tile_grid),
-            name=str(card.get("name", "classifier")),
             extra=extra,
-            **common,
+            **card_fields(card, "classifier"),
         )
     else:
         raise ModelError(f"--kind must be classifier or detector for an ONNX model, not {kind!r}")
