@@ -213,6 +213,9 @@ class WorkersConfig(_Strict):
         60, gt=0
     )  # renewed while a worker works; a job whose worker died is taken over after this
     start_timeout_s: float = Field(300, gt=0)  # serve waits this long for its workers to load their models
+    # queued studies a worker takes at once, their images batched through the networks (bounded by
+    # inference.models.batch_images): more throughput on a GPU; 1 = the first result as soon as possible
+    jobs_per_batch: int = Field(1, ge=1)
 
 
 class OutputsConfig(_Strict):

@@ -67,3 +67,39 @@ def test_a_killed_worker_is_restarted_and_the_study_queued_meanwhile_is_analysed
     assert any(json.loads(line)["event"] == "worker_died" for line in trail)
     out = node.cli("status").stdout
     assert "workers     alive=1" in out and "oldest queued job: -" in out
+
+
+def test_a_worker_batches_queued_studies_and_a_bad_one_fails_alone(node_factory, tmp_path, models):
+    """workers.jobs_per_batch: a worker takes up to that many queued studies at once and runs their images
+    through the networks together; each study gets its own result, and a study whose only image cannot be
+    decoded fails alone."""
+    node = node_factory(
+        workers={"count": 0, "jobs_per_batch": 4}, inference={"models": models}, studies={"stable_after_s": 0.2}
+    )
+    make_cxr(tmp_path / "a.dcm")
+    bad = make_cxr(rows=64, cols=64)
+    bad.PixelData = bad.PixelData[:100]  # truncated: the header is fine, the pixels cannot be decoded
+    bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    c = make_cxr(tmp_path / "c1.dcm")
+    make_cxr(tmp_path / "c2.dcm", study_uid=c.StudyInstanceUID)
+    for files in (["a.dcm"], ["bad.dcm"], ["c1.dcm", "c2.dcm"]):
+        assert node.storescu(*(tmp_path / f for f in files)).returncode == 0
+    wait_for(lambda: node.status()["jobs"]["queued"] == 3, 30, what="three studies queued")
+    log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "worker", "--config", str(node.config_path)], stdout=log, stderr=log
+    )
+    try:
+        wait_for(lambda: node.status()["jobs"]["queued"] + node.status()["jobs"]["running"] == 0, 120, what="done")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        log.close()
+    jobs = node.rows("SELECT study_uid, state, reason, worker, started_at, finished_at FROM jobs ORDER BY id")
+    assert [j["state"] for j in jobs] == ["done", "failed", "done"]
+    assert "PixelDataError" in jobs[1]["reason"] and jobs[1]["study_uid"] == bad.StudyInstanceUID
+    assert len({j["worker"] for j in jobs}) == 1
+    assert max(j["started_at"] for j in jobs) < min(j["finished_at"] for j in jobs)  # claimed together
+    text = (tmp_path / "worker.log").read_text()
+    assert text.count("analysing") == 3 and text.index("analysing 2 image(s)") < text.index("done in")
+    assert len(node.rows("SELECT id FROM image_results")) == 3  # a's image and c's two

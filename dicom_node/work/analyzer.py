@@ -47,6 +47,9 @@ class _Analysed:
     shown: Prediction  # the same on image01's pixels (the Secondary Capture is drawn on image01)
 
 
+Analysis = tuple[list[ResultSpec], float, list[ImageVerdict]]  # result objects, pipeline seconds, verdicts
+
+
 class Analyzer:
     """Turns one claimed job into result objects (pure: no database writes)."""
 
@@ -63,9 +66,57 @@ class Analyzer:
         (no SC or GSPS for it), so its study still gets the result of its good images. When no image of the
         job decodes, the job fails with the first image's reason. Returns the result objects, the pipeline
         time and the verdict per image (what the SR says, for the console)."""
+        outcome = self.analyse_many([job])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def analyse_many(self, jobs: list[JobInfo]) -> list[Analysis | Exception]:
+        """:meth:`analyse` for several jobs, their images through each network together (at most
+        ``inference.models.batch_images`` per forward pass). Per job its analysis, or the exception that failed
+        it (a job's bad image never fails another job)."""
+        prepared: list[list[_Analysed] | Exception] = []
+        todo: list[tuple[int, int, np.ndarray, str | None]] = []  # (job, image in job, image, view)
+        for j, job in enumerate(jobs):
+            try:
+                analysed, decoded = self._decode(job)
+            except Exception as exc:  # noqa: BLE001 - handed back as this job's outcome
+                prepared.append(exc)
+                continue
+            prepared.append(analysed)
+            todo.extend((j, k, img, view) for k, img, view in decoded)
+        t0 = time.perf_counter()
+        try:
+            shown_all = self.pipeline.run_batch(
+                [img for _, _, img, _ in todo],
+                [view for _, _, _, view in todo],
+                batch_size=self.config.inference.models.batch_images,
+            )
+        except Exception as exc:  # noqa: BLE001 - a model failure fails every job of the batch
+            return [exc for _ in jobs]
+        per_image_s = (time.perf_counter() - t0) / max(1, len(todo))
+        for (j, k, _, _), shown in zip(todo, shown_all):
+            a = prepared[j][k]  # type: ignore[index]
+            a.shown, a.prediction = shown, shown.rescaled((a.header.Rows, a.header.Columns))
+        out: list[Analysis | Exception] = []
+        for j, got in enumerate(prepared):
+            if isinstance(got, Exception):
+                out.append(got)
+                continue
+            try:
+                n = sum(1 for t in todo if t[0] == j)
+                verdicts = [verdict(a.sop_uid, a.prediction) for a in got]
+                out.append((self._encode(got), per_image_s * n, verdicts))
+            except Exception as exc:  # noqa: BLE001 - an encoding failure fails this job only
+                out.append(exc)
+        return out
+
+    def _decode(self, job: JobInfo) -> tuple[list[_Analysed], list[tuple[int, np.ndarray, str | None]]]:
+        """The job's images read and decoded: every image (undecodable ones already "not analysable"), and
+        (index, image, view) of those to run through the models."""
         analysed: list[_Analysed] = []
         undecodable: list[PixelDataError] = []
-        decoded: list[tuple[int, np.ndarray, str | None]] = []  # (index in analysed, image, view) to run
+        decoded: list[tuple[int, np.ndarray, str | None]] = []
         for n, (sop_uid, path) in enumerate(job.instances, 1):
             try:
                 ds = read_dataset(path)
@@ -86,20 +137,11 @@ class Analyzer:
                 continue
             decoded.append((len(analysed), image01, header_fields(ds)["view_position"] or None))
             del ds.PixelData  # the encoders need the header only
-            analysed.append(_Analysed(sop_uid, ds, image01, window, None, None))  # type: ignore[arg-type]
+            pending = Prediction.unanalysable("not run yet", self.pipeline.fusion.mode, (), (ds.Rows, ds.Columns))
+            analysed.append(_Analysed(sop_uid, ds, image01, window, pending, pending))
         if undecodable and len(undecodable) == len(analysed):
             raise undecodable[0]
-        t0 = time.perf_counter()  # the study's images through each network together (inference.models.batch_images)
-        shown_all = self.pipeline.run_batch(
-            [img for _, img, _ in decoded],
-            [view for _, _, view in decoded],
-            batch_size=self.config.inference.models.batch_images,
-        )
-        pipeline_s = time.perf_counter() - t0
-        for (k, _, _), shown in zip(decoded, shown_all):
-            a = analysed[k]
-            a.shown, a.prediction = shown, shown.rescaled((a.header.Rows, a.header.Columns))
-        return self._encode(analysed), pipeline_s, [verdict(a.sop_uid, a.prediction) for a in analysed]
+        return analysed, decoded
 
     def _encode(self, analysed: list[_Analysed]) -> list[ResultSpec]:
         out = self.config.outputs

@@ -20,9 +20,10 @@ from dicom_node import audit
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError, PixelDataError
 from dicom_node.logs import safe_traceback
-from dicom_node.work.analyzer import Analyzer
+from dicom_node.work.analyzer import Analysis, Analyzer
 from storage import Store
 from storage.errors import StaleJobError, StorageError
+from storage.repository import JobInfo
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +53,52 @@ class Worker:
                 return
 
     def run_once(self) -> bool:
-        """Process one job if there is one; returns whether a job was processed."""
+        """Process the next job if there is one (with ``workers.jobs_per_batch`` > 1, up to that many queued jobs
+        whose images go through the networks together); returns whether a job was processed."""
         lease_s = self.config.workers.job_lease_s
         job = self.store.claim_job(self.name, lease_s)
         if job is None:
             return False
+        jobs = [job]
+        room = self.config.inference.models.batch_images
+        while len(jobs) < self.config.workers.jobs_per_batch and sum(len(j.instances) for j in jobs) < room:
+            more = self.store.claim_job(self.name, lease_s)
+            if more is None:
+                break
+            jobs.append(more)
         self.current_job = job.id
-        log.info("job %d: analysing %d image(s) (attempt %d)", job.id, len(job.instances), job.attempts)
+        for j in jobs:
+            log.info("job %d: analysing %d image(s) (attempt %d)", j.id, len(j.instances), j.attempts)
         t0 = time.perf_counter()
         done = threading.Event()
-        heartbeat = threading.Thread(target=self._renew, args=(job.id, lease_s, done), daemon=True)
+        heartbeat = threading.Thread(target=self._renew, args=([j.id for j in jobs], lease_s, done), daemon=True)
         heartbeat.start()
         try:
-            if not job.instances:
-                raise PixelDataError("no eligible instances left in the study")
-            results, pipeline_s, images = self.analyzer.analyse(job)
+            outcomes = self.analyzer.analyse_many([j for j in jobs if j.instances])
+            by_id = {j.id: o for j, o in zip([j for j in jobs if j.instances], outcomes)}
+            for j in jobs:
+                outcome = by_id.get(j.id, PixelDataError("no eligible instances left in the study"))
+                self._finish(j, outcome, t0)
+        finally:
+            done.set()
+            heartbeat.join()
+            self.current_job = None
+        return True
+
+    def _finish(self, job: JobInfo, outcome: Analysis | Exception, t0: float) -> None:
+        """Commit a job's results, or mark it failed with the reason."""
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            results, pipeline_s, images = outcome
             self.store.finish_job(
                 job.id, self.name, results, pipeline_s=pipeline_s, images=images, models=self.models or None
             )
         except StaleJobError as exc:
             log.warning("%s", exc)
-            return True
+            return
+        except StorageError:
+            raise  # the worker loop waits and retries; the job stays leased and is taken over or resumed
         except Exception as exc:  # noqa: BLE001 - one bad job must not stop the worker
             reason = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, DicomNodeError):  # an expected failure: its message says it all
@@ -86,29 +112,25 @@ class Worker:
                 study=audit.study_key(job.study_uid),
                 reason=reason if isinstance(exc, DicomNodeError) else type(exc).__name__,
             )
-        else:
-            audit.event("job_done", job=job.id, study=audit.study_key(job.study_uid), results=len(results))
-            kinds = ", ".join(sorted({r.kind for r in results}))
-            log.info(
-                "job %d done in %.2f s (pipeline %.2f s): %d result object(s) [%s]",
-                job.id,
-                time.perf_counter() - t0,
-                pipeline_s,
-                len(results),
-                kinds,
-            )
-        finally:
-            done.set()
-            heartbeat.join()
-            self.current_job = None
-        return True
+            return
+        audit.event("job_done", job=job.id, study=audit.study_key(job.study_uid), results=len(results))
+        kinds = ", ".join(sorted({r.kind for r in results}))
+        log.info(
+            "job %d done in %.2f s (pipeline %.2f s): %d result object(s) [%s]",
+            job.id,
+            time.perf_counter() - t0,
+            pipeline_s,
+            len(results),
+            kinds,
+        )
 
-    def _renew(self, job_id: int, lease_s: float, done: threading.Event) -> None:
+    def _renew(self, job_ids: list[int], lease_s: float, done: threading.Event) -> None:
         while not done.wait(max(lease_s / 3, 0.5)):
-            try:
-                self.store.renew_lease(job_id, self.name, lease_s)
-            except StorageError as exc:  # a missed renewal only risks a takeover later
-                log.warning("job %d: could not renew the lease (%s)", job_id, exc)
+            for job_id in job_ids:
+                try:
+                    self.store.renew_lease(job_id, self.name, lease_s)
+                except StorageError as exc:  # a missed renewal only risks a takeover later
+                    log.warning("job %d: could not renew the lease (%s)", job_id, exc)
 
     def run(self, parent_pid: int | None = None) -> None:
         beats = threading.Thread(target=self._heartbeat, name=f"{self.name}-heartbeat", daemon=True)
