@@ -152,6 +152,34 @@ def card_fields(card: dict[str, Any] | None, kind: str) -> dict[str, Any]:
     }
 
 
+def detector_metadata(
+    arch: str,
+    size: int,
+    names: list[str],
+    output_classes: list[int],
+    card: dict[str, Any] | None,
+    provenance: dict[str, Any],
+    clahe_clip_limit: float,
+    clahe_tile_grid: int,
+) -> ModelMetadata:
+    """An imported detector's metadata: its own classes, which finding each reports as, and what it reports."""
+    return ModelMetadata(
+        kind="detector",
+        architecture=arch,
+        preprocess=PreprocessParams.for_detector(
+            input_size=size, clahe_clip_limit=clahe_clip_limit, clahe_tile_grid=clahe_tile_grid
+        ),
+        **card_fields(card, "detector"),
+        extra={
+            **dict((card or {}).get("extra") or {}),
+            "output_classes": output_classes,
+            "output_names": names,
+            "reportable_classes": sorted({FINDING_CLASSES[i] for i in output_classes if i >= 0}),
+            **provenance,
+        },
+    )
+
+
 def _provenance(path: Path, fmt: str, **more: Any) -> dict[str, Any]:
     return {"imported_from": {"file": path.name, "sha256": sha256_of(path), "format": fmt, **more}}
 
@@ -190,22 +218,8 @@ def import_ultralytics(
     yaml_dict = dict(model.yaml)
     arch = Path(str(yaml_dict.get("yaml_file") or "yolo")).stem
     state_dict = {k: v.float() for k, v in model.float().state_dict().items()}
-    card = card or {}
-    meta = ModelMetadata(
-        kind="detector",
-        architecture=arch,
-        preprocess=PreprocessParams.for_detector(
-            input_size=size, clahe_clip_limit=clahe_clip_limit, clahe_tile_grid=clahe_tile_grid
-        ),
-        **card_fields(card, "detector"),
-        extra={
-            **dict(card.get("extra") or {}),
-            "output_classes": output_classes,
-            "output_names": names,
-            "reportable_classes": sorted({FINDING_CLASSES[i] for i in output_classes if i >= 0}),
-            **_provenance(source, "ultralytics", ultralytics_version=str(ckpt.get("version", "")), nc=len(names)),
-        },
-    )
+    provenance = _provenance(source, "ultralytics", ultralytics_version=str(ckpt.get("version", "")), nc=len(names))
+    meta = detector_metadata(arch, size, names, output_classes, card, provenance, clahe_clip_limit, clahe_tile_grid)
     return save_model_file(output, meta, state_dict, model_yaml=yaml_dict)
 
 
@@ -400,21 +414,10 @@ def import_onnx(
                 f"got {tuple(probe.shape)}"
             )
         classes = map_classes(names, class_map, drop_unmapped)
-        meta = ModelMetadata(
-            kind="detector",
-            architecture=f"onnx:{source.stem}",
-            preprocess=PreprocessParams.for_detector(
-                input_size=size, clahe_clip_limit=clahe_clip_limit, clahe_tile_grid=clahe_tile_grid
-            ),
-            extra={
-                **dict(card.get("extra") or {}),
-                "output_classes": classes,
-                "output_names": names,
-                "reportable_classes": sorted({FINDING_CLASSES[i] for i in classes if i >= 0}),
-                **_provenance(source, "onnx"),
-            },
-            **card_fields(card, "detector"),
-        )
+        meta = detector_metadata(
+            f"onnx:{source.stem}", size, names, classes, card, _provenance(source, "onnx"), clahe_clip_limit,
+            clahe_tile_grid,
+        )  # fmt: skip
     elif kind == "classifier":
         outputs = int(probe.reshape(1, -1).shape[1])
         if outputs > 1 and (abnormal_index is None or not 0 <= abnormal_index < outputs):
