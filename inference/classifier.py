@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -92,10 +93,13 @@ class Classifier(LoadedNetwork):
         others = torch.cat([out[:, :k], out[:, k + 1 :]], dim=1)
         return (out[:, k] - torch.logsumexp(others, dim=1)).cpu().numpy()
 
-    def predict(self, batch: np.ndarray | torch.Tensor, view: str | None = None) -> np.ndarray:
+    def predict(self, batch: np.ndarray | torch.Tensor, view: str | None | Sequence[str | None] = None) -> np.ndarray:
         """N x C x S x S prepared batch -> N P(abnormal), calibrated so that 0.5 is the operating point for
-        ``view`` (the image's ViewPosition, e.g. "PA"/"AP"; see :attr:`logit_shift`)."""
-        z = self.logits(batch) - self.logit_shift(view)
+        ``view`` (the image's ViewPosition, e.g. "PA"/"AP"; see :attr:`logit_shift`), one for the whole batch or
+        one per image."""
+        z = self.logits(batch)
+        views = [view] * len(z) if view is None or isinstance(view, str) else list(view)
+        z = z - np.asarray([self.logit_shift(v) for v in views])
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float64)
 
     def predict_raw(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -180,6 +180,33 @@ def detector_metadata(
     )
 
 
+def check_abnormal_index(outputs: int, abnormal_index: int | None, source: Path) -> None:
+    """A classifier with several outputs (a softmax) must say which one is "abnormal"."""
+    if outputs > 1 and abnormal_index is None:
+        raise ModelError(
+            f"{source}: the model has {outputs} outputs (a softmax); say which is abnormal: --abnormal-index"
+        )
+    if outputs > 1 and not 0 <= int(abnormal_index or 0) < outputs:
+        raise ModelError(f"--abnormal-index {abnormal_index} is not one of the model's {outputs} outputs")
+
+
+def classifier_metadata(
+    arch: str,
+    preprocess: PreprocessParams,
+    outputs: int,
+    abnormal_index: int | None,
+    card: dict[str, Any] | None,
+    provenance: dict[str, Any],
+) -> ModelMetadata:
+    """An imported classifier's metadata: its outputs (one logit, or a softmax and which output is abnormal)."""
+    extra: dict[str, Any] = {**dict((card or {}).get("extra") or {}), "outputs": outputs, **provenance}
+    if outputs > 1:
+        extra["abnormal_index"] = int(abnormal_index or 0)
+    return ModelMetadata(
+        kind="classifier", architecture=arch, preprocess=preprocess, **card_fields(card, "classifier"), extra=extra
+    )
+
+
 def _provenance(path: Path, fmt: str, **more: Any) -> dict[str, Any]:
     return {"imported_from": {"file": path.name, "sha256": sha256_of(path), "format": fmt, **more}}
 
@@ -302,12 +329,7 @@ def import_timm(
     source = Path(source)
     state_dict = find_state_dict(load_pickled(source), source)
     outputs = _num_outputs(arch, channels, state_dict, source)
-    if outputs > 1 and abnormal_index is None:
-        raise ModelError(
-            f"{source}: the model has {outputs} outputs (a softmax); say which is abnormal: --abnormal-index"
-        )
-    if outputs > 1 and not 0 <= int(abnormal_index or 0) < outputs:
-        raise ModelError(f"--abnormal-index {abnormal_index} is not one of the model's {outputs} outputs")
+    check_abnormal_index(outputs, abnormal_index, source)
     model = build_classifier(arch, in_chans=channels, num_classes=outputs)
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -316,18 +338,9 @@ def import_timm(
             f"{source}: the weights do not fit timm {arch!r} with {channels} channel(s) and {outputs} output(s): "
             f"{' '.join(str(exc).splitlines()[:2])}"
         ) from exc
-    card = card or {}
-    extra: dict[str, Any] = {**dict(card.get("extra") or {}), "outputs": outputs}
-    if outputs > 1:
-        extra["abnormal_index"] = int(abnormal_index or 0)
-    meta = ModelMetadata(
-        kind="classifier",
-        architecture=arch,
-        preprocess=classifier_preprocess(input_size, channels, normalize, resize, clahe_clip_limit, clahe_tile_grid),
-        **card_fields(card, "classifier"),
-        extra={**extra, **_provenance(source, "timm")},
-        weights_dtype="float32",  # as trained: the same probabilities as the original, not a rounded copy
-    )
+    preprocess = classifier_preprocess(input_size, channels, normalize, resize, clahe_clip_limit, clahe_tile_grid)
+    meta = classifier_metadata(arch, preprocess, outputs, abnormal_index, card, _provenance(source, "timm"))
+    meta.weights_dtype = "float32"  # as trained: the same probabilities as the original, not a rounded copy
     return save_model_file(output, meta, model.state_dict())
 
 
@@ -420,17 +433,10 @@ def import_onnx(
         )  # fmt: skip
     elif kind == "classifier":
         outputs = int(probe.reshape(1, -1).shape[1])
-        if outputs > 1 and (abnormal_index is None or not 0 <= abnormal_index < outputs):
-            raise ModelError(f"{source}: the graph has {outputs} outputs; say which is abnormal: --abnormal-index")
-        extra: dict[str, Any] = {**dict(card.get("extra") or {}), "outputs": outputs, **_provenance(source, "onnx")}
-        if outputs > 1:
-            extra["abnormal_index"] = int(abnormal_index or 0)
-        meta = ModelMetadata(
-            kind="classifier",
-            architecture=f"onnx:{source.stem}",
-            preprocess=classifier_preprocess(size, c, normalize, resize, clahe_clip_limit, clahe_tile_grid),
-            extra=extra,
-            **card_fields(card, "classifier"),
+        check_abnormal_index(outputs, abnormal_index, source)
+        preprocess = classifier_preprocess(size, c, normalize, resize, clahe_clip_limit, clahe_tile_grid)
+        meta = classifier_metadata(
+            f"onnx:{source.stem}", preprocess, outputs, abnormal_index, card, _provenance(source, "onnx")
         )
     else:
         raise ModelError(f"--kind must be classifier or detector for an ONNX model, not {kind!r}")

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from inference.errors import ModelError
+from inference.onnx_backend import OnnxModule, session_for
 from inference.preprocess import PreprocessParams
 from inference.types import FINDING_CLASSES, ModelInfo
 
@@ -298,7 +299,7 @@ class LoadedNetwork:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.loaded = loaded
-        self.onnx = not any(True for _ in model.parameters())  # an OnnxModule has no torch parameters
+        self.onnx = isinstance(model, OnnxModule)
         self.dtype = torch.float16 if self.device.type == "cuda" and not self.onnx else torch.float32
         if self.dtype == torch.float16:
             self.model.half()
@@ -309,8 +310,6 @@ class LoadedNetwork:
         always, any other with ``backend="onnxruntime"`` (its export beside it); None: build the torch network."""
         if backend not in BACKENDS:
             raise ModelError(f"inference.models.backend must be one of {BACKENDS}, not {backend!r}")
-        from inference.onnx_backend import OnnxModule, session_for
-
         if loaded.onnx is not None:
             return OnnxModule(loaded.onnx, device)
         if backend == "onnxruntime":

@@ -140,11 +140,10 @@ class Pipeline:
         p_abnormal: dict[int, float] = {}
         for chunk in _chunks(order, batch_size):
             s = time.perf_counter()
-            logits = self.classifier.logits(np.stack([prepared[k][1] for k in chunk]))
+            probs = self.classifier.predict(np.stack([prepared[k][1] for k in chunk]), [views[k] for k in chunk])
             share = (time.perf_counter() - s) / len(chunk)
-            for k, z in zip(chunk, logits):
-                z = float(z) - self.classifier.logit_shift(views[k])
-                p_abnormal[k] = float(1.0 / (1.0 + np.exp(-z)))
+            for k, p in zip(chunk, probs):
+                p_abnormal[k] = float(p)
                 timings[k]["classifier"] = share
 
         detections: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

@@ -78,17 +78,23 @@ class Queries:
 
     # ---- studies --------------------------------------------------------------------------------------
     @staticmethod
-    def _latest_jobs():
-        return select(Job.study_uid, func.max(Job.id).label("job_id")).group_by(Job.study_uid).subquery()
-
-    def _state_expr(self, latest):
+    def _studies_with_state():
+        """SELECT study, its latest job's id, its state (receiving, the latest job's state, or skipped when no
+        image of it was eligible): one definition for the list, its filter and a study's page."""
+        latest = select(Job.study_uid, func.max(Job.id).label("job_id")).group_by(Job.study_uid).subquery()
         has_eligible = exists().where(Instance.study_uid == Study.study_uid, Instance.eligible.is_(True))
-        return case(
+        state = case(
             (Study.stable_due_at.is_not(None), "receiving"),
             (Job.state.is_not(None), Job.state),
             (~has_eligible, "skipped"),
             else_="receiving",
+        ).label("state")
+        q = (
+            select(Study, latest.c.job_id, state)
+            .outerjoin(latest, latest.c.study_uid == Study.study_uid)
+            .outerjoin(Job, Job.id == latest.c.job_id)
         )
+        return q, state
 
     @_database_errors
     def studies(
@@ -101,13 +107,7 @@ class Queries:
     ) -> StudyPage:
         """Studies, the most recently received first, filtered by state, the day their last image came
         (``YYYY-MM-DD``, UTC) and text in an instance's skip reason."""
-        latest = self._latest_jobs()
-        state_expr = self._state_expr(latest).label("state")
-        q = (
-            select(Study, latest.c.job_id, state_expr)
-            .outerjoin(latest, latest.c.study_uid == Study.study_uid)
-            .outerjoin(Job, Job.id == latest.c.job_id)
-        )
+        q, state_expr = self._studies_with_state()
         if state:
             q = q.where(state_expr == state)
         if received_on:
@@ -169,10 +169,12 @@ class Queries:
 
     @_database_errors
     def study(self, study_uid: str) -> StudyDetail | None:
+        q, _ = self._studies_with_state()
         with self._session() as s:
-            study = s.get(Study, study_uid)
-            if study is None:
+            found = s.execute(q.where(Study.study_uid == study_uid)).first()
+            if found is None:
                 return None
+            study, _, state = found
             instances = list(
                 s.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.received_at))
             )
@@ -196,13 +198,7 @@ class Queries:
                     .order_by(Delivery.id.desc())
                 ).all()
             ]
-            if study.stable_due_at is not None:
-                state = "receiving"
-            elif jobs:
-                state = jobs[0].state
-            else:
-                state = "skipped" if not any(i.eligible for i in instances) else "receiving"
-        return StudyDetail(study, state, instances, jobs, images, findings, results, deliveries)
+        return StudyDetail(study, str(state), instances, jobs, images, findings, results, deliveries)
 
     @_database_errors
     def result(self, result_id: int) -> Result | None:

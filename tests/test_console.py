@@ -15,6 +15,7 @@ import signal
 import urllib.error
 import urllib.parse
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import cv2
@@ -185,16 +186,17 @@ def test_console_in_a_browser(tmp_path, node_factory, models, browser, password_
     assert PATIENT not in node.log() and "CONSOLE" not in node.log()  # shown to users, never logged
 
 
-def post(url: str, data: dict, cookie: str | None = None) -> tuple[int, str]:
+def post(url: str, data: dict, cookie: str | None = None) -> tuple[int, str, Message]:
+    """(status, body, headers) of a form POST; redirects are not followed."""
     req = urllib.request.Request(url, data=urllib.parse.urlencode(data).encode(), method="POST")
     if cookie:
         req.add_header("Cookie", cookie)
     opener = urllib.request.build_opener(NoRedirect)
     try:
         with opener.open(req, timeout=10) as r:
-            return r.status, r.read().decode()
+            return r.status, r.read().decode(), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+        return e.code, e.read().decode(), e.headers
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -219,19 +221,20 @@ def test_console_needs_a_login_and_the_csrf_token(node_factory, models, password
         cookie = r.headers["Set-Cookie"].split(";")[0]
         token = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
     assert post(f"{base}/login", {"username": "alice", "password": PASSWORD}, cookie)[0] == 403  # no token
-    req = urllib.request.Request(
-        f"{base}/login",
-        data=urllib.parse.urlencode({"username": "alice", "password": PASSWORD, "csrf": token}).encode(),
-        headers={"Cookie": cookie},
-    )
-    try:
-        urllib.request.build_opener(NoRedirect).open(req, timeout=10)
-    except urllib.error.HTTPError as e:
-        assert e.code == 303
-        cookie = e.headers["Set-Cookie"].split(";")[0]
-        assert "samesite=strict" in e.headers["Set-Cookie"].lower() and "httponly" in e.headers["Set-Cookie"].lower()
+    code, _, headers = post(f"{base}/login", {"username": "alice", "password": PASSWORD, "csrf": token}, cookie)
+    assert code == 303 and headers["location"] == "/"  # logged in
+    set_cookie = headers["set-cookie"]
+    assert "samesite=strict" in set_cookie.lower() and "httponly" in set_cookie.lower()
+    cookie = set_cookie.split(";")[0]
+    assert post(f"{base}/studies/1.2.3/reanalyse", {"csrf": token}, cookie)[0] == 403  # the pre-login token is gone
     assert post(f"{base}/studies/1.2.3/reanalyse", {}, cookie)[0] == 403
     assert post(f"{base}/studies/1.2.3/reanalyse", {"csrf": "forged"}, cookie)[0] == 403
+    req = urllib.request.Request(f"{base}/studies", headers={"Cookie": cookie})
+    with urllib.request.urlopen(req, timeout=10) as r:  # the logged-in session's own token is accepted
+        assert r.url.endswith("/studies")
+        token = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
+    code, _, headers = post(f"{base}/studies/1.2.3/reanalyse", {"csrf": token}, cookie)
+    assert code == 303 and "nothing+to+re-analyse" in headers["location"]
     # the metrics and health endpoints need no login
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
         assert r.status == 200

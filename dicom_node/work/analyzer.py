@@ -61,20 +61,15 @@ class Analyzer:
     def wanted(self, kind: str) -> tuple[str, ...]:
         return tuple(d.name for d in self.config.destinations if kind in d.outputs)
 
-    def analyse(self, job: JobInfo) -> tuple[list[ResultSpec], float, list[ImageVerdict]]:
-        """Every image whose pixels decode is analysed; one whose pixels do not is "not analysable" in the SR
-        (no SC or GSPS for it), so its study still gets the result of its good images. When no image of the
-        job decodes, the job fails with the first image's reason. Returns the result objects, the pipeline
-        time and the verdict per image (what the SR says, for the console)."""
-        outcome = self.analyse_many([job])[0]
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
     def analyse_many(self, jobs: list[JobInfo]) -> list[Analysis | Exception]:
-        """:meth:`analyse` for several jobs, their images through each network together (at most
-        ``inference.models.batch_images`` per forward pass). Per job its analysis, or the exception that failed
-        it (a job's bad image never fails another job)."""
+        """Jobs (one, or several claimed together: ``workers.jobs_per_batch``) -> per job its analysis, or the
+        exception that failed it. Their images go through each network together (at most
+        ``inference.models.batch_images`` per forward pass); a job's bad image never fails another job.
+
+        Every image whose pixels decode is analysed; one whose pixels do not is "not analysable" in the SR (no SC
+        or GSPS for it), so its study still gets the result of its good images. When no image of a job decodes,
+        the job fails with the first image's reason. An analysis is the result objects, the pipeline time and
+        the verdict per image (what the SR says, for the console)."""
         prepared: list[list[_Analysed] | Exception] = []
         todo: list[tuple[int, int, np.ndarray, str | None]] = []  # (job, image in job, image, view)
         for j, job in enumerate(jobs):

@@ -74,8 +74,8 @@ class Worker:
         heartbeat = threading.Thread(target=self._renew, args=([j.id for j in jobs], lease_s, done), daemon=True)
         heartbeat.start()
         try:
-            outcomes = self.analyzer.analyse_many([j for j in jobs if j.instances])
-            by_id = {j.id: o for j, o in zip([j for j in jobs if j.instances], outcomes)}
+            with_images = [j for j in jobs if j.instances]
+            by_id = {j.id: o for j, o in zip(with_images, self.analyzer.analyse_many(with_images))}
             for j in jobs:
                 outcome = by_id.get(j.id, PixelDataError("no eligible instances left in the study"))
                 self._finish(j, outcome, t0)
