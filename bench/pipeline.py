@@ -14,10 +14,12 @@ forward, NMS (+ mapping boxes to source pixels), fusion; then the whole path as 
 i.e. how much the non-network work costs on top of the two networks (1.0 = none).
 
 ``--backend both`` then compares the backends in the same process: the model files are copied to a temporary
-folder, exported to ONNX there (as ``dicom-node export-onnx`` does), and per image the median time of the two
-network forwards and of the whole ``Pipeline.run`` is printed for torch and ONNX Runtime, with the ratio
-ONNX / torch (issue 12's target: <= 0.6 for the default models on 2 cores), and the largest difference in
-P(abnormal) and in box coordinates between the two.
+folder, exported to ONNX there (as ``dicom-node export-onnx`` does: float32, then int8 calibrated on 64 images
+of ``--calibration-images`` as ``export-onnx --int8`` does), and per image the median time of the two network
+forwards and of the whole ``Pipeline.run`` is printed for torch, ONNX Runtime float32, ONNX Runtime with the
+detector int8 (classifier float32: the recommended fast setting) and with both int8 (runs interleaved), with
+the ratio to torch (issue 12's target: <= 0.6 for the default models on 2 cores), and the largest difference in
+P(abnormal) and in box coordinates to torch.
 
 Models: the files named in ``config.yaml`` (``models/classifier.pt``, ``models/detector.pt``) when
 they exist, else tiny random-weight models (printed), which time the plumbing, not real networks.
@@ -89,56 +91,117 @@ def bench_file(pipe: Pipeline, path: Path, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
-def compare_backends(clf_path: Path, det_path: Path, fusion: FusionParams, files: list[Path], reps: int) -> None:
+def calibration_inputs(net, folder: Path, count: int = 64) -> list:
+    """Prepared inputs of ``count`` real radiographs spread over ``folder`` (for the int8 export), or []."""
+    from dicom_node.work.offline import expand_inputs, read_image
+    from inference.preprocess import prepare, working_image
+
+    files = expand_inputs([folder]) if folder.is_dir() else []
+    files = [files[int(i * len(files) / count)] for i in range(min(count, len(files)))]
+    pre = net.preprocess
+    return [prepare(working_image(read_image(f)[0], pre.input_size)[0], pre)[0][None] for f in files]
+
+
+def box_differences(ours, theirs) -> tuple[float, int]:
+    """Largest coordinate difference (px) between each finding of ``ours`` and the finding of the same class in
+    ``theirs`` that overlaps it most, and how many of ``ours`` have no such finding (order may differ: scores do)."""
+    worst, unmatched = 0.0, 0
+    for f in ours:
+        same = [g for g in theirs if g.class_id == f.class_id]
+        if not same:
+            unmatched += 1
+            continue
+        g = max(same, key=lambda g: _iou(f.box, g.box))
+        if _iou(f.box, g.box) == 0:
+            unmatched += 1
+            continue
+        worst = max(worst, max(abs(x - y) for x, y in zip(f.box, g.box)))
+    return worst, unmatched
+
+
+def _iou(a, b) -> float:
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def compare_backends(
+    clf_path: Path, det_path: Path, fusion: FusionParams, files: list[Path], reps: int, calibration: Path
+) -> None:
     import shutil
 
-    from inference.onnx_backend import export_onnx, export_path
+    from inference.onnx_backend import export_onnx, export_path, quantize_int8
 
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+
+        def copies(name: str) -> tuple[Path, Path]:  # an export lives beside its model file: one folder each
+            folder = Path(tmp) / name
+            folder.mkdir()
+            c, d = folder / "classifier.pt", folder / "detector.pt"
+            shutil.copy(clf_path, c)
+            shutil.copy(det_path, d)
+            return c, d
+
         pipes = {}
-        c, d = Path(tmp) / "classifier.pt", Path(tmp) / "detector.pt"
-        shutil.copy(clf_path, c)
-        shutil.copy(det_path, d)
-        torch_pipe = Pipeline.from_files(c, d, fusion)
-        for net, path in ((torch_pipe.classifier, c), (torch_pipe.detector, d)):
+        torch_pipe = pipes["torch"] = Pipeline.from_files(*copies("torch"), fusion)
+        fp32 = copies("float32")
+        for net, path in zip((torch_pipe.classifier, torch_pipe.detector), fp32):
             pre = net.preprocess
             export_onnx(net.model, pre.channels, pre.input_size, export_path(path), net.info.sha256)
-        pipes["torch"] = Pipeline.from_files(c, d, fusion)
-        pipes["onnxruntime"] = Pipeline.from_files(c, d, fusion, backend="onnxruntime")
-        print(f"{'image':<28s}{'backend':<13s}{'networks ms':>12s}{'whole ms':>10s}{'ratio':>8s}")
-        ratios = []
+        pipes["onnx float32"] = Pipeline.from_files(*fp32, fusion, backend="onnxruntime")
+        inputs = [calibration_inputs(net, calibration) for net in (torch_pipe.classifier, torch_pipe.detector)]
+        if inputs[0]:
+            int8_det, int8_both = copies("int8-detector"), copies("int8-both")
+            clf_fp32, det_fp32 = map(export_path, fp32)
+            quantize_int8(det_fp32, export_path(int8_det[1]), inputs[1], str(calibration), detector=True)
+            shutil.copy(export_path(int8_det[1]), export_path(int8_both[1]))
+            shutil.copy(clf_fp32, export_path(int8_det[0]))  # 'det int8': the classifier stays float32
+            quantize_int8(clf_fp32, export_path(int8_both[0]), inputs[0], str(calibration))
+            pipes["onnx det int8"] = Pipeline.from_files(*int8_det, fusion, backend="onnxruntime")
+            pipes["onnx int8"] = Pipeline.from_files(*int8_both, fusion, backend="onnxruntime")
+            print(
+                f"int8 exports calibrated on {len(inputs[0])} images of {calibration}; 'det int8': the detector "
+                "int8, the classifier float32; 'int8': both int8"
+            )
+        else:
+            print(f"no images under {calibration}: no int8 export (pass --calibration-images)")
+        print(f"{'image':<28s}{'backend':<15s}{'networks ms':>12s}{'whole ms':>10s}{'x torch':>9s}")
+        ratios: dict[str, list[float]] = {name: [] for name in pipes if name != "torch"}
         for f in files:
             img = decode_image(f, at_least=torch_pipe.working_size)[0]
             times: dict[str, tuple[float, float]] = {}
             preds = {}
-            for name, pipe in pipes.items():
-                nets, whole = [], []
-                for i in range(reps + 1):
+            for _ in range(reps + 1):  # interleaved, so that a busy spell of the machine hits every backend
+                for name, pipe in pipes.items():
                     t0 = time.perf_counter()
                     pred = pipe.run(img)
-                    if i:
-                        whole.append(time.perf_counter() - t0)
-                        nets.append(pred.timings_s["classifier"] + pred.timings_s["detector"])
-                times[name] = (statistics.median(nets), statistics.median(whole))
-                preds[name] = pred
-            ratio = times["onnxruntime"][1] / times["torch"][1]
-            ratios.append(ratio)
-            for name, (n, w) in times.items():
-                r = f"{ratio:8.2f}" if name == "onnxruntime" else ""
-                print(f"{f.name[:27]:<28s}{name:<13s}{n * 1000:12.1f}{w * 1000:10.1f}{r}")
-            a, b = preds["torch"], preds["onnxruntime"]
-            dp = abs(a.p_abnormal - b.p_abnormal)
-            db = max(
-                [max(abs(x - y) for x, y in zip(fa.box, fb.box)) for fa, fb in zip(a.findings, b.findings)] or [0.0]
-            )
-            print(
-                f"{'':28s}P(abnormal) differs by {dp:.1e}, boxes by {db:.2f} px, findings {len(a.findings)}/"
-                f"{len(b.findings)}"
-            )
-        print(
-            f"\nwhole pipeline, ONNX Runtime / torch: median ratio {statistics.median(ratios):.2f} "
-            f"over {len(files)} images"
-        )
+                    elapsed = time.perf_counter() - t0
+                    if name in preds:  # the first round is the warm-up
+                        n, w = times.get(name, ([], []))
+                        times[name] = (n + [pred.timings_s["classifier"] + pred.timings_s["detector"]], w + [elapsed])
+                    preds[name] = pred
+            med = {name: (statistics.median(n), statistics.median(w)) for name, (n, w) in times.items()}
+            for name, (n, w) in med.items():
+                r = ""
+                if name != "torch":
+                    ratios[name].append(w / med["torch"][1])
+                    r = f"{ratios[name][-1]:9.2f}"
+                print(f"{f.name[:27]:<28s}{name:<15s}{n * 1000:12.1f}{w * 1000:10.1f}{r}")
+            a = preds["torch"]
+            for name, b in preds.items():
+                if name == "torch":
+                    continue
+                dp = abs(a.p_abnormal - b.p_abnormal)
+                db, unmatched = box_differences(a.findings, b.findings)
+                print(
+                    f"{'':28s}{name}: P(abnormal) differs from torch by {dp:.1e}, boxes by {db:.2f} px, findings "
+                    f"{len(a.findings)}/{len(b.findings)}"
+                    + (f" ({unmatched} of torch's unmatched)" if unmatched else "")
+                )
+        print()
+        for name, rs in ratios.items():
+            print(f"whole pipeline, {name} / torch: median ratio {statistics.median(rs):.2f} over {len(files)} images")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--samples", type=Path, default=SHARED / "samples")
     ap.add_argument("--backend", choices=("torch", "onnxruntime", "both"), default="torch")
+    ap.add_argument(
+        "--calibration-images",
+        type=Path,
+        default=SHARED / "datasets" / "nih-matched",
+        help="--backend both: real radiographs for the int8 export (64 spread over the folder)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             "(mobilenetv2_050 @64, yolov8n @128): plumbing timings only, not real networks"
         )
     if args.backend == "both":
-        compare_backends(clf_path, det_path, fusion, sorted(args.samples.glob("*.dcm")), args.reps)
+        compare_backends(
+            clf_path, det_path, fusion, sorted(args.samples.glob("*.dcm")), args.reps, args.calibration_images
+        )
         return 0
     pipe = Pipeline.from_files(clf_path, det_path, fusion, device=device, backend=args.backend)
     for m, kind in zip(pipe.models, ("classifier", "detector")):

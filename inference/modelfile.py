@@ -40,7 +40,7 @@ import numbers
 import os
 import pickle
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -332,4 +332,9 @@ class LoadedNetwork:
 
     @property
     def info(self) -> ModelInfo:
-        return self.loaded.model_info()
+        """The model file's provenance; an int8 export (``export-onnx --int8``) is a slightly different network,
+        so its version says so ("1.2.0+int8") wherever results name their model (SR, console, logs)."""
+        info = self.loaded.model_info()
+        if self.onnx and getattr(self.model, "precision", "float32") == "int8":
+            info = replace(info, version=f"{info.version}+int8")
+        return info

@@ -221,6 +221,73 @@ def test_onnx_models_import_and_the_onnxruntime_backend_agrees_with_torch(yolo_r
         Detector.load(tmp_path / "own" / "detector.pt", backend="onnxruntime")
 
 
+def test_an_int8_export_of_the_shipped_models_stays_close_to_torch_and_says_it_is_int8(tmp_path):
+    """``export-onnx --int8``: calibrated on real normal films, checked on abnormal films it never saw."""
+    import onnx
+
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("classifier", "detector"):
+        (own / f"{name}.pt").write_bytes((REPO / "models" / f"{name}.pt").read_bytes())
+    normals = XRAYS.parent.parent / "normal" / "images"
+    # calibration films: normal and abnormal, none of those checked below (xray(0..5))
+    calibration = sorted(normals.glob("*.jpg"))[:8] + sorted(XRAYS.glob("*.jpg"))[20:28]
+    r = dicom_node("export-onnx", str(own / "detector.pt"), "--int8")
+    assert r.returncode != 0 and "--calibration-images" in r.stderr, r.stderr
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in sorted(normals.glob("*.jpg"))[:3]:
+        (few / f.name).write_bytes(f.read_bytes())
+    r = dicom_node("export-onnx", str(own / "detector.pt"), "--int8", "--calibration-images", str(few))
+    assert r.returncode != 0 and "3 image(s) found" in r.stderr, r.stderr
+    assert not (own / "detector.onnx").exists()
+    for name in ("classifier", "detector"):
+        r = dicom_node(
+            "export-onnx", str(own / f"{name}.pt"), "--int8", "--calibration-images", *map(str, calibration)
+        )  # fmt: skip
+        assert r.returncode == 0 and "int8" in r.stdout, r.stderr
+    # the convolutions really are int8: their weights are stored as 8-bit integers
+    graph = onnx.load(str(own / "detector.onnx"))
+    int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) >= 50
+
+    a = Pipeline.from_files(own / "classifier.pt", own / "detector.pt")
+    b = Pipeline.from_files(own / "classifier.pt", own / "detector.pt", backend="onnxruntime")
+    assert [m.version for m in b.models] == [f"{m.version}+int8" for m in a.models]
+    for n in range(4):  # abnormal films the calibration did not see
+        img = xray(n)
+        pa, pb = a.run(img), b.run(img)
+        assert abs(pa.p_abnormal - pb.p_abnormal) < 0.03, (n, pa.p_abnormal, pb.p_abnormal)
+        xd = to_model_input(apply_clahe(img, a.detector.preprocess), a.detector.preprocess)[0]
+        da, db = a.detector.predict(xd, conf=0.1)[0], b.detector.predict(xd, conf=0.05)[0]
+        for box in da[:3]:  # torch's strongest boxes: int8 finds each (same class, IoU >= 0.7, score +-0.15)
+            same = db[db[:, 5] == box[5]]
+            assert len(same), (n, box)
+            ious = [_iou(box[:4], other[:4]) for other in same]
+            k = int(np.argmax(ious))
+            assert ious[k] >= 0.7 and abs(same[k, 4] - box[4]) < 0.15, (n, box, same[k], ious[k])
+
+    # analyze names the int8 models in its result
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        f"inference:\n  models:\n    classifier: {own / 'classifier.pt'}\n    detector: {own / 'detector.pt'}\n"
+        f"    backend: onnxruntime\nstorage:\n  root: {tmp_path / 'var'}\n"
+    )
+    film = tmp_path / "chest.png"
+    cv2.imwrite(str(film), (xray(5) * 255).astype(np.uint8))
+    r = dicom_node("analyze", "--config", str(cfg), str(film), "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "out" / "chest.json").read_text())
+    assert all(m["version"].endswith("+int8") for m in result["models"]), result["models"]
+
+
+def _iou(a, b) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 class Evil:
     def __init__(self, marker: Path):
         self.marker = marker

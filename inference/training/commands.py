@@ -322,6 +322,16 @@ def image_loader(args):
     return getattr(args, "load_image", None) or (lambda path: (load_image01(path), None))
 
 
+def add_backend_argument(p) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="as inference.models.backend; onnxruntime: each model's ONNX export beside it (dicom-node export-onnx, "
+        "e.g. an int8 one: measure it with the backend the node will run)",
+    )
+
+
 def add_evaluate_arguments(p) -> None:
     add_data_arguments(p, export_raw_default=True)
     p.add_argument("--classifier", required=True, help="classifier model file")
@@ -331,6 +341,7 @@ def add_evaluate_arguments(p) -> None:
     p.add_argument("--subset", choices=("test", "val", "train"), default="test", help="which split")
     p.add_argument("--limit", type=int, help="at most this many images")
     p.add_argument("--device", default="cpu")
+    add_backend_argument(p)
     p.add_argument(
         "--abnormal-threshold",
         type=float,
@@ -354,12 +365,14 @@ def run_evaluate(args) -> int:
     samples = subsample(parts[args.subset], args.limit, args.seed)
     # The classifier reports P(abnormal) calibrated to its stored operating point (that point maps to 0.5).
     thr = 0.5 if args.abnormal_threshold is None else args.abnormal_threshold
-    clf = Classifier.load(args.classifier, args.device)
+    clf = Classifier.load(args.classifier, args.device, args.backend)
     if args.calibration:
         from inference.calibration import Calibration
 
         clf.use_calibration(Calibration.load(args.calibration), args.calibration)
-    det = Detector.load(args.detector, args.device)
+    det = Detector.load(args.detector, args.device, backend=args.backend)
+    models = ", ".join(f"{m.architecture} {m.version}" for m in (clf.info, det.info))
+    print(f"models: {models} ({args.backend})")
     predictors = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         fp = FusionParams(
@@ -426,6 +439,7 @@ def add_calibrate_arguments(p) -> None:
         "--subset", choices=("test", "val", "train"), default="test", help="split (a --layout folder set is all test)"
     )
     p.add_argument("--device", default="cpu")
+    add_backend_argument(p)
 
 
 def run_calibrate(args) -> int:
@@ -436,7 +450,7 @@ def run_calibrate(args) -> int:
     parts, desc = make_splits(args)
     samples = parts[args.subset]
     # the node's own input path (input check, working size, CLAHE); the detector only sets the working size
-    pipe = Pipeline.from_files(args.classifier, args.detector, device=args.device)
+    pipe = Pipeline.from_files(args.classifier, args.detector, device=args.device, backend=args.backend)
     load = image_loader(args)
     labels, probs, views, refused = [], [], [], 0
     clf = pipe.classifier
