@@ -181,6 +181,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         help="with --int8: real radiographs (DICOM/PNG/JPEG files or folders) to measure activation ranges on",
     )
     p.add_argument("--calibration-count", type=int, default=64, help="with --int8: at most this many images")
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="with --int8: 7-bit weights, for x86 CPUs without VNNI (AVX2 only), where 8-bit ones can saturate",
+    )
 
 
 def _calibration_batches(net, files: list) -> list[np.ndarray]:
@@ -224,8 +229,8 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     net = Classifier.load(args.model) if meta.kind == "classifier" else Detector.load(args.model)
     if net.onnx:
         raise DicomNodeError(f"{args.model}: imported from ONNX; it carries its graph already")
-    if args.calibration_images and not args.int8:
-        raise DicomNodeError("--calibration-images is for --int8 exports")
+    if (args.calibration_images or args.reduce_range) and not args.int8:
+        raise DicomNodeError("--calibration-images and --reduce-range are for --int8 exports")
     files = _pick_calibration_files(args) if args.int8 else []
     out = export_path(args.model)
     channels, size = meta.preprocess.channels, meta.input_size
@@ -237,7 +242,7 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
             fp32 = export_onnx(net.model, channels, size, Path(tmp) / "float32.onnx", net.info.sha256)
             source = f"{len(files)} images from {', '.join(args.calibration_images)}"
-            quantize_int8(fp32, out, batches, source, detector=meta.kind == "detector")
+            quantize_int8(fp32, out, batches, source, meta.kind == "detector", args.reduce_range)
     on = "random input" if not args.int8 else f"the {len(files)} calibration images"
     print(f"wrote {out} ({'int8' if args.int8 else 'float32'}, ONNX opset 17, batch size dynamic)")
     print(f"compared with torch on {on}: {_export_differences(args.model, net, batches)}")
