@@ -91,32 +91,41 @@ def bench_file(pipe: Pipeline, path: Path, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
-def calibration_inputs(net, folder: Path, count: int = 64) -> list:
-    """Prepared inputs of ``count`` real radiographs spread over ``folder`` (for the int8 export), or []."""
+def calibration_inputs(net, folder: Path, working_size: int, count: int = 64) -> list:
+    """Prepared inputs of ``count`` real radiographs spread over ``folder`` (for the int8 export), or []. A folder
+    with a labels.csv that has a ``split`` column (nih-matched) gives its training films only."""
+    import csv
+
     from dicom_node.work.offline import expand_inputs, read_image
     from inference.preprocess import prepare, working_image
 
-    files = expand_inputs([folder]) if folder.is_dir() else []
+    labels = folder / "labels.csv"
+    if labels.is_file() and "split" in labels.read_text().splitlines()[0].split(","):
+        with labels.open() as fh:
+            files = [folder / row["path"] for row in csv.DictReader(fh) if row["split"] == "train"]
+    else:
+        files = expand_inputs([folder]) if folder.is_dir() else []
     files = [files[int(i * len(files) / count)] for i in range(min(count, len(files)))]
-    pre = net.preprocess
-    return [prepare(working_image(read_image(f)[0], pre.input_size)[0], pre)[0][None] for f in files]
+    inputs = []
+    for f in files:
+        work, _ = working_image(read_image(f)[0], working_size)  # as the pipeline: shrink, then CLAHE
+        inputs.append(prepare(work, net.preprocess)[0][None])
+    return inputs
 
 
-def box_differences(ours, theirs) -> tuple[float, int]:
-    """Largest coordinate difference (px) between each finding of ``ours`` and the finding of the same class in
-    ``theirs`` that overlaps it most, and how many of ``ours`` have no such finding (order may differ: scores do)."""
-    worst, unmatched = 0.0, 0
+def box_differences(ours, theirs) -> tuple[float, float, int]:
+    """For each finding of ``ours``, the finding of the same class in ``theirs`` that overlaps it most (order may
+    differ: scores do): the largest coordinate difference (px), the lowest IoU, and how many have no such
+    finding."""
+    worst, lowest, unmatched = 0.0, 1.0, 0
     for f in ours:
-        same = [g for g in theirs if g.class_id == f.class_id]
-        if not same:
+        overlaps = [(_iou(f.box, g.box), g) for g in theirs if g.class_id == f.class_id]
+        iou, g = max(overlaps, key=lambda o: o[0], default=(0.0, None))
+        if g is None or iou == 0:
             unmatched += 1
             continue
-        g = max(same, key=lambda g: _iou(f.box, g.box))
-        if _iou(f.box, g.box) == 0:
-            unmatched += 1
-            continue
-        worst = max(worst, max(abs(x - y) for x, y in zip(f.box, g.box)))
-    return worst, unmatched
+        worst, lowest = max(worst, max(abs(x - y) for x, y in zip(f.box, g.box))), min(lowest, iou)
+    return worst, lowest, unmatched
 
 
 def _iou(a, b) -> float:
@@ -150,7 +159,8 @@ def compare_backends(
             pre = net.preprocess
             export_onnx(net.model, pre.channels, pre.input_size, export_path(path), net.info.sha256)
         pipes["onnx float32"] = Pipeline.from_files(*fp32, fusion, backend="onnxruntime")
-        inputs = [calibration_inputs(net, calibration) for net in (torch_pipe.classifier, torch_pipe.detector)]
+        nets = (torch_pipe.classifier, torch_pipe.detector)
+        inputs = [calibration_inputs(net, calibration, torch_pipe.working_size) for net in nets]
         if inputs[0]:
             int8_det, int8_both = copies("int8-detector"), copies("int8-both")
             clf_fp32, det_fp32 = map(export_path, fp32)
@@ -161,8 +171,8 @@ def compare_backends(
             pipes["onnx det int8"] = Pipeline.from_files(*int8_det, fusion, backend="onnxruntime")
             pipes["onnx int8"] = Pipeline.from_files(*int8_both, fusion, backend="onnxruntime")
             print(
-                f"int8 exports calibrated on {len(inputs[0])} images of {calibration}; 'det int8': the detector "
-                "int8, the classifier float32; 'int8': both int8"
+                f"int8 exports calibrated on {len(inputs[0])} training films of {calibration}; 'det int8': the "
+                "detector int8, the classifier float32; 'int8': both int8"
             )
         else:
             print(f"no images under {calibration}: no int8 export (pass --calibration-images)")
@@ -193,10 +203,10 @@ def compare_backends(
                 if name == "torch":
                     continue
                 dp = abs(a.p_abnormal - b.p_abnormal)
-                db, unmatched = box_differences(a.findings, b.findings)
+                db, iou, unmatched = box_differences(a.findings, b.findings)
                 print(
-                    f"{'':28s}{name}: P(abnormal) differs from torch by {dp:.1e}, boxes by {db:.2f} px, findings "
-                    f"{len(a.findings)}/{len(b.findings)}"
+                    f"{'':28s}{name}: P(abnormal) differs from torch by {dp:.1e}, boxes by {db:.2f} px (IoU >= "
+                    f"{iou:.2f}), findings {len(a.findings)}/{len(b.findings)}"
                     + (f" ({unmatched} of torch's unmatched)" if unmatched else "")
                 )
         print()
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         "--calibration-images",
         type=Path,
         default=SHARED / "datasets" / "nih-matched",
-        help="--backend both: real radiographs for the int8 export (64 spread over the folder)",
+        help="--backend both: real radiographs for the int8 export (64 spread over the folder; of nih-matched, its "
+        "training split)",
     )
     args = ap.parse_args(argv)
     if args.threads:

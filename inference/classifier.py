@@ -75,8 +75,9 @@ class Classifier(LoadedNetwork):
         thresholds are on that model's scale)."""
         if calibration.model_sha256 and calibration.model_sha256 != self.info.sha256:
             raise ModelError(
-                f"{source} was made for another classifier file (sha256 {calibration.model_sha256[:12]}..., this "
-                f"one is {self.info.sha256[:12]}...): run dicom-node calibrate again for this model"
+                f"{source} was made for another classifier (sha256 {calibration.model_sha256[:12]}..., this one is "
+                f"{self.info.sha256[:12]}..., version {self.info.version}): run dicom-node calibrate again for this "
+                "model, with --backend onnxruntime for an ONNX export (an int8 export is a network of its own)"
             )
         self.calibration = calibration
 

@@ -332,9 +332,11 @@ class LoadedNetwork:
 
     @property
     def info(self) -> ModelInfo:
-        """The model file's provenance; an int8 export (``export-onnx --int8``) is a slightly different network,
-        so its version says so ("1.2.0+int8") wherever results name their model (SR, console, logs)."""
+        """The model file's provenance. An int8 export (``export-onnx --int8``) is a slightly different network,
+        and its results say so wherever they name their model (SR, console, logs): the version reads
+        "1.2.0+int8" and the sha256 is the export's, so it gets its own Device UID, and a site calibration made
+        for the float32 network (or another int8 export) is refused for it."""
         info = self.loaded.model_info()
-        if self.onnx and getattr(self.model, "precision", "float32") == "int8":
-            info = replace(info, version=f"{info.version}+int8")
+        if isinstance(self.model, OnnxModule) and self.model.precision == "int8":
+            info = replace(info, version=f"{info.version}+int8", sha256=self.model.sha256)
         return info

@@ -2,7 +2,7 @@
 
 The network runs in ONNX Runtime; everything around it (CLAHE, letterbox, normalisation, NMS, fusion) is the
 same code as with torch, so both backends give the same boxes and probabilities within float tolerance
-(``tests/test_onnx.py``). The graph comes from one of two places:
+(``tests/test_import_models.py``). The graph comes from one of two places:
 
 - an **export beside the model file**: ``dicom-node export-onnx models/detector.pt`` writes
   ``models/detector.onnx``, which records the sha256 of the model file it was made from; the node refuses an
@@ -11,13 +11,15 @@ same code as with torch, so both backends give the same boxes and probabilities 
   node's model file (there are no torch weights), so that model always runs in ONNX Runtime.
 
 ``export-onnx --int8`` writes a statically quantised export instead (:func:`quantize_int8`); the node then
-reports the model's version with "+int8". On 2 CPU cores, float32 ONNX Runtime takes about 0.8x the torch time
-for the shipped models and an int8 detector 0.5x (``bench/pipeline.py --backend both``). On a GPU, the CUDA
+reports the model with "+int8" in its version and the export's sha256. On 2 CPU cores, float32 ONNX Runtime takes
+about 0.8x the torch time for the shipped models, with an int8 detector about 0.55x, with both int8 about 0.45x
+(``bench/pipeline.py --backend both``). On a GPU, the CUDA
 execution provider is used when the installed onnxruntime has it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -192,6 +194,7 @@ class OnnxModule(torch.nn.Module):
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         source = graph if isinstance(graph, bytes) else str(graph)
+        self.sha256 = hashlib.sha256(graph if isinstance(graph, bytes) else Path(graph).read_bytes()).hexdigest()
         try:
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:

@@ -237,7 +237,7 @@ def test_calibration_file_round_trips_and_refuses_other_files(tmp_path):
     clf, _ = make_tiny_models(tmp_path / "m")
     from inference.classifier import Classifier
 
-    with pytest.raises(ModelError, match="made for another classifier file"):
+    with pytest.raises(ModelError, match="made for another classifier"):
         Classifier.load(clf).use_calibration(cal, "cal.json")  # chosen for the model with sha256 abab...
 
 

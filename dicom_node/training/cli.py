@@ -8,6 +8,8 @@ happen here, on the DICOM side; the training itself lives in :mod:`inference.tra
 from __future__ import annotations
 
 import argparse
+import hashlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,9 @@ from dicom_node.training.vinbigdata_export import prepare_args
 from dicom_node.work.offline import read_image
 from inference.errors import DatasetError
 from inference.training import commands
+
+log = logging.getLogger(__name__)
+MIN_CALIBRATION = 8  # radiographs an int8 export needs at least
 
 
 def _run(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -178,7 +183,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--calibration-images",
         nargs="+",
         metavar="PATH",
-        help="with --int8: real radiographs (DICOM/PNG/JPEG files or folders) to measure activation ranges on",
+        help="with --int8: real radiographs (DICOM/PNG/JPEG files or folders) to measure activation ranges on, normal "
+        "and abnormal, from your own devices (give it after the model file: it takes several paths)",
     )
     p.add_argument("--calibration-count", type=int, default=64, help="with --int8: at most this many images")
     p.add_argument(
@@ -188,12 +194,44 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _calibration_batches(net, files: list) -> list[np.ndarray]:
-    """The network's prepared input (1 x C x S x S) for each calibration image, as the pipeline makes it."""
-    from inference.preprocess import prepare, working_image
+def _working_size(meta) -> int:
+    """The size the pipeline shrinks a film to before CLAHE: the larger input of the two configured models (the
+    model being exported counts for its kind). Calibration films must be prepared at that size, as the node does."""
+    from dicom_node.config import load_config
+    from inference.modelfile import read_metadata
 
-    pre = net.preprocess
-    return [prepare(working_image(_load_image(f)[0], pre.input_size)[0], pre)[0][None] for f in files]
+    size = meta.input_size
+    try:
+        models = load_config(None).inference.models
+        other = models.detector if meta.kind == "classifier" else models.classifier
+        size = max(size, read_metadata(other).input_size)
+    except (DicomNodeError, OSError, ValueError) as exc:
+        log.warning("working size: %s; preparing calibration films at the model's own %d px", exc, size)
+    return size
+
+
+def _calibration_batches(net, files: list, working_size: int) -> tuple[list[np.ndarray], list[str]]:
+    """The network's prepared input (1 x C x S x S) for each calibration film, as the pipeline makes it (shrink to
+    the working size, CLAHE, letterbox or stretch, normalise); files that are not analysable radiographs are
+    left out, and their names returned."""
+    from inference.preprocess import prepare, working_image
+    from inference.quality import input_problem
+
+    batches, left_out = [], []
+    for f in files:
+        try:
+            img, _ = _load_image(f)
+        except DatasetError as exc:
+            left_out.append(f"{f}: {exc}")
+            continue
+        problem = input_problem(img)
+        if problem:
+            left_out.append(f"{f}: {problem}")
+            continue
+        work, _ = working_image(img, working_size)
+        x, _ = prepare(work, net.preprocess)
+        batches.append(x[None])
+    return batches, left_out
 
 
 def _pick_calibration_files(args: argparse.Namespace) -> list:
@@ -201,16 +239,12 @@ def _pick_calibration_files(args: argparse.Namespace) -> list:
 
     if not args.calibration_images:
         raise DicomNodeError("--int8 needs --calibration-images: a folder of real radiographs (DICOM, PNG or JPEG)")
+    if args.calibration_count < MIN_CALIBRATION:
+        raise DicomNodeError(f"--calibration-count must be at least {MIN_CALIBRATION}")
     files = expand_inputs(args.calibration_images)
-    if args.calibration_count < 1:
-        raise DicomNodeError("--calibration-count must be at least 1")
     if len(files) > args.calibration_count:  # evenly spread over the sorted list, not the first few
         step = len(files) / args.calibration_count
         files = [files[int(i * step)] for i in range(args.calibration_count)]
-    if len(files) < 8:
-        raise DicomNodeError(
-            f"--calibration-images: {len(files)} image(s) found; int8 ranges need at least 8 real radiographs"
-        )
     return files
 
 
@@ -233,17 +267,28 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         raise DicomNodeError("--calibration-images and --reduce-range are for --int8 exports")
     files = _pick_calibration_files(args) if args.int8 else []
     out = export_path(args.model)
-    channels, size = meta.preprocess.channels, meta.input_size
+    channels, size_in = meta.preprocess.channels, meta.input_size
     if not args.int8:
-        export_onnx(net.model, channels, size, out, net.info.sha256)
-        batches = [torch.rand(2, channels, size, size).numpy()]
+        export_onnx(net.model, channels, size_in, out, net.info.sha256)
+        batches = [torch.rand(2, channels, size_in, size_in).numpy()]
     else:
-        batches = _calibration_batches(net, files)
+        size = _working_size(meta)
+        batches, left_out = _calibration_batches(net, files, size)
+        for line in left_out:
+            log.warning("calibration film left out: %s", line)
+        if len(batches) < MIN_CALIBRATION:
+            raise DicomNodeError(
+                f"--calibration-images: {len(batches)} analysable radiograph(s) of {len(files)} file(s) tried; int8 "
+                f"ranges need at least {MIN_CALIBRATION}"
+            )
         with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
-            fp32 = export_onnx(net.model, channels, size, Path(tmp) / "float32.onnx", net.info.sha256)
-            source = f"{len(files)} images from {', '.join(args.calibration_images)}"
+            fp32 = export_onnx(net.model, channels, size_in, Path(tmp) / "float32.onnx", net.info.sha256)
+            # what the ranges were measured on, without file names (they can carry patient identifiers)
+            digest = hashlib.sha256("\n".join(sorted(str(f) for f in files)).encode()).hexdigest()[:12]
+            source = f"{len(batches)} radiographs prepared at {size} px (file list sha256 {digest})"
             quantize_int8(fp32, out, batches, source, meta.kind == "detector", args.reduce_range)
-    on = "random input" if not args.int8 else f"the {len(files)} calibration images"
+        print(f"calibrated on {len(batches)} radiographs, prepared at the working size {size} px as the node does")
+    on = "random input" if not args.int8 else "the calibration films (optimistic: measure others with evaluate)"
     print(f"wrote {out} ({'int8' if args.int8 else 'float32'}, ONNX opset 17, batch size dynamic)")
     print(f"compared with torch on {on}: {_export_differences(args.model, net, batches)}")
     if args.int8:
@@ -258,7 +303,8 @@ def run_export_onnx(args: argparse.Namespace) -> int:
 
 def _export_differences(model_file: str, net: Any, batches: list[np.ndarray]) -> str:
     """How far the export beside ``model_file`` is from the torch network on ``batches``, in what the node reports:
-    P(abnormal) for a classifier; for a detector, the class scores of the 20 strongest boxes of each image."""
+    P(abnormal) for a classifier; for a detector, the class scores of the 20 strongest candidate boxes (before
+    NMS) of each image."""
     import torch
 
     from inference.classifier import Classifier
@@ -278,7 +324,8 @@ def _export_differences(model_file: str, net: Any, batches: list[np.ndarray]) ->
             for r, g in zip(ref, got):  # rows 4: of the raw output are the class scores
                 top = np.argsort(-r)[:20]
                 diffs.append(float(np.abs(g[top] - r[top]).max()))
-    return f"the strongest boxes' scores change by {np.median(diffs):.2g} (median), by at most {max(diffs):.2g}"
+    median, worst = np.median(diffs), max(diffs)
+    return f"the 20 strongest candidate boxes' scores (before NMS) change by {median:.2g} (median), at most {worst:.2g}"
 
 
 def build_parser() -> argparse.ArgumentParser:
