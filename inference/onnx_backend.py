@@ -13,8 +13,8 @@ same code as with torch, so both backends give the same boxes and probabilities 
 ``export-onnx --int8`` writes a statically quantised export instead (:func:`quantize_int8`); the node then
 reports the model with "+int8" in its version and the export's sha256. On 2 CPU cores, float32 ONNX Runtime takes
 about 0.8x the torch time for the shipped models, with an int8 detector about 0.55x, with both int8 about 0.45x
-(``bench/pipeline.py --backend both``). On a GPU, the CUDA
-execution provider is used when the installed onnxruntime has it.
+(``bench/pipeline.py --backend both``). On a GPU, the CUDA execution provider is used when the installed
+onnxruntime has it.
 """
 
 from __future__ import annotations
