@@ -97,7 +97,7 @@ def calibration_inputs(net, folder: Path, working_size: int, count: int = 64) ->
     import csv
 
     from dicom_node.work.offline import expand_inputs, read_image
-    from inference.preprocess import prepare, working_image
+    from inference.preprocess import prepare
 
     labels = folder / "labels.csv"
     if labels.is_file() and "split" in labels.read_text().splitlines()[0].split(","):
@@ -108,8 +108,7 @@ def calibration_inputs(net, folder: Path, working_size: int, count: int = 64) ->
     files = [files[int(i * len(files) / count)] for i in range(min(count, len(files)))]
     inputs = []
     for f in files:
-        work, _ = working_image(read_image(f)[0], working_size)  # as the pipeline: shrink, then CLAHE
-        inputs.append(prepare(work, net.preprocess)[0][None])
+        inputs.append(prepare(read_image(f)[0], net.preprocess, working_size)[0][None])
     return inputs
 
 

@@ -42,6 +42,7 @@ import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -330,7 +331,7 @@ class LoadedNetwork:
     def preprocess(self) -> PreprocessParams:
         return self.loaded.metadata.preprocess
 
-    @property
+    @cached_property  # read for every prediction
     def info(self) -> ModelInfo:
         """The model file's provenance. An int8 export (``export-onnx --int8``) is a slightly different network,
         and its results say so wherever they name their model (SR, console, logs): the version reads

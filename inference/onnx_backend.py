@@ -200,6 +200,8 @@ class OnnxModule(torch.nn.Module):
         except Exception as exc:
             what = "the embedded ONNX graph" if isinstance(graph, bytes) else str(graph)
             raise ModelError(f"{what}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
+        # "float32", or "int8" for an export quantised with ``export-onnx --int8``
+        self.precision = self.metadata.get(PRECISION_KEY, "float32")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(inp.shape)
@@ -207,11 +209,6 @@ class OnnxModule(torch.nn.Module):
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
-
-    @property
-    def precision(self) -> str:
-        """ "float32", or "int8" for an export quantised with ``export-onnx --int8``."""
-        return self.metadata.get(PRECISION_KEY, "float32")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())

@@ -29,7 +29,7 @@ from inference.calibration import Calibration
 from inference.classifier import Classifier
 from inference.detector import Detector
 from inference.fusion import FusionParams, detector_needed, fuse
-from inference.preprocess import apply_clahe, check_image, to_model_input, working_image
+from inference.preprocess import apply_clahe, check_image, prepare, to_model_input, working_image
 from inference.quality import input_problem
 from inference.types import ModelInfo, Prediction
 
@@ -85,8 +85,7 @@ class Pipeline:
     def classifier_input(self, img01: np.ndarray) -> np.ndarray:
         """The classifier's prepared input (1 x S x S) for an image, exactly as :meth:`run` makes it."""
         img = check_image(img01, "pipeline input")
-        work, _ = working_image(img, self.working_size)
-        return to_model_input(apply_clahe(work, self.classifier.preprocess), self.classifier.preprocess)[0]
+        return prepare(img, self.classifier.preprocess, self.working_size)[0]
 
     def run(self, img01: np.ndarray, view: str | None = None) -> Prediction:
         """``view``: the image's ViewPosition (PA, AP, ...) when known; it selects a site calibration's

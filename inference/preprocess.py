@@ -330,8 +330,13 @@ def to_model_input(clahe01: np.ndarray, params: PreprocessParams) -> tuple[np.nd
     return np.ascontiguousarray(normalise(x, params.mean, params.std)), geom
 
 
-def prepare(img01: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, Letterbox]:
-    """Raw [0, 1] image -> CLAHE -> (C x S x S float32 model input, Letterbox)."""
+def prepare(
+    img01: np.ndarray, params: PreprocessParams, working_size: int | None = None
+) -> tuple[np.ndarray, Letterbox]:
+    """Raw [0, 1] image -> CLAHE -> (C x S x S float32 model input, Letterbox). With ``working_size``, the image is
+    first shrunk to it, as the pipeline does (:func:`working_image`); the Letterbox then maps to the shrunk image."""
+    if working_size is not None:
+        img01, _ = working_image(img01, working_size)
     return to_model_input(apply_clahe(img01, params), params)
 
 

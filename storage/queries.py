@@ -15,10 +15,10 @@ from sqlalchemy import and_, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from storage.db import Delivery, FindingRow, ImageResult, Instance, Job, Result, Study, WorkerRow
-from storage.repository import WORKER_STALE_S, Store, _database_errors, utcnow
+from storage.repository import Store, _database_errors, utcnow, worker_state
 from storage.states import DeliveryState, JobState
 
-STUDY_STATES = ("receiving", "queued", "running", "done", "failed", "skipped")
+STUDY_STATES = ("receiving", *JobState, "skipped")  # a study is receiving, in its latest job's state, or skipped
 THROUGHPUT_BIN_S = 300  # the overview's last hour in 5-minute bins
 
 
@@ -247,13 +247,10 @@ class Queries:
         with self._session() as s:
             out = []
             for w in s.scalars(select(WorkerRow).order_by(WorkerRow.name)):
-                state = w.state
-                if state == "alive" and now - w.heartbeat_at > timedelta(seconds=WORKER_STALE_S):
-                    state = "stale"
                 out.append(
                     {
                         "name": w.name,
-                        "state": state,
+                        "state": worker_state(w.state, w.heartbeat_at, now),
                         "pid": w.pid,
                         "host": w.host,
                         "models": w.models,
@@ -271,12 +268,8 @@ class Queries:
         """Each configured destination's last success, last error and deliveries by state."""
         health = {n: DestinationHealth(n) for n in names}
         with self._session() as s:
-            for dest, st, n in s.execute(
-                select(Delivery.destination, Delivery.state, func.count()).group_by(
-                    Delivery.destination, Delivery.state
-                )
-            ):
-                health.setdefault(dest, DestinationHealth(dest)).by_state[str(st)] = int(n)
+            for (dest, st), n in self.store.deliveries_by_destination().items():
+                health.setdefault(dest, DestinationHealth(dest)).by_state[st] = n
             for dest, t in s.execute(
                 select(Delivery.destination, func.max(Delivery.delivered_at)).group_by(Delivery.destination)
             ):

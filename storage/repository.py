@@ -147,6 +147,13 @@ class DueDelivery:
     path: Path
 
 
+def worker_state(state: str, heartbeat_at: datetime, now: datetime) -> str:
+    """alive, dead, or stale: registered alive but no heartbeat for WORKER_STALE_S (hung, or killed outright)."""
+    if state == "alive" and now - heartbeat_at > timedelta(seconds=WORKER_STALE_S):
+        return "stale"
+    return state
+
+
 class Store:
     @_database_errors
     def __init__(self, database_url: str, root: Path, min_free_disk_mb: float = 0):
@@ -561,11 +568,12 @@ class Store:
             s.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
 
     def mark_delivered(self, delivery_id: int) -> None:
+        now = utcnow()
         self._set_delivery(
             delivery_id,
             state=DeliveryState.DELIVERED,
-            delivered_at=utcnow(),
-            last_attempt_at=utcnow(),
+            delivered_at=now,
+            last_attempt_at=now,
             last_error=None,
             attempts=Delivery.attempts + 1,
         )
@@ -589,28 +597,17 @@ class Store:
         )
 
     @_database_errors
-    def retry_failed(self) -> int:
-        """Re-queue every failed delivery (operator action); returns how many."""
+    def retry_failed(self, delivery_id: int | None = None) -> int:
+        """Re-queue every failed delivery, or only ``delivery_id`` (operator actions: ``dicom-node retry``, the
+        console's button); returns how many (0: that delivery is not failed)."""
+        failed = Delivery.state == DeliveryState.FAILED
+        which = failed if delivery_id is None else and_(failed, Delivery.id == delivery_id)
         with self._session.begin() as s:
             return _rowcount(
                 s.execute(
                     update(Delivery)
-                    .where(Delivery.state == DeliveryState.FAILED)
+                    .where(which)
                     .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), attempts=0)
-                )
-            )
-
-    @_database_errors
-    def retry_delivery(self, delivery_id: int) -> bool:
-        """Re-queue one failed delivery (operator action from the console); False when it is not failed."""
-        with self._session.begin() as s:
-            return bool(
-                _rowcount(
-                    s.execute(
-                        update(Delivery)
-                        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.FAILED)
-                        .values(state=DeliveryState.PENDING, next_attempt_at=utcnow(), attempts=0)
-                    )
                 )
             )
 
@@ -801,7 +798,6 @@ class Store:
             deliveries = counts(s, Delivery.state, list(DeliveryState))
             now = utcnow()
             workers = s.execute(select(WorkerRow.state, WorkerRow.heartbeat_at)).all()
-            stale_before = now - timedelta(seconds=WORKER_STALE_S)
             oldest_queued = s.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.QUEUED))
             purged = s.execute(
                 select(
@@ -817,9 +813,8 @@ class Store:
                 "jobs": {"total": sum(jobs.values()), **jobs},
                 "deliveries": {"total": sum(deliveries.values()), **deliveries},
                 "workers": {
-                    "alive": sum(1 for st, hb in workers if st == "alive" and hb >= stale_before),
-                    "stale": sum(1 for st, hb in workers if st == "alive" and hb < stale_before),
-                    "dead": sum(1 for st, _ in workers if st == "dead"),
+                    state: sum(1 for st, hb in workers if worker_state(st, hb, now) == state)
+                    for state in ("alive", "stale", "dead")
                 },
                 "oldest_queued_job_age_s": (
                     round((now - oldest_queued).total_seconds(), 1) if oldest_queued is not None else None

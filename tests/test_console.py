@@ -9,6 +9,7 @@ Screenshots are kept in test-artefacts/console/ (the README shows them).
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -21,7 +22,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from dicom_node.web.auth import hash_password
+from dicom_node.errors import ConfigError
+from dicom_node.web.auth import MIN_SECRET, hash_password, session_secret
 from support.dcmtk import DcmtkStoreSCP
 from support.dicom_factory import make_cxr
 from support.node import NodeProcess, free_port, wait_for
@@ -103,9 +105,11 @@ def test_console_in_a_browser(tmp_path, node_factory, models, browser, password_
     assert count(page, "jobs", "done") == 1
     assert count(page, "deliveries", "failed") == 2
     assert "alive" in page.inner_text("#workers")
-    assert "pacs" in page.inner_text("#destinations") and "failed" not in page.inner_text(
-        "#destinations td:nth-child(2)"
-    )
+    # the destination's health: never reached, both deliveries failed, the last error shown
+    assert page.inner_text("#destinations td:nth-child(1)") == "pacs"
+    assert page.inner_text("#destinations td:nth-child(2)") == "never"
+    assert page.inner_text("#destinations td:nth-child(6)") == "2"
+    assert page.inner_text("#destinations td:nth-child(3) .error").strip()
     shot(page, "overview")
 
     page.click("a[href='/studies']")
@@ -221,6 +225,15 @@ def test_console_needs_a_login_and_the_csrf_token(node_factory, models, password
         cookie = r.headers["Set-Cookie"].split(";")[0]
         token = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
     assert post(f"{base}/login", {"username": "alice", "password": PASSWORD}, cookie)[0] == 403  # no token
+    # nobody fills the disk or memory through the login form: a large form, or one without a length, is refused
+    assert post(f"{base}/login", {"username": "x" * 20_000, "csrf": token}, cookie)[0] == 413
+    conn = http.client.HTTPConnection(urllib.parse.urlsplit(base).netloc, timeout=10)
+    conn.request(
+        "POST", "/login", body=iter([b"username=alice&", b"password=x"]), encode_chunked=True,
+        headers={"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
+    )  # fmt: skip
+    assert conn.getresponse().status == 411
+    conn.close()
     code, _, headers = post(f"{base}/login", {"username": "alice", "password": PASSWORD, "csrf": token}, cookie)
     assert code == 303 and headers["location"] == "/"  # logged in
     set_cookie = headers["set-cookie"]
@@ -249,3 +262,17 @@ def test_console_without_users_says_how_to_add_one(node_factory, models):
         raise AssertionError("the console opened without any user configured")
     except urllib.error.HTTPError as e:
         assert e.code == 503 and "dicom-node hash-password" in e.read().decode()
+
+
+def test_the_session_key_is_never_short(tmp_path, monkeypatch):
+    """A guessable key would let anyone forge a logged-in session cookie."""
+    monkeypatch.delenv("DICOM_NODE_WEB_SECRET", raising=False)
+    key_file = tmp_path / "web-session.key"
+    key_file.write_text("")  # e.g. left empty by a full disk
+    key = session_secret(tmp_path)
+    assert len(key) >= MIN_SECRET and key_file.read_text().strip() == key
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert session_secret(tmp_path) == key  # kept across restarts
+    monkeypatch.setenv("DICOM_NODE_WEB_SECRET", "short")
+    with pytest.raises(ConfigError, match="at least 32 characters"):
+        session_secret(tmp_path)

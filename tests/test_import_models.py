@@ -51,6 +51,20 @@ def dicom_node(*args: str, cwd: Path | None = None, timeout: float = 600) -> sub
     )
 
 
+def analyze_film(tmp_path: Path, classifier, detector, n: int, backend: str = "torch") -> dict:
+    """``dicom-node analyze`` of real radiograph ``n`` (as a PNG) with these model files: its JSON result."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        f"inference:\n  models:\n    classifier: {classifier}\n    detector: {detector}\n    backend: {backend}\n"
+        f"storage:\n  root: {tmp_path / 'var'}\n"
+    )
+    film = tmp_path / "chest.png"
+    cv2.imwrite(str(film), (xray(n) * 255).astype(np.uint8))
+    r = dicom_node("analyze", "--config", str(cfg), str(film), "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    return json.loads((tmp_path / "out" / "chest.json").read_text())
+
+
 def xray(n: int = 0) -> np.ndarray:
     """A real radiograph as the pipeline takes it (float32 in [0, 1])."""
     return cv2.imread(str(sorted(XRAYS.glob("*.jpg"))[n]), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
@@ -283,16 +297,7 @@ def test_an_int8_export_of_the_shipped_models_stays_close_to_torch_and_says_it_i
             assert ious[k] >= 0.7 and abs(same[k, 4] - box[4]) < 0.15, (n, box, same[k], ious[k])
 
     # analyze names the int8 models in its result
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        f"inference:\n  models:\n    classifier: {own / 'classifier.pt'}\n    detector: {own / 'detector.pt'}\n"
-        f"    backend: onnxruntime\nstorage:\n  root: {tmp_path / 'var'}\n"
-    )
-    film = tmp_path / "chest.png"
-    cv2.imwrite(str(film), (xray(5) * 255).astype(np.uint8))
-    r = dicom_node("analyze", "--config", str(cfg), str(film), "-o", str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
-    result = json.loads((tmp_path / "out" / "chest.json").read_text())
+    result = analyze_film(tmp_path, own / "classifier.pt", own / "detector.pt", 5, backend="onnxruntime")
     assert all(m["version"].endswith("+int8") for m in result["models"]), result["models"]
 
 
@@ -357,16 +362,7 @@ def research_pair(tmp_path_factory) -> dict[str, str]:
 
 
 def test_analyze_and_serve_run_an_imported_davit_and_yolov8x(research_pair, node_factory, tmp_path):
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(
-        f"inference:\n  models:\n    classifier: {research_pair['classifier']}\n"
-        f"    detector: {research_pair['detector']}\nstorage:\n  root: {tmp_path / 'var'}\n"
-    )
-    film = tmp_path / "chest.png"
-    cv2.imwrite(str(film), (xray(3) * 255).astype(np.uint8))
-    r = dicom_node("analyze", "--config", str(cfg), str(film), "-o", str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
-    result = json.loads((tmp_path / "out" / "chest.json").read_text())
+    result = analyze_film(tmp_path, research_pair["classifier"], research_pair["detector"], 3)
     assert {m["architecture"] for m in result["models"]} == {"davit_tiny", "yolov8x"}
     assert 0 <= result["p_abnormal"] <= 1
 

@@ -214,7 +214,7 @@ def _calibration_batches(net, files: list, working_size: int) -> tuple[list[np.n
     """The network's prepared input (1 x C x S x S) for each calibration film, as the pipeline makes it (shrink to
     the working size, CLAHE, letterbox or stretch, normalise); files that are not analysable radiographs are
     left out, and their names returned."""
-    from inference.preprocess import prepare, working_image
+    from inference.preprocess import prepare
     from inference.quality import input_problem
 
     batches, left_out = [], []
@@ -228,8 +228,7 @@ def _calibration_batches(net, files: list, working_size: int) -> tuple[list[np.n
         if problem:
             left_out.append(f"{f}: {problem}")
             continue
-        work, _ = working_image(img, working_size)
-        x, _ = prepare(work, net.preprocess)
+        x, _ = prepare(img, net.preprocess, working_size)
         batches.append(x[None])
     return batches, left_out
 

@@ -17,9 +17,13 @@ import threading
 import time
 from pathlib import Path
 
+from dicom_node.errors import ConfigError
+
 SCHEME = "scrypt"
 N, R, P = 2**14, 8, 1  # about 50 ms and 16 MB per check: cheap for a login, dear for a guesser
 FAILURES_ALLOWED, FAILURE_WINDOW_S = 5, 300.0  # per client address, then logins from it wait
+
+MIN_SECRET = 32  # characters of a session-signing key, at least
 
 
 def _b64(data: bytes) -> str:
@@ -75,19 +79,32 @@ def parse_users(text: str) -> dict[str, str]:
 
 def session_secret(root: Path) -> str:
     """The key that signs session cookies: ``DICOM_NODE_WEB_SECRET``, else a random key kept (mode 0600) under
-    ``storage.root`` so that logins survive a restart of the node."""
+    ``storage.root`` so that logins survive a restart of the node. A key shorter than MIN_SECRET characters
+    could be guessed: from the environment it is refused; in the file (e.g. left empty by a full disk) it is
+    replaced."""
     env = os.environ.get("DICOM_NODE_WEB_SECRET")
     if env:
+        if len(env) < MIN_SECRET:
+            raise ConfigError(
+                f"DICOM_NODE_WEB_SECRET must be at least {MIN_SECRET} characters; make one with: "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         return env
     path = root / "web-session.key"
     try:
-        return path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        pass
+        key = path.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        key = ""
+    if len(key) >= MIN_SECRET:
+        return key
     key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(key + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a crash leaves the old file or the whole new one, never an empty key
     return key
 
 
@@ -114,7 +131,12 @@ class LoginThrottle:
 
     def failed(self, client: str) -> None:
         with self._lock:
-            self._recent(client, time.monotonic()).append(time.monotonic())
+            now = time.monotonic()
+            self._recent(client, now).append(now)
+            if len(self._failures) > 1000:  # forget clients whose failures have all expired
+                for other in list(self._failures):
+                    if not self._recent(other, now):
+                        del self._failures[other]
 
     def succeeded(self, client: str) -> None:
         with self._lock:

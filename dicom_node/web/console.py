@@ -26,9 +26,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -40,7 +41,7 @@ from starlette.templating import Jinja2Templates
 
 from dicom_node import __version__, audit
 from dicom_node.config import Config
-from dicom_node.web.auth import LoginThrottle, csrf_ok, verify_password
+from dicom_node.web.auth import LoginThrottle, csrf_ok, hash_password, verify_password
 from storage import Store
 from storage.errors import UnknownStudyError
 from storage.queries import STUDY_STATES, Queries
@@ -120,6 +121,21 @@ class ModelFacts:
         return self._cache[key]
 
 
+SMALL_FORM_BYTES = 16 * 1024  # a login or logout form, at most
+
+
+async def bounded_form(request: Request, max_bytes: int, max_files: int = 0, setting: str = "") -> Any:
+    """The request's form, or the response refusing it: a POST must say its length (no chunked bodies), which
+    must not exceed ``max_bytes``, so that nobody can fill the disk or memory through a form."""
+    length = request.headers.get("content-length", "")
+    if not length.isdigit():
+        return PlainTextResponse("a form must come with a Content-Length\n", status_code=411)
+    if int(length) > max_bytes:
+        limit = f"{setting} ({max_bytes / 1e6:g} MB)" if setting else f"{max_bytes / 1e6:g} MB"
+        return PlainTextResponse(f"the form is larger than {limit}\n", status_code=413)
+    return await request.form(max_files=max_files, max_fields=20)
+
+
 class Console:
     def __init__(self, config: Config, store: Store):
         self.config = config
@@ -127,6 +143,7 @@ class Console:
         self.queries = Queries(store)
         self.users = config.web.all_users()
         self.throttle = LoginThrottle()
+        self.dummy_hash = hash_password(secrets.token_urlsafe(16))
         self.pipeline = LazyPipeline(config)
         self.models = ModelFacts()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -166,7 +183,7 @@ class Console:
                 return self.render(request, "no_users.html", status_code=503)
             user = request.session.get("user")
             if not user or user not in self.users:
-                return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+                return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
             return await handler(request, user)
 
         return wrapped
@@ -179,9 +196,10 @@ class Console:
             if not self.users or not user or user not in self.users:
                 return PlainTextResponse("log in first\n", status_code=401)
             limit_mb = self.config.web.max_upload_mb
-            if int(request.headers.get("content-length") or 0) > limit_mb * 1e6:
-                return PlainTextResponse(f"the upload is larger than web.max_upload_mb ({limit_mb:g} MB)\n", 413)
-            token = (await request.form(max_files=100, max_fields=20)).get("csrf")  # parsed once, kept
+            form = await bounded_form(request, int(limit_mb * 1e6), max_files=100, setting="web.max_upload_mb")
+            if isinstance(form, Response):
+                return form
+            token = form.get("csrf")  # parsed once, kept for the handler
             if not csrf_ok(request.session, str(token) if token else None):
                 return PlainTextResponse("the form expired or did not come from this console; reload it\n", 403)
             return await handler(request, user)
@@ -198,7 +216,9 @@ class Console:
         if request.method == "GET":
             return self.render(request, "login.html", next=nxt)
         client = request.client.host if request.client else "?"
-        form = await request.form()
+        form = await bounded_form(request, SMALL_FORM_BYTES)
+        if isinstance(form, Response):
+            return form
         if not csrf_ok(request.session, str(form.get("csrf") or "")):
             return self.render(request, "login.html", 403, next=nxt, error="The form expired; please try again.")
         if self.throttle.blocked(client):
@@ -206,7 +226,8 @@ class Console:
             return self.render(request, "login.html", 429, next=nxt, error="Too many failed logins; wait 5 minutes.")
         name, password = str(form.get("username") or ""), str(form.get("password") or "")
         hashed = self.users.get(name)
-        ok = await run_in_threadpool(verify_password, password, hashed) if hashed else False
+        # an unknown name costs a password check too, so that the answer's timing does not tell names apart
+        ok = await run_in_threadpool(verify_password, password, hashed or self.dummy_hash) and hashed is not None
         if not ok:
             self.throttle.failed(client)
             audit.event("console_login", peer=client, user=name[:64], result="failed")
@@ -218,7 +239,9 @@ class Console:
         return RedirectResponse(nxt, status_code=303)
 
     async def logout(self, request: Request) -> Response:
-        form = await request.form()
+        form = await bounded_form(request, SMALL_FORM_BYTES)
+        if isinstance(form, Response):
+            return form
         if csrf_ok(request.session, str(form.get("csrf") or "")):
             request.session.clear()
         return RedirectResponse("/login", status_code=303)
@@ -227,15 +250,15 @@ class Console:
     async def overview(self, request: Request, user: str) -> Response:
         def gather() -> dict[str, Any]:
             status = self.store.status()
-            free = self.store.spool.free_mb()
+            disk = shutil.disk_usage(self.store.spool.root)
             return {
                 "status": status,
                 "throughput": self.queries.throughput(),
                 "workers": self.queries.workers(),
                 "destinations": self.queries.destinations([d.name for d in self.config.destinations]),
                 "disk": {
-                    "free_mb": free,
-                    "total_mb": shutil.disk_usage(self.store.spool.root).total / 1e6,
+                    "free_mb": disk.free / 2**20,  # MiB, as storage.min_free_disk_mb is checked
+                    "total_mb": disk.total / 2**20,
                     "floor_mb": self.config.storage.min_free_disk_mb,
                 },
             }
@@ -249,10 +272,8 @@ class Console:
         state = q.get("state") or None
         if state not in (None, *STUDY_STATES):
             state = None
-        day = q.get("date") or None
         try:
-            if day:
-                datetime.fromisoformat(day)
+            day = date.fromisoformat(q["date"]).isoformat() if q.get("date") else None
         except ValueError:
             day = None
         reason = (q.get("skipped") or "").strip()[:100] or None
@@ -298,7 +319,7 @@ class Console:
         uid = await run_in_threadpool(self.queries.delivery_study, delivery_id)
         if uid is None:
             return self.render(request, "message.html", 404, title="No such delivery", text="It may have been purged.")
-        ok = await run_in_threadpool(self.store.retry_delivery, delivery_id)
+        ok = await run_in_threadpool(self.store.retry_failed, delivery_id) == 1
         if ok:
             audit.event("console_retry", user=user, delivery=delivery_id)
         notice = f"delivery+{delivery_id}+queued+again" if ok else f"delivery+{delivery_id}+is+not+failed"
