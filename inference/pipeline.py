@@ -21,19 +21,33 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from inference.calibration import Calibration
 from inference.classifier import Classifier
-from inference.detector import Detector
+from inference.detector import Detections, Detector
 from inference.fusion import FusionParams, detector_needed, fuse
-from inference.preprocess import apply_clahe, check_image, prepare, to_model_input, working_image
+from inference.preprocess import Letterbox, apply_clahe, check_image, prepare, to_model_input, working_image
 from inference.quality import input_problem
 from inference.types import ModelInfo, Prediction
 
 __all__ = ["Pipeline"]
+
+
+log = logging.getLogger(__name__)
+
+
+class _Prepared(NamedTuple):
+    """An image ready for the networks."""
+
+    image: np.ndarray  # the checked source image
+    classifier_input: np.ndarray  # C x S x S, letterboxed and normalised
+    detector_clahe: np.ndarray  # the working image with the detector's CLAHE
+    scale: tuple[float, float]  # (x, y) working-image pixels -> source pixels
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
@@ -41,7 +55,29 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-log = logging.getLogger(__name__)
+def _greyscale(img01: np.ndarray) -> np.ndarray:
+    """``img01`` as an array, refused unless it is one 2-D greyscale image."""
+    arr = np.asarray(img01)
+    if arr.ndim != 2:
+        raise ValueError(
+            f"the pipeline takes one 2-D greyscale image (rows, columns); got an array "
+            f"of shape {arr.shape} (colour or multi-frame images are not analysed)"
+        )
+    return arr
+
+
+def _image_size(img: np.ndarray) -> tuple[int, int]:
+    return (int(img.shape[0]), int(img.shape[1]))
+
+
+def _to_source_pixels(dets: Detections, item: _Prepared) -> Detections:
+    """``dets`` with its boxes mapped from working-image pixels to the source image's pixels."""
+    fx, fy = item.scale
+    if (fx, fy) == (1.0, 1.0):
+        return dets
+    rows, cols = item.image.shape[0], item.image.shape[1]
+    boxes = np.minimum(dets.boxes * np.array([fx, fy, fx, fy]), np.array([cols, rows, cols, rows], float))
+    return replace(dets, boxes=boxes)
 
 
 class Pipeline:
@@ -101,98 +137,127 @@ class Pipeline:
         views = list(views) if views is not None else [None] * len(images)
         if len(views) != len(images):
             raise ValueError(f"{len(images)} images but {len(views)} views")
-        cp, dp = self.classifier.preprocess, self.detector.preprocess
-        n = len(images)
-        preds: list[Prediction | None] = [None] * n
-        timings: list[dict[str, float]] = [{} for _ in range(n)]
-        prepared: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]] = {}
+        preds: list[Prediction | None] = [None] * len(images)
+        timings: list[dict[str, float]] = [{} for _ in images]
+        prepared: dict[int, _Prepared] = {}
         for k, img01 in enumerate(images):
-            arr = np.asarray(img01)
-            if arr.ndim != 2:
-                raise ValueError(
-                    f"the pipeline takes one 2-D greyscale image (rows, columns); got an array "
-                    f"of shape {arr.shape} (colour or multi-frame images are not analysed)"
-                )
-            t = timings[k]
-            t0 = time.perf_counter()
-            img = check_image(arr, "pipeline input")
-            problem = input_problem(img)
-            if problem:
-                preds[k] = Prediction.unanalysable(
-                    problem, self.fusion.mode, self.models, (int(img.shape[0]), int(img.shape[1]))
-                )
-                continue
-            s = time.perf_counter()
-            work, scale = working_image(img, self.working_size)
-            t["resize"] = time.perf_counter() - s
-            s = time.perf_counter()
-            clahe_c = apply_clahe(work, cp)
-            clahe_d = clahe_c if self._shared_clahe else apply_clahe(work, dp)
-            t["clahe"] = time.perf_counter() - s
-            s = time.perf_counter()
-            xc, _ = to_model_input(clahe_c, cp)
-            t["classifier_input"] = time.perf_counter() - s
-            t["total"] = time.perf_counter() - t0
-            prepared[k] = (img, xc, clahe_d, scale)
+            ready = self._prepare(img01, timings[k])
+            if isinstance(ready, Prediction):
+                preds[k] = ready
+            else:
+                prepared[k] = ready
+        p_abnormal = self._classify(prepared, views, timings, batch_size)
+        detections = self._detect(prepared, p_abnormal, timings, batch_size)
+        for k, item in prepared.items():
+            preds[k] = self._assemble(item, p_abnormal[k], detections.get(k), timings[k])
+        return [p for p in preds if p is not None]
 
-        order = list(prepared)
+    def _prepare(self, img01: np.ndarray, t: dict[str, float]) -> _Prepared | Prediction:
+        """Check, shrink and CLAHE one image and make its classifier input; an unanalysable image's
+        :class:`Prediction` when the quality check refuses it. Records resize, clahe, classifier_input and
+        (so far) total in ``t``."""
+        arr = _greyscale(img01)
+        t0 = time.perf_counter()
+        img = check_image(arr, "pipeline input")
+        refused = self._quality_check(img)
+        if refused is not None:
+            return refused
+        s = time.perf_counter()
+        work, scale = working_image(img, self.working_size)
+        t["resize"] = time.perf_counter() - s
+        s = time.perf_counter()
+        clahe_c = apply_clahe(work, self.classifier.preprocess)
+        clahe_d = clahe_c if self._shared_clahe else apply_clahe(work, self.detector.preprocess)
+        t["clahe"] = time.perf_counter() - s
+        s = time.perf_counter()
+        xc, _ = to_model_input(clahe_c, self.classifier.preprocess)
+        t["classifier_input"] = time.perf_counter() - s
+        t["total"] = time.perf_counter() - t0
+        return _Prepared(image=img, classifier_input=xc, detector_clahe=clahe_d, scale=scale)
+
+    def _quality_check(self, img: np.ndarray) -> Prediction | None:
+        """The "not analysable" prediction for an image :func:`inference.quality.input_problem` refuses, else None."""
+        problem = input_problem(img)
+        if not problem:
+            return None
+        return Prediction.unanalysable(problem, self.fusion.mode, self.models, _image_size(img))
+
+    def _classify(
+        self,
+        prepared: dict[int, _Prepared],
+        views: list[str | None],
+        timings: list[dict[str, float]],
+        batch_size: int,
+    ) -> dict[int, float]:
+        """p(abnormal) of each prepared image, ``batch_size`` images per classifier pass."""
         p_abnormal: dict[int, float] = {}
-        for chunk in _chunks(order, batch_size):
+        for chunk in _chunks(list(prepared), batch_size):
             s = time.perf_counter()
-            probs = self.classifier.predict(np.stack([prepared[k][1] for k in chunk]), [views[k] for k in chunk])
+            xs = np.stack([prepared[k].classifier_input for k in chunk])
+            probs = self.classifier.predict(xs, [views[k] for k in chunk])
             share = (time.perf_counter() - s) / len(chunk)
             for k, p in zip(chunk, probs):
                 p_abnormal[k] = float(p)
                 timings[k]["classifier"] = share
+        return p_abnormal
 
-        detections: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        wanted = [k for k in order if detector_needed(p_abnormal[k], self.fusion)]
-        for k in order:
+    def _detect(
+        self,
+        prepared: dict[int, _Prepared],
+        p_abnormal: dict[int, float],
+        timings: list[dict[str, float]],
+        batch_size: int,
+    ) -> dict[int, Detections]:
+        """Detections (in source pixels) of the prepared images the fusion gate lets through, ``batch_size``
+        images per detector pass; detector_input and detector stay 0.0 for the others."""
+        for k in prepared:
             timings[k]["detector_input"] = timings[k]["detector"] = 0.0
+        wanted = [k for k in prepared if detector_needed(p_abnormal[k], self.fusion)]
+        detections: dict[int, Detections] = {}
         for chunk in _chunks(wanted, batch_size):
-            xs, geoms = [], []
-            for k in chunk:
-                s = time.perf_counter()
-                xd, geom = to_model_input(prepared[k][2], dp)
-                timings[k]["detector_input"] = time.perf_counter() - s
-                xs.append(xd)
-                geoms.append(geom)
+            xs, geoms = self._detector_inputs([prepared[k] for k in chunk], [timings[k] for k in chunk])
             s = time.perf_counter()
             found = self.detector.detect_batch(
                 xs, geoms, conf=self.fusion.detector_conf, max_det=max(300, self.fusion.max_findings)
             )
             share = (time.perf_counter() - s) / len(chunk)
             for k, dets in zip(chunk, found):
-                img, _, _, (fx, fy) = prepared[k]
-                boxes = dets.boxes
-                if (fx, fy) != (1.0, 1.0):  # working-image pixels -> source pixels
-                    boxes = np.minimum(
-                        boxes * np.array([fx, fy, fx, fy]),
-                        np.array([img.shape[1], img.shape[0], img.shape[1], img.shape[0]], float),
-                    )
-                detections[k] = (boxes, dets.scores, dets.class_ids)
+                detections[k] = _to_source_pixels(dets, prepared[k])
                 timings[k]["detector"] = share
+        return detections
 
-        for k in order:
-            img = prepared[k][0]
-            t = timings[k]
+    def _detector_inputs(
+        self, items: list[_Prepared], timings: list[dict[str, float]]
+    ) -> tuple[list[np.ndarray], list[Letterbox]]:
+        """The detector's letterboxed inputs and their geometries; records detector_input in each timing."""
+        xs, geoms = [], []
+        for item, t in zip(items, timings):
             s = time.perf_counter()
-            if k in detections:
-                findings, p_no_finding = fuse(p_abnormal[k], *detections[k], self.fusion)
-            else:
-                findings, p_no_finding = fuse(p_abnormal[k], None, None, None, self.fusion)
-            t["fusion"] = time.perf_counter() - s
-            t["total"] += sum(t[key] for key in ("classifier", "detector_input", "detector", "fusion"))
-            preds[k] = Prediction(
-                p_abnormal=p_abnormal[k],
-                p_no_finding=float(p_no_finding),
-                findings=findings,
-                fusion_mode=self.fusion.mode,
-                models=self.models,
-                image_size=(int(img.shape[0]), int(img.shape[1])),
-                timings_s=t,
-            )
-        return [p for p in preds if p is not None]
+            xd, geom = to_model_input(item.detector_clahe, self.detector.preprocess)
+            t["detector_input"] = time.perf_counter() - s
+            xs.append(xd)
+            geoms.append(geom)
+        return xs, geoms
+
+    def _assemble(self, item: _Prepared, p_abnormal: float, dets: Detections | None, t: dict[str, float]) -> Prediction:
+        """Fuse the scores into findings and make the image's :class:`Prediction` (``dets`` None = detector
+        not run); records fusion and completes total in ``t``."""
+        s = time.perf_counter()
+        if dets is not None:
+            findings, p_no_finding = fuse(p_abnormal, dets.boxes, dets.scores, dets.class_ids, self.fusion)
+        else:
+            findings, p_no_finding = fuse(p_abnormal, None, None, None, self.fusion)
+        t["fusion"] = time.perf_counter() - s
+        t["total"] += sum(t[key] for key in ("classifier", "detector_input", "detector", "fusion"))
+        return Prediction(
+            p_abnormal=p_abnormal,
+            p_no_finding=float(p_no_finding),
+            findings=findings,
+            fusion_mode=self.fusion.mode,
+            models=self.models,
+            image_size=_image_size(item.image),
+            timings_s=t,
+        )
 
     @staticmethod
     def limit_threads(n: int) -> None:

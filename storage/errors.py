@@ -1,4 +1,5 @@
-"""The storage branch of the project's exception tree (drawn in :mod:`dicom_node.errors`).
+"""The storage branch of the project's exception tree (the tree is drawn in :mod:`dicom_node.errors`; the root is
+:mod:`node_errors`).
 
 StorageError
 ├── DiskFullError
@@ -9,7 +10,7 @@ StorageError
 
 from __future__ import annotations
 
-from dicom_node.errors import DicomNodeError
+from node_errors import DicomNodeError
 
 
 class StorageError(DicomNodeError):

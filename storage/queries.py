@@ -3,6 +3,11 @@
 Every list is paged and every query is indexed, so a page costs the same with 10 or 10,000 studies stored
 (``bench/console.py``). Nothing here writes; the console's two actions (re-analyse a study, retry a delivery)
 are :class:`storage.Store` methods like the CLI's.
+
+The boundary with the Store: the node-wide numbers that ``status`` and ``/metrics`` report too are the Store's
+(:mod:`storage.reporting`), and a page that shows one calls it there (``destinations`` uses
+``deliveries_by_destination``); what only the console shows - pages of studies, a study's detail, throughput
+bins, the workers' table, destination health - is here. Each query has one place.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from typing import Any
 from sqlalchemy import and_, case, exists, func, select
 from sqlalchemy.orm import Session
 
+from storage.base import database_errors, utcnow
 from storage.db import Delivery, FindingRow, ImageResult, Instance, Job, Result, Study, WorkerRow
-from storage.repository import Store, _database_errors, utcnow, worker_state
-from storage.states import DeliveryState, JobState
+from storage.jobs import worker_state
+from storage.repository import Store
+from storage.states import JobState
 
 STUDY_STATES = ("receiving", *JobState, "skipped")  # a study is receiving, in its latest job's state, or skipped
 THROUGHPUT_BIN_S = 300  # the overview's last hour in 5-minute bins
@@ -96,7 +103,7 @@ class Queries:
         )
         return q, state
 
-    @_database_errors
+    @database_errors
     def studies(
         self,
         page: int = 1,
@@ -167,7 +174,7 @@ class Queries:
             ):
                 jobs[job_id].findings = int(n)
 
-    @_database_errors
+    @database_errors
     def study(self, study_uid: str) -> StudyDetail | None:
         q, _ = self._studies_with_state()
         with self._session() as s:
@@ -200,12 +207,12 @@ class Queries:
             ]
         return StudyDetail(study, str(state), instances, jobs, images, findings, results, deliveries)
 
-    @_database_errors
+    @database_errors
     def result(self, result_id: int) -> Result | None:
         with self._session() as s:
             return s.get(Result, result_id)
 
-    @_database_errors
+    @database_errors
     def delivery_study(self, delivery_id: int) -> str | None:
         with self._session() as s:
             return s.scalar(
@@ -215,7 +222,7 @@ class Queries:
             )
 
     # ---- overview -------------------------------------------------------------------------------------
-    @_database_errors
+    @database_errors
     def throughput(self, now: datetime | None = None) -> list[dict[str, Any]]:
         """The last hour in 5-minute bins, oldest first: images received, jobs done, objects delivered."""
         now = now or utcnow()
@@ -241,7 +248,7 @@ class Queries:
             for i in range(nbins)
         ]
 
-    @_database_errors
+    @database_errors
     def workers(self) -> list[dict[str, Any]]:
         now = utcnow()
         with self._session() as s:
@@ -263,7 +270,7 @@ class Queries:
                 )
             return out
 
-    @_database_errors
+    @database_errors
     def destinations(self, names: list[str]) -> list[DestinationHealth]:
         """Each configured destination's last success, last error and deliveries by state."""
         health = {n: DestinationHealth(n) for n in names}
@@ -291,10 +298,3 @@ class Queries:
                 h = health.setdefault(dest, DestinationHealth(dest))
                 h.last_error_at, h.last_error = aware(t), err
         return list(health.values())
-
-    @_database_errors
-    def failed_deliveries(self) -> int:
-        with self._session() as s:
-            return int(
-                s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.FAILED)) or 0
-            )

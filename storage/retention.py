@@ -9,7 +9,7 @@ Two rules, checked every ``check_interval_s`` by the node (``retention`` in the 
 
 Only studies that nothing waits for are ever removed: no study timer running, no job queued or running, no
 delivery pending or failed (a failed delivery waits for `dicom-node retry`). A study's rows and files go together
-(:meth:`storage.repository.Store.purge_study`). Each run that removed something is recorded (``status`` shows
+(:meth:`storage.purges.PurgeStore.purge_study`). Each run that removed something is recorded (``status`` shows
 the totals) and logged, without identifiers. A study sent again after its removal is stored and analysed anew.
 """
 
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from storage.base import utcnow
 from storage.errors import StorageError
-from storage.repository import Store, utcnow
+from storage.repository import Store
 
 log = logging.getLogger(__name__)
 

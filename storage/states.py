@@ -16,9 +16,3 @@ class DeliveryState(StrEnum):
     PENDING = "pending"  # due at next_attempt_at
     DELIVERED = "delivered"
     FAILED = "failed"  # permanent failure or attempts exhausted; `dicom-node retry` re-queues
-
-
-class ResultKind(StrEnum):
-    SR = "sr"
-    SC = "sc"
-    GSPS = "gsps"

@@ -16,7 +16,9 @@ import pytest
 from pydicom.uid import generate_uid
 
 from storage import Store
-from storage.repository import InstanceMeta, ResultSpec, utcnow
+from storage.base import utcnow
+from storage.ingest import InstanceMeta
+from storage.jobs import ResultSpec
 from storage.retention import Purger, RetentionPolicy, disk_used_percent
 from tests.support.dicom_factory import make_cxr
 

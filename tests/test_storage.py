@@ -10,8 +10,10 @@ from datetime import timedelta
 import pytest
 
 from storage import Store
+from storage.base import utcnow
 from storage.errors import StaleJobError
-from storage.repository import MAX_JOB_CRASHES, InstanceMeta, ResultSpec, utcnow
+from storage.ingest import InstanceMeta
+from storage.jobs import MAX_JOB_CRASHES, ResultSpec
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

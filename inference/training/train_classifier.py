@@ -234,6 +234,18 @@ def _per_view(samples: list[Sample], probs: np.ndarray, thr: float) -> dict:
     return out
 
 
+@dataclass
+class _Fit:
+    """What a training step needs: the model, its optimiser, the AMP scaler (cuda only) and the loss."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    device: torch.device
+    use_amp: bool
+
+
 def train_classifier(
     train: list[Sample],
     val: list[Sample],
@@ -247,9 +259,49 @@ def train_classifier(
 
     Returns ``{"model_path", "best_epoch", "val": metrics at the threshold, "history"}``.
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or ClassifierTrainConfig()
+    _check_sets(train, val, cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = Path(model_path) if model_path else out_dir / "classifier.pt"
+    ckpt_path = out_dir / "last.pt"
+    seed_everything(cfg.seed)
+    params = _preprocess_params(cfg)
+    fit = _set_up(cfg, train, warm_start=not (resume and ckpt_path.is_file()))
+    state = _start_state(fit, cfg, ckpt_path, resume)
+    train_ds = CXRDataset(train, params, cfg, augment=True, desc="train images")
+    val_ds = CXRDataset(val, params, cfg, augment=False, desc="val images")
+    gen = torch.Generator()
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        lr = _set_lr(fit.opt, cfg, epoch)
+        train_loss = _train_epoch(fit, _epoch_loader(train_ds, cfg, epoch, gen, fit.device), cfg, epoch)
+        row = _validate(fit, val_ds, cfg, epoch, lr, train_loss)
+        _record_epoch(state, row, fit.model, cfg, epoch)
+        _report_epoch(state, row, cfg, epoch)
+        _save_checkpoint(state, fit, cfg, ckpt_path)
+
+    probs = _best_val_probs(fit, state, val_ds, cfg, ckpt_path)
+    thr = _abnormal_threshold(cfg, val, val_ds.labels, probs)
+    val_m = binary_metrics(val_ds.labels, probs, thr)
+    md = _metadata(cfg, params, train, val, training_data, state, probs, thr, val_m)
+    save_model_file(model_path, md, fit.model.state_dict())
+    print(
+        f"classifier written to {model_path}: best epoch {state['best_epoch'] + 1}, val AUC "
+        f"{val_m['roc_auc']:.4f}, threshold {thr:.4f} (sens {val_m['sensitivity']:.3f}, "
+        f"spec {val_m['specificity']:.3f})",
+        flush=True,
+    )
+    return {
+        "model_path": model_path,
+        "best_epoch": state["best_epoch"] + 1,
+        "val": val_m,
+        "threshold": thr,
+        "history": state["history"],
+    }
+
+
+def _check_sets(train: list[Sample], val: list[Sample], cfg: ClassifierTrainConfig) -> None:
+    """Raise :class:`DatasetError` unless the train and val sets can train a classifier with ``cfg``."""
     if not train or not val:
         raise DatasetError(f"classifier training needs train and val images (got {len(train)} / {len(val)})")
     if len({s.label for s in train}) < 2 or len({s.label for s in val}) < 2:
@@ -259,20 +311,16 @@ def train_classifier(
             f"intensity normalisation ({cfg.intensity}) comes before CLAHE, but some images were exported "
             "CLAHE'd: export them raw (--export-raw) or train with --intensity none"
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = Path(model_path) if model_path else out_dir / "classifier.pt"
-    ckpt_path = out_dir / "last.pt"
-    device = torch.device(cfg.device)
-    use_amp = cfg.amp and device.type == "cuda"
-    seed_everything(cfg.seed)
+
+
+def _preprocess_params(cfg: ClassifierTrainConfig) -> PreprocessParams:
+    """The model's input preprocessing (saved in the model file)."""
     params = PreprocessParams.for_classifier(
         cfg.input_size,
         clahe_clip_limit=cfg.clahe_clip_limit,
         clahe_tile_grid=cfg.clahe_tile_grid,
         intensity=cfg.intensity,
     )
-
     if cfg.channels != 1 or cfg.normalize != "node":
         from inference.importing import IMAGENET_MEAN, IMAGENET_STD
 
@@ -280,21 +328,15 @@ def train_classifier(
         mean = (IMAGENET_MEAN if cfg.channels == 3 else sum(IMAGENET_MEAN) / 3) if imagenet else params.mean
         std = (IMAGENET_STD if cfg.channels == 3 else sum(IMAGENET_STD) / 3) if imagenet else params.std
         params = params.with_(channels=cfg.channels, mean=mean, std=std)
+    return params
 
-    model = build_classifier(cfg.arch, in_chans=cfg.channels, drop_rate=cfg.drop_rate)
-    fresh_head = True
-    if cfg.init_weights and not (resume and ckpt_path.is_file()):
-        from inference.training.init_weights import load_matching, read_weights
 
-        _, left = load_matching(model, read_weights(cfg.init_weights), cfg.init_weights)
-        head = model.get_classifier() if hasattr(model, "get_classifier") else None
-        head_names = {
-            n for n, q in model.named_parameters() if head is not None and any(q is h for h in head.parameters())
-        }
-        fresh_head = bool(head_names & set(left))  # an ImageNet head does not fit; a previous run's does
-    if fresh_head:
-        _init_head(model, float(np.mean([s.label for s in train])))
-    model = model.to(device)
+def _set_up(cfg: ClassifierTrainConfig, train: list[Sample], warm_start: bool) -> _Fit:
+    """The model on its device, its optimiser, AMP scaler and loss; ``warm_start``: load ``cfg.init_weights``
+    (there is no checkpoint to resume)."""
+    device = torch.device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    model = _build_model(cfg, train, warm_start).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = (
         torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
@@ -302,133 +344,221 @@ def train_classifier(
         else None
     )
     pos_w = torch.tensor([cfg.pos_weight], device=device) if cfg.pos_weight else None
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_w)
-    state: _RunState = {"epoch": -1, "best_auc": -1.0, "best_epoch": -1, "best_state": None, "history": []}
+    return _Fit(model, opt, scaler, nn.BCEWithLogitsLoss(pos_weight=pos_w), device, use_amp)
+
+
+def _build_model(cfg: ClassifierTrainConfig, train: list[Sample], warm_start: bool) -> nn.Module:
+    model = build_classifier(cfg.arch, in_chans=cfg.channels, drop_rate=cfg.drop_rate)
+    fresh_head = True
+    if cfg.init_weights and warm_start:
+        fresh_head = _load_init_weights(model, cfg.init_weights)
+    if fresh_head:
+        _init_head(model, float(np.mean([s.label for s in train])))
+    return model
+
+
+def _load_init_weights(model: nn.Module, path: str) -> bool:
+    """Load the weights of ``path`` that fit ``model``; True when the head's did not (an ImageNet head does not
+    fit; a previous run's does)."""
+    from inference.training.init_weights import load_matching, read_weights
+
+    _, left = load_matching(model, read_weights(path), path)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_names = {n for n, q in model.named_parameters() if head is not None and any(q is h for h in head.parameters())}
+    return bool(head_names & set(left))
+
+
+def _start_state(fit: _Fit, cfg: ClassifierTrainConfig, ckpt_path: Path, resume: bool) -> _RunState:
+    """A new run's state, or (``resume`` and a checkpoint there) the checkpoint's, loaded into ``fit``."""
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if (ck["config"]["arch"], ck["config"]["input_size"]) != (cfg.arch, cfg.input_size):
-            raise DatasetError(
-                f"{ckpt_path} is a {ck['config']['arch']}@{ck['config']['input_size']} run; "
-                f"cannot resume it as {cfg.arch}@{cfg.input_size}"
-            )
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        state = _RunState(
-            epoch=ck["epoch"],
-            best_auc=ck["best_auc"],
-            best_epoch=ck["best_epoch"],
-            best_state=ck["best_state"],
-            history=ck["history"],
-        )
-        log.info("resuming %s after epoch %d (best AUC %.4f)", ckpt_path, state["epoch"] + 1, state["best_auc"])
-    elif resume:
+        return _load_checkpoint(fit, cfg, ckpt_path)
+    if resume:
         log.warning("--resume: %s not found, starting a new run", ckpt_path)
+    return {"epoch": -1, "best_auc": -1.0, "best_epoch": -1, "best_state": None, "history": []}
 
-    train_ds = CXRDataset(train, params, cfg, augment=True, desc="train images")
-    val_ds = CXRDataset(val, params, cfg, augment=False, desc="val images")
-    gen = torch.Generator()
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
-        lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        train_ds.epoch = epoch
-        gen.manual_seed(cfg.seed * 100003 + epoch)
-        sampler = (
-            WeightedRandomSampler(balanced_weights(train).tolist(), len(train), replacement=True, generator=gen)
-            if cfg.balance_views
-            else None
+
+def _load_checkpoint(fit: _Fit, cfg: ClassifierTrainConfig, ckpt_path: Path) -> _RunState:
+    ck = torch.load(ckpt_path, map_location=fit.device, weights_only=False)
+    if (ck["config"]["arch"], ck["config"]["input_size"]) != (cfg.arch, cfg.input_size):
+        raise DatasetError(
+            f"{ckpt_path} is a {ck['config']['arch']}@{ck['config']['input_size']} run; "
+            f"cannot resume it as {cfg.arch}@{cfg.input_size}"
         )
-        loader = DataLoader(
-            train_ds,
-            batch_size=cfg.batch,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=gen,
-            drop_last=False,
-            num_workers=cfg.workers,
-            pin_memory=device.type == "cuda",
+    fit.model.load_state_dict(ck["model"])
+    fit.opt.load_state_dict(ck["optimizer"])
+    if fit.scaler is not None and ck.get("scaler"):
+        fit.scaler.load_state_dict(ck["scaler"])
+    state = _RunState(
+        epoch=ck["epoch"],
+        best_auc=ck["best_auc"],
+        best_epoch=ck["best_epoch"],
+        best_state=ck["best_state"],
+        history=ck["history"],
+    )
+    log.info("resuming %s after epoch %d (best AUC %.4f)", ckpt_path, state["epoch"] + 1, state["best_auc"])
+    return state
+
+
+def _set_lr(opt: torch.optim.Optimizer, cfg: ClassifierTrainConfig, epoch: int) -> float:
+    """Set (and return) the learning rate of ``epoch`` (0-based)."""
+    lr = cfg.lr if cfg.schedule == "constant" else cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def _epoch_loader(
+    train_ds: CXRDataset, cfg: ClassifierTrainConfig, epoch: int, gen: torch.Generator, device: torch.device
+) -> DataLoader:
+    """The training images of ``epoch``, augmented and sampled as seeded for that epoch."""
+    train_ds.epoch = epoch
+    gen.manual_seed(cfg.seed * 100003 + epoch)
+    sampler = (
+        WeightedRandomSampler(
+            balanced_weights(train_ds.samples).tolist(), len(train_ds.samples), replacement=True, generator=gen
         )
-        model.train()
-        total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _amp_ctx(device, use_amp):
-                loss = loss_fn(model(x).float().reshape(-1), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None and scaler.is_enabled():
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            total += float(loss.detach()) * len(y)
-            n += len(y)
-            bar.set_postfix(loss=f"{total / n:.4f}")
-        probs = predict_dataset(model, val_ds, device, cfg.batch, use_amp, cfg.workers)
-        m = binary_metrics(val_ds.labels, probs, 0.5)
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": total / max(n, 1),
-            "val_auc": m["roc_auc"],
-            "val_worst_view_auc": worst_view_auc(val, probs),
-            "val_accuracy@0.5": m["accuracy"],
-        }
-        state["history"].append(row)
-        score = row["val_worst_view_auc"] if cfg.select == "worst_view" else row["val_auc"]
-        auc = score if score == score else 0.0
-        if auc > state["best_auc"]:
-            state.update(
-                {
-                    "best_auc": auc,
-                    "best_epoch": epoch,
-                    "best_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                }
-            )
-        state["epoch"] = epoch
-        log.info(
-            "epoch %d/%d loss %.4f val AUC %.4f, worst view %.4f (best %.4f @ %d)",
-            epoch + 1,
-            cfg.epochs,
-            row["train_loss"],
-            row["val_auc"],
-            row["val_worst_view_auc"],
-            state["best_auc"],
-            state["best_epoch"] + 1,
-        )
-        print(
-            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}"
-            f"  worst view {row['val_worst_view_auc']:.4f}"
-            f"  (best {cfg.select} {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1})",
-            flush=True,
-        )
-        _save_atomic(
+        if cfg.balance_views
+        else None
+    )
+    return DataLoader(
+        train_ds,
+        batch_size=cfg.batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=gen,
+        drop_last=False,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _train_epoch(fit: _Fit, loader: DataLoader, cfg: ClassifierTrainConfig, epoch: int) -> float:
+    """One pass over ``loader``; returns the mean training loss."""
+    from tqdm.auto import tqdm
+
+    fit.model.train()
+    total, n = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+    for x, y in bar:
+        x, y = x.to(fit.device, non_blocking=True), y.to(fit.device, non_blocking=True)
+        with _amp_ctx(fit.device, fit.use_amp):
+            loss = fit.loss_fn(fit.model(x).float().reshape(-1), y)
+        _step(fit, loss)
+        total += float(loss.detach()) * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / n:.4f}")
+    return total / max(n, 1)
+
+
+def _step(fit: _Fit, loss: torch.Tensor) -> None:
+    """Back-propagate ``loss`` and update the weights (through the AMP scaler when it is on)."""
+    fit.opt.zero_grad(set_to_none=True)
+    if fit.scaler is not None and fit.scaler.is_enabled():
+        fit.scaler.scale(loss).backward()
+        fit.scaler.step(fit.opt)
+        fit.scaler.update()
+    else:
+        loss.backward()
+        fit.opt.step()
+
+
+def _validate(
+    fit: _Fit, val_ds: CXRDataset, cfg: ClassifierTrainConfig, epoch: int, lr: float, train_loss: float
+) -> dict[str, float]:
+    """The history row of ``epoch``: its learning rate, training loss and validation metrics."""
+    probs = predict_dataset(fit.model, val_ds, fit.device, cfg.batch, fit.use_amp, cfg.workers)
+    m = binary_metrics(val_ds.labels, probs, 0.5)
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train_loss,
+        "val_auc": m["roc_auc"],
+        "val_worst_view_auc": worst_view_auc(val_ds.samples, probs),
+        "val_accuracy@0.5": m["accuracy"],
+    }
+
+
+def _record_epoch(
+    state: _RunState, row: dict[str, float], model: nn.Module, cfg: ClassifierTrainConfig, epoch: int
+) -> None:
+    """Add ``row`` to the history and keep the model's weights when the epoch is the best so far."""
+    state["history"].append(row)
+    score = row["val_worst_view_auc"] if cfg.select == "worst_view" else row["val_auc"]
+    auc = score if score == score else 0.0
+    if auc > state["best_auc"]:
+        state.update(
             {
-                **state,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "config": asdict(cfg),
-            },
-            ckpt_path,
+                "best_auc": auc,
+                "best_epoch": epoch,
+                "best_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            }
         )
+    state["epoch"] = epoch
 
+
+def _report_epoch(state: _RunState, row: dict[str, float], cfg: ClassifierTrainConfig, epoch: int) -> None:
+    log.info(
+        "epoch %d/%d loss %.4f val AUC %.4f, worst view %.4f (best %.4f @ %d)",
+        epoch + 1,
+        cfg.epochs,
+        row["train_loss"],
+        row["val_auc"],
+        row["val_worst_view_auc"],
+        state["best_auc"],
+        state["best_epoch"] + 1,
+    )
+    print(
+        f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}"
+        f"  worst view {row['val_worst_view_auc']:.4f}"
+        f"  (best {cfg.select} {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1})",
+        flush=True,
+    )
+
+
+def _save_checkpoint(state: _RunState, fit: _Fit, cfg: ClassifierTrainConfig, ckpt_path: Path) -> None:
+    _save_atomic(
+        {
+            **state,
+            "model": fit.model.state_dict(),
+            "optimizer": fit.opt.state_dict(),
+            "scaler": fit.scaler.state_dict() if fit.scaler is not None else None,
+            "config": asdict(cfg),
+        },
+        ckpt_path,
+    )
+
+
+def _best_val_probs(
+    fit: _Fit, state: _RunState, val_ds: CXRDataset, cfg: ClassifierTrainConfig, ckpt_path: Path
+) -> np.ndarray:
+    """Load the best epoch's weights into the model and return its validation probabilities."""
     if state["best_state"] is None:
         raise DatasetError(f"no epoch was trained (epochs={cfg.epochs}; {ckpt_path} already finished?)")
-    model.load_state_dict(state["best_state"])
-    probs = predict_dataset(model, val_ds, device, cfg.batch, use_amp, cfg.workers)
+    fit.model.load_state_dict(state["best_state"])
+    return predict_dataset(fit.model, val_ds, fit.device, cfg.batch, fit.use_amp, cfg.workers)
+
+
+def _abnormal_threshold(cfg: ClassifierTrainConfig, val: list[Sample], labels: np.ndarray, probs: np.ndarray) -> float:
     if cfg.threshold_method == "sensitivity_per_view":
-        thr = per_view_threshold(val, probs, cfg.target_sensitivity)
-    else:
-        thr = choose_threshold(val_ds.labels, probs, cfg.threshold_method, cfg.target_sensitivity)
-    val_m = binary_metrics(val_ds.labels, probs, thr)
+        return per_view_threshold(val, probs, cfg.target_sensitivity)
+    return choose_threshold(labels, probs, cfg.threshold_method, cfg.target_sensitivity)
+
+
+def _metadata(
+    cfg: ClassifierTrainConfig,
+    params: PreprocessParams,
+    train: list[Sample],
+    val: list[Sample],
+    training_data: str,
+    state: _RunState,
+    probs: np.ndarray,
+    thr: float,
+    val_m: dict,
+) -> ModelMetadata:
+    """The model file's metadata: architecture, preprocessing, threshold, validation metrics, training data."""
     metrics = {f"val_{k}": v for k, v in val_m.items() if isinstance(v, (int, float)) and v == v}
     metrics["abnormal_threshold"] = thr
-    md = ModelMetadata(
+    return ModelMetadata(
         kind="classifier",
         architecture=cfg.arch,
         preprocess=params,
@@ -447,17 +577,3 @@ def train_classifier(
             "history": state["history"],
         },
     )
-    save_model_file(model_path, md, model.state_dict())
-    print(
-        f"classifier written to {model_path}: best epoch {state['best_epoch'] + 1}, val AUC "
-        f"{val_m['roc_auc']:.4f}, threshold {thr:.4f} (sens {val_m['sensitivity']:.3f}, "
-        f"spec {val_m['specificity']:.3f})",
-        flush=True,
-    )
-    return {
-        "model_path": model_path,
-        "best_epoch": state["best_epoch"] + 1,
-        "val": val_m,
-        "threshold": thr,
-        "history": state["history"],
-    }

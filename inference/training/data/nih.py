@@ -20,7 +20,7 @@ from pathlib import Path
 
 from inference.errors import DatasetError
 from inference.training.data.sample import Sample
-from inference.training.data.split import SPLITS, split_by_patient
+from inference.training.data.split import SPLITS
 from inference.types import FINDING_CLASSES
 
 NIH_TO_VINDR: dict[str, int] = {
@@ -165,8 +165,3 @@ def read_nih(root: str | Path, pneumonia_class: int = NIH_TO_VINDR["Pneumonia"])
         raise DatasetError(f"NIH data folder {root} not found (expected nih-bbox/ and nih-normal/ in it)")
     samples = read_nih_bbox(root, pneumonia_class) + read_nih_normal(root)
     return sorted(samples, key=lambda s: s.image_id)
-
-
-def nih_splits(root: str | Path, seed: int = 0, fractions=(0.7, 0.15, 0.15)) -> dict[str, list[Sample]]:
-    """Patient-level seeded split of :func:`read_nih` (stratified by label and view)."""
-    return split_by_patient(read_nih(root), fractions, seed)
