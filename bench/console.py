@@ -15,6 +15,7 @@ request that does no work) measured in the same run. The target of issue 11 is u
 from __future__ import annotations
 
 import argparse
+import functools
 import http.cookiejar
 import re
 import statistics
@@ -31,7 +32,8 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import insert  # noqa: E402
 
 from dicom_node.config import parse_config  # noqa: E402
-from dicom_node.web.auth import hash_password  # noqa: E402
+from dicom_node.factories import build_pipeline  # noqa: E402
+from dicom_node.passwords import hash_password  # noqa: E402
 from dicom_node.web.server import WebServer  # noqa: E402
 from storage import Store  # noqa: E402
 from storage.db import Delivery, FindingRow, ImageResult, Instance, Job, Result, Study  # noqa: E402
@@ -179,7 +181,7 @@ def measure(n: int, repeat: int, password_hash: str) -> dict[str, list[float]]:
         t0 = time.perf_counter()
         uid = fill(store, n)
         print(f"  {n} studies written in {time.perf_counter() - t0:.1f} s", flush=True)
-        web = WebServer(cfg, store)
+        web = WebServer(cfg, store, functools.partial(build_pipeline, cfg))
         port = web.start()
         try:
             client = Client(f"http://127.0.0.1:{port}")

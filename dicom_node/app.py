@@ -4,8 +4,7 @@ process-wide setting made here and nowhere else.
     dicom-node serve      Node: Store, scheduler, StudyAssembler, StoreHandler + Listener, Sender,
                           ``workers.count`` × WorkerProcess (each runs :func:`worker_main`)
     dicom-node worker     worker_main: Store, Pipeline (the models), Analyzer, Worker
-    dicom-node analyze    build_pipeline
-    status/retry/...      open_store
+    dicom-node analyze    build_pipeline (dicom_node.factories, with open_store: the leaf every entry point uses)
 
 Process-wide settings: pynetdicom's ``STORE_RECV_CHUNKED_DATASET`` and ``tempfile.tempdir`` (received data sets
 are streamed to files in the spool's tmp folder, so that they can be hard-linked into place), logging, signal
@@ -34,6 +33,7 @@ from pynetdicom import _config as pynetdicom_config
 from dicom_node import audit
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError, WorkerStartError
+from dicom_node.factories import build_pipeline, describe_pipeline, open_store
 from dicom_node.ingest.assembly import StudyAssembler
 from dicom_node.ingest.store_handler import StoreHandler
 from dicom_node.logs import safe_traceback, setup_logging
@@ -46,7 +46,6 @@ from storage.retention import Purger, RetentionPolicy
 
 if TYPE_CHECKING:
     from dicom_node.web.server import WebServer
-    from inference.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +53,6 @@ SENDER_POLL_S = 0.1  # how often the outbox is checked for due deliveries (a che
 SUPERVISE_S = 1.0  # how often the worker processes are checked
 RESTART_INITIAL_S, RESTART_MAX_S = 1.0, 60.0  # restart backoff after a worker died, doubling per quick death
 WORKER_STABLE_S = 60.0  # a worker that has lived this long resets its backoff
-
-
-def open_store(config: Config) -> Store:
-    config.storage.root.mkdir(parents=True, exist_ok=True)
-    return Store(config.storage.resolved_database_url, config.storage.root, config.storage.min_free_disk_mb)
-
-
-def build_pipeline(config: Config) -> Pipeline:
-    """Load both models (torch is imported here, in the calling process)."""
-    from inference.pipeline import Pipeline
-
-    m = config.inference.models
-    if m.threads:
-        Pipeline.limit_threads(m.threads)
-    return Pipeline.from_files(
-        m.classifier,
-        m.detector,
-        fusion=config.inference.fusion,
-        device=m.device,
-        calibration=m.calibration,
-        backend=m.backend,
-    )
 
 
 def receive_into_spool(store: Store) -> None:
@@ -156,7 +133,12 @@ class Node:
         if self.config.web.enabled:  # before the listener: "listening" means everything is up
             from dicom_node.web.server import WebServer
 
-            self.web = WebServer(self.config, self.store, lambda: self.listener.admission.snapshot()["associations"])
+            self.web = WebServer(
+                self.config,
+                self.store,
+                functools.partial(build_pipeline, self.config),
+                lambda: self.listener.admission.snapshot()["associations"],
+            )
             self.web_port = self.web.start()
         port = self.listener.start()
         retention = self.config.retention
@@ -288,14 +270,6 @@ class Node:
             self.stop()
 
 
-def models_summary(pipeline) -> str:
-    """What a worker reports it runs, e.g. "classifier resnet18 0.2.0 (4f2a9c1b), detector yolov8s 0.3.0 (...)"."""
-    return ", ".join(
-        f"{i.name} {i.architecture} {i.version} ({i.sha256[:8]})"
-        for i in (pipeline.classifier.info, pipeline.detector.info)
-    )
-
-
 def worker_main(config_data: dict, name: str, parent_pid: int | None, ready: Any = None) -> None:
     """A worker: in a child process of ``serve`` (then it exits when its parent is gone) or in the foreground
     (``dicom-node worker``). Exits on SIGTERM/SIGINT after the job at hand."""
@@ -308,7 +282,7 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None, ready: Any
     store = open_store(config)
     try:
         pipeline = build_pipeline(config)
-        worker = Worker(config, store, Analyzer(config, pipeline), name, models_summary(pipeline))
+        worker = Worker(config, store, Analyzer(config, pipeline), name, describe_pipeline(pipeline))
     except Exception as exc:
         # Say why in one line (e.g. a missing model file), then exit; a bug also gets its traceback.
         log.error(

@@ -260,7 +260,7 @@ class WebConfig(_Strict):
     @field_validator("users")
     @classmethod
     def _check_users(cls, v: dict[str, str]) -> dict[str, str]:
-        from dicom_node.web.auth import check_hash
+        from dicom_node.passwords import check_hash
 
         for name, hashed in v.items():
             problem = check_hash(hashed)
@@ -270,7 +270,7 @@ class WebConfig(_Strict):
 
     def all_users(self) -> dict[str, str]:
         """The configured users plus DICOM_NODE_WEB_USERS."""
-        from dicom_node.web.auth import parse_users
+        from dicom_node.passwords import parse_users
 
         try:
             return {**self.users, **parse_users(os.environ.get("DICOM_NODE_WEB_USERS", ""))}

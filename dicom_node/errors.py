@@ -27,17 +27,33 @@ Where they surface: :mod:`dicom_node.ingest.statuses` maps each to the C-STORE s
 :data:`dicom_node.cli.EXIT_CODES` to the exit code of a command. Anything else that escapes is a bug: it is
 logged with its traceback (see :func:`dicom_node.logs.safe_traceback`), never relabelled as one of these.
 
-Third-party exceptions are translated at the boundary with ``raise ... from exc``. This module imports nothing
-from the project: ``storage.errors`` and ``inference.errors`` derive their branches from :class:`DicomNodeError`
-here, the only import those packages make from ``dicom_node`` (checked by the import contracts in
-``pyproject.toml``). Import each error from the module that defines it.
+Third-party exceptions are translated at the boundary with ``raise ... from exc``. The root,
+:class:`DicomNodeError`, is defined in the leaf package :mod:`node_errors` (it imports nothing) and re-exported
+here; ``storage.errors`` and ``inference.errors`` derive their branches from it there, without importing
+``dicom_node`` (checked by the import contracts in ``pyproject.toml``). This module imports nothing else of the
+project. Import every other error from the module that defines it.
 """
 
 from __future__ import annotations
 
+from node_errors import DicomNodeError
 
-class DicomNodeError(Exception):
-    """Base of every error this project raises on purpose. Messages carry no patient data."""
+__all__ = [
+    "DicomNodeError",
+    "ConfigError",
+    "InstanceRejected",
+    "UndecodableInstanceError",
+    "InflatedTooLargeError",
+    "MissingUIDError",
+    "UIDMismatchError",
+    "InvalidUIDError",
+    "PixelDataError",
+    "WorkerStartError",
+    "EncodingError",
+    "DeliveryError",
+    "TransientDeliveryError",
+    "PermanentDeliveryError",
+]
 
 
 class ConfigError(DicomNodeError):

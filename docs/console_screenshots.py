@@ -21,7 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
-from dicom_node.web.auth import hash_password  # noqa: E402
+from dicom_node.passwords import hash_password  # noqa: E402
 from support.dcmtk import DcmtkStoreSCP  # noqa: E402
 from support.dicom_factory import make_cxr  # noqa: E402
 from support.node import NodeProcess, wait_for  # noqa: E402

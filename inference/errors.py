@@ -1,4 +1,5 @@
-"""The inference branch of the project's exception tree (drawn in :mod:`dicom_node.errors`; no DICOM here).
+"""The inference branch of the project's exception tree (the tree is drawn in :mod:`dicom_node.errors`; the root is
+:mod:`node_errors`; no DICOM here).
 
 InferenceError
 ├── ModelError        model file missing, corrupt, or its metadata does not match what is asked
@@ -7,7 +8,7 @@ InferenceError
 
 from __future__ import annotations
 
-from dicom_node.errors import DicomNodeError
+from node_errors import DicomNodeError
 
 
 class InferenceError(DicomNodeError):

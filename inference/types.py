@@ -6,6 +6,7 @@ of the image handed to the pipeline, as floats.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
 # VinDr-CXR / VinBigData class ids 0-13; 14 is "No finding".
@@ -50,6 +51,14 @@ class ModelInfo:
     architecture: str  # e.g. "efficientnet_b0" / "yolov8n"
     version: str  # semantic version from the model card
     sha256: str  # of the weights file; drives the Contributing Equipment Device UID
+
+
+def models_summary(models: Iterable[ModelInfo], digests: bool = False) -> str:
+    """``classifier efficientnet_b0 1.0.0; detector yolov8n 1.2.0`` (version/description text of the outputs);
+    with ``digests`` each model's sha256 prefix follows, ``... 1.0.0 (4f2a9c1b)`` (what a worker reports it runs)."""
+    return "; ".join(
+        f"{m.name} {m.architecture} {m.version}" + (f" ({m.sha256[:8]})" if digests else "") for m in models
+    )
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import cv2
 import pytest
 
 from dicom_node.errors import ConfigError
-from dicom_node.web.auth import MIN_SECRET, hash_password, session_secret
+from dicom_node.passwords import hash_password
+from dicom_node.web.auth import MIN_SECRET, session_secret
 from support.dcmtk import DcmtkStoreSCP
 from support.dicom_factory import make_cxr
 from support.node import NodeProcess, free_port, wait_for

@@ -41,7 +41,8 @@ from starlette.templating import Jinja2Templates
 
 from dicom_node import __version__, audit
 from dicom_node.config import Config
-from dicom_node.web.auth import LoginThrottle, csrf_ok, hash_password, verify_password
+from dicom_node.passwords import hash_password, verify_password
+from dicom_node.web.auth import LoginThrottle, csrf_ok
 from storage import Store
 from storage.errors import UnknownStudyError
 from storage.queries import STUDY_STATES, Queries
@@ -78,16 +79,14 @@ def _mb(n: float | int | None) -> str:
 class LazyPipeline:
     """The models for the analyse page, loaded in the node process on first use (torch is imported then)."""
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, load: Callable[[], Pipeline]):
+        self.load = load
         self._pipeline: Pipeline | None = None
         self.lock = threading.Lock()  # one upload analysed at a time: the workers keep their cores
 
     def get(self) -> Pipeline:
         if self._pipeline is None:
-            from dicom_node.app import build_pipeline
-
-            self._pipeline = build_pipeline(self.config)
+            self._pipeline = self.load()
         return self._pipeline
 
 
@@ -137,14 +136,14 @@ async def bounded_form(request: Request, max_bytes: int, max_files: int = 0, set
 
 
 class Console:
-    def __init__(self, config: Config, store: Store):
+    def __init__(self, config: Config, store: Store, load_pipeline: Callable[[], Pipeline]):
         self.config = config
         self.store = store
         self.queries = Queries(store)
         self.users = config.web.all_users()
         self.throttle = LoginThrottle()
         self.dummy_hash = hash_password(secrets.token_urlsafe(16))
-        self.pipeline = LazyPipeline(config)
+        self.pipeline = LazyPipeline(load_pipeline)
         self.models = ModelFacts()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         env = self.templates.env

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,6 +28,9 @@ from dicom_node.web.auth import session_secret
 from dicom_node.web.console import Console
 from dicom_node.web.metrics import registry_for
 from storage import Store
+
+if TYPE_CHECKING:
+    from inference.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,11 @@ def readiness(config: Config, store: Store) -> dict[str, str]:
     return checks
 
 
-def make_app(config: Config, store: Store, active: Callable[[], int] | None = None) -> Starlette:
+def make_app(
+    config: Config, store: Store, load_pipeline: Callable[[], Pipeline], active: Callable[[], int] | None = None
+) -> Starlette:
+    """The web side: health, readiness, metrics and the console. ``load_pipeline`` builds the models for the
+    console's analyse page on first use; ``active`` counts the open DICOM associations (for /metrics)."""
     registry = registry_for(store, active)
 
     async def healthz(_: Request) -> Response:
@@ -68,7 +76,7 @@ def make_app(config: Config, store: Store, active: Callable[[], int] | None = No
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    console = Console(config, store)
+    console = Console(config, store, load_pipeline)
     return Starlette(
         routes=[
             Route("/healthz", healthz),
@@ -126,9 +134,15 @@ class SecurityHeaders:
 class WebServer:
     """uvicorn in a daemon thread; ``start`` returns the bound port (``web.port: 0``: the one the OS chose)."""
 
-    def __init__(self, config: Config, store: Store, active: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        load_pipeline: Callable[[], Pipeline],
+        active: Callable[[], int] | None = None,
+    ):
         self.config = config
-        app = make_app(config, store, active)
+        app = make_app(config, store, load_pipeline, active)
         self.server = uvicorn.Server(
             uvicorn.Config(
                 app, host=config.web.host, port=config.web.port, log_level="warning", access_log=False, lifespan="off"
