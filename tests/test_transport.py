@@ -1,5 +1,5 @@
-"""The fast receive path (dicom_node/net/transport.py) is really taken, and pynetdicom's own path still works
-when it is not: a node in this process (the composition root's Node, bound to port 0), dcmtk's storescu as
+"""The fast receive path (dicom_node/net/fastpath.py, pynetdicom_internals.py) is really taken, and pynetdicom's
+own path still works when it is not: a node in this process (the composition root's Node, bound to port 0), dcmtk's storescu as
 the sender.
 
 pynetdicom is pinned to one minor range because the fast path extends its internals; with another version
@@ -17,7 +17,7 @@ from pynetdicom import _config as pynetdicom_config
 
 from dicom_node.app import Node
 from dicom_node.config import parse_config
-from dicom_node.net import transport
+from dicom_node.net import pynetdicom_internals as transport
 from support.dicom_factory import make_cxr
 
 

@@ -41,11 +41,11 @@ from dicom_node.errors import (
 from dicom_node.ingest.selection import header_fields, select
 from dicom_node.ingest.statuses import STORED, status_for
 from dicom_node.logs import safe_traceback
+from dicom_node.net.fastpath import start_flush
 from dicom_node.net.spoolfile import full_disk_error
-from dicom_node.net.transport import start_flush
 from storage import Store
 from storage.errors import DiskFullError, StorageError
-from storage.repository import InstanceMeta
+from storage.ingest import InstanceMeta
 
 log = logging.getLogger(__name__)
 

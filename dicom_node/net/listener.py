@@ -1,5 +1,5 @@
 """The DICOM listener: an association acceptor for C-ECHO and C-STORE of every storage SOP class, in the
-common transfer syntaxes, with the fast receive path of :mod:`dicom_node.net.transport` engaged.
+common transfer syntaxes, served by :mod:`dicom_node.net.acceptor` (with the fast receive path engaged).
 
 What a C-STORE does is the handler's business (:class:`dicom_node.ingest.store_handler.StoreHandler`, handed
 in by the composition root); this module only speaks the protocol: AE titles, timeouts, association limits (counted by
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -34,9 +34,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import audit, metrics
 from dicom_node.config import NodeConfig
+from dicom_node.net.acceptor import start_acceptor
 from dicom_node.net.admission import UNLIMITED, Admission, PeerPolicy
-from dicom_node.net.tls import server_context
-from dicom_node.net.transport import TLSAccept, defer_tls_handshake, engage_fast_path
+from dicom_node.net.tls import TLSAccept, server_context
 
 try:  # JPEG Lossless (Process 14, non-SV1) exists under this name in pydicom 3
     from pydicom.uid import JPEGLossless
@@ -126,14 +126,15 @@ class Listener:
         tls = self.node.tls
         if tls.port is not None:
             context = server_context(tls)  # a bad certificate or key stops the start, with the reason
-            server = self.ae.start_server(
-                (self.node.host, tls.port), block=False, evt_handlers=handlers, ssl_context=context
-            )
-            self._tls_server = cast(ThreadedAssociationServer, server)
-            engage_fast_path(self._tls_server, self.admission)
-            defer_tls_handshake(
-                self._tls_server,
-                TLSAccept(self.node.acse_timeout_s, self.node.network_timeout_s, frozenset(tls.allowed_client_names)),
+            self._tls_server = start_acceptor(
+                self.ae,
+                (self.node.host, tls.port),
+                handlers,
+                self.admission,
+                ssl_context=context,
+                tls_accept=TLSAccept(
+                    self.node.acse_timeout_s, self.node.network_timeout_s, frozenset(tls.allowed_client_names)
+                ),
             )
             log.info(
                 "listening (DICOM TLS%s) as %s on %s:%d",
@@ -143,9 +144,7 @@ class Listener:
                 self.tls_port,
             )
         if not tls.only:
-            server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
-            self._server = cast(ThreadedAssociationServer, server)  # block=False always returns the server
-            engage_fast_path(self._server, self.admission)
+            self._server = start_acceptor(self.ae, (self.node.host, self.node.port), handlers, self.admission)
             log.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.port)
         return self.port
 

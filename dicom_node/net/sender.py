@@ -26,11 +26,13 @@ from dicom_node import audit, metrics
 from dicom_node.config import Config, DestinationConfig
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_node.logs import safe_traceback
+from dicom_node.net.fastpath import no_delay
+from dicom_node.net.pynetdicom_internals import rejection_result
 from dicom_node.net.tls import client_context
-from dicom_node.net.transport import no_delay, rejection_result
 from storage import Store
+from storage.base import utcnow
 from storage.errors import StorageError
-from storage.repository import DueDelivery, utcnow
+from storage.outbox import DueDelivery
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,8 @@ dropped, so the transfer runs to its end; the C-STORE handler then asks :func:`f
 
 Each receive file is also remembered by the association that created it: :func:`cleanup_receive_files` deletes
 what is left of them when the association ends, so no way of breaking off a transfer leaves a file in tmp/.
+How the files get into pynetdicom, and to their association, is
+:func:`dicom_node.net.pynetdicom_internals.make_receive_files_with`.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ import tempfile
 import threading
 from typing import Any
 
-from pynetdicom import dimse_messages
+from dicom_node.net.pynetdicom_internals import make_receive_files_with, pop_receive_files
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _failed: dict[str, int] = {}  # file path -> errno of the first failed write
 _lock = threading.Lock()
-_FILES = "_dicom_node_receive_files"  # attribute of an Association: the receive files its DUL created
 log = logging.getLogger(__name__)
 
 
@@ -64,13 +65,6 @@ class GuardedWriter:
 def _guarded_temporary_file(*args: Any, **kwargs: Any):
     f = tempfile.NamedTemporaryFile(*args, **kwargs)
     f.file = GuardedWriter(f.file, f.name)  # type: ignore[assignment]
-    # pynetdicom creates it in the association's DUL thread: remember it there, for cleanup_receive_files
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    if assoc is not None:
-        files = assoc.__dict__.setdefault(_FILES, [])
-        if len(files) >= 64:  # a long association: forget the files pynetdicom already removed
-            files[:] = [g for g in files if os.path.exists(g.name)]
-        files.append(f)
     return f
 
 
@@ -79,7 +73,7 @@ def cleanup_receive_files(assoc) -> int:
     reset, released, timed out or refused half way leaves its partial file (pynetdicom removes a file only after
     a complete C-STORE's handler). Returns how many were removed."""
     removed = 0
-    for f in assoc.__dict__.pop(_FILES, []):
+    for f in pop_receive_files(assoc):
         name = f.name
         try:
             f.close()  # an aborted transfer's file is still open: unlinking alone would not free its space
@@ -101,7 +95,7 @@ def cleanup_receive_files(assoc) -> int:
 
 def install() -> None:
     """Make pynetdicom's receive files guarded (process-wide; the composition root calls it)."""
-    dimse_messages.NamedTemporaryFile = _guarded_temporary_file
+    make_receive_files_with(_guarded_temporary_file)
 
 
 def full_disk_error(path: str) -> int | None:
