@@ -36,9 +36,10 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type:
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.support.dicom_factory import make_cxr  # noqa: E402
-from tests.support.node import NodeProcess  # noqa: E402
-from tests.support.rawdicom import associate_rq, connect  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))
+from support.dicom_factory import make_cxr  # noqa: E402
+from support.node import NodeProcess  # noqa: E402
+from support.rawdicom import associate_rq, connect  # noqa: E402
 
 
 def make_files(folder: Path, senders: int, images: int, size: int) -> list[list[Path]]:

@@ -54,6 +54,17 @@ def node_factory(tmp_path):
         p.kill()
 
 
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory):
+    """One `dicom-node serve` with the default test configuration, shared by the tests of a module that only send
+    to it and read back what they sent (by UID, by count before and after, by the log since a mark). A test that
+    configures, stops or restarts its node makes its own with node_factory."""
+    proc = NodeProcess(tmp_path_factory.mktemp("shared-node"))
+    proc.start()
+    yield proc
+    proc.kill()
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """One throwaway PostgreSQL server for the session (Debian's postgresql package, see tests/postgres.py)."""

@@ -11,9 +11,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.audit import study_key
-from tests.support.dicom_factory import make_cxr
-from tests.support.node import wait_for
-from tests.support.rawdicom import closed_by_peer, connect
+from support.dicom_factory import make_cxr
+from support.node import wait_for
+from support.rawdicom import closed_by_peer, connect
 from tests.test_ingest import _send_file
 
 

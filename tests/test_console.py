@@ -66,6 +66,7 @@ def count(page, section: str, state: str) -> int:
     return int(page.inner_text(f"#count-{section} td[data-state={state}]"))
 
 
+@pytest.mark.slow  # headless Chromium
 def test_console_in_a_browser(tmp_path, node_factory, models, browser, password_hash):
     pacs_port = free_port()  # nothing listens there yet: deliveries fail (one attempt) until the PACS starts
     node: NodeProcess = node_factory(

@@ -19,6 +19,8 @@ from support.models import make_tiny_models
 from support.node import wait_for
 from support.orthanc import Orthanc
 
+pytestmark = pytest.mark.slow  # Orthanc with its Python routing plugin as the PACS
+
 FINDING = "121071"  # DCM "Finding"
 
 

@@ -17,9 +17,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.support.dicom_factory import make_cxr
-from tests.support.node import wait_for
-from tests.support.rawdicom import (
+from support.dicom_factory import make_cxr
+from support.node import wait_for
+from support.rawdicom import (
     associate_rq,
     c_store_command,
     closed_by_peer,

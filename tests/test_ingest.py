@@ -1,4 +1,8 @@
-"""Receiving over DICOM: real `dicom-node serve` processes, dcmtk clients and pynetdicom on 127.0.0.1."""
+"""Receiving over DICOM: real `dicom-node serve` processes, dcmtk clients and pynetdicom on 127.0.0.1.
+
+Tests of the default configuration share one node (``shared_node``) and check what they sent by its UIDs, by
+counts before and after, and by the log since a mark; tests that configure, stop or restart a node start their own.
+"""
 
 from __future__ import annotations
 
@@ -28,13 +32,27 @@ def by_sop(node) -> dict[str, dict]:
     return {r["sop_instance_uid"]: r for r in instances(node)}
 
 
+def total(node) -> int:
+    return node.status()["instances"]["total"]
+
+
+def jobs_of(node, *study_uids: str) -> list[dict]:
+    marks = ",".join("?" * len(study_uids))
+    return node.rows_of(f"SELECT * FROM jobs WHERE study_uid IN ({marks})", study_uids)
+
+
+def spool_files_of(node, study_uid: str) -> list[Path]:
+    folder = node.store().spool.instance_path(study_uid, "any").parent  # the study's folder of received files
+    return sorted(folder.glob("*.dcm"))
+
+
 def ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Store Failed" not in result.stderr and "Failed" not in result.stdout, result.stderr
 
 
-def test_echoscu_and_pynetdicom_echo(node_factory):
-    node = node_factory()
+def test_echoscu_and_pynetdicom_echo(shared_node):
+    node = shared_node
     r = subprocess.run(["echoscu", "-aec", node.ae_title, "127.0.0.1", str(node.port)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ae = AE(ae_title="PYSCU")
@@ -45,8 +63,9 @@ def test_echoscu_and_pynetdicom_echo(node_factory):
     assoc.release()
 
 
-def test_real_samples_stored_byte_for_byte(node_factory, samples_dir):
-    node = node_factory()
+def test_real_samples_stored_byte_for_byte(shared_node, samples_dir):
+    node = shared_node
+    before = node.status()["instances"]
     j2k, nometa = samples_dir / "pydicomdata_RG1_J2KI.dcm", samples_dir / "fodicom_CR-MONO1-10-chest.dcm"
     ok(node.storescu(j2k, extra=("-xw",)))
     ok(node.storescu(nometa))
@@ -61,7 +80,8 @@ def test_real_samples_stored_byte_for_byte(node_factory, samples_dir):
         if syntax:  # compressed data is kept as received, never decoded and re-encoded
             assert stored.file_meta.TransferSyntaxUID == syntax
             assert stored.PixelData == original.PixelData
-    assert node.status()["instances"] == {"total": 2, "eligible": 2, "skipped": 0}
+    after = node.status()["instances"]
+    assert {k: after[k] - before[k] for k in after} == {"total": 2, "eligible": 2, "skipped": 0}
 
 
 @pytest.mark.parametrize(
@@ -76,8 +96,8 @@ def test_real_samples_stored_byte_for_byte(node_factory, samples_dir):
         ("MONOCHROME2", 12, "deflate", ("-xd",)),
     ],
 )
-def test_synthetic_radiographs_in_every_transfer_syntax(node_factory, tmp_path, photometric, bits, syntax, flag):
-    node = node_factory()
+def test_synthetic_radiographs_in_every_transfer_syntax(shared_node, tmp_path, photometric, bits, syntax, flag):
+    node = shared_node
     make_cxr(
         tmp_path / "img.dcm",
         modality="CR" if bits == 16 else "DX",
@@ -121,8 +141,9 @@ def test_large_radiographs_arrive_intact_in_many_pdus(node_factory, tmp_path, ma
         assert stored == original  # every element, not only the pixels
 
 
-def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(node_factory, tmp_path):
-    node = node_factory()
+def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(shared_node, tmp_path):
+    node = shared_node
+    before, mark = node.status()["instances"], node.log_mark()
     hand = make_cxr(tmp_path / "hand.dcm", body_part="HAND")
     lateral = make_cxr(tmp_path / "lat.dcm", view="LL")
     ok(node.storescu(tmp_path / "hand.dcm", tmp_path / "lat.dcm"))
@@ -131,18 +152,19 @@ def test_non_chest_and_lateral_are_stored_but_skipped_with_reason(node_factory, 
     assert "body part HAND" in rows[hand.SOPInstanceUID]["skip_reason"]
     assert rows[lateral.SOPInstanceUID]["eligible"] == 0
     assert "view position LL is not frontal" in rows[lateral.SOPInstanceUID]["skip_reason"]
-    assert "skipped: view position LL" in node.log()
-    st = node.status()
-    assert st["instances"] == {"total": 2, "eligible": 0, "skipped": 2}
-    assert st["jobs"]["total"] == 0  # nothing to analyse: no job, even after the stable delay
+    assert "skipped: view position LL" in node.log(mark)
+    after = node.status()["instances"]
+    assert {k: after[k] - before[k] for k in after} == {"total": 2, "eligible": 0, "skipped": 2}
+    assert jobs_of(node, hand.StudyInstanceUID, lateral.StudyInstanceUID) == []  # nothing to analyse: no job
     assert Path(rows[hand.SOPInstanceUID]["path"]).exists()
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DA")  # the nonsense date is made on purpose
-def test_children_are_stored_but_not_analysed(node_factory, tmp_path):
+def test_children_are_stored_but_not_analysed(shared_node, node_factory, tmp_path):
     """Intended use: adults. A child by Patient's Age or by birth and study dates is skipped with the reason;
     an adult, and an image that does not say, are analysed."""
-    node = node_factory()
+    node = shared_node
+    mark = node.log_mark()
     cases = {
         "age": make_cxr(tmp_path / "a.dcm", PatientAge="006Y"),
         "dates": make_cxr(tmp_path / "b.dcm", PatientBirthDate="20200301"),  # study 2024-01-02: 3.8 years
@@ -157,7 +179,7 @@ def test_children_are_stored_but_not_analysed(node_factory, tmp_path):
     assert reason["age"].startswith("patient age 6.0 years is below selection.min_patient_age_years (18)")
     assert reason["dates"].startswith("patient age 3.8 years") and reason["months"].startswith("patient age 1.5")
     assert reason["adult"] is None and reason["unknown"] is None and reason["nonsense"] is None
-    assert "20991301" not in node.log() and "20200301" not in node.log()  # birth dates are patient data
+    assert "20991301" not in node.log(mark) and "20200301" not in node.log(mark)  # birth dates are patient data
     off = node_factory(selection={"min_patient_age_years": None})
     ok(off.storescu(tmp_path / "a.dcm"))
     assert by_sop(off)[cases["age"].SOPInstanceUID]["eligible"] == 1
@@ -172,12 +194,13 @@ def test_children_are_stored_but_not_analysed(node_factory, tmp_path):
     ],
 )
 def test_malformed_dataset_gets_a_clear_status_and_node_keeps_serving(
-    node_factory, tmp_path, monkeypatch, garbage, code, comment
+    shared_node, tmp_path, monkeypatch, garbage, code, comment
 ):
     from pynetdicom import _config
 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are
-    node = node_factory()
+    node = shared_node
+    before, mark = total(node), node.log_mark()
     make_cxr(tmp_path / "good.dcm")
     # Valid file meta, garbage data set: the SCU streams the bytes as they are.
     raw = (tmp_path / "good.dcm").read_bytes()
@@ -195,12 +218,12 @@ def test_malformed_dataset_gets_a_clear_status_and_node_keeps_serving(
     assoc.release()
     ok(node.storescu(tmp_path / "good.dcm"))  # and new ones too
     assert node.proc.poll() is None
-    assert node.status()["instances"]["total"] == 1
-    assert "Traceback" not in node.log()
+    assert total(node) == before + 1  # the good one, once
+    assert "Traceback" not in node.log(mark)
 
 
-def test_missing_study_uid_refused(node_factory, tmp_path):
-    node = node_factory()
+def test_missing_study_uid_refused(shared_node, tmp_path):
+    node = shared_node
     ds = make_cxr(rows=32, cols=32)
     del ds.StudyInstanceUID
     ae = AE(ae_title="PYSCU")
@@ -229,8 +252,9 @@ def _send_file(node, path, syntaxes: list[str] | None = None) -> Dataset:
     return status
 
 
-def test_uids_that_cannot_file_an_instance_are_refused_with_their_reason(node_factory, tmp_path):
-    node = node_factory()
+def test_uids_that_cannot_file_an_instance_are_refused_with_their_reason(shared_node, tmp_path):
+    node = shared_node
+    before = total(node)
     # the data set's SOP Instance UID is not the one the command announced (the file meta's)
     ds = make_cxr(tmp_path / "mismatch.dcm", rows=32, cols=32)
     uid = ds.SOPInstanceUID
@@ -255,7 +279,7 @@ def test_uids_that_cannot_file_an_instance_are_refused_with_their_reason(node_fa
     old = make_cxr(rows=32, cols=32, study_uid="1.2.840.113619.2.55.3.604688.01")
     old.save_as(tmp_path / "old.dcm", enforce_file_format=True)
     assert _send_file(node, tmp_path / "old.dcm").Status == 0x0000
-    assert node.status()["instances"]["total"] == 1
+    assert total(node) == before + 1 and old.SOPInstanceUID in by_sop(node)
     assert node.proc.poll() is None
 
 
@@ -271,13 +295,14 @@ def test_calling_and_called_ae_checks(node_factory, tmp_path):
     assert node.status()["instances"]["total"] == 1
 
 
-def test_same_instance_twice_is_stored_once(node_factory, tmp_path):
-    node = node_factory()
-    make_cxr(tmp_path / "a.dcm")
+def test_same_instance_twice_is_stored_once(shared_node, tmp_path):
+    node = shared_node
+    before = total(node)
+    ds = make_cxr(tmp_path / "a.dcm")
     ok(node.storescu(tmp_path / "a.dcm"))
     ok(node.storescu(tmp_path / "a.dcm"))
-    assert node.status()["instances"]["total"] == 1
-    assert len(list(Path(node.config["storage"]["root"], "spool").rglob("*.dcm"))) == 1
+    assert total(node) == before + 1
+    assert len(spool_files_of(node, ds.StudyInstanceUID)) == 1
 
 
 def test_disk_watermark_answers_out_of_resources(node_factory, tmp_path):
@@ -292,11 +317,13 @@ def test_disk_watermark_answers_out_of_resources(node_factory, tmp_path):
     assert node.status()["instances"]["total"] == 0
 
 
-def test_four_parallel_associations_of_fifty(node_factory, tmp_path):
-    node = node_factory()
-    batches = []
+def test_four_parallel_associations_of_fifty(shared_node, tmp_path):
+    node = shared_node
+    before = total(node)
+    batches, studies = [], []
     for b in range(4):
         study = generate_uid()
+        studies.append(study)
         files = []
         for i in range(50):
             p = tmp_path / f"b{b}" / f"{i}.dcm"
@@ -308,11 +335,12 @@ def test_four_parallel_associations_of_fifty(node_factory, tmp_path):
         results = list(pool.map(lambda files: node.storescu(*files), batches + [batches[0]]))
     for r in results:
         ok(r)
-    rows = instances(node)
-    assert len(rows) == 200
+    rows = [r for r in instances(node) if r["study_uid"] in studies]
+    assert len(rows) == 200 and total(node) == before + 200
     assert len({r["sop_instance_uid"] for r in rows}) == 200
-    assert len(list(Path(node.config["storage"]["root"], "spool").rglob("*.dcm"))) == 200
-    assert wait_for(lambda: node.status()["jobs"]["queued"] == 4, 30, what="4 study jobs")
+    assert sum(len(spool_files_of(node, s)) for s in studies) == 200
+    queued = lambda: [j["state"] for j in jobs_of(node, *studies)] == ["queued"] * 4
+    assert wait_for(queued, 30, what="4 study jobs")
 
 
 def test_sigterm_shuts_down_cleanly(node_factory):
@@ -407,11 +435,14 @@ def test_no_phi_in_logs_when_odd_headers_go_through_the_worker(node_factory, tmp
         assert value not in log, f"{value} leaked into the log"
 
 
-def test_a_radiograph_that_claims_our_manufacturer_is_still_analysed(node_factory, tmp_path):
-    node = node_factory()
-    make_cxr(tmp_path / "a.dcm", Manufacturer="dicom-node")  # a modality may say anything here
+def test_a_radiograph_that_claims_our_manufacturer_is_still_analysed(shared_node, tmp_path):
+    node = shared_node
+    before = node.status()["instances"]
+    ds = make_cxr(tmp_path / "a.dcm", Manufacturer="dicom-node")  # a modality may say anything here
     ok(node.storescu(tmp_path / "a.dcm"))
-    assert node.status()["instances"] == {"total": 1, "eligible": 1, "skipped": 0}
+    after = node.status()["instances"]
+    assert {k: after[k] - before[k] for k in after} == {"total": 1, "eligible": 1, "skipped": 0}
+    assert by_sop(node)[ds.SOPInstanceUID]["eligible"] == 1
 
 
 @pytest.fixture

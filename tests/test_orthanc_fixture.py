@@ -19,6 +19,8 @@ from support.dicom_factory import make_cxr
 from support.node import wait_for
 from support.orthanc import DICOMWEB_PLUGIN, DOCS_CONFIG, DOCS_PLUGIN, NODE_MODALITY, PYTHON_PLUGIN, Orthanc
 
+pytestmark = pytest.mark.slow  # the Orthanc fixture checks itself
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -1,19 +1,23 @@
 """Workers and the sender: results reach a real DICOM peer (dcmtk storescp), failures are classified and retried.
 
-The node runs as a real process with a worker process and tiny random-weight models.
+The node runs as a real process. Tests of the whole flow give it a worker process and tiny random-weight models;
+tests of the sender alone give it none: the result is written through the store, as a worker writes it.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.outputs.validate import dsrdump
+from storage.jobs import ResultSpec
 from support.dcmtk import DcmtkStoreSCP
 from support.dicom_factory import make_cxr
-from support.node import free_port, wait_for
+from support.node import NodeProcess, free_port, wait_for
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -88,35 +92,63 @@ def test_study_results_arrive_at_pacs(node_factory, models, pacs, tmp_path):
     assert len({d.SOPInstanceUID for d in got}) == len(got) == 5
 
 
-def retrying_node(node_factory, models, port, tmp_path, what: str):
-    """A node that analysed one image and has tried its SR delivery to ``port`` at least twice, still pending.
-    Returns (node, the delivery row)."""
-    node = result_node(node_factory, models, port, outputs=("sr",))
-    make_cxr(tmp_path / "a.dcm")
+def sr_object(source: Dataset) -> tuple[Dataset, bytes]:
+    """A small SR instance of ``source``'s study, as the bytes a worker stores (what the sender sends)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SR_CLASS
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.PatientID = source.StudyInstanceUID, source.PatientID
+    ds.SeriesInstanceUID, ds.Modality = generate_uid(), "SR"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return ds, buf.getvalue()
+
+
+def sender_node(node_factory, port, tmp_path) -> tuple[NodeProcess, Dataset]:
+    """A node with no worker (the sender needs no models) and one study whose SR result waits for delivery to
+    ``port``: the study is sent over DICOM, and its job is taken and finished through the store with the SR, as a
+    worker does it. Returns (node, the SR)."""
+    node = node_factory(
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "outputs": ["sr"]}],
+        delivery={"backoff_initial_s": 0.5, "backoff_max_s": 1.0, "connect_timeout_s": 3},
+    )
+    image = make_cxr(tmp_path / "a.dcm")
     assert node.storescu(tmp_path / "a.dcm").returncode == 0
-    wait_for(lambda: any(d["attempts"] >= 2 for d in deliveries(node)), 180, what=what)
+    store = node.store()
+    job = wait_for(lambda: store.claim_job("test-worker", 60), 30, what="the study's job")
+    sr, data = sr_object(image)
+    result = ResultSpec("sr", sr.SOPInstanceUID, SR_CLASS, sr.SeriesInstanceUID, None, data, ("pacs",))
+    store.finish_job(job.id, "test-worker", [result])
+    return node, sr
+
+
+def retrying_node(node_factory, port, tmp_path, what: str):
+    """A node whose one SR delivery to ``port`` has been tried at least twice and is still pending.
+    Returns (node, the delivery row, the SR)."""
+    node, sr = sender_node(node_factory, port, tmp_path)
+    wait_for(lambda: any(d["attempts"] >= 2 for d in deliveries(node)), 60, what=what)
     d = deliveries(node)[0]
     assert d["state"] == "pending"
-    return node, d
+    return node, d, sr
 
 
-def test_transient_failure_is_retried_until_delivered_once(node_factory, models, pacs, tmp_path):
+def test_transient_failure_is_retried_until_delivered_once(node_factory, pacs, tmp_path):
     port = free_port()
-    node, d = retrying_node(node_factory, models, port, tmp_path, "retries while PACS is down")
+    node, d, sr = retrying_node(node_factory, port, tmp_path, "retries while PACS is down")
     assert "cannot connect" in d["last_error"]
     scp = pacs(port=port).start()
     st = wait_for(lambda: (s := node.status())["deliveries"]["delivered"] == 1 and s, 60, what="delivery after PACS")
     assert st["deliveries"]["pending"] == 0  # nothing left that could be sent again
-    assert len(scp.received()) == 1  # storescp writes the file before it answers
+    assert [d.SOPInstanceUID for d in scp.received()] == [sr.SOPInstanceUID]  # storescp writes it, then answers
     assert deliveries(node)[0]["last_error"] is None
 
 
-def test_rejected_association_fails_at_once_and_retry_requeues(node_factory, models, pacs, tmp_path):
+def test_rejected_association_fails_at_once_and_retry_requeues(node_factory, pacs, tmp_path):
     refusing = pacs(refuse=True).start()
-    node = result_node(node_factory, models, refusing.port, outputs=("sr",))
-    make_cxr(tmp_path / "a.dcm")
-    assert node.storescu(tmp_path / "a.dcm").returncode == 0
-    wait_for(lambda: node.status()["deliveries"]["failed"] == 1, 180, what="permanent failure")
+    node, sr = sender_node(node_factory, refusing.port, tmp_path)
+    wait_for(lambda: node.status()["deliveries"]["failed"] == 1, 60, what="permanent failure")
     d = deliveries(node)[0]  # no retry storm: failed at the first attempt, and the sender only sends pending ones
     assert d["state"] == "failed" and d["attempts"] == 1 and "rejected" in d["last_error"]
     refusing.stop()
@@ -124,7 +156,7 @@ def test_rejected_association_fails_at_once_and_retry_requeues(node_factory, mod
     out = node.cli("retry").stdout
     assert "re-queued 1 failed delivery" in out
     wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 60, what="delivery after retry")
-    assert len(scp.received()) == 1
+    assert [d.SOPInstanceUID for d in scp.received()] == [sr.SOPInstanceUID]
 
 
 def test_failed_job_is_recorded_and_worker_goes_on(node_factory, models, pacs, tmp_path):
@@ -186,7 +218,7 @@ def test_reanalyze_and_own_outputs_are_ignored(node_factory, models, pacs, tmp_p
     assert len(srs) == 2 and srs[0].SOPInstanceUID != srs[1].SOPInstanceUID
 
 
-def test_transient_rejection_is_retried(node_factory, models, tmp_path):
+def test_transient_rejection_is_retried(node_factory, tmp_path):
     """A PACS at its association limit rejects with 'rejected-transient': the node retries instead of failing."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification
@@ -207,11 +239,11 @@ def test_transient_rejection_is_retried(node_factory, models, tmp_path):
         holder.add_requested_context(Verification)
         held = holder.associate("127.0.0.1", port, ae_title="PACS")  # takes the PACS's only association slot
         assert held.is_established
-        node, d = retrying_node(node_factory, models, port, tmp_path, "retries while PACS is full")
+        node, d, sr = retrying_node(node_factory, port, tmp_path, "retries while PACS is full")
         assert "rejected (transient)" in d["last_error"]
         held.release()
         wait_for(lambda: node.status()["deliveries"]["delivered"] == 1, 60, what="delivery once a slot is free")
-        assert len(received) == 1
+        assert received == [sr.SOPInstanceUID]
     finally:
         server.shutdown()
 

@@ -1,35 +1,16 @@
-"""The code base's own rules, checked as part of the suite (so README's one test command runs them and CI
-with it): ruff lint and format, mypy, the import contracts (pyproject.toml), and the README's statements
-about the layout and the C-STORE statuses."""
+"""The README's statements about the layout and the C-STORE statuses, checked against the code.
+
+The static checks (ruff lint and format, mypy, the import contracts of pyproject.toml) are a step of their own:
+``bash .ci/static``, which CI runs before the tests (README, "Run the tests")."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 from dicom_node.ingest.statuses import ALL as STORE_STATUSES
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-@pytest.mark.parametrize(
-    "tool",
-    [
-        ["ruff", "check", "."],
-        ["ruff", "format", "--check", "."],
-        ["mypy"],
-        ["lint-imports"],
-    ],
-    ids=["ruff-check", "ruff-format", "mypy", "import-contracts"],
-)
-def test_static_check(tool):
-    r = subprocess.run([str(BIN / tool[0]), *tool[1:]], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
 
 
 def _readme_section(title: str) -> str:

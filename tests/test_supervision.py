@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dicom_factory import make_cxr
-from tests.support.node import NodeProcess, wait_for
+from support.dicom_factory import make_cxr
+from support.node import NodeProcess, wait_for
 
 
 def test_models_that_do_not_load_stop_check_config_and_serve(tmp_path, models):

@@ -14,11 +14,12 @@ from pydicom.uid import generate_uid
 from dicom_node.config import Config
 from dicom_node.net.sender import Sender
 from storage import Store
-from storage.repository import InstanceMeta, ResultSpec
-from tests.support.dicom_factory import make_cxr
-from tests.support.node import free_port, wait_for
-from tests.support.orthanc import Orthanc
-from tests.support.rawdicom import closed_by_peer, connect
+from storage.ingest import InstanceMeta
+from storage.jobs import ResultSpec
+from support.dicom_factory import make_cxr
+from support.node import free_port, wait_for
+from support.orthanc import Orthanc
+from support.rawdicom import closed_by_peer, connect
 
 
 def _openssl(*args: str, cwd: Path) -> None:

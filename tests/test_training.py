@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_node.cli import training as commands
 from inference.classifier import Classifier
 from inference.detector import Detector
 from inference.errors import ModelError
 from inference.modelfile import read_metadata
 from inference.preprocess import prepare
-from inference.training import commands
 from inference.training.data.images import load_image01
 from inference.training.data.nih import read_nih, read_nih_matched
 from inference.training.data.split import split_by_patient, subsample
@@ -26,7 +26,10 @@ from inference.training.train_classifier import ClassifierTrainConfig, train_cla
 from inference.types import FINDING_CLASSES
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-pytestmark = pytest.mark.skipif(not (DATA / "nih-bbox").is_dir(), reason="../shared/datasets not present")
+pytestmark = [
+    pytest.mark.slow,  # trains models
+    pytest.mark.skipif(not (DATA / "nih-bbox").is_dir(), reason="../shared/datasets not present"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from support.node import wait_for
 from support.orthanc import Orthanc
 from support.viewers import Chromium, ViewerServer, missing_requirements, open_files_in_dwv, open_study_in_ohif
 
+pytestmark = pytest.mark.slow  # web viewers in headless Chromium
+
 REPO = Path(__file__).resolve().parents[1]
 ARTEFACTS = REPO / "test-artefacts" / "viewers"
 TID_1410 = "1410"

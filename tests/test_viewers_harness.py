@@ -28,6 +28,8 @@ from support.dicom_factory import make_cxr
 from support.orthanc import DICOMWEB_PLUGIN, Orthanc
 from support.viewers import Chromium, ViewerServer, missing_requirements, open_files_in_dwv, open_study_in_ohif
 
+pytestmark = pytest.mark.slow  # the viewer harness checks itself in headless Chromium
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _requirements():

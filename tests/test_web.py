@@ -12,8 +12,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.dicom_factory import make_cxr
-from tests.support.node import wait_for
+from support.dicom_factory import make_cxr
+from support.node import wait_for
 
 
 def get(url: str) -> tuple[int, str]:

@@ -4,17 +4,24 @@ The node binds port 0 and the test reads the port it got from its log ("listenin
 port is picked and released first, so no other process can take it in between. A restart of the same node
 reuses that port (as a real node keeps its configured one): the PACS in a test knows the node by it.
 Status is read in-process through the storage API, as ``dicom-node status`` does, without a CLI process.
+
+A node on the default SQLite database starts from a copy of one template database, migrated once per test
+process (:func:`template_database`): the node finds its schema at the head and runs no migration. The migrations
+themselves are tested on their own (tests/test_migrations.py) and by every node on PostgreSQL.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +34,15 @@ from storage import Store
 
 LISTENING = re.compile(r"listening as \S+ on \S+:(\d+)")
 WEB = re.compile(r"web console, healthz, readyz, metrics on (http://\S+:\d+)")
+
+
+@functools.cache
+def template_database() -> Path:
+    """A SQLite database migrated to the head, made once per test process; nodes start from copies of it."""
+    folder = Path(tempfile.mkdtemp(prefix="dicom-node-template-"))
+    store = Store(f"sqlite:///{folder / 'template.sqlite3'}", folder / "spool")
+    store.close()
+    return folder / "template.sqlite3"
 
 
 def free_port() -> int:
@@ -69,6 +85,11 @@ class NodeProcess:
             "web": {"port": 0},  # /healthz, /readyz, /metrics on a port the OS chooses (see web_port)
         }
         self.config = deep_merge(base, overrides)
+        storage = self.config["storage"]
+        database = Path(storage["root"]) / "dicom-node.sqlite3"
+        if not storage.get("database_url") and not database.exists():  # the default database, not made yet
+            database.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(template_database(), database)
         self.port: int = self.config["node"]["port"]
         self.config_path = self.folder / "config.yaml"
         self._write_config()
@@ -119,8 +140,14 @@ class NodeProcess:
             raise AssertionError("the node logged no web address")
         return found[-1]
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def log(self, since: int = 0) -> str:
+        """The node's log; from ``since`` on (a :meth:`log_mark`): what one test of a shared node caused."""
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
+
+    def log_mark(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -133,10 +160,14 @@ class NodeProcess:
 
     def rows(self, sql: str) -> list[dict]:
         """Rows of a query on the node's SQLite database (what an operator could inspect; no PHI is stored)."""
+        return self.rows_of(sql, ())
+
+    def rows_of(self, sql: str, parameters: tuple | list) -> list[dict]:
+        """:meth:`rows` of a query with ``?`` parameters."""
         con = sqlite3.connect(Path(self.config["storage"]["root"]) / "dicom-node.sqlite3")
         con.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in con.execute(sql)]
+            return [dict(r) for r in con.execute(sql, parameters)]
         finally:
             con.close()
 
