@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.outputs.sc import summary_text
+from dicom_node.outputs.captions import summary_text
 from dicom_node.outputs.sr import build_sr, study_statement
 from dicom_node.outputs.validate import dsrdump
 from inference.calibration import Calibration

@@ -10,8 +10,9 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.outputs.gsps import build_gsps
-from dicom_node.outputs.identity import library_error, source_header
+from dicom_node.outputs.library_messages import library_error
 from dicom_node.outputs.sc import build_sc
+from dicom_node.outputs.source import source_header
 from dicom_node.outputs.sr import build_sr
 from dicom_node.outputs.validate import dciodvfy
 from inference.types import Finding, Prediction

@@ -14,9 +14,10 @@ from pydicom.uid import generate_uid
 from dicom_node.errors import EncodingError
 from dicom_node.imaging.pixels import display_window, load_image, read_dataset
 from dicom_node.outputs import codes as C
+from dicom_node.outputs.equipment import model_device_uid
 from dicom_node.outputs.gsps import LAYER_NAME, build_gsps
-from dicom_node.outputs.identity import SERIES_DESCRIPTION, model_device_uid
 from dicom_node.outputs.sc import BANNER_RGB, build_sc
+from dicom_node.outputs.series import SERIES_DESCRIPTION
 from dicom_node.outputs.sr import build_sr
 from dicom_node.outputs.validate import dciodvfy, dsrdump, sr_validator
 from inference.types import FINDING_CLASSES, Finding, Prediction

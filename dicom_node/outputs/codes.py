@@ -123,7 +123,3 @@ def finding_site(class_id: int) -> tuple[Code, bool]:
 def finding_label(class_id: int) -> str:
     """The short display label (the VinDr-CXR class name) for burned-in and GSPS text."""
     return NO_FINDING if int(class_id) == NO_FINDING_ID else FINDING_CLASSES[int(class_id)]
-
-
-def uses_private_scheme(code: Code) -> bool:
-    return code.scheme_designator == PRIVATE_SCHEME

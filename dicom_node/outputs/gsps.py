@@ -7,7 +7,9 @@ the disclaimer and the study-level summary in the top-left corner. The presentat
 the source's display: its Modality LUT, the VOI window the node itself used (the source's window,
 or the percentile window when the source's is absent or nonsense), and Presentation LUT Shape
 INVERSE for MONOCHROME1 sources (a presentation state overrides the image's photometric
-interpretation), IDENTITY otherwise. Built with highdicom (same patient and study, a new series).
+interpretation), IDENTITY otherwise. Built with highdicom's ``GrayscaleSoftcopyPresentationState`` (same
+patient and study, a new series); the body part, which it cannot be given, is set in one step after it,
+:func:`_after_construction`.
 """
 
 from __future__ import annotations
@@ -18,21 +20,13 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError
 from dicom_node.imaging.pixels import first_value
+from dicom_node.outputs.captions import BANNER_TEXT, summary_text
 from dicom_node.outputs.codes import finding_label
-from dicom_node.outputs.identity import (
-    SERIES_DESCRIPTION,
-    NodeIdentity,
-    check_geometry,
-    contributing_equipment,
-    copy_body_part,
-    library_error,
-    no_phi_warnings,
-    require_source_image,
-    series_date_time,
-    source_header,
-)
-from dicom_node.outputs.sc import BANNER_TEXT, summary_text
-from dicom_node.outputs.sr import box_polyline
+from dicom_node.outputs.equipment import NodeIdentity, contributing_equipment
+from dicom_node.outputs.geometry import box_polyline, check_geometry
+from dicom_node.outputs.library_messages import library_error, no_phi_warnings
+from dicom_node.outputs.series import SERIES_DESCRIPTION, series_dates
+from dicom_node.outputs.source import copy_body_part, require_source_image, source_header
 from inference.types import Prediction
 
 __all__ = ["build_gsps", "LAYER_NAME", "CONTENT_LABEL"]
@@ -118,6 +112,9 @@ def build_gsps(
     layer = hd.pr.GraphicLayer(
         layer_name=LAYER_NAME, order=1, description="AI findings (dicom-node)", display_color=LAYER_COLOR
     )
+    # A grayscale display value for the layer too: a monochrome display does not use the CIELab colour
+    # (GraphicLayer has no parameter for it; the presentation state keeps this item as it is).
+    layer.GraphicLayerRecommendedDisplayGrayscaleValue = LAYER_GRAYSCALE
     try:
         with no_phi_warnings():
             gsps = hd.pr.GrayscaleSoftcopyPresentationState(
@@ -139,17 +136,27 @@ def build_gsps(
                 presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape=shape),
                 contributing_equipment=[contributing_equipment(identity, models)] if models else None,
                 series_description=SERIES_DESCRIPTION["gsps"],
+                **series_dates(has_content_date=False),
             )
     except EncodingError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"cannot build the presentation state: {library_error(exc)}") from exc
-    copy_body_part(gsps, source)
-    # A grayscale display value for the layer too: a monochrome display does not use the CIELab colour.
-    for item in gsps.GraphicLayerSequence:
-        item.GraphicLayerRecommendedDisplayGrayscaleValue = LAYER_GRAYSCALE
-    series_date_time(gsps)
+    _after_construction(gsps, source)
     return gsps
+
+
+def _after_construction(gsps: Dataset, source: Dataset) -> None:
+    """What highdicom's ``GrayscaleSoftcopyPresentationState`` cannot be given, set on the built presentation
+    state: the one edit after construction.
+
+    - Body Part Examined from the source, or an empty Laterality (:func:`copy_body_part`): the constructor takes
+      neither (it copies patient and study from the image, not its series).
+
+    Series Date/Time go to the constructor (:func:`series_dates`), the layer's grayscale display value to the
+    layer before it.
+    """
+    copy_body_part(gsps, source)
 
 
 def _voi(header: Dataset, window: tuple[float, float] | None) -> list | None:

@@ -8,8 +8,9 @@ RGB, 8 bits, the source image (as displayed: VOI applied, MONOCHROME1 inverted) 
 
 The banner and bar are added rows (the image itself is not covered), so box coordinates in the SC
 are the source coordinates shifted down by the banner height. Built with highdicom's ``SCImage``
-(same patient and study as the source, a new series), then: ImageType DERIVED\\SECONDARY,
-BurnedInAnnotation YES, Source Image Sequence -> the source, Conversion Type WSD.
+(same patient and study as the source, a new series); what it cannot be given (Image Type
+DERIVED\\SECONDARY, Burned In Annotation YES, Source Image Sequence -> the source, Conversion Type WSD,
+...) is set in one step after it, :func:`_after_construction`.
 Text uses OpenCV's built-in Hershey font (no font files).
 """
 
@@ -21,23 +22,16 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError
+from dicom_node.outputs.captions import BANNER_TEXT, summary_text
 from dicom_node.outputs.codes import finding_label
-from dicom_node.outputs.identity import (
-    SERIES_DESCRIPTION,
-    NodeIdentity,
-    contributing_equipment,
-    copy_body_part,
-    library_error,
-    no_phi_warnings,
-    require_source_image,
-    series_date_time,
-    source_header,
-)
+from dicom_node.outputs.equipment import NodeIdentity, contributing_equipment
+from dicom_node.outputs.library_messages import library_error, no_phi_warnings
+from dicom_node.outputs.series import SERIES_DESCRIPTION, series_dates
+from dicom_node.outputs.source import copy_body_part, require_source_image, source_header
 from inference.types import Prediction
 
-__all__ = ["build_sc", "render_overlay", "BANNER_TEXT"]
+__all__ = ["build_sc", "render_overlay"]
 
-BANNER_TEXT = "AI result - not for primary diagnosis"
 BANNER_RGB = (176, 0, 0)
 BAR_RGB = (32, 32, 32)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -73,15 +67,6 @@ def _centered_text(img: np.ndarray, text: str, y0: int, y1: int, color=(255, 255
     x = max(0, (img.shape[1] - w) // 2)
     y = y0 + (height + h) // 2 - base // 2
     cv2.putText(img, text, (x, y), FONT, scale, color, thickness, cv2.LINE_AA)
-
-
-def summary_text(prediction: Prediction) -> str:
-    if prediction.not_analysable:
-        return f"Not analysable: {prediction.not_analysable}"
-    n = len(prediction.findings)
-    if prediction.abnormal:
-        return f"Abnormal (p={1.0 - prediction.p_no_finding:.2f}), {n} finding{'s' if n != 1 else ''}"
-    return f"No finding (p={prediction.p_no_finding:.2f})"
 
 
 def render_overlay(image01: np.ndarray, prediction: Prediction) -> tuple[np.ndarray, int]:
@@ -159,6 +144,7 @@ def _sc_image(
         manufacturer_model_name=identity.model_name[:64],
         software_versions=identity.software_version,
         institution_name=identity.institution,
+        **series_dates(),
     )
 
 
@@ -200,8 +186,29 @@ def build_sc(
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"cannot build the Secondary Capture: {library_error(exc)}") from exc
-    if orientation is None:
-        sc.PatientOrientation = ""  # Type 2C: unknown, not invented
+    _after_construction(sc, source, orientation_known=orientation is not None)
+    return sc
+
+
+def _after_construction(sc: Dataset, source: Dataset, *, orientation_known: bool) -> None:
+    """What highdicom's ``SCImage`` cannot be given, set on the built image: the one edit after construction.
+
+    - Patient Orientation emptied (Type 2C: unknown, not invented) when the source has no valid one: for the
+      PATIENT coordinate system (the other, SLIDE, is for microscopy) ``SCImage`` requires an orientation, so an
+      unknown one is passed as L\\F and blanked here.
+    - Body Part Examined from the source, or an empty Laterality (:func:`copy_body_part`): ``SCImage`` takes no
+      body part, and a laterality only as R or L.
+    - Image Type DERIVED\\SECONDARY: ``SCImage`` writes DERIVED\\SECONDARY\\OTHER.
+    - Conversion Type WSD (workstation): ``SCImage`` writes DI (digitized image).
+    - Burned In Annotation YES, Recognizable Visual Features NO, Derivation Description, Source Image Sequence
+      (the source) and, for a lossy source, Lossy Image Compression with its ratio and method: ``SCImage`` has
+      no parameters for them.
+
+    Series Date/Time are not set here: they go to the constructor (:func:`series_dates`). View Position is
+    deliberately not copied: the SC is not a radiograph to analyse.
+    """
+    if not orientation_known:
+        sc.PatientOrientation = ""
     copy_body_part(sc, source)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
@@ -219,6 +226,3 @@ def build_sc(
         for kw in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if kw in source:
                 setattr(sc, kw, source[kw].value)
-    series_date_time(sc)
-    # View Position is deliberately not copied: the SC is not a radiograph to analyse.
-    return sc

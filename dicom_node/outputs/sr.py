@@ -33,7 +33,8 @@ Same patient and study as the sources, a new series, CompletionFlag COMPLETE, Ve
 UNVERIFIED, PreliminaryFlag FINAL (the algorithm's output will not change; no human verified it),
 and a Contributing Equipment item whose Device UID is derived from the model weights.
 UIDs inside the content (tracking UIDs) are derived from the SR's SOP Instance UID, so encoding the
-same result twice gives the same document.
+same result twice gives the same document. Everything, the Series Date/Time included, goes through highdicom's
+``Comprehensive3DSR`` constructor: nothing is set on the document after it is built.
 """
 
 from __future__ import annotations
@@ -47,32 +48,16 @@ from pydicom.sr.coding import Code
 
 from dicom_node.errors import EncodingError
 from dicom_node.outputs import codes as C
-from dicom_node.outputs.identity import (
-    SERIES_DESCRIPTION,
-    NodeIdentity,
-    check_geometry,
-    check_same_study,
-    contributing_equipment,
-    derived_uid,
-    library_error,
-    models_summary,
-    no_phi_warnings,
-    series_date_time,
-    source_header,
-)
-from inference.types import ABNORMAL_OPERATING_POINT, NO_FINDING_ID, Finding, ModelInfo, Prediction
+from dicom_node.outputs.equipment import NodeIdentity, contributing_equipment
+from dicom_node.outputs.geometry import box_polyline, check_geometry
+from dicom_node.outputs.image_library import image_library
+from dicom_node.outputs.library_messages import library_error, no_phi_warnings
+from dicom_node.outputs.series import SERIES_DESCRIPTION, series_dates
+from dicom_node.outputs.source import check_same_study, source_header
+from dicom_node.outputs.uids import derived_uid
+from inference.types import ABNORMAL_OPERATING_POINT, NO_FINDING_ID, Finding, ModelInfo, Prediction, models_summary
 
-__all__ = ["build_sr", "box_polyline", "study_statement"]
-
-
-def box_polyline(box: tuple[float, float, float, float], rows: int, cols: int) -> np.ndarray:
-    """Closed 5-point polyline (column, row) for a box, clipped to the image."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not all(np.isfinite([x0, y0, x1, y1])):
-        raise EncodingError(f"box {box!r} has non-finite coordinates")
-    x0, x1 = sorted((min(max(x0, 0.0), cols), min(max(x1, 0.0), cols)))
-    y0, y1 = sorted((min(max(y0, 0.0), rows), min(max(y1, 0.0), rows)))
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+__all__ = ["build_sr", "study_statement"]
 
 
 def _models(predictions: list[Prediction], identity: NodeIdentity) -> tuple[ModelInfo, ...]:
@@ -277,72 +262,6 @@ def build_sr(
         raise EncodingError(f"cannot build the SR: {library_error(exc)}") from exc
 
 
-_PIXELS = Code("{pixels}", "UCUM", "Pixels")
-_SOURCE = Code("260753009", "SCT", "Source")
-
-
-def _image_library(sources: list[Dataset]) -> hd.sr.ContainerContentItem:
-    """TID 1600 Image Library: one entry (TID 1601) per analysed image with its modality, matrix and, when the
-    header has valid ones, patient orientation and pixel spacing (highdicom's own ImageLibrary insists on
-    both for radiographs, and real CR/DX files often lack them)."""
-    acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
-    group = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    group.ContentSequence = hd.sr.ContentSequence()
-    for ds in sources:
-        image = hd.sr.ImageContentItem(
-            name=_SOURCE,
-            referenced_sop_class_uid=ds.SOPClassUID,
-            referenced_sop_instance_uid=ds.SOPInstanceUID,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-        modality = str(ds.get("Modality", "")).strip().upper()
-        items: list = []
-        if modality in C.MODALITIES:
-            items.append(
-                hd.sr.CodeContentItem(name=codes.DCM.Modality, value=C.MODALITIES[modality], relationship_type=acq)
-            )
-        for name, value in ((codes.DCM.PixelDataRows, ds.Rows), (codes.DCM.PixelDataColumns, ds.Columns)):
-            items.append(hd.sr.NumContentItem(name=name, value=int(value), unit=_PIXELS, relationship_type=acq))
-        orientation = [str(v).strip() for v in (ds.get("PatientOrientation") or [])]
-        if len(orientation) == 2 and all(orientation):
-            items.append(
-                hd.sr.TextContentItem(name=codes.DCM.PatientOrientationRow, value=orientation[0], relationship_type=acq)
-            )
-            items.append(
-                hd.sr.TextContentItem(
-                    name=codes.DCM.PatientOrientationColumn, value=orientation[1], relationship_type=acq
-                )
-            )
-        spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
-        try:
-            row_mm, col_mm = (float(v) for v in spacing)
-        except (TypeError, ValueError):
-            row_mm = col_mm = 0.0
-        if row_mm > 0 and col_mm > 0:
-            items.append(
-                hd.sr.NumContentItem(
-                    name=codes.DCM.HorizontalPixelSpacing,
-                    value=col_mm,
-                    unit=codes.UCUM.Millimeter,
-                    relationship_type=acq,
-                )
-            )
-            items.append(
-                hd.sr.NumContentItem(
-                    name=codes.DCM.VerticalPixelSpacing, value=row_mm, unit=codes.UCUM.Millimeter, relationship_type=acq
-                )
-            )
-        image.ContentSequence = hd.sr.ContentSequence(items)
-        group.ContentSequence.append(image)
-    library = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    library.ContentSequence = hd.sr.ContentSequence([group])
-    return library
-
-
 def _separate(items) -> None:
     """ContinuityOfContent SEPARATE on every container of the tree (highdicom's default is CONTINUOUS)."""
     for item in items:
@@ -390,7 +309,7 @@ def _build(
             relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
     )
-    content.append(_image_library([ds for ds, _ in sources]))
+    content.append(image_library([ds for ds, _ in sources]))
     if groups:  # always: a normal study has its "No abnormality" regions
         measurements = hd.sr.ContainerContentItem(
             name=codes.DCM.ImagingMeasurements, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
@@ -428,6 +347,6 @@ def _build(
         device_serial_number=identity.device_serial_number,
         series_description=SERIES_DESCRIPTION["sr"],
         coding_schemes=schemes,
+        **series_dates(),
     )
-    series_date_time(sr)
     return sr

@@ -18,13 +18,14 @@ from dicom_node.config import Config
 from dicom_node.errors import PixelDataError
 from dicom_node.imaging.pixels import decode_image, read_dataset
 from dicom_node.ingest.selection import header_fields
+from dicom_node.outputs.equipment import NodeIdentity
 from dicom_node.outputs.gsps import build_gsps
-from dicom_node.outputs.identity import NodeIdentity, derived_uid
 from dicom_node.outputs.sc import build_sc
 from dicom_node.outputs.sr import build_sr
+from dicom_node.outputs.uids import derived_uid
 from inference.pipeline import Pipeline
 from inference.types import Prediction
-from storage.repository import FindingSpec, ImageVerdict, JobInfo, ResultSpec
+from storage.jobs import FindingSpec, ImageVerdict, JobInfo, ResultSpec
 
 
 def node_identity(config: Config, pipeline: Pipeline) -> NodeIdentity:

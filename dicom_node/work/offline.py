@@ -47,7 +47,8 @@ import cv2
 import numpy as np
 
 from dicom_node.errors import DicomNodeError
-from dicom_node.outputs.sc import BANNER_TEXT, render_overlay
+from dicom_node.outputs.captions import BANNER_TEXT
+from dicom_node.outputs.sc import render_overlay
 from inference.pipeline import Pipeline
 from inference.quality import colour_problem
 from inference.types import Prediction

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dicom_node.outputs.identity import NodeIdentity
+from dicom_node.outputs.equipment import NodeIdentity
 from inference.types import ModelInfo
 
 MODELS = (
