@@ -1,6 +1,6 @@
 """The fast receive path (dicom_node/net/fastpath.py, pynetdicom_internals.py) is really taken, and pynetdicom's
-own path still works when it is not: a node in this process (the composition root's Node, bound to port 0), dcmtk's storescu as
-the sender.
+own path still works when it is not: a node in this process (the composition root's Node, bound to port 0),
+dcmtk's storescu as the sender.
 
 pynetdicom is pinned to one minor range because the fast path extends its internals; with another version
 these tests say at once whether the fast path still engages (first test) and whether the fallback is correct."""

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from storage import Store
-from storage.repository import utcnow
+from storage.base import utcnow
 
 log = logging.getLogger(__name__)
 

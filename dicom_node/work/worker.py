@@ -23,12 +23,12 @@ from dicom_node.logs import safe_traceback
 from dicom_node.work.analyzer import Analysis, Analyzer
 from storage import Store
 from storage.errors import StaleJobError, StorageError
-from storage.repository import JobInfo
+from storage.jobs import JobInfo
 
 log = logging.getLogger(__name__)
 
 STORAGE_RETRY_S = 5.0  # wait after a storage failure outside a job (database down, locked, full disk)
-HEARTBEAT_S = 5.0  # how often a worker says it is alive (storage.repository.WORKER_STALE_S: when it is not)
+HEARTBEAT_S = 5.0  # how often a worker says it is alive (storage.jobs.WORKER_STALE_S: when it is not)
 
 
 class Worker:
