@@ -1,3 +1,7 @@
+"""``python -m dicom_node``: the ``dicom-node`` command (:func:`dicom_node.cli.main`)."""
+
+from __future__ import annotations
+
 import sys
 
 from dicom_node.cli import main

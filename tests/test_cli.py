@@ -67,10 +67,24 @@ def test_training_commands_are_listed_and_have_their_own_help(command):
     assert r.returncode == 0 and "--layout" in r.stdout + dicom_node("train", "classifier", "--help").stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("train", "classifier", "--layout", "folder"), "--layout folder needs --csv and --images"),
+        (("evaluate", "--classifier", "c.pt", "--detector", "d.pt", "--split", "a,b,c"), "--split must be three"),
+        (("export-onnx", "nowhere.pt", "--reduce-range"), "are for --int8 exports"),
+        (("train", "detector", "--epochs", "many"), "invalid int value"),
+    ],
+)
+def test_training_commands_with_bad_options_exit_2_as_the_node_commands_do(args, says):
+    r = dicom_node(*args)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_the_node_imports_neither_torch_nor_training_code():
     code = (
         "import sys, dicom_node.app, dicom_node.cli;"
-        "dicom_node.cli.build_parser();"
+        "dicom_node.cli.build_parser().parse_args(['status']);"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ultralytics', 'timm')"
         " or m.startswith(('inference.training', 'dicom_node.training')));"
         "print(bad); sys.exit(1 if bad else 0)"
@@ -80,7 +94,7 @@ def test_the_node_imports_neither_torch_nor_training_code():
 
 
 def test_hash_password_makes_a_hash_the_console_accepts(tmp_path):
-    from dicom_node.web.auth import verify_password
+    from dicom_node.passwords import verify_password
 
     r = subprocess.run(
         [sys.executable, "-m", "dicom_node", "hash-password"],

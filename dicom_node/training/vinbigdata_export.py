@@ -13,8 +13,9 @@ is exported once::
 
 Images already exported are kept (only their header is read again), so an interrupted export
 continues where it stopped. Images whose DICOM cannot be decoded are left out and counted; the
-messages never contain patient data. ``ensure_exported(csv, images, out)`` is the CLI helper: it
-exports when ``images`` holds DICOM files and returns the (csv, images) pair to train on.
+messages never contain patient data. ``ensure_exported(csv, images, out)`` exports when ``images`` holds
+DICOM files and returns the (csv, images) pair to train on; ``export_for_training(csv, images, ...)`` does the
+same for the training commands, choosing the export folder from the options.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ DICOM_EXTS = (".dicom", ".dcm")
 EXTRA_COLUMNS = ("width", "height", "orig_width", "orig_height", "clahe", "view", "patient_id")
 COORDS = ("x_min", "y_min", "x_max", "y_max")
 
-__all__ = ["export_vinbigdata", "ensure_exported", "holds_dicom", "prepare_args"]
+__all__ = ["export_vinbigdata", "ensure_exported", "export_for_training", "holds_dicom"]
 
 
 def _find_dicom(images: Path, image_id: str) -> Path | None:
@@ -182,24 +183,20 @@ def ensure_exported(csv_path: str | Path, images: str | Path, out_dir: str | Pat
     return Path(csv_path), Path(images)
 
 
-def prepare_args(args) -> None:
-    """CLI glue for ``inference.training.commands``: with ``--layout vinbigdata`` and a DICOM ``--images``
-    folder, export (``--export-dir``, default ``<csv folder>/export-<clahe|raw>-<max size>``) and
-    point ``args.csv`` / ``args.images`` at the export."""
-    if getattr(args, "layout", None) != "vinbigdata" or not args.csv or not args.images:
-        return
-    if not holds_dicom(args.images):
-        return
-    raw = bool(getattr(args, "export_raw", False))
-    max_size = getattr(args, "export_max_size", 1024) or None
-    out = (
-        args.export_dir or Path(args.csv).resolve().parent / f"export-{'raw' if raw else 'clahe'}-{max_size or 'full'}"
-    )
-    args.csv, args.images = export_vinbigdata(
-        args.csv,
-        args.images,
-        out,
-        max_size=max_size,
-        clahe=not raw,
-        workers=max(1, int(getattr(args, "workers", 0) or 1)),
-    )
+def export_for_training(
+    csv_path: str,
+    images: str,
+    *,
+    export_dir: str | None = None,
+    max_size: int | None = 1024,
+    raw: bool = False,
+    workers: int = 1,
+) -> tuple[str, str]:
+    """The (csv, images) a training command reads for a VinBigData set: when ``images`` holds DICOM, the export's
+    (``export_dir``, default ``<csv folder>/export-<clahe|raw>-<max size>``; ``raw``: without CLAHE; ``max_size``
+    None: full size), else the pair as given."""
+    if not holds_dicom(images):
+        return csv_path, images
+    out = export_dir or Path(csv_path).resolve().parent / f"export-{'raw' if raw else 'clahe'}-{max_size or 'full'}"
+    new_csv, new_images = export_vinbigdata(csv_path, images, out, max_size=max_size, clahe=not raw, workers=workers)
+    return str(new_csv), str(new_images)

@@ -1,0 +1,191 @@
+"""The node's own commands (serve, check-config, status, worker, retry, reanalyze, analyze, hash-password) and
+the main parser, which lists the training commands by name only (:mod:`dicom_node.cli.command_table`).
+
+Nothing here imports training code (an import contract in ``pyproject.toml`` checks it): ``serve``, ``worker``,
+``status`` and ``check-config`` never load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dicom_node import __version__
+from dicom_node.cli.command_table import TRAINING_COMMANDS
+from dicom_node.config import Config, load_config
+from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.logs import setup_logging
+
+if TYPE_CHECKING:
+    from storage import Store
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """The configuration, then both model files (metadata and weights) as a worker loads them."""
+    from dicom_node.factories import build_pipeline, describe_pipeline
+
+    cfg = _config(args)
+    users = cfg.web.all_users()  # DICOM_NODE_WEB_USERS too
+    try:
+        pipeline = build_pipeline(cfg)
+    except DicomNodeError as exc:
+        raise ConfigError(f"inference.models: {exc}") from exc
+    print(
+        f"configuration OK: AE {cfg.node.ae_title} on {cfg.node.host}:{cfg.node.port}, "
+        f"storage {cfg.storage.root}, {len(cfg.destinations)} destination(s)"
+    )
+    print(f"models OK: {describe_pipeline(pipeline)}")
+    if cfg.web.enabled:
+        print(
+            f"web console on http://{cfg.web.host}:{cfg.web.port}: "
+            + (f"{len(users)} user(s)" if users else "no users yet (dicom-node hash-password, then web.users)")
+        )
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print a password hash for ``web.users`` (the password is read from the terminal, or one line of stdin)."""
+    import getpass
+
+    from dicom_node.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password for the web console: ")
+        if password != getpass.getpass("again: "):
+            raise ConfigError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        raise ConfigError("a console password needs at least 8 characters")
+    print(hash_password(password))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.app import Node
+
+    cfg = _config(args)
+    setup_logging(cfg.logging.level)
+
+    def announce(port: int) -> None:  # on stdout whatever the log level: scripts and tests read the port here
+        print(f"dicom-node {__version__} listening as {cfg.node.ae_title} on {cfg.node.host}:{port}", flush=True)
+
+    Node(cfg).run_forever(announce)
+    return 0
+
+
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Store]:
+    """The node's storage for one command (works with the node running or stopped)."""
+    from dicom_node.factories import open_store
+
+    store = open_store(_config(args))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        report = store.status()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for section in ("instances", "studies", "jobs", "deliveries", "workers", "purged"):
+        print(f"{section:11s} " + "  ".join(f"{k}={v}" for k, v in report[section].items()))
+    age = report["oldest_queued_job_age_s"]
+    print(f"oldest queued job: {'-' if age is None else f'{age:.0f} s'}")
+    for k, v in report["last_activity"].items():
+        print(f"last {k.replace('_', ' ')}: {v or '-'}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.app import worker_main
+
+    cfg = _config(args)
+    setup_logging(cfg.logging.level)
+    worker_main(cfg.model_dump(mode="json"), f"worker-{os.getpid()}", None)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        n = store.retry_failed()
+    print(f"re-queued {n} failed deliver{'y' if n == 1 else 'ies'}; the running node sends them now")
+    return 0
+
+
+def cmd_reanalyze(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        job_id = store.reanalyze(args.study_uid)
+    print(f"queued job {job_id}: re-analysis of the study; results go to the configured destinations")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dicom_node.factories import build_pipeline
+    from dicom_node.work.offline import analyze_files, expand_inputs
+
+    cfg = _config(args)
+    setup_logging("WARNING")
+    files = expand_inputs(args.files)
+    if not files:
+        print("dicom-node: no input files", file=sys.stderr)
+        return 2
+    results = analyze_files(build_pipeline(cfg), files, args.output)
+    for r in results:
+        if "error" in r:
+            print(f"{r['file']}: ERROR {r['error']}")
+            continue
+        if r.get("not_analysable"):
+            print(f"{r['file']}: not analysable: {r['not_analysable']}")
+            continue
+        verdict = "abnormal" if r["abnormal"] else "no finding"
+        print(f"{r['file']}: {verdict} (P(abnormal) {r['p_abnormal']:.2f}, P(no finding) {r['p_no_finding']:.2f})")
+        for f in r["findings"]:
+            x0, y0, x1, y1 = f["box"]
+            print(f"  {f['label']:<20s} {f['score']:.2f}  box [{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]")
+    print(f"results written to {Path(args.output).resolve()}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-node", description="Chest X-ray AI DICOM node")
+    p.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", "-c", default=None, help="config file (default: ./config.yaml, else defaults)")
+        sp.set_defaults(func=func)
+        return sp
+
+    command("serve", cmd_serve, "receive images, analyse studies, send results (runs until SIGTERM/SIGINT)")
+    command("check-config", cmd_check_config, "validate the configuration file and exit")
+    command("status", cmd_status, "counts of instances, studies, jobs and deliveries (no patient data)").add_argument(
+        "--json", action="store_true", help="print the documented JSON form"
+    )
+    command("hash-password", cmd_hash_password, "print a password hash for web.users (the console's logins)")
+    command("worker", cmd_worker, "run one analysis worker against the same storage (add more to scale out)")
+    command("retry", cmd_retry, "re-queue every failed delivery")
+    command("reanalyze", cmd_reanalyze, "queue a re-analysis of a study").add_argument(
+        "study_uid", help="Study Instance UID"
+    )
+    sp = command("analyze", cmd_analyze, "analyse DICOM, PNG or JPEG files offline; writes JSON + overlay PNG")
+    sp.add_argument("files", nargs="+", help="files or folders")
+    sp.add_argument("--output", "-o", default="analysis", help="output folder (default: ./analysis)")
+    for name, help in TRAINING_COMMANDS.items():  # listed here; parsed by dicom_node.cli.offline
+        sub.add_parser(name, help=help + f" (see: dicom-node {name} --help)", add_help=False)
+    return p
