@@ -14,7 +14,7 @@ from dicom_node.audit import study_key
 from support.dicom_factory import make_cxr
 from support.node import wait_for
 from support.rawdicom import closed_by_peer, connect
-from tests.test_ingest import _send_file
+from support.scu import send_file
 
 
 def trail(node) -> list[dict]:
@@ -29,14 +29,14 @@ def test_the_audit_trail_records_who_sent_what_and_who_was_turned_away(node_fact
     node = node_factory(node={"max_connections_per_peer": 2})
     canary = {"patient_name": "CANARY^AUDIT", "patient_id": "CANARYAUDIT77"}
     ds = make_cxr(tmp_path / "a.dcm", rows=32, cols=32, **canary)
-    assert _send_file(node, tmp_path / "a.dcm").Status == 0x0000
+    assert send_file(node, tmp_path / "a.dcm").Status == 0x0000
     bad = make_cxr(tmp_path / "b.dcm", rows=32, cols=32, **canary)
     raw = (tmp_path / "b.dcm").read_bytes()
     uid = bad.SOPInstanceUID
     (tmp_path / "b.dcm").write_bytes(
         raw.replace(uid.encode(), (uid[:-1] + ("1" if uid[-1] != "1" else "2")).encode(), 1)
     )
-    assert _send_file(node, tmp_path / "b.dcm").Status == 0xA900
+    assert send_file(node, tmp_path / "b.dcm").Status == 0xA900
     ae = AE(ae_title="PROBE")
     ae.add_requested_context(Verification)
     assert not ae.associate("127.0.0.1", node.port, ae_title="WRONG_AE").is_established
@@ -69,7 +69,7 @@ def test_the_audit_trail_rotates_and_keeps_whole_lines(node_factory, tmp_path):
     node = node_factory(logging={"audit_max_mb": 0.002, "audit_backups": 2})
     for i in range(12):
         make_cxr(tmp_path / f"{i}.dcm", rows=32, cols=32)
-        assert _send_file(node, tmp_path / f"{i}.dcm").Status == 0x0000
+        assert send_file(node, tmp_path / f"{i}.dcm").Status == 0x0000
     root = Path(node.config["storage"]["root"])
     files = sorted(p.name for p in root.glob("audit.jsonl*"))
     assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]  # the oldest beyond 2 backups dropped

@@ -180,6 +180,7 @@ def test_a_detector_file_without_rules_reports_only_classes_it_was_trained_on(tm
     assert [FINDING_CLASSES[i] for i in np.flatnonzero(det.reportable)] == ["Cardiomegaly"]
 
 
+@pytest.mark.slow  # fits the detector's per-class rules: the shipped detector over the NIH validation images
 def test_tune_detector_on_real_validation_images_writes_the_rules_into_a_copy(tmp_path, datasets_dir):
     shipped = REPO / "models" / "detector.pt"
     out = dicom_node(
@@ -241,6 +242,7 @@ def test_calibration_file_round_trips_and_refuses_other_files(tmp_path):
         Classifier.load(clf).use_calibration(cal, "cal.json")  # chosen for the model with sha256 abab...
 
 
+@pytest.mark.slow  # fits the operating points: the shipped classifier over a site folder of real images
 def test_calibrate_on_a_local_labelled_folder_and_run_with_it(tmp_path, matched):
     """A site's folder of PNG/JPEG and DICOM files with labels.csv: calibrate, then the node decides at the
     operating point of each image's view."""

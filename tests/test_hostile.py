@@ -18,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from support.dicom_factory import make_cxr
-from support.node import wait_for
+from support.node import NodeProcess, wait_for
 from support.rawdicom import (
     associate_rq,
     c_store_command,
@@ -28,6 +28,18 @@ from support.rawdicom import (
     p_data,
     read_pdu,
 )
+from support.scu import send_file
+
+
+@pytest.fixture(scope="module")
+def one_slot_node(tmp_path_factory):
+    """A node with a single association slot, shared by the tests that end or break their one association: each
+    gets the slot back (which it checks) and none of them stores anything."""
+    node = NodeProcess(tmp_path_factory.mktemp("one-slot"), node={"max_associations": 1})
+    node.start()
+    yield node
+    node.kill()
+
 
 A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0)
 A_RELEASE_RQ = struct.pack(">BBLL", 0x05, 0, 4, 0)
@@ -130,8 +142,8 @@ def test_a_c_store_that_stalls_inside_a_pdu_is_closed_and_leaves_nothing(node_fa
 
 
 @pytest.mark.parametrize("ending", ["abort", "reset", "release", "close"])
-def test_a_transfer_that_ends_half_way_leaves_no_partial_file(node_factory, ending):
-    node = node_factory(node={"max_associations": 1})
+def test_a_transfer_that_ends_half_way_leaves_no_partial_file(one_slot_node, ending):
+    node = one_slot_node
     s = start_store(node)
     if ending == "abort":
         s.sendall(A_ABORT)
@@ -145,17 +157,16 @@ def test_a_transfer_that_ends_half_way_leaves_no_partial_file(node_factory, endi
     wait_for(lambda: echo(node), 3, interval=0.1, what="the slot back")
 
 
-def test_refused_and_duplicate_instances_leave_no_file_behind(node_factory, tmp_path):
-    from tests.test_ingest import _send_file
-
-    node = node_factory()
+def test_refused_and_duplicate_instances_leave_no_file_behind(shared_node, tmp_path):
+    node = shared_node
+    before = len(referenced(node))
     ds = make_cxr(tmp_path / "a.dcm", rows=32, cols=32)
-    assert _send_file(node, tmp_path / "a.dcm").Status == 0x0000
+    assert send_file(node, tmp_path / "a.dcm").Status == 0x0000
     # the same SOP Instance UID in another study: acknowledged (stored once), no second file
     other = make_cxr(rows=32, cols=32, sop_uid=ds.SOPInstanceUID)
     other.save_as(tmp_path / "b.dcm", enforce_file_format=True)
     assert other.StudyInstanceUID != ds.StudyInstanceUID
-    assert _send_file(node, tmp_path / "b.dcm").Status == 0x0000
+    assert send_file(node, tmp_path / "b.dcm").Status == 0x0000
     # refused: the data set's UID differs from the command's
     bad = make_cxr(tmp_path / "c.dcm", rows=32, cols=32)
     raw = (tmp_path / "c.dcm").read_bytes()
@@ -166,17 +177,15 @@ def test_refused_and_duplicate_instances_leave_no_file_behind(node_factory, tmp_
             1,
         )
     )
-    assert _send_file(node, tmp_path / "c.dcm").Status == 0xA900
+    assert send_file(node, tmp_path / "c.dcm").Status == 0xA900
     assert not tmp_files(node)
-    assert spool_files(node) == referenced(node) and len(referenced(node)) == 1
+    assert spool_files(node) == referenced(node) and len(referenced(node)) == before + 1
 
 
 def test_a_restart_after_a_crash_sweeps_partial_and_unreferenced_files(node_factory, tmp_path):
-    from tests.test_ingest import _send_file
-
     node = node_factory()
     make_cxr(tmp_path / "a.dcm", rows=32, cols=32)
-    assert _send_file(node, tmp_path / "a.dcm").Status == 0x0000
+    assert send_file(node, tmp_path / "a.dcm").Status == 0x0000
     s = start_store(node)  # a transfer in flight when the machine dies
     node.kill()
     s.close()
@@ -193,14 +202,15 @@ def test_a_restart_after_a_crash_sweeps_partial_and_unreferenced_files(node_fact
     assert (root / "orphans" / "spool" / "ab" / "1.2.3.4.5" / "9.9.9.dcm").is_file()  # set aside, not deleted
 
 
-def test_a_garbage_command_set_ends_that_association_only(node_factory):
-    node = node_factory(node={"max_associations": 1})
+def test_a_garbage_command_set_ends_that_association_only(one_slot_node):
+    node = one_slot_node
+    mark = node.log_mark()
     s = established(node.port, node.ae_title)
     s.sendall(p_data(1, b"\x07\x00\x99\x00garbage garbage garbage", command=True, last=True))
     assert closed_by_peer(s, 5) is not None
     wait_for(lambda: echo(node), 3, interval=0.1, what="the slot back")
     assert node.proc.poll() is None
-    log = node.log()
+    log = node.log(mark)
     assert "Exception in thread" not in log  # no reactor thread died
     assert "DIMSE message could not be processed" in log
     assert "has no attribute" not in log  # pynetdicom's own exception messages are withheld (may quote data)
@@ -246,37 +256,33 @@ def _peak_rss_mb(pid: int) -> float:
 def _send_deflated(node, path: Path):
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from tests.test_ingest import _send_file
-
-    return _send_file(node, path, [DeflatedExplicitVRLittleEndian])
+    return send_file(node, path, [DeflatedExplicitVRLittleEndian])
 
 
 def test_a_deflate_bomb_is_refused_with_bounded_memory(node_factory, tmp_path):
-    _send_file = _send_deflated
     node = node_factory(node={"max_inflated_mb": 256})
     bomb = _deflated_file(tmp_path / "bomb.dcm", 18000 * 18000 * 2, 18000, 18000)  # 648 MB of pixels
     assert bomb.stat().st_size < 2 << 20
     ok = _deflated_file(tmp_path / "ok.dcm", 256 * 256 * 2, 256, 256)
-    assert _send_file(node, ok).Status == 0x0000  # a deflated image of ordinary size is stored
+    assert _send_deflated(node, ok).Status == 0x0000  # a deflated image of ordinary size is stored
     before = _peak_rss_mb(node.proc.pid)
-    status = _send_file(node, bomb)
+    status = _send_deflated(node, bomb)
     assert status.Status == 0xC210 and "inflates beyond 256 MB" in status.ErrorComment
     assert _peak_rss_mb(node.proc.pid) - before < 100  # the node's peak memory barely moved
     assert "node.max_inflated_mb" in node.log()
     assert not tmp_files(node) and node.status()["instances"]["total"] == 1
 
 
-def test_a_data_set_shorter_than_its_own_lengths_is_refused_naming_the_element(node_factory, tmp_path):
-    from tests.test_ingest import _send_file
-
-    node = node_factory()
+def test_a_data_set_shorter_than_its_own_lengths_is_refused_naming_the_element(shared_node, tmp_path):
+    node = shared_node
+    stored, mark = spool_files(node), node.log_mark()
     make_cxr(tmp_path / "a.dcm", rows=64, cols=64)
     raw = (tmp_path / "a.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(raw[:-3000])  # the transfer stopped inside the pixel data
-    status = _send_file(node, tmp_path / "cut.dcm")
+    status = send_file(node, tmp_path / "cut.dcm")
     assert status.Status == 0xC210 and "ends inside PixelData" in status.ErrorComment
-    assert not tmp_files(node) and not spool_files(node)
-    assert "ends inside PixelData" in node.log()
+    assert not tmp_files(node) and spool_files(node) == stored
+    assert "ends inside PixelData" in node.log(mark)
 
 
 def test_a_calling_ae_is_accepted_only_from_its_own_host(node_factory):

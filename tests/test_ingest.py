@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
@@ -22,6 +21,7 @@ from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 from support.dicom_factory import compress, make_cxr
 from support.models import make_tiny_models
 from support.node import wait_for
+from support.scu import send_file
 
 
 def instances(node) -> list[dict]:
@@ -234,24 +234,6 @@ def test_missing_study_uid_refused(shared_node, tmp_path):
     assert status.Status == 0xA900 and "StudyInstanceUID" in status.ErrorComment  # does not match its IOD
 
 
-def _send_file(node, path, syntaxes: list[str] | None = None) -> Dataset:
-    """C-STORE of a file's bytes as they are; the command's SOP Instance UID comes from the file meta.
-    ``syntaxes``: the transfer syntaxes to propose (default: pynetdicom's)."""
-    from pynetdicom import _config
-
-    old, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        ae = AE(ae_title="PYSCU")
-        ae.add_requested_context(DigitalXRayImageStorageForPresentation, syntaxes)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
-        assert assoc.is_established
-        status = assoc.send_c_store(path)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
-    return status
-
-
 def test_uids_that_cannot_file_an_instance_are_refused_with_their_reason(shared_node, tmp_path):
     node = shared_node
     before = total(node)
@@ -261,24 +243,24 @@ def test_uids_that_cannot_file_an_instance_are_refused_with_their_reason(shared_
     other = uid[:-1] + ("1" if uid[-1] != "1" else "2")
     raw = (tmp_path / "mismatch.dcm").read_bytes()
     (tmp_path / "mismatch.dcm").write_bytes(raw.replace(uid.encode(), other.encode(), 1))  # the file meta's only
-    status = _send_file(node, tmp_path / "mismatch.dcm")
+    status = send_file(node, tmp_path / "mismatch.dcm")
     assert status.Status == 0xA900 and "differs from the command" in status.ErrorComment
     # no SOP Instance UID in the data set: refused, not filed under the command's UID
     ds = make_cxr(rows=32, cols=32)
     del ds.SOPInstanceUID
     ds.save_as(tmp_path / "no_sop.dcm", enforce_file_format=True)
-    status = _send_file(node, tmp_path / "no_sop.dcm")
+    status = send_file(node, tmp_path / "no_sop.dcm")
     assert status.Status == 0xA900 and "missing SOPInstanceUID" in status.ErrorComment
     # a UID with letters, and one of 70 characters
     for bad in ("1.2.826.0.1.3680043.abc", "1." + "2" * 68):
         ds = make_cxr(rows=32, cols=32, study_uid=bad)
         ds.save_as(tmp_path / "bad_uid.dcm", enforce_file_format=True)
-        status = _send_file(node, tmp_path / "bad_uid.dcm")
+        status = send_file(node, tmp_path / "bad_uid.dcm")
         assert status.Status == 0xC212 and "invalid StudyInstanceUID" in status.ErrorComment, hex(status.Status)
     # leading zeros in a component: not valid, but written by old modalities; accepted
     old = make_cxr(rows=32, cols=32, study_uid="1.2.840.113619.2.55.3.604688.01")
     old.save_as(tmp_path / "old.dcm", enforce_file_format=True)
-    assert _send_file(node, tmp_path / "old.dcm").Status == 0x0000
+    assert send_file(node, tmp_path / "old.dcm").Status == 0x0000
     assert total(node) == before + 1 and old.SOPInstanceUID in by_sop(node)
     assert node.proc.poll() is None
 

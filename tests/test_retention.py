@@ -20,7 +20,7 @@ from storage.base import utcnow
 from storage.ingest import InstanceMeta
 from storage.jobs import ResultSpec
 from storage.retention import Purger, RetentionPolicy, disk_used_percent
-from tests.support.dicom_factory import make_cxr
+from support.dicom_factory import make_cxr
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -174,13 +174,13 @@ def test_the_node_reports_what_retention_removed(node_factory, tmp_path):
 
 
 def test_the_running_node_removes_an_expired_study_and_says_so(node_factory, tmp_path):
-    from tests.support.node import wait_for
-    from tests.test_ingest import _send_file
+    from support.node import wait_for
+    from support.scu import send_file
 
     # keep_days of about 1 s: a lateral film (stored, nothing to analyse or deliver) expires at once
     node = node_factory(retention={"keep_days": 1.2e-5, "check_interval_s": 1}, studies={"stable_after_s": 0.5})
     make_cxr(tmp_path / "lat.dcm", rows=32, cols=32, view="LL")
-    assert _send_file(node, tmp_path / "lat.dcm").Status == 0x0000
+    assert send_file(node, tmp_path / "lat.dcm").Status == 0x0000
     wait_for(lambda: node.status()["purged"]["studies"] == 1, 20, what="the node's retention run")
     assert node.status()["instances"]["total"] == 0
     root = Path(node.config["storage"]["root"])
