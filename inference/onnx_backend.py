@@ -13,15 +13,19 @@ same code as with torch, so both backends give the same boxes and probabilities 
 ``export-onnx --int8`` writes a statically quantised export instead (:func:`quantize_int8`); the node then
 reports the model with "+int8" in its version and the export's sha256. On 2 CPU cores, float32 ONNX Runtime takes
 about 0.8x the torch time for the shipped models, with an int8 detector about 0.55x, with both int8 about 0.45x
-(``bench/pipeline.py --backend both``). On a GPU, the CUDA execution provider is used when the installed
-onnxruntime has it.
+(``bench/pipeline.py --backend both``, on a CPU with AVX-512 VNNI). On an x86 CPU without VNNI (AVX2 only) the
+int8 exports get 7-bit weights (:func:`int8_kernels_saturate`). On a GPU, the CUDA execution provider is used when
+the installed onnxruntime has it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import platform
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -98,6 +102,24 @@ def _unactivated_convs(graph) -> list[str]:
     ]
 
 
+@functools.cache
+def int8_kernels_saturate() -> bool:
+    """Whether ONNX Runtime's int8 convolutions can saturate on this CPU: an x86 CPU without VNNI (AVX2 only, e.g.
+    AMD EPYC before Zen 4, Xeons before Cascade Lake). There its uint8 x int8 kernels add pairs of 8-bit products
+    in 16 bits (``vpmaddubsw``), and with 8-bit weights a pair can exceed 32767: the sum is clipped, and a strong
+    finding can vanish (the shipped detector lost a 0.75 box on such a CPU, while the same int8 graph, run without
+    the int8 kernels, kept it within 0.13). With 7-bit weights (``reduce_range``) no pair can overflow. VNNI
+    (``avx512_vnni``, ``avx_vnni``) multiplies and accumulates in 32 bits, and other architectures (ARM) have no
+    such kernel. An x86 CPU whose flags cannot be read (no ``/proc/cpuinfo``) counts as saturating."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return True
+    return re.search(r"\b(avx512_vnni|avx_vnni)\b", cpuinfo) is None
+
+
 def quantize_int8(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -115,7 +137,9 @@ def quantize_int8(
     film that looks unlike them (a strong finding's score would come out as sigmoid(clipped) = 0.5). The
     source's metadata (the model file it was made from) is kept, and ``dicom_node_precision: int8`` with
     ``calibration`` (what the ranges were measured on) is added. ``reduce_range``: 7-bit weights, which avoid the
-    saturation of ONNX Runtime's int8 kernels on x86 CPUs without VNNI (AVX2 only), at some cost in precision."""
+    saturation of ONNX Runtime's int8 kernels on x86 CPUs without VNNI (AVX2 only), at some cost in precision. They
+    are used whenever the CPU doing the export is such a CPU (:func:`int8_kernels_saturate`), asked or not: an
+    export is made on the machine that will serve it (README), and 8-bit weights would give wrong results there."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -127,6 +151,12 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, out = Path(src), Path(out)
+    if not reduce_range and int8_kernels_saturate():
+        log.warning(
+            "%s: this CPU has no VNNI (AVX2 only), where ONNX Runtime's 8-bit kernels can saturate: 7-bit weights",
+            out.name,
+        )
+        reduce_range = True
     graph = onnx.load(str(src))
     name = graph.graph.input[0].name
     meta = {p.key: p.value for p in graph.metadata_props}
@@ -202,6 +232,18 @@ class OnnxModule(torch.nn.Module):
             raise ModelError(f"{what}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
         # "float32", or "int8" for an export quantised with ``export-onnx --int8``
         self.precision = self.metadata.get(PRECISION_KEY, "float32")
+        if (
+            self.precision == "int8"
+            and "7-bit" not in self.metadata.get(CALIBRATION_KEY, "")
+            and self.session.get_providers()[0] == "CPUExecutionProvider"
+            and int8_kernels_saturate()
+        ):
+            log.warning(
+                "%s: an int8 export with 8-bit weights, for CPUs with VNNI; this CPU has none (AVX2 only), and ONNX "
+                "Runtime's 8-bit kernels can saturate here (a strong finding can vanish): export it again on this "
+                "machine (export-onnx --int8 gives 7-bit weights here)",
+                "the embedded ONNX graph" if isinstance(graph, bytes) else str(graph),
+            )
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(inp.shape)
