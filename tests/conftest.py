@@ -22,6 +22,12 @@ from support.node import NodeProcess, free_port, wait_for  # noqa: E402
 __all__ = ["NodeProcess", "free_port", "wait_for"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (stable otherwise): the test processes then finish together, instead of one of them
+    running the last browser or Orthanc test alone while the other is done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing: the tests read real data from ../shared beside the repository")

@@ -36,6 +36,7 @@ def test_analyze_with_a_missing_model_file_says_which_and_exits_1(tmp_path, samp
     assert "nowhere/classifier.pt" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # analyze loads the shipped models
 def test_analyze_outside_the_repository_uses_the_shipped_models(tmp_path, samples_dir):
     r = dicom_node("analyze", str(samples_dir / "fodicom_CR-MONO1-10-chest.dcm"), "-o", "out", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -133,6 +133,7 @@ def test_sr_of_a_study_with_one_unjudged_image_reports_the_other_and_names_the_f
     assert '(82334004,SCT,"Indeterminate")' in text and '(111286,DCM,"No abnormality")' in text
 
 
+@pytest.mark.slow  # analyze loads the shipped models
 def test_analyze_refuses_a_colour_photo_and_a_blank_image_with_their_reasons(tmp_path, real_image):
     grey = np.rint(real_image * 255).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "photo.png"), np.dstack([grey // 2, grey, np.clip(grey.astype(int) + 80, 0, 255)]))

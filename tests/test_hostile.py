@@ -285,6 +285,7 @@ def test_a_data_set_shorter_than_its_own_lengths_is_refused_naming_the_element(s
     assert "ends inside PixelData" in node.log(mark)
 
 
+@pytest.mark.slow  # check-config loads the shipped models
 def test_a_calling_ae_is_accepted_only_from_its_own_host(node_factory):
     node = node_factory(node={"allowed_peers": [{"ae_title": "PACS", "hosts": ["127.0.0.2", "127.0.1.0/24"]}]})
 

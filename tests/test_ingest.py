@@ -390,6 +390,7 @@ def test_no_phi_in_logs(node_factory, tmp_path):
         assert value not in status_text
 
 
+@pytest.mark.slow  # a worker process loads models
 def test_no_phi_in_logs_when_odd_headers_go_through_the_worker(node_factory, tmp_path):
     """Invalid dates, ages, names and character sets make pydicom and highdicom complain, quoting the value: none
     of that may reach the node's log, and the study still gets its result."""
@@ -463,6 +464,7 @@ def test_a_full_disk_answers_0xA700_and_the_association_lives_on(node_factory, t
     assert "Traceback" not in node.log()
 
 
+@pytest.mark.slow  # check-config loads the shipped models
 def test_check_config_names_the_bad_key(tmp_path):
     import sys
 

@@ -55,6 +55,7 @@ def deliveries(node) -> list[dict]:
     return node.rows("SELECT * FROM deliveries")
 
 
+@pytest.mark.slow  # a worker process loads models
 def test_study_results_arrive_at_pacs(node_factory, models, pacs, tmp_path):
     scp = pacs().start()
     node = result_node(node_factory, models, scp.port)
@@ -159,6 +160,7 @@ def test_rejected_association_fails_at_once_and_retry_requeues(node_factory, pac
     assert [d.SOPInstanceUID for d in scp.received()] == [sr.SOPInstanceUID]
 
 
+@pytest.mark.slow  # a worker process loads models
 def test_failed_job_is_recorded_and_worker_goes_on(node_factory, models, pacs, tmp_path):
     scp = pacs().start()
     node = result_node(node_factory, models, scp.port, outputs=("sr",))
@@ -174,6 +176,7 @@ def test_failed_job_is_recorded_and_worker_goes_on(node_factory, models, pacs, t
     assert "PixelDataError" in reason and "image 1 of 1" in reason
 
 
+@pytest.mark.slow  # a worker process loads models
 def test_one_undecodable_image_does_not_cost_the_study_its_result(node_factory, models, pacs, tmp_path):
     scp = pacs().start()
     node = result_node(node_factory, models, scp.port, outputs=("sr", "sc"))
@@ -195,6 +198,7 @@ def test_one_undecodable_image_does_not_cost_the_study_its_result(node_factory, 
     assert '(82334004,SCT,"Indeterminate")' in text
 
 
+@pytest.mark.slow  # a worker process loads models
 def test_reanalyze_and_own_outputs_are_ignored(node_factory, models, pacs, tmp_path):
     scp = pacs().start()
     node = result_node(node_factory, models, scp.port, outputs=("sr", "sc"))
@@ -248,6 +252,7 @@ def test_transient_rejection_is_retried(node_factory, tmp_path):
         server.shutdown()
 
 
+@pytest.mark.slow  # a worker process loads models
 def test_whole_flow_on_postgresql(node_factory, models, pacs, tmp_path, postgres_url):
     """PostgreSQL is a configuration change away: storage.database_url pointed at a server, nothing else."""
     scp = pacs().start()

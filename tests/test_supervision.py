@@ -16,6 +16,8 @@ import pytest
 from support.dicom_factory import make_cxr
 from support.node import NodeProcess, wait_for
 
+pytestmark = pytest.mark.slow  # worker processes load models
+
 
 def test_models_that_do_not_load_stop_check_config_and_serve(tmp_path, models):
     missing = tmp_path / "nowhere" / "classifier.pt"

@@ -10,10 +10,13 @@ import signal
 import urllib.error
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.dicom_factory import make_cxr
 from support.node import wait_for
+
+pytestmark = pytest.mark.slow  # a worker process loads models
 
 
 def get(url: str) -> tuple[int, str]:
