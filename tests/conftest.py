@@ -16,6 +16,10 @@ DATASETS = SHARED / "datasets"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("YOLO_CONFIG_DIR", str(REPO / ".yolo"))
 os.environ.setdefault("MPLCONFIGDIR", str(REPO / ".yolo" / "mpl"))
+# One compute thread per process: the test processes (pytest-xdist) and the nodes, workers and commands they start
+# already share the cores; more threads per process would only spin against each other. A test that needs more
+# threads sets them itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from support.node import NodeProcess, free_port, wait_for  # noqa: E402
 
