@@ -25,7 +25,15 @@ from inference.training.train_classifier import (
     worst_view_auc,
 )
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread for these tests, whichever module ran before in this process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)  # the next module's tests in this test process get what they had
+
 
 SIZE = 64
 PROB_FIELDS = [f.name for f in fields(AugmentConfig) if f.name.startswith("p_")]

@@ -23,7 +23,15 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 NIH_IMAGES = SHARED / "datasets" / "nih-bbox" / "images"
 SAMPLES = SHARED / "samples"
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread, whichever module ran before in this process: a batch and the single images then
+    sum in the same order (the tiny detector's boxes tie, so the order of the sums decides which boxes survive)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)  # the next module's tests in this test process get what they had
 
 
 @pytest.fixture(scope="module")

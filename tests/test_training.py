@@ -43,8 +43,16 @@ def matched():
     return {k: [s for s in samples if s.split == k] for k in ("train", "val", "test")}
 
 
-def test_tiny_classifier_learns_and_resumes(matched, tmp_path):
+@pytest.fixture
+def two_torch_threads():
+    """Two intra-op threads while training; what the test process had before afterwards."""
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_classifier_learns_and_resumes(matched, tmp_path, two_torch_threads):
     train, val = subsample(matched["train"], 48, 0), subsample(matched["val"], 40, 0)
     cfg = ClassifierTrainConfig(
         arch="resnet10t", input_size=64, epochs=3, batch=16, seed=0, lr=3e-3, augment="none", select="auc"
@@ -224,12 +232,13 @@ def test_yolo_export_shows_the_detector_what_the_node_shows_it(parts, tmp_path):
     assert cv2_big.shape == (512, 512)
 
 
-def test_init_weights_start_a_3_channel_imagenet_style_classifier_from_a_local_checkpoint(matched, tmp_path):
+def test_init_weights_start_a_3_channel_imagenet_style_classifier_from_a_local_checkpoint(
+    matched, tmp_path, two_torch_threads
+):
     """The research project's recipe offline: a timm network with 3 channels and ImageNet normalisation, started
     from a local ImageNet-style checkpoint (here a random 1000-class resnet10t saved as notebooks save it)."""
     import timm
 
-    torch.set_num_threads(2)
     torch.manual_seed(5)
     imagenet = timm.create_model("resnet10t", pretrained=False, num_classes=1000)
     torch.save(imagenet.state_dict(), tmp_path / "resnet10t-imagenet.pth")
