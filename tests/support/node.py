@@ -12,6 +12,7 @@ themselves are tested on their own (tests/test_migrations.py) and by every node 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
@@ -40,6 +41,7 @@ WEB = re.compile(r"web console, healthz, readyz, metrics on (http://\S+:\d+)")
 def template_database() -> Path:
     """A SQLite database migrated to the head, made once per test process; nodes start from copies of it."""
     folder = Path(tempfile.mkdtemp(prefix="dicom-node-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # nothing left in /tmp by the test process
     store = Store(f"sqlite:///{folder / 'template.sqlite3'}", folder / "spool")
     store.close()
     return folder / "template.sqlite3"
