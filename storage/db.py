@@ -48,6 +48,13 @@ class Instance(Base):
     body_part: Mapped[str] = mapped_column(String(64), default="")
     view_position: Mapped[str] = mapped_column(String(16), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    # What site validation and drift watching group by: the acquiring device, the study's date, its accession
+    # number (site ground truth may be keyed by it). "" when the header has none.
+    manufacturer: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    model_name: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    station_name: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="", server_default="")  # YYYYMMDD
+    accession_number: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)
     size_bytes: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
@@ -86,6 +93,9 @@ class ImageResult(Base):
     study_uid: Mapped[str] = mapped_column(UID, index=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     p_abnormal: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The classifier's raw probability, before the operating point of the image's view was mapped to 0.5: a site
+    # calibration proposed by `validate` is chosen on this scale. NULL for results made before it was kept.
+    p_raw: Mapped[float | None] = mapped_column(Float, nullable=True)
     abnormal: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     not_analysable: Mapped[str | None] = mapped_column(Text, nullable=True)
 
@@ -166,6 +176,89 @@ class Purge(Base):
     instances: Mapped[int] = mapped_column(Integer)
     results: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class GroundTruth(Base):
+    """A site's own truth about a study: from a CSV (``dicom-node ground-truth import``) or an operator's verdict
+    in the console. The newest row of a study counts. ``study_uid`` or ``accession_number`` names the study (a CSV
+    row keyed by accession number is matched to its study when validating)."""
+
+    __tablename__ = "ground_truth"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    abnormal: Mapped[bool] = mapped_column(Boolean)
+    findings: Mapped[str] = mapped_column(Text, default="")  # finding names, "; "-separated ("" = none given)
+    verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)  # console: agree/disagree/missed
+    source: Mapped[str] = mapped_column(String(200))  # "csv:<file name>" or "console:<user>"
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Validation(Base):
+    """One site validation (``dicom-node validate``): for which model files, over which studies, with what
+    result. A model file with another sha256 has none until it gets its own."""
+
+    __tablename__ = "validations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    classifier_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    detector_sha256: Mapped[str] = mapped_column(String(64))
+    calibration: Mapped[str] = mapped_column(Text, default="")  # the calibration in force (file, sha256) or ""
+    period_start: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # results' received times
+    period_end: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    n: Mapped[int] = mapped_column(Integer)
+    positives: Mapped[int] = mapped_column(Integer)
+    auc: Mapped[float | None] = mapped_column(Float, nullable=True)
+    auc_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    auc_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sensitivity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sensitivity_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sensitivity_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    specificity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    specificity_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    specificity_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    report_path: Mapped[str] = mapped_column(Text, default="")  # the HTML report
+    by: Mapped[str] = mapped_column(String(200), default="")  # "cli" or "console:<user>"
+    # Everything else as JSON: per view / device / month, the proposed calibration, and the reference
+    # distribution of P(abnormal) per device that drift watching compares live traffic with.
+    details: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class BackfillRun(Base):
+    """A retrospective pull from the PACS (``dicom-node backfill``): its query and bounds; ``serve`` works it."""
+
+    __tablename__ = "backfill_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # searching, moving, done, cancelled, failed
+    query: Mapped[str] = mapped_column(Text)  # JSON: dates, modalities, accession numbers, study UIDs
+    settings: Mapped[str] = mapped_column(Text, default="{}")  # JSON: source, concurrency, rate, window
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # the search's retry
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class BackfillStudy(Base):
+    """One study a backfill pulls. A study is pulled once, whichever run found it; results of a pulled study are
+    never delivered (retrospective)."""
+
+    __tablename__ = "backfill_studies"
+    __table_args__ = (Index("ix_backfill_due", "state", "next_attempt_at"),)
+    study_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    run_id: Mapped[int] = mapped_column(Integer, ForeignKey("backfill_runs.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))  # pending, moving, moved, failed, skipped
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    expected_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)  # from the C-FIND answer
+    moved_instances: Mapped[int] = mapped_column(Integer, default=0)  # completed C-MOVE sub-operations
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

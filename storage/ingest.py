@@ -32,6 +32,12 @@ class InstanceMeta:
     calling_ae: str
     eligible: bool
     skip_reason: str | None
+    # the acquiring device and the study's date and accession number ("" = not in the header)
+    manufacturer: str = ""
+    model_name: str = ""
+    station_name: str = ""
+    study_date: str = ""
+    accession_number: str = ""
 
 
 @dataclass(frozen=True)

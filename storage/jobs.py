@@ -56,6 +56,7 @@ class ImageVerdict:
     abnormal: bool | None
     not_analysable: str | None
     findings: tuple[FindingSpec, ...] = ()
+    p_raw: float | None = None  # the classifier's own probability, before the view's operating point
 
 
 def worker_state(state: str, heartbeat_at: datetime, now: datetime) -> str:
@@ -182,6 +183,7 @@ class JobStore(StoreBase):
                         study_uid=study_uid,
                         sop_instance_uid=image.sop_instance_uid,
                         p_abnormal=image.p_abnormal,
+                        p_raw=image.p_raw,
                         abnormal=image.abnormal,
                         not_analysable=image.not_analysable,
                     )

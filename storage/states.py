@@ -16,3 +16,4 @@ class DeliveryState(StrEnum):
     PENDING = "pending"  # due at next_attempt_at
     DELIVERED = "delivered"
     FAILED = "failed"  # permanent failure or attempts exhausted; `dicom-node retry` re-queues
+    HELD = "held"  # made for a silent destination: kept, never sent unless an operator releases it

@@ -32,6 +32,21 @@ def header_fields(ds: Dataset) -> dict[str, str]:
     }
 
 
+def device_fields(ds: Dataset) -> dict[str, str]:
+    """The acquiring device, the study date and the accession number, as the header gives them (at most 64
+    characters; "" when absent): site validation and drift watching group results by them."""
+    out = {}
+    for key, keyword in (
+        ("manufacturer", "Manufacturer"),
+        ("model_name", "ManufacturerModelName"),
+        ("station_name", "StationName"),
+        ("study_date", "StudyDate"),
+        ("accession_number", "AccessionNumber"),
+    ):
+        out[key] = _raw_text(ds, keyword)[: 8 if key == "study_date" else 64]
+    return out
+
+
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 

@@ -38,7 +38,7 @@ from dicom_node.errors import (
     UIDMismatchError,
     UndecodableInstanceError,
 )
-from dicom_node.ingest.selection import header_fields, select
+from dicom_node.ingest.selection import device_fields, header_fields, select
 from dicom_node.ingest.statuses import STORED, status_for
 from dicom_node.logs import safe_traceback
 from dicom_node.net.fastpath import start_flush
@@ -284,6 +284,7 @@ class StoreHandler:
             raise InvalidUIDError(f"invalid {', '.join(invalid)}")
         try:
             fields = header_fields(ds)
+            device = device_fields(ds)
         except Exception as exc:
             raise UndecodableInstanceError(f"dataset cannot be decoded ({type(exc).__name__})") from exc
         # The node's outputs are SR, SC and PR objects: only those need the lookup in its results table.
@@ -302,6 +303,7 @@ class StoreHandler:
             eligible=eligible,
             skip_reason=reason,
             **{k: v[:64] for k, v in fields.items()},
+            **device,
         )
         stored = self.store.add_instance(received, meta, self.config.studies.stable_after_s)
         return stored, eligible, reason, study_uid

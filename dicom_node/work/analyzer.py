@@ -5,6 +5,7 @@ Pure: it reads the job's spool files and writes nothing; the worker hands its re
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -59,6 +60,14 @@ class Analyzer:
         self.pipeline = pipeline
         self.identity = node_identity(config, pipeline)
 
+    def _raw(self, a: _Analysed) -> float | None:
+        """The classifier's raw probability of the image (before its view's operating point was mapped to 0.5)."""
+        p = a.prediction.p_abnormal
+        if a.prediction.not_analysable or not 0.0 < p < 1.0:
+            return None if a.prediction.not_analysable else float(p)
+        shift = self.pipeline.classifier.logit_shift(header_fields(a.header)["view_position"] or None)
+        return float(1.0 / (1.0 + math.exp(-(math.log(p / (1.0 - p)) + shift))))
+
     def wanted(self, kind: str) -> tuple[str, ...]:
         return tuple(d.name for d in self.config.destinations if kind in d.outputs)
 
@@ -101,7 +110,7 @@ class Analyzer:
                 continue
             try:
                 n = sum(1 for t in todo if t[0] == j)
-                verdicts = [verdict(a.sop_uid, a.prediction) for a in got]
+                verdicts = [verdict(a.sop_uid, a.prediction, self._raw(a)) for a in got]
                 out.append((self._encode(got), per_image_s * n, verdicts))
             except Exception as exc:  # noqa: BLE001 - an encoding failure fails this job only
                 out.append(exc)
@@ -185,11 +194,12 @@ class Analyzer:
         return results
 
 
-def verdict(sop_uid: str, pred: Prediction) -> ImageVerdict:
+def verdict(sop_uid: str, pred: Prediction, p_raw: float | None = None) -> ImageVerdict:
+    """What is kept of one image's prediction. P(abnormal) is kept unrounded: site validation ranks by it."""
     if pred.not_analysable:
         return ImageVerdict(sop_uid, None, None, pred.not_analysable)
     findings = tuple(FindingSpec(f.label, round(f.score, 4), f.box) for f in pred.findings)
-    return ImageVerdict(sop_uid, round(pred.p_abnormal, 4), pred.abnormal, None, findings)
+    return ImageVerdict(sop_uid, float(pred.p_abnormal), pred.abnormal, None, findings, p_raw)
 
 
 def _spec(kind: str, ds: Dataset, source_sop_uid: str | None, destinations: tuple[str, ...]) -> ResultSpec:
