@@ -173,7 +173,9 @@ def measure(n: int, repeat: int, password_hash: str) -> dict[str, list[float]]:
             {
                 "storage": {"root": tmp},
                 "web": {"port": 0, "users": {"bench": password_hash}},
-                "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11113}],
+                "destinations": [
+                    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11113, "mode": "live"}
+                ],
             },
             Path(tmp),
         )

@@ -35,6 +35,7 @@ from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError, WorkerStartError
 from dicom_node.factories import build_pipeline, describe_pipeline, open_store
 from dicom_node.ingest.assembly import StudyAssembler
+from dicom_node.ingest.backfill import Backfiller
 from dicom_node.ingest.store_handler import StoreHandler
 from dicom_node.logs import safe_traceback, setup_logging
 from dicom_node.net import spoolfile
@@ -86,6 +87,7 @@ class Node:
         self.assembler = StudyAssembler(self.store, self.scheduler)
         self.listener = Listener(config.node, StoreHandler(config, self.store, on_stored=self.assembler.arm))
         self.sender = Sender(config, self.store)
+        self.backfiller = Backfiller(config, self.store)  # pulls past studies from the PACS (dicom-node backfill)
         self._ready = multiprocessing.get_context("spawn").Queue()  # workers report "ready" or "failed" here
         self.workers = [
             WorkerProcess(worker_main, config.model_dump(mode="json"), i, self._ready)
@@ -154,6 +156,13 @@ class Node:
                 misfire_grace_time=None,
                 next_run_time=datetime.now(UTC),  # once at start-up, then every check_interval_s
             )
+        for d in self.config.destinations:
+            if d.mode == "silent":
+                log.warning(
+                    "destination %s is silent: its results are kept and shown in the console, not sent "
+                    "(mode: live sends new ones; README, Go live)",
+                    d.name,
+                )
         self.scheduler.add_job(
             self.sender.run_due,
             "interval",
@@ -163,6 +172,17 @@ class Node:
             coalesce=True,
             misfire_grace_time=None,
         )
+        if self.config.backfill.source is not None:
+            self.backfiller.start()
+            self.scheduler.add_job(
+                self.backfiller.tick,
+                "interval",
+                seconds=self.config.backfill.check_interval_s,
+                id="backfill",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
         return port
 
     def _wait_for_workers(self) -> None:
@@ -231,6 +251,7 @@ class Node:
             self.scheduler.remove_job("supervisor")  # no restarts while the workers are being stopped
         except Exception:  # noqa: BLE001 - not scheduled (no workers) or the scheduler never started
             pass
+        self.backfiller.stop()  # moves under way are aborted (and moved again at the next start)
         self.listener.stop()
         if self.web is not None:
             self.web.stop()

@@ -17,6 +17,8 @@ Events (``event`` field) and what each line carries besides ``ts`` (UTC, ISO 860
 ``console_reanalyse``       ``user``, ``study``, ``job``
 ``console_retry``           ``user``, ``delivery``
 ``console_analyse``         ``user``, ``files`` (how many were uploaded; nothing of them is kept)
+``console_verdict``         ``user``, ``study``, ``verdict`` (agree, disagree, missed), ``label`` (the ground truth)
+``console_validate``        ``user``, ``validation`` (its id), ``n`` (studies)
 ==========================  =================================================================================
 
 ``study`` is :func:`study_key`: the first 16 hex digits of the SHA-1 of the Study Instance UID - the name of

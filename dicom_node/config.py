@@ -232,6 +232,10 @@ class DestinationConfig(_Strict):
     port: int = Field(ge=1, le=65535)
     outputs: list[OutputKind] = Field(default_factory=lambda: list[OutputKind](["sr", "sc", "gsps"]))
     tls: DestinationTLSConfig | None = None  # null = plain DICOM
+    # silent: results are made, kept and shown in the console, never sent (the go-live path's first phase);
+    # live: sent. Silent is the default: a site turns a destination live after validating the models on its own
+    # studies (README, "Go live"). Results made while silent stay held when it goes live (`dicom-node release`).
+    mode: Literal["live", "silent"] = "silent"
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -278,6 +282,82 @@ class WebConfig(_Strict):
             raise ConfigError(str(exc)) from exc
 
 
+class BackfillSourceConfig(_Strict):
+    """The PACS a backfill queries (C-FIND) and retrieves from (C-MOVE)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: DestinationTLSConfig | None = None  # null = plain DICOM
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+def parse_window(value: str) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` -> (start, end) in minutes after midnight; the window may wrap midnight (22:00-06:00)."""
+    try:
+        start, end = value.split("-")
+        minutes = []
+        for part in (start, end):
+            hh, mm = part.strip().split(":")
+            if not (hh.isdigit() and mm.isdigit() and len(mm) == 2 and int(hh) < 24 and int(mm) < 60):
+                raise ValueError
+            minutes.append(int(hh) * 60 + int(mm))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a time window HH:MM-HH:MM (e.g. 22:00-06:00)") from None
+    if minutes[0] == minutes[1]:
+        raise ValueError(f"{value!r}: the window's start and end are the same")
+    return minutes[0], minutes[1]
+
+
+class BackfillConfig(_Strict):
+    """``dicom-node backfill``: pulling a site's past studies from its PACS, bounded so that it is never flooded."""
+
+    source: BackfillSourceConfig | None = None  # null = no PACS to pull from (backfill refuses to run)
+    move_destination: str | None = None  # the AE title the PACS knows this node by; null = node.ae_title
+    max_concurrent_moves: int = Field(1, ge=1, le=16)
+    studies_per_hour: int = Field(120, ge=0)  # C-MOVEs started per hour; 0 = unbounded
+    window: str | None = None  # e.g. "22:00-06:00" in the node's local time; null = any time
+    retry_initial_s: float = Field(30, gt=0)  # a failed search or move is retried after this, doubling ...
+    retry_max_s: float = Field(1800, gt=0)  # ... up to this
+    max_attempts: int = Field(20, ge=1)  # a study that failed this many times is given up (failed)
+    move_timeout_s: float = Field(600, gt=0)  # one study's C-MOVE is aborted (and retried) after this
+    check_interval_s: float = Field(1, gt=0)  # how often serve looks for searches and moves to start
+
+    @field_validator("move_destination")
+    @classmethod
+    def _check_destination(cls, v: str | None) -> str | None:
+        return None if v is None else _ae_title(v)
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_window(v)
+        return v
+
+
+class DriftConfig(_Strict):
+    """Drift watching of live traffic against the latest site validation (``/metrics``, the console's Drift page;
+    the rule is :func:`inference.drift.drift_status`'s). The defaults were chosen by measurement (README)."""
+
+    window_days: float = Field(7, gt=0)  # the rolling current window
+    min_studies: int = Field(30, ge=1)  # a device with fewer studies in the window gets no verdict
+    psi_alert: float = Field(0.25, gt=0)  # PSI above this alerts
+    flag_ratio_alert: tuple[float, float] = (0.5, 2.0)  # flag rate / validation's outside [low, high] alerts
+    bins: int = Field(5, ge=2, le=20)  # reference-quantile bins of the PSI
+    min_reference: int = Field(30, ge=1)  # a device with fewer validated cases is compared with all of them
+    weeks_shown: int = Field(12, ge=1)  # weeks on the Drift page
+    cache_s: float = Field(30, ge=0)  # /metrics recomputes at most this often
+
+    @field_validator("flag_ratio_alert")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < 1 < v[1]:
+            raise ValueError("flag_ratio_alert is [low, high] with 0 <= low < 1 < high, e.g. [0.5, 2.0]")
+        return v
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     audit_file: Path | None = None  # the audit trail (JSON lines); null = <storage.root>/audit.jsonl
@@ -301,6 +381,8 @@ class Config(_Strict):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    backfill: BackfillConfig = Field(default_factory=BackfillConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> "Config":
@@ -333,6 +415,11 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             for name in ("certificate", "private_key", "ca_certificates"):
                 if getattr(dest.tls, name) is not None:
                     setattr(dest.tls, name, fix(getattr(dest.tls, name)))
+    source_tls = cfg.backfill.source.tls if cfg.backfill.source is not None else None
+    if source_tls is not None:
+        for name in ("certificate", "private_key", "ca_certificates"):
+            if getattr(source_tls, name) is not None:
+                setattr(source_tls, name, fix(getattr(source_tls, name)))
     return cfg
 
 

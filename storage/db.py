@@ -238,6 +238,10 @@ class BackfillRun(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # the search's retry
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # What the search found: studies the PACS answered with, and of those the ones the node already held
+    # (received earlier, or pulled by an earlier run), which this run leaves alone.
+    found: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    already_held: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class BackfillStudy(Base):

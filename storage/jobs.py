@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import and_, or_, select, update
 
 from storage.base import StoreBase, database_errors, rowcount, utcnow
-from storage.db import Delivery, FindingRow, ImageResult, Instance, Job, Result, WorkerRow
+from storage.db import BackfillStudy, Delivery, FindingRow, ImageResult, Instance, Job, Result, WorkerRow
 from storage.errors import StaleJobError
 from storage.states import DeliveryState, JobState
 
@@ -37,7 +37,8 @@ class ResultSpec:
     series_uid: str
     source_sop_uid: str | None
     data: bytes
-    destinations: tuple[str, ...]
+    destinations: tuple[str, ...]  # live destinations: a pending delivery each
+    held: tuple[str, ...] = ()  # silent destinations: a held delivery each (sent only if an operator releases it)
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,8 @@ class JobStore(StoreBase):
         images: list[ImageVerdict] | None = None,
         models: str | None = None,
     ) -> None:
-        """Write result files, then commit their rows, one delivery per destination, the verdict per image and
-        the job's end at once.
+        """Write result files, then commit their rows, one delivery per destination (pending for a live one, held
+        for a silent one; none for a study a backfill pulled), the verdict per image and the job's end at once.
 
         Raises StaleJobError (and keeps nothing) when the job is no longer this worker's: its lease ran out and
         another worker took it over, so exactly one set of results is ever delivered."""
@@ -156,6 +157,8 @@ class JobStore(StoreBase):
             if job is None:  # only a finished study's jobs are ever purged: this worker's lease had run out
                 raise StaleJobError(f"job {job_id} no longer exists")
             study_uid = job.study_uid
+            # a study pulled from the archive by a backfill is never delivered anywhere
+            retrospective = s.get(BackfillStudy, study_uid) is not None
         paths = [self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid)) for r in results]
         with self._session.begin() as s:
             owned = rowcount(
@@ -217,12 +220,16 @@ class JobStore(StoreBase):
                 )
                 s.add(row)
                 s.flush()
-                for dest in spec.destinations:
+                if retrospective:
+                    continue
+                for dest, state in [(d, DeliveryState.PENDING) for d in spec.destinations] + [
+                    (d, DeliveryState.HELD) for d in spec.held
+                ]:
                     s.add(
                         Delivery(
                             result_id=row.id,
                             destination=dest,
-                            state=DeliveryState.PENDING,
+                            state=state,
                             attempts=0,
                             next_attempt_at=now,
                             created_at=now,

@@ -98,6 +98,44 @@ class OutboxStore(StoreBase):
         )
 
     @database_errors
+    def hold(self, delivery_ids: list[int]) -> int:
+        """Pending deliveries to a destination that is now silent: held, not sent (a destination switched from
+        live to silent sends nothing more)."""
+        with self._session.begin() as s:
+            return rowcount(
+                s.execute(
+                    update(Delivery)
+                    .where(Delivery.id.in_(delivery_ids), Delivery.state == DeliveryState.PENDING)
+                    .values(state=DeliveryState.HELD)
+                )
+            )
+
+    @database_errors
+    def release_held(self, destination: str, since: datetime | None = None, study_uid: str | None = None) -> int:
+        """An operator sends results held while ``destination`` was silent (``dicom-node release``): all of them,
+        those made since ``since``, or one study's. Returns how many deliveries were queued."""
+        which = and_(Delivery.destination == destination, Delivery.state == DeliveryState.HELD)
+        if since is not None:
+            which = and_(which, Delivery.created_at >= since)
+        if study_uid is not None:
+            which = and_(which, Delivery.result_id.in_(select(Result.id).where(Result.study_uid == study_uid)))
+        with self._session.begin() as s:
+            return rowcount(
+                s.execute(update(Delivery).where(which).values(state=DeliveryState.PENDING, next_attempt_at=utcnow()))
+            )
+
+    @database_errors
+    def held_counts(self) -> dict[str, int]:
+        """Held deliveries per destination."""
+        with self._session() as s:
+            rows = s.execute(
+                select(Delivery.destination, func.count())
+                .where(Delivery.state == DeliveryState.HELD)
+                .group_by(Delivery.destination)
+            )
+            return {r[0]: int(r[1]) for r in rows}
+
+    @database_errors
     def retry_failed(self, delivery_id: int | None = None) -> int:
         """Re-queue every failed delivery, or only ``delivery_id`` (operator actions: ``dicom-node retry``, the
         console's button); returns how many (0: that delivery is not failed)."""

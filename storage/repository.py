@@ -10,17 +10,23 @@ the session factory and the spool they share):
 - :class:`storage.jobs.JobStore`: the job queue with its leases, and the workers' heartbeats;
 - :class:`storage.outbox.OutboxStore`: result objects and their deliveries;
 - :class:`storage.reporting.ReportingStore`: the node-wide numbers of ``status`` and ``/metrics``;
-- :class:`storage.purges.PurgeStore`: retention's purges and the spool's unreferenced files.
+- :class:`storage.purges.PurgeStore`: retention's purges and the spool's unreferenced files;
+- :class:`storage.validation.ValidationStore`: site ground truth, validation cases and recorded validations;
+- :class:`storage.drift.DriftStore`: live results per device and week against a validation (drift watching);
+- :class:`storage.backfill.BackfillStore`: backfill runs (retrospective pulls from the PACS) and their studies.
 """
 
 from __future__ import annotations
 
+from storage.backfill import BackfillStore
+from storage.drift import DriftStore
 from storage.ingest import IngestStore
 from storage.jobs import JobStore
 from storage.outbox import OutboxStore
 from storage.purges import PurgeStore
 from storage.reporting import ReportingStore
+from storage.validation import ValidationStore
 
 
-class Store(IngestStore, JobStore, OutboxStore, ReportingStore, PurgeStore):
+class Store(IngestStore, JobStore, OutboxStore, ReportingStore, PurgeStore, ValidationStore, DriftStore, BackfillStore):
     """One database and spool; its methods are those of the concerns it is composed of."""

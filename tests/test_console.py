@@ -74,7 +74,14 @@ def test_console_in_a_browser(tmp_path, node_factory, models, browser, password_
         inference={"models": models},
         studies={"stable_after_s": 0.5},
         destinations=[
-            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port, "outputs": ["sr", "sc"]}
+            {
+                "name": "pacs",
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": pacs_port,
+                "outputs": ["sr", "sc"],
+                "mode": "live",
+            }
         ],
         delivery={"max_attempts": 1, "connect_timeout_s": 2},
         web={"users": {"alice": password_hash}},

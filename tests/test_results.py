@@ -43,7 +43,14 @@ def result_node(node_factory, models, port, outputs=("sr", "sc", "gsps"), **over
         workers={"count": 1, "job_lease_s": 5},
         inference={"models": models},
         destinations=[
-            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "outputs": list(outputs)}
+            {
+                "name": "pacs",
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": port,
+                "outputs": list(outputs),
+                "mode": "live",
+            }
         ],
         delivery={"backoff_initial_s": 0.5, "backoff_max_s": 1.0, "connect_timeout_s": 3},
     )
@@ -112,7 +119,9 @@ def sender_node(node_factory, port, tmp_path) -> tuple[NodeProcess, Dataset]:
     ``port``: the study is sent over DICOM, and its job is taken and finished through the store with the SR, as a
     worker does it. Returns (node, the SR)."""
     node = node_factory(
-        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "outputs": ["sr"]}],
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, "outputs": ["sr"], "mode": "live"}
+        ],
         delivery={"backoff_initial_s": 0.5, "backoff_max_s": 1.0, "connect_timeout_s": 3},
     )
     image = make_cxr(tmp_path / "a.dcm")

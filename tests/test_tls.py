@@ -141,6 +141,7 @@ def test_results_reach_an_orthanc_that_speaks_only_tls(pki, tmp_path):
                         "ae_title": pacs.aet,
                         "host": "127.0.0.1",
                         "port": pacs.port,
+                        "mode": "live",
                         "tls": {
                             "ca_certificates": str(pki / "ca.pem"),
                             "certificate": str(pki / "NODE-CLIENT.pem"),

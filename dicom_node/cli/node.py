@@ -1,5 +1,7 @@
-"""The node's own commands (serve, check-config, status, worker, retry, reanalyze, analyze, hash-password) and
-the main parser, which lists the training commands by name only (:mod:`dicom_node.cli.command_table`).
+"""The node's own commands (serve, check-config, status, worker, retry, release, reanalyze, analyze,
+hash-password) and
+the main parser, which lists the training commands by name only (:mod:`dicom_node.cli.command_table`); the go-live
+commands ground-truth and validate are :mod:`dicom_node.cli.golive`'s.
 
 Nothing here imports training code (an import contract in ``pyproject.toml`` checks it): ``serve``, ``worker``,
 ``status`` and ``check-config`` never load it.
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node import __version__
+from dicom_node.cli import backfill, golive
 from dicom_node.cli.command_table import TRAINING_COMMANDS
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError, DicomNodeError
@@ -45,12 +48,44 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"storage {cfg.storage.root}, {len(cfg.destinations)} destination(s)"
     )
     print(f"models OK: {describe_pipeline(pipeline)}")
+    for line in _destination_lines(cfg):
+        print(line)
     if cfg.web.enabled:
         print(
             f"web console on http://{cfg.web.host}:{cfg.web.port}: "
             + (f"{len(users)} user(s)" if users else "no users yet (dicom-node hash-password, then web.users)")
         )
     return 0
+
+
+def _destination_lines(cfg: Config) -> list[str]:
+    """One line per destination: silent (results held), or live, with a warning when the configured model pair has
+    no site validation (read from storage; the node may be running)."""
+    lines = [
+        f"destination {d.name}: silent (results kept and shown in the console, not sent; mode: live sends them)"
+        for d in cfg.destinations
+        if d.mode == "silent"
+    ]
+    live = [d.name for d in cfg.destinations if d.mode == "live"]
+    if live:
+        from dicom_node.factories import open_store
+        from dicom_node.work.site_validation import PairFacts, sr_parameter
+
+        store = open_store(cfg)
+        try:
+            validation, why = PairFacts().latest_validation(cfg, store)
+        finally:
+            store.close()
+        for name in live:
+            if validation is None:
+                lines.append(
+                    f"WARNING: destination {name} is live, but these model files have no site validation"
+                    f"{f' ({why})' if why else ''}: radiologists see results nobody measured here "
+                    "(README, Go live: backfill, ground-truth, validate)"
+                )
+            else:
+                lines.append(f"destination {name}: live; models {sr_parameter(validation)}")
+    return lines
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -127,6 +162,33 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    """Send results held while a destination was silent (all, since a date, or one study's)."""
+    from datetime import UTC, datetime
+
+    from dicom_node.cli.exit_codes import UsageError
+
+    cfg = _config(args)
+    dest = next((d for d in cfg.destinations if d.name == args.destination), None)
+    if dest is None:
+        names = ", ".join(d.name for d in cfg.destinations) or "none configured"
+        raise UsageError(f"no destination named {args.destination!r} ({names})")
+    if dest.mode != "live":
+        raise UsageError(f"destination {dest.name!r} is silent: set its mode: live first (held results stay held)")
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since).astimezone(UTC).replace(tzinfo=None)
+        except ValueError:
+            raise UsageError(f"--since {args.since!r}: expected a date or time, e.g. 2026-12-01") from None
+    if since is None and args.study_uid is None and not args.all:
+        raise UsageError("say which held results to send: --all, --since DATE or --study-uid UID")
+    with _store(args) as store:
+        n = store.release_held(dest.name, since, args.study_uid)
+    print(f"queued {n} held deliver{'y' if n == 1 else 'ies'} to {dest.name}; the running node sends them now")
+    return 0
+
+
 def cmd_reanalyze(args: argparse.Namespace) -> int:
     with _store(args) as store:
         job_id = store.reanalyze(args.study_uid)
@@ -180,12 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     command("hash-password", cmd_hash_password, "print a password hash for web.users (the console's logins)")
     command("worker", cmd_worker, "run one analysis worker against the same storage (add more to scale out)")
     command("retry", cmd_retry, "re-queue every failed delivery")
+    sp = command("release", cmd_release, "send results held while a destination was silent (after it went live)")
+    sp.add_argument("destination", help="the destination's name (destinations[].name)")
+    sp.add_argument("--all", action="store_true", help="every held result of this destination")
+    sp.add_argument("--since", help="only results made since this date/time (ISO, e.g. 2026-12-01)")
+    sp.add_argument("--study-uid", help="only this study's results")
     command("reanalyze", cmd_reanalyze, "queue a re-analysis of a study").add_argument(
         "study_uid", help="Study Instance UID"
     )
     sp = command("analyze", cmd_analyze, "analyse DICOM, PNG or JPEG files offline; writes JSON + overlay PNG")
     sp.add_argument("files", nargs="+", help="files or folders")
     sp.add_argument("--output", "-o", default="analysis", help="output folder (default: ./analysis)")
+    golive.add_commands(command)
+    backfill.add_command(command)
     for name, help in TRAINING_COMMANDS.items():  # listed here; parsed by dicom_node.cli.offline
         sub.add_parser(name, help=help + f" (see: dicom-node {name} --help)", add_help=False)
     return p

@@ -85,6 +85,12 @@ class Sender:
             for d in batch:
                 self.store.mark_failed(d.id, f"destination {name!r} is not in the configuration")
             return 0
+        if dest.mode == "silent":  # switched from live to silent: what was still pending is held, not sent
+            held = self.store.hold([d.id for d in batch])
+            log.warning(
+                "destination %s is silent: %d pending deliveries held (dicom-node release sends them)", name, held
+            )
+            return 0
         datasets = {}
         for d in batch:
             try:

@@ -36,6 +36,9 @@ class NodeIdentity:
     station_name: str | None = None  # e.g. the node's AE title
     device_serial_number: str = "0"  # required by the GSPS IOD (Type 1 in highdicom)
     models: tuple[ModelInfo, ...] = field(default_factory=tuple)
+    # The model pair's site validation, an SR Algorithm Parameter: "site-validated 2026-12-01, n=412" or "no site
+    # validation" (the worker looks it up before each job); "" leaves the parameter out.
+    site_validation: str = ""
 
 
 def model_device_uid(models: Iterable[ModelInfo]) -> str:

@@ -72,6 +72,8 @@ def _algorithm(identity: NodeIdentity, models: tuple[ModelInfo, ...], fusion: st
     version = models_summary(models) or identity.software_version
     params = [f"dicom-node {identity.software_version}", f"fusion={fusion}"]
     params += [f"{m.name}.sha256={m.sha256}" for m in models]
+    if identity.site_validation:
+        params.append(identity.site_validation)
     return hd.sr.AlgorithmIdentification(
         name=identity.algorithm_name,
         version=version,

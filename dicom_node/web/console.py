@@ -8,7 +8,12 @@
     /deliveries/{id}/retry     POST: re-queue one failed delivery
     /results/{id}.png          a Secondary Capture overlay as PNG
     /analyse                   upload DICOM/PNG/JPEG files, see what ``dicom-node analyze`` says (nothing kept)
-    /models                    the configured model files: versions, sha256, metrics, the model card
+    /models                    the configured model files: versions, sha256, metrics, the model card, the latest
+                               site validation of the pair
+    /studies/{uid}/verdict     POST: an operator's verdict on the study's result (agree / disagree / finding
+                               missed), kept as site ground truth
+    /validation                the site validations (``dicom-node validate``); POST /validation/run makes one
+    /validation/{id}/report    a validation's HTML report
 
 Every page needs a login (``web.users``); every POST carries the session's CSRF token. Patient name and ID are
 shown on a study's page (read from its first image), never written to a log; actions go to the audit trail.
@@ -29,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -43,6 +48,9 @@ from dicom_node import __version__, audit
 from dicom_node.config import Config
 from dicom_node.passwords import hash_password, verify_password
 from dicom_node.web.auth import LoginThrottle, csrf_ok
+from dicom_node.web.drift import DriftWatch, weekly_chart
+from dicom_node.work.site_validation import PairFacts
+from inference.types import FINDING_CLASSES
 from storage import Store
 from storage.errors import UnknownStudyError
 from storage.queries import STUDY_STATES, Queries
@@ -145,6 +153,8 @@ class Console:
         self.dummy_hash = hash_password(secrets.token_urlsafe(16))
         self.pipeline = LazyPipeline(load_pipeline)
         self.models = ModelFacts()
+        self.pair = PairFacts()  # the configured pair's sha256s without torch (site validation)
+        self.drift = DriftWatch(config, store)  # live traffic against the latest validation
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         env = self.templates.env
         env.filters.update(ago=_ago, when=_when, mb=_mb)
@@ -164,6 +174,11 @@ class Console:
             Route("/analyse", self.page(self.analyse_form)),
             Route("/analyse", self.action(self.analyse), methods=["POST"]),
             Route("/models", self.page(self.model_page)),
+            Route("/studies/{uid}/verdict", self.action(self.verdict), methods=["POST"]),
+            Route("/validation", self.page(self.validation_page)),
+            Route("/validation/run", self.action(self.validate_now), methods=["POST"]),
+            Route("/validation/{validation_id:int}/report", self.page(self.validation_report)),
+            Route("/drift", self.page(self.drift_page)),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
 
@@ -255,6 +270,7 @@ class Console:
                 "throughput": self.queries.throughput(),
                 "workers": self.queries.workers(),
                 "destinations": self.queries.destinations([d.name for d in self.config.destinations]),
+                "backfill": self.store.backfill_progress(limit=5),  # retrospective pulls from the PACS
                 "disk": {
                     "free_mb": disk.free / 2**20,  # MiB, as storage.min_free_disk_mb is checked
                     "total_mb": disk.total / 2**20,
@@ -263,6 +279,7 @@ class Console:
             }
 
         data = await run_in_threadpool(gather)
+        data["unvalidated_live"] = await run_in_threadpool(self._unvalidated_live)
         peak = max([1] + [b[k] for b in data["throughput"] for k in ("received", "analysed", "sent")])
         return self.render(request, "overview.html", peak=peak, **data)
 
@@ -302,6 +319,8 @@ class Console:
             verdicts=verdicts,
             overlays=overlays,
             notice=request.query_params.get("notice"),
+            truth=await run_in_threadpool(self.store.ground_truth_of, uid),
+            finding_classes=FINDING_CLASSES,
         )
 
     async def reanalyse(self, request: Request, user: str) -> Response:
@@ -392,9 +411,119 @@ class Console:
             for folder in {m.classifier.parent, m.detector.parent}:
                 if (folder / "MODEL_CARD.md").is_file():
                     card = (folder / "MODEL_CARD.md").read_text(encoding="utf-8", errors="replace")
-            return {"files": files, "card": card, "workers": self.queries.workers()}
+            validation, problem = self.pair.latest_validation(self.config, self.store)
+            return {
+                "files": files,
+                "card": card,
+                "workers": self.queries.workers(),
+                "validation": validation,
+                "validation_problem": problem,
+            }
 
         return self.render(request, "models.html", **await run_in_threadpool(gather))
+
+    # ---- site ground truth and validation ----------------------------------------------------------------
+    def _unvalidated_live(self) -> list[str]:
+        """Live destinations served by a model pair without site validation (the overview warns)."""
+        live = [d.name for d in self.config.destinations if getattr(d, "mode", "live") == "live"]
+        if not live:
+            return []
+        validation, _ = self.pair.latest_validation(self.config, self.store)
+        return [] if validation is not None else live
+
+    async def verdict(self, request: Request, user: str) -> Response:
+        uid = request.path_params["uid"]
+        form = await request.form()  # parsed (and size-checked) by action()
+        verdict = str(form.get("verdict") or "")
+        finding = str(form.get("finding") or "").strip()
+        note = str(form.get("note") or "").strip()[:1000]
+        back = f"/studies/{quote(uid)}?notice="
+        if verdict == "missed" and finding not in FINDING_CLASSES:
+            return RedirectResponse(back + quote_plus("choose which finding was missed"), status_code=303)
+        try:
+            rec = await run_in_threadpool(self.store.record_verdict, uid, verdict, user, finding, note)
+        except UnknownStudyError:
+            return self.render(
+                request, "message.html", 404, title="No such study", text="No study with this UID is stored."
+            )
+        except ValueError as exc:
+            return RedirectResponse(back + quote_plus(str(exc)), status_code=303)
+        label = "abnormal" if rec.abnormal else "normal"
+        audit.event("console_verdict", user=user, study=audit.study_key(uid), verdict=verdict, label=label)
+        text = f"verdict recorded: {verdict}; ground truth {label}" + (f" ({finding})" if rec.findings else "")
+        return RedirectResponse(back + quote_plus(text), status_code=303)
+
+    async def validation_page(self, request: Request, user: str) -> Response:
+        def gather() -> dict[str, Any]:
+            validation, problem = self.pair.latest_validation(self.config, self.store)
+            return {
+                "validations": self.store.validations(),
+                "current": validation,
+                "problem": problem,
+            }
+
+        data = await run_in_threadpool(gather)
+        return self.render(request, "validation.html", notice=request.query_params.get("notice"), **data)
+
+    async def validate_now(self, request: Request, user: str) -> Response:
+        from dicom_node.work.site_validation import run_validation
+        from inference.errors import InferenceError
+
+        form = await request.form()
+        try:
+            target = float(str(form.get("target_sensitivity") or "0.9"))
+        except ValueError:
+            target = -1.0
+        if not 0.0 < target < 1.0:
+            return RedirectResponse("/validation?notice=" + quote_plus("target sensitivity: 0 to 1"), 303)
+        try:
+            outcome = await run_in_threadpool(
+                run_validation, self.config, self.store, target_sensitivity=target, by=f"console:{user}"
+            )
+        except InferenceError as exc:  # nothing to validate, or a model file that cannot be read
+            return RedirectResponse("/validation?notice=" + quote_plus(str(exc)), status_code=303)
+        audit.event("console_validate", user=user, validation=outcome.validation_id, n=outcome.result["n"])
+        return RedirectResponse(
+            "/validation?notice=" + quote_plus(f"validation {outcome.validation_id} recorded"), status_code=303
+        )
+
+    async def drift_page(self, request: Request, user: str) -> Response:
+        """Per device: the current window's drift verdict, and each week's PSI and flagged-rate ratio as charts."""
+
+        def gather() -> dict[str, Any]:
+            report = self.drift.current()
+            weeks = self.drift.weekly() if report.reference is not None else []
+            rule = self.drift.rule
+            return {
+                "report": report,
+                "weeks": weeks,
+                "rule": rule,
+                "charts": [
+                    weekly_chart(weeks, "psi", "PSI of P(abnormal) against the validation", (rule.psi_alert,), 0.5),
+                    weekly_chart(
+                        weeks,
+                        "ratio",
+                        "Flagged rate / the validation's",
+                        (rule.flag_ratio_low, 1.0, rule.flag_ratio_high),
+                        2.5,
+                    ),
+                ]
+                if weeks
+                else [],
+            }
+
+        return self.render(request, "drift.html", **await run_in_threadpool(gather))
+
+    async def validation_report(self, request: Request, user: str) -> Response:
+        row = await run_in_threadpool(self.store.validation, request.path_params["validation_id"])
+        path = Path(row.report_path) if row is not None and row.report_path else None
+        if path is None or not path.is_file():
+            return self.render(request, "message.html", 404, title="No such report", text="It may have been removed.")
+        # a self-contained file the node wrote: its own inline styles and embedded plots, nothing else
+        policy = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
+        return Response(
+            path.read_bytes(), media_type="text/html; charset=utf-8", headers={"content-security-policy": policy}
+        )
 
 
 def _patient_header(paths: list[Path]) -> dict[str, str]:

@@ -9,8 +9,16 @@ Two kinds:
 - **Read from the database at each scrape** (:class:`StoreCollector`), so that what the worker processes did is
   counted whichever process did it, and the figures agree with ``dicom-node status --json``: instances, studies,
   jobs and deliveries by state, the queue (depth, oldest queued job's age), workers by state, what retention
-  purged, deliveries by destination, findings by class, free disk, and the job and pipeline times of the
-  last hour (histograms).
+  purged, deliveries by destination, findings by class, backfill runs and studies by state (and those waiting
+  for a retry), free disk, and the job and pipeline times of the last hour (histograms).
+- **Drift of live traffic** (:class:`DriftCollector`, :mod:`dicom_node.web.drift`), per device of the rolling
+  window (``drift.window_days``) against the configured model pair's latest site validation:
+  ``dicom_node_drift_psi{device}``, ``dicom_node_drift_psi_limit{device}`` (the PSI above which the device alerts:
+  ``drift.psi_alert``, or more where its few studies make PSI noisy), ``dicom_node_drift_flag_rate_ratio{device}``,
+  ``dicom_node_drift_studies{device}`` (studies in the window), ``dicom_node_drift_alert{device}`` (0/1, the rule
+  of :func:`inference.drift.drift_status`), and ``dicom_node_drift_reference`` (1 when there is a validation to
+  compare with, else 0 and no per-device series). PSI and ratio are left out for a device with too few studies
+  for a verdict (``drift.min_studies``). Computed at scrape time, kept ``drift.cache_s`` seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from dicom_node.metrics import ACTIVE, REGISTRY
+from dicom_node.web.drift import DriftWatch
 from storage import Store
 
 PIPELINE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -96,6 +105,20 @@ class StoreCollector(Collector):
         for label, n in sorted(self.store.findings_by_class().items()):
             findings.add_metric([label], n)
         yield findings
+        backfill = self.store.backfill_counts()
+        for key, what in (("runs", "backfill runs"), ("studies", "studies of backfill runs (pulled from the PACS)")):
+            g = GaugeMetricFamily(f"dicom_node_backfill_{key}", f"{what}, by state", labels=["state"])
+            for state, n in backfill[key].items():
+                g.add_metric([state], n)
+            yield g
+        retrying = GaugeMetricFamily(
+            "dicom_node_backfill_retrying",
+            "backfill searches (runs) and moves (studies) waiting for a retry after the PACS failed them",
+            labels=["step"],
+        )
+        for step, n in backfill["retrying"].items():
+            retrying.add_metric([step], n)
+        yield retrying
         yield GaugeMetricFamily(
             "dicom_node_disk_free_bytes",
             "free disk under storage.root",
@@ -103,15 +126,83 @@ class StoreCollector(Collector):
         )
 
 
-def registry_for(store: Store, active: Callable[[], int] | None = None) -> CollectorRegistry:
-    """The process's registry with the database collector of ``store`` (replacing one for another store)."""
+class DriftCollector(Collector):
+    """Drift of live traffic per device (see the module docstring)."""
+
+    def __init__(self, watch: DriftWatch):
+        self.watch = watch
+        self.store = watch.store
+
+    def collect(self) -> Iterator:
+        report = self.watch.current()
+        yield GaugeMetricFamily(
+            "dicom_node_drift_reference",
+            "1 when the configured model pair has a site validation to compare live traffic with, else 0",
+            value=1 if report.reference is not None else 0,
+        )
+        if report.reference is None:
+            return
+        families = {
+            "psi": GaugeMetricFamily(
+                "dicom_node_drift_psi",
+                "population stability index of the raw P(abnormal) of the window's live studies against the "
+                "validation's, per device",
+                labels=["device"],
+            ),
+            "limit": GaugeMetricFamily(
+                "dicom_node_drift_psi_limit",
+                "the PSI above which the device alerts: drift.psi_alert, or what chance alone exceeds once in 1000 "
+                "windows at its number of studies, whichever is larger",
+                labels=["device"],
+            ),
+            "ratio": GaugeMetricFamily(
+                "dicom_node_drift_flag_rate_ratio",
+                "flagged rate of the window's live studies / the validation's at the same operating point, per device",
+                labels=["device"],
+            ),
+            "n": GaugeMetricFamily(
+                "dicom_node_drift_studies", "live studies in the drift window, per device", labels=["device"]
+            ),
+            "alert": GaugeMetricFamily(
+                "dicom_node_drift_alert",
+                "1 when the device's live traffic has drifted from the validation (PSI or flag rate ratio), else 0",
+                labels=["device"],
+            ),
+        }
+        for device, d in sorted(report.devices.items()):
+            if d.psi is not None:
+                families["psi"].add_metric([device], d.psi)
+            if d.psi_limit is not None:
+                families["limit"].add_metric([device], d.psi_limit)
+            if d.ratio is not None:
+                families["ratio"].add_metric([device], d.ratio)
+            families["n"].add_metric([device], d.n)
+            families["alert"].add_metric([device], 1 if d.alert else 0)
+        yield from families.values()
+
+
+def _replace(attr: str, collector: Collector | None) -> None:
+    current = getattr(REGISTRY, attr, None)
+    if current is not None:
+        REGISTRY.unregister(current)
+    if collector is not None:
+        REGISTRY.register(collector)
+    setattr(REGISTRY, attr, collector)
+
+
+def registry_for(
+    store: Store, active: Callable[[], int] | None = None, drift: DriftWatch | None = None
+) -> CollectorRegistry:
+    """The process's registry with the database collector of ``store`` (replacing one for another store), and
+    the drift collector of ``drift`` when given."""
     current = getattr(REGISTRY, "_dicom_node_collector", None)
     if current is None or current.store is not store:
-        if current is not None:
-            REGISTRY.unregister(current)
-        collector = StoreCollector(store)
-        REGISTRY.register(collector)
-        REGISTRY._dicom_node_collector = collector  # type: ignore[attr-defined]
+        _replace("_dicom_node_collector", StoreCollector(store))
+    current_drift = getattr(REGISTRY, "_dicom_node_drift_collector", None)
+    if drift is not None and (current_drift is None or current_drift.watch is not drift):
+        _replace("_dicom_node_drift_collector", DriftCollector(drift))
+    elif drift is None and current_drift is not None and current_drift.store is not store:
+        _replace("_dicom_node_drift_collector", None)
     if active is not None:
         ACTIVE.set_function(active)
     return REGISTRY

@@ -26,6 +26,7 @@ from starlette.routing import Route
 from dicom_node.config import Config
 from dicom_node.web.auth import session_secret
 from dicom_node.web.console import Console
+from dicom_node.web.drift import DriftWatch
 from dicom_node.web.metrics import registry_for
 from storage import Store
 
@@ -63,7 +64,7 @@ def make_app(
 ) -> Starlette:
     """The web side: health, readiness, metrics and the console. ``load_pipeline`` builds the models for the
     console's analyse page on first use; ``active`` counts the open DICOM associations (for /metrics)."""
-    registry = registry_for(store, active)
+    registry = registry_for(store, active, DriftWatch(config, store))
 
     async def healthz(_: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -122,7 +123,8 @@ class SecurityHeaders:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.extend(self.HEADERS)
+                own = [h for h in headers if h[0] == b"content-security-policy"]  # a page's stricter own policy
+                headers.extend(h for h in self.HEADERS if not (own and h[0] == b"content-security-policy"))
                 if not static and not any(k == b"cache-control" for k, _ in headers):
                     headers.append((b"cache-control", b"no-store"))
                 message["headers"] = headers

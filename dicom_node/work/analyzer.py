@@ -49,6 +49,7 @@ class _Analysed:
     shown: Prediction  # the same on image01's pixels (the Secondary Capture is drawn on image01)
 
 
+Wanted = tuple[tuple[str, ...], tuple[str, ...]]  # destinations taking an output: (live, silent)
 Analysis = tuple[list[ResultSpec], float, list[ImageVerdict]]  # result objects, pipeline seconds, verdicts
 
 
@@ -68,8 +69,10 @@ class Analyzer:
         shift = self.pipeline.classifier.logit_shift(header_fields(a.header)["view_position"] or None)
         return float(1.0 / (1.0 + math.exp(-(math.log(p / (1.0 - p)) + shift))))
 
-    def wanted(self, kind: str) -> tuple[str, ...]:
-        return tuple(d.name for d in self.config.destinations if kind in d.outputs)
+    def wanted(self, kind: str) -> Wanted:
+        """The destinations that take ``kind``: (live ones, silent ones)."""
+        takes = [d for d in self.config.destinations if kind in d.outputs]
+        return tuple(d.name for d in takes if d.mode == "live"), tuple(d.name for d in takes if d.mode == "silent")
 
     def analyse_many(self, jobs: list[JobInfo]) -> list[Analysis | Exception]:
         """Jobs (one, or several claimed together: ``workers.jobs_per_batch``) -> per job its analysis, or the
@@ -167,7 +170,7 @@ class Analyzer:
         for n, a in enumerate(analysed, 1):
             if a.image01 is None:  # pixels undecodable: the SR says so; nothing to draw on
                 continue
-            if sc_dest:
+            if any(sc_dest):
                 sc = build_sc(
                     a.header,
                     a.image01,
@@ -179,7 +182,7 @@ class Analyzer:
                     identity=ident,
                 )
                 results.append(_spec("sc", sc, a.sop_uid, sc_dest))
-            if pr_dest:
+            if any(pr_dest):
                 pr = build_gsps(
                     a.header,
                     a.prediction,
@@ -202,7 +205,7 @@ def verdict(sop_uid: str, pred: Prediction, p_raw: float | None = None) -> Image
     return ImageVerdict(sop_uid, float(pred.p_abnormal), pred.abnormal, None, findings, p_raw)
 
 
-def _spec(kind: str, ds: Dataset, source_sop_uid: str | None, destinations: tuple[str, ...]) -> ResultSpec:
+def _spec(kind: str, ds: Dataset, source_sop_uid: str | None, wanted: Wanted) -> ResultSpec:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return ResultSpec(
@@ -212,5 +215,6 @@ def _spec(kind: str, ds: Dataset, source_sop_uid: str | None, destinations: tupl
         series_uid=str(ds.SeriesInstanceUID),
         source_sop_uid=source_sop_uid,
         data=buf.getvalue(),
-        destinations=destinations,
+        destinations=wanted[0],
+        held=wanted[1],
     )

@@ -15,12 +15,14 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 
 from dicom_node import audit
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError, PixelDataError
 from dicom_node.logs import safe_traceback
 from dicom_node.work.analyzer import Analysis, Analyzer
+from dicom_node.work.site_validation import sr_parameter
 from storage import Store
 from storage.errors import StaleJobError, StorageError
 from storage.jobs import JobInfo
@@ -67,6 +69,7 @@ class Worker:
                 break
             jobs.append(more)
         self.current_job = job.id
+        self._site_validation()
         for j in jobs:
             log.info("job %d: analysing %d image(s) (attempt %d)", j.id, len(j.instances), j.attempts)
         t0 = time.perf_counter()
@@ -84,6 +87,19 @@ class Worker:
             heartbeat.join()
             self.current_job = None
         return True
+
+    def _site_validation(self) -> None:
+        """Put the loaded model pair's latest site validation into the SR's Algorithm Parameters (one indexed
+        query per claim, so that a validation made while the node runs shows in the next SR)."""
+        pipeline = self.analyzer.pipeline
+        try:
+            latest = self.store.latest_validation(pipeline.classifier.info.sha256, pipeline.detector.info.sha256)
+        except StorageError as exc:  # keep what the last job said
+            log.warning("worker %s: site validation not looked up: %s", self.name, exc)
+            return
+        text = sr_parameter(latest)
+        if text != self.analyzer.identity.site_validation:
+            self.analyzer.identity = replace(self.analyzer.identity, site_validation=text)
 
     def _finish(self, job: JobInfo, outcome: Analysis | Exception, t0: float) -> None:
         """Commit a job's results, or mark it failed with the reason."""

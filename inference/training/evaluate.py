@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.errors import DatasetError
+from inference.statistics import classifier_line, format_ci
 from inference.training.data.images import load_image01
 from inference.training.data.sample import Sample, describe
 from inference.training.metrics import (
@@ -232,22 +233,6 @@ def evaluate(
     return report
 
 
-def _ci(v) -> str:
-    return f"[{v[0]:.3f}-{v[1]:.3f}]" if v and None not in v else "[n/a]"
-
-
-def _num(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def classifier_line(name: str, m: dict) -> str:
-    return (
-        f"{name}: n {m['n']} ({m['positives']} abnormal), AUC {_num(m['roc_auc'])} {_ci(m['roc_auc_ci95'])}, "
-        f"sensitivity {_num(m['sensitivity'])} {_ci(m['sensitivity_ci95'])}, "
-        f"specificity {_num(m['specificity'])} {_ci(m['specificity_ci95'])}"
-    )
-
-
 def summary_lines(report: dict) -> list[str]:
     c = report["classifier"]
     lines = [classifier_line(f"classifier (operating point {c['threshold']})", c)]
@@ -258,8 +243,9 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"not analysable (left out): {len(report['not_analysable'])} images")
     for mode, r in report["modes"].items():
         lines.append(
+            # the interval is undefined (None) on a set without boxes, e.g. a local folder of labelled films
             f"{mode}: mAP@0.4 {r['map40']} (findings only {r['map40_findings']}, 95 % CI "
-            f"{r['map40_findings_ci'][0]:.3f}-{r['map40_findings_ci'][1]:.3f}), mAP50 {r['map50']}, "
+            f"{format_ci(r['map40_findings_ci'])[1:-1]}), mAP50 {r['map50']}, "
             f"mAP50-95 {r['map50_95']}, image-level acc {r['image_level']['accuracy']}"
         )
     lines.append(f"recommended fusion mode: {report['recommended_fusion_mode']}")

@@ -26,6 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The classification statistics live in inference.statistics (the running node's site validation uses them too);
+# they keep their names here.
+from inference.statistics import Z_95 as Z_95
+from inference.statistics import auc_interval as auc_interval
+from inference.statistics import binary_metrics as binary_metrics
+from inference.statistics import roc_auc as roc_auc
+from inference.statistics import roc_curve as roc_curve
+from inference.statistics import wilson_interval as wilson_interval
 from inference.types import FINDING_CLASSES, NO_FINDING, NO_FINDING_ID
 
 NO_FINDING_BOX = (0.0, 0.0, 1.0, 1.0)
@@ -174,9 +182,6 @@ def map_range(gts: GroundTruth, preds: Predictions, thresholds=COCO_THRESHOLDS, 
     }
 
 
-# ----------------------------------------------------------------------------- classification
-
-
 def map_interval(
     gts: GroundTruth,
     preds: Predictions,
@@ -211,35 +216,7 @@ def map_interval(
     return float(lo), float(hi)
 
 
-def roc_auc(y_true, scores) -> float:
-    """ROC AUC as the Mann-Whitney U statistic (ties count one half); nan with one class only."""
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds): predicting positive when score >= threshold; starts at (0, 0)."""
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    thr = np.unique(s)[::-1]
-    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    tpr = np.array([0.0] + [float((s[y] >= t).sum()) / n_pos for t in thr])
-    fpr = np.array([0.0] + [float((s[~y] >= t).sum()) / n_neg for t in thr])
-    return fpr, tpr, np.concatenate(([np.inf], thr))
+# ----------------------------------------------------------------------------- classification
 
 
 def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity: float = 0.9) -> float:
@@ -255,63 +232,3 @@ def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity:
         ok = np.where(tpr >= target_sensitivity)[0]
         return float(thr[ok[0]] if len(ok) else thr[-1])
     raise ValueError(f"threshold method must be 'youden' or 'sensitivity', got {method!r}")
-
-
-Z_95 = 1.959963984540054  # two-sided 95 %
-
-
-def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k/n (sensitivity, specificity); (nan, nan) for n = 0."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
-
-
-def auc_interval(y_true, scores, z: float = Z_95) -> tuple[float, float]:
-    """95 % interval of the ROC AUC by DeLong's variance (DeLong et al. 1988); (nan, nan) with one class or
-    fewer than two of either."""
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    pos, neg = s[y], s[~y]
-    if len(pos) < 2 or len(neg) < 2:
-        return float("nan"), float("nan")
-    psi = (pos[:, None] > neg[None, :]).astype(np.float64) + 0.5 * (pos[:, None] == neg[None, :])
-    auc = float(psi.mean())
-    var = psi.mean(axis=1).var(ddof=1) / len(pos) + psi.mean(axis=0).var(ddof=1) / len(neg)
-    half = z * float(np.sqrt(var))
-    return max(0.0, auc - half), min(1.0, auc + half)
-
-
-def binary_metrics(y_true, scores, threshold: float = 0.5) -> dict:
-    """Accuracy, sensitivity, specificity (with 95 % Wilson intervals), PPV, NPV, ROC AUC (with its 95 % DeLong
-    interval), FN count, confusion [[TN, FP], [FN, TP]]."""
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    pred = s >= threshold
-    tp, fn = int((pred & y).sum()), int((~pred & y).sum())
-    fp, tn = int((pred & ~y).sum()), int((~pred & ~y).sum())
-
-    def ratio(a, b):
-        return a / b if b else float("nan")
-
-    return {
-        "n": int(len(y)),
-        "positives": int(y.sum()),
-        "negatives": int((~y).sum()),
-        "threshold": float(threshold),
-        "accuracy": ratio(tp + tn, len(y)),
-        "sensitivity": ratio(tp, tp + fn),
-        "sensitivity_ci95": list(wilson_interval(tp, tp + fn)),
-        "specificity": ratio(tn, tn + fp),
-        "specificity_ci95": list(wilson_interval(tn, tn + fp)),
-        "ppv": ratio(tp, tp + fp),
-        "npv": ratio(tn, tn + fn),
-        "roc_auc": roc_auc(y, s),
-        "roc_auc_ci95": list(auc_interval(y, s)),
-        "false_negatives": fn,
-        "false_positives": fp,
-        "confusion": [[tn, fp], [fn, tp]],
-    }

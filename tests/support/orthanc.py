@@ -149,9 +149,16 @@ class Orthanc:
                 json.dumps({"AET": self.node_aet, "Host": "127.0.0.1", "Port": port}),
             )
 
-    def as_destination(self, name: str = "pacs", outputs: tuple[str, ...] = ("sr", "sc")) -> dict:
-        """This PACS as an entry of the node's ``destinations`` in config.yaml."""
-        return {"name": name, "ae_title": self.aet, "host": "127.0.0.1", "port": self.port, "outputs": list(outputs)}
+    def as_destination(self, name: str = "pacs", outputs: tuple[str, ...] = ("sr", "sc"), mode: str = "live") -> dict:
+        """This PACS as an entry of the node's ``destinations`` in config.yaml (live unless ``mode`` says silent)."""
+        return {
+            "name": name,
+            "ae_title": self.aet,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "outputs": list(outputs),
+            "mode": mode,
+        }
 
     @property
     def url(self) -> str:

@@ -58,7 +58,7 @@ def pick(n: int, *, split: str | None = "test", seed: int = 0, offset: int = 0) 
     chosen = by_label["1"][offset : offset + n_abn] + by_label["0"][offset : offset + n - n_abn]
     if len(chosen) < n:
         raise ValueError(f"nih-matched {split or 'all'} has too few images for {n} studies at offset {offset}")
-    return chosen
+    return [chosen[i] for i in rng.permutation(len(chosen))]  # labels mixed over dates and devices
 
 
 def make_real_studies(
