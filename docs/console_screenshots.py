@@ -40,7 +40,7 @@ def main() -> int:
             tmp / "node",
             workers={"count": 1},
             studies={"stable_after_s": 1},
-            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "mode": "live"}],
             web={"users": {"radiology-it": hash_password(PASSWORD)}},
         )
         node.start(timeout=300)

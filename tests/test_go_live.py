@@ -10,6 +10,8 @@ retrospective studies still get none.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import subprocess
@@ -27,7 +29,8 @@ pytestmark = pytest.mark.slow  # Orthanc, the shipped models over 40 real films,
 
 REPO = Path(__file__).resolve().parents[1]
 N = 40
-AUC_LINE = re.compile(r"AUC (\d\.\d{3}) \[(\d\.\d{3})-(\d\.\d{3})\]")
+DEVICES = [("Acme Medical", "DR-1000", "XR-ROOM-1"), ("Bcme", "CR-9", "XR-ROOM-2")]
+METRICS = re.compile(r": (n \d+ \(\d+ abnormal\), AUC .*)$")
 
 
 def own_objects(pacs: Orthanc, study_uid: str) -> list:
@@ -36,9 +39,7 @@ def own_objects(pacs: Orthanc, study_uid: str) -> list:
 
 def test_backfill_silent_validate_then_live_at_the_site_threshold(tmp_path, node_factory):
     films = tmp_path / "films"
-    studies = make_real_studies(
-        films, N, split="test", seed=3, devices=[("Acme", "DR-1", "ROOM-1"), ("Bcme", "CR-9", "ROOM-2")]
-    )
+    studies = make_real_studies(films, N, split="test", seed=11, devices=DEVICES, start_date="20261115")
     pacs = Orthanc(tmp_path / "orthanc", route=False).start()
     try:
         assert pacs.storescu(*[s.path for s in studies]).returncode == 0
@@ -59,10 +60,13 @@ def test_backfill_silent_validate_then_live_at_the_site_threshold(tmp_path, node
         assert pacs.count_instances() == N and all(own_objects(pacs, s.study_uid) == [] for s in studies[:5])
 
         # 2. the site's labels, by accession number; validation equals evaluate on the same films
-        labels = write_labels(studies, tmp_path / "truth.csv")
-        assert node.cli("ground-truth", "import", str(labels)).returncode == 0
+        out = node.cli("ground-truth", "import", str(write_labels(studies, tmp_path / "truth.csv")))
+        assert f"imported {N} ground-truth row(s) from truth.csv; {N} of them match" in out.stdout
         site = tmp_path / "site-calibration.json"
-        validated = node.cli("validate", "--report", str(tmp_path / "report"), "--write-calibration", str(site))
+        validated = node.cli(
+            "validate", "--report", str(tmp_path / "report"), "--write-calibration", str(site),
+            "--target-sensitivity", "0.9",
+        )  # fmt: skip
         evaluated = subprocess.run(
             [sys.executable, "-m", "dicom_node", "evaluate", "--layout", "folder", "--images", str(films),
              "--csv", str(write_folder_labels(studies, tmp_path / "labels.csv")), "--modes", "soft",
@@ -71,13 +75,44 @@ def test_backfill_silent_validate_then_live_at_the_site_threshold(tmp_path, node
             cwd=REPO, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
-        node_auc = AUC_LINE.search(validated.stdout)
-        eval_auc = AUC_LINE.search(evaluated.stdout)
-        assert node_auc and eval_auc, validated.stdout + evaluated.stdout
-        assert node_auc.groups() == eval_auc.groups(), (validated.stdout, evaluated.stdout)
-        assert f"n {N}" in validated.stdout or f"n={N}" in validated.stdout
-        assert list((tmp_path / "report").glob("*.html"))
+        print(validated.stdout, evaluated.stdout, sep="\n")
+
+        def metrics(text: str, prefix: str) -> str:
+            line = next(x for x in text.splitlines() if x.strip().startswith(prefix))
+            return METRICS.search(line).group(1)
+
+        # the same films give the same line: overall, per view, per device (evaluate's "batch" is the station)
+        assert metrics(validated.stdout, "site validation") == metrics(evaluated.stdout, "classifier (operating")
+        for view in sorted({s.view for s in studies}):
+            assert metrics(validated.stdout, f"view {view}") == metrics(evaluated.stdout, f"view {view}")
+        for make, model, station in DEVICES:
+            mine = metrics(validated.stdout, f"device {make} {model} @ {station}")
+            assert mine == metrics(evaluated.stdout, f"batch {station}")
+        assert "month 2026-11" in validated.stdout and "month 2026-12" in validated.stdout
+        assert "model card (validation split): n 144, AUC 0.750" in validated.stdout
+        assert f"inference.models.calibration: {site}" in validated.stdout
+
+        (row,) = node.rows("SELECT * FROM validations")
+        assert row["n"] == N and row["positives"] == N // 2 and row["by"] == "cli"
+        assert row["classifier_sha256"] == hashlib.sha256((REPO / "models/classifier.pt").read_bytes()).hexdigest()
+        details = json.loads(row["details"])
+        assert len(details["reference"]["*"]) == N
+        assert {f"{m} {n} @ {s}" for m, n, s in DEVICES} <= set(details["reference"])
+        assert details["calibration"]["target_sensitivity"] == 0.9
+        report = Path(row["report_path"])
+        assert report.parent == tmp_path / "report" and report.is_file()
+        html = report.read_text()
+        assert html.count("data:image/png;base64,") == 3 and "What the intervals mean" in html
+        assert not re.search(r"(src|href)=['\"](https?:|//)", html) and "<script" not in html  # self-contained
+
+        # the proposed calibration loads, is the classifier's, and reaches the target on these studies
         calibration = Calibration.load(site)
+        assert calibration.model_sha256 == row["classifier_sha256"]
+        got = node.rows("SELECT r.p_raw, i.view_position, i.accession_number FROM image_results r "
+                        "JOIN instances i ON i.sop_instance_uid = r.sop_instance_uid")  # fmt: skip
+        label = {s.accession: s.label for s in studies}
+        flagged = [r["p_raw"] >= calibration.threshold(r["view_position"]) for r in got if label[r["accession_number"]]]
+        assert sum(flagged) / len(flagged) >= 0.9
 
         # 3. live, at the site's operating point: a new study's results reach the PACS; the history's never do
         node.stop()

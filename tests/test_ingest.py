@@ -350,7 +350,7 @@ def test_status_json_documented_shape(node_factory, tmp_path):
     assert st["purged"] == {"studies": 0, "instances": 0, "bytes": 0, "last_at": None}
     assert st["studies"] == {"total": 1, "receiving": 0, "complete": 1}
     assert set(st["jobs"]) == {"total", "queued", "running", "done", "failed"}
-    assert set(st["deliveries"]) == {"total", "pending", "delivered", "failed"}
+    assert set(st["deliveries"]) == {"total", "pending", "delivered", "failed", "held"}
     assert st["last_activity"]["instance_received_at"].startswith("20")
     node.stop()
     age = st.pop("oldest_queued_job_age_s")  # the one value that grows by itself

@@ -3,9 +3,8 @@
 - ``dicom-node ground-truth import``: a good CSV, and bad lines named;
 - the validation cases as storage builds them (the newest truth counts, accession numbers match, only the model
   pair's results, the study's highest P(abnormal));
-- ``dicom-node validate`` on 40 real radiographs analysed by a real ``serve`` with the shipped models prints the
-  same AUC and intervals as ``dicom-node evaluate`` on the same films; it records the validation, writes the
-  report and a site calibration whose thresholds reach the target sensitivity on those studies;
+- (``dicom-node validate`` on 40 real radiographs pulled from Orthanc and analysed with the shipped models, against
+  ``dicom-node evaluate`` on the same films: tests/test_go_live.py);
 - the console: an operator's verdict becomes ground truth (CSRF, audit), the Validation page validates now, the
   Models page and the overview say whether the configured pair is validated, and the SR's Algorithm Parameters say
   "no site validation" before and "site-validated <date>, n=<n>" after.
@@ -34,7 +33,7 @@ from storage import Store
 from storage.db import GroundTruth, ImageResult, Instance, Job, Study
 from storage.validation import TruthRow, ValidationCase
 from support.node import NodeProcess, wait_for
-from support.real_studies import make_real_studies, write_folder_labels, write_labels
+from support.real_studies import make_real_studies
 
 REPO = Path(__file__).resolve().parents[1]
 N = 40
@@ -191,75 +190,6 @@ def test_ground_truth_import_names_bad_lines(tmp_path):
     out = node.cli("validate", check=False)
     assert out.returncode == 2 and "nothing to validate" in out.stderr
     assert node.cli("validate", "--target-sensitivity", "1.5", check=False).returncode == 2
-
-
-# ----------------------------------------------------------------------------- slow: the shipped models
-
-
-@pytest.mark.slow  # the shipped models in a worker over 40 real films, then evaluate on the same films
-def test_validate_equals_evaluate_on_real_films(tmp_path, node_factory):
-    films = tmp_path / "films"
-    studies = make_real_studies(films, N, seed=11, devices=DEVICES, start_date="20261015")
-    node = node_factory(workers={"count": 1}, studies={"stable_after_s": 1})
-    assert node.storescu(*[s.path for s in studies]).returncode == 0
-    wait_for(lambda: node.status()["jobs"]["done"] == N, 900, interval=2, what=f"{N} analysed studies")
-
-    out = node.cli("ground-truth", "import", str(write_labels(studies, tmp_path / "truth.csv")))
-    assert f"imported {N} ground-truth row(s) from truth.csv; {N} of them match" in out.stdout
-    site = tmp_path / "site-calibration.json"
-    validated = node.cli(
-        "validate", "--report", str(tmp_path / "report"), "--write-calibration", str(site), "--target-sensitivity",
-        "0.9",
-    )  # fmt: skip
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "dicom_node", "evaluate", "--layout", "folder", "--images", str(films),
-         "--csv", str(write_folder_labels(studies, tmp_path / "labels.csv")), "--modes", "soft",
-         "--classifier", "models/classifier.pt", "--detector", "models/detector.pt", "--out", str(tmp_path / "ev")],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
-    print(validated.stdout)
-    print(evaluated.stdout)
-
-    def metrics(text: str, prefix: str) -> str:
-        line = next(x for x in text.splitlines() if x.strip().startswith(prefix))
-        return METRICS.search(line).group(1)
-
-    # the same films give the same line: overall, per view, per device (evaluate's "batch" is the station)
-    assert metrics(validated.stdout, "site validation") == metrics(evaluated.stdout, "classifier (operating point")
-    for view in ("AP", "PA"):
-        assert metrics(validated.stdout, f"view {view}") == metrics(evaluated.stdout, f"view {view}")
-    for make, model, station in DEVICES:
-        mine = metrics(validated.stdout, f"device {make} {model} @ {station}")
-        assert mine == metrics(evaluated.stdout, f"batch {station}")
-    assert "month 2026-10" in validated.stdout and "month 2026-11" in validated.stdout
-    assert "model card (validation split): n 144, AUC 0.750" in validated.stdout
-    assert f"inference.models.calibration: {site}" in validated.stdout
-
-    (row,) = node.rows("SELECT * FROM validations")
-    assert row["n"] == N and row["positives"] == N // 2 and row["by"] == "cli"
-    assert row["classifier_sha256"] == hashlib.sha256((REPO / "models" / "classifier.pt").read_bytes()).hexdigest()
-    details = json.loads(row["details"])
-    assert len(details["reference"]["*"]) == N and {f"{m} {n} @ {s}" for m, n, s in DEVICES} <= set(
-        details["reference"]
-    )
-    assert set(details["per_month"]) == {"2026-10", "2026-11"} and details["calibration"]["target_sensitivity"] == 0.9
-    report = Path(row["report_path"])
-    assert report.parent == tmp_path / "report" and report.is_file()
-    html = report.read_text()
-    assert html.count("data:image/png;base64,") == 3 and "What the intervals mean" in html
-    assert not re.search(r"(src|href)=['\"](https?:|//)", html) and "<script" not in html  # self-contained
-
-    # the proposed calibration loads, is the classifier's, and reaches the target on these studies
-    cal = Calibration.load(site)
-    assert cal.model_sha256 == row["classifier_sha256"]
-    got = node.rows("SELECT r.p_raw, i.view_position, i.accession_number FROM image_results r "
-                    "JOIN instances i ON i.sop_instance_uid = r.sop_instance_uid")  # fmt: skip
-    label = {s.accession: s.label for s in studies}
-    flagged = [r["p_raw"] >= cal.threshold(r["view_position"]) for r in got if label[r["accession_number"]]]
-    sensitivity = sum(flagged) / len(flagged)
-    assert sensitivity >= 0.9
-    print(f"proposed calibration: {cal.default:.4f} {cal.per_view}; sensitivity on the {N} studies {sensitivity:.3f}")
 
 
 # ----------------------------------------------------------------------------- slow: console and SR (tiny models)
