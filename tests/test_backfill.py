@@ -240,8 +240,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def overview(node: NodeProcess) -> str:
-    """The console's overview page, logged in."""
+def overview(node: NodeProcess, path: str = "/") -> str:
+    """The console's overview page (or another page), logged in."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
     base = node.web_url
     with opener.open(f"{base}/login", timeout=10) as r:
@@ -255,7 +255,7 @@ def overview(node: NodeProcess) -> str:
     except urllib.error.HTTPError as e:
         assert e.code == 303, e.code
         cookie = e.headers["set-cookie"].split(";")[0]
-    with opener.open(urllib.request.Request(f"{base}/", headers={"Cookie": cookie}), timeout=10) as r:
+    with opener.open(urllib.request.Request(f"{base}{path}", headers={"Cookie": cookie}), timeout=10) as r:
         return r.read().decode()
 
 
@@ -282,6 +282,8 @@ def test_date_range_pulls_the_cr_dx_studies_in_range_analyses_them_and_sends_not
     page = overview(node)
     row = re.search(r'<tr class="backfill-done"><td>1</td>.*?</tr>', page, flags=re.S)
     assert row and "5 of 5" in row.group(0), page[page.find("Backfill") :][:1500]
+    study_page = overview(node, f"/studies/{sorted(wanted)[0]}")  # the study says why nothing was sent
+    assert 'id="retrospective"' in study_page and "Nothing is delivered for a retrospective study." in study_page
     log = node.log()
     assert "backfill run 1: the PACS found 5 studies: 5 to pull, 0 already held" in log
     for s in studies:  # nothing identifying in the log

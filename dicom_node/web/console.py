@@ -321,6 +321,7 @@ class Console:
             notice=request.query_params.get("notice"),
             truth=await run_in_threadpool(self.store.ground_truth_of, uid),
             finding_classes=FINDING_CLASSES,
+            retrospective=await run_in_threadpool(self.store.is_retrospective, uid),
         )
 
     async def reanalyse(self, request: Request, user: str) -> Response:
