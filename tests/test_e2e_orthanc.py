@@ -31,11 +31,14 @@ def content_items(ds):
 
 
 def sr_findings(sr) -> list[tuple[str, str, tuple[float, float, float, float]]]:
-    """(source SOP Instance UID, finding code value, box) for every image region in the SR."""
+    """(source SOP Instance UID, finding code value, box) for every image region in the SR: a group's own SCOORD,
+    or the one its measurement is INFERRED FROM (TID 1501, as the node writes its boxes)."""
     out = []
     for group in content_items(sr):
         children = group.get("ContentSequence", [])
-        scoords = [c for c in children if c.ValueType == "SCOORD"]
+        scoords = [c for c in children if c.ValueType == "SCOORD"] or [
+            s for c in children if c.ValueType == "NUM" for s in c.get("ContentSequence", []) if s.ValueType == "SCOORD"
+        ]
         codes = [
             c.ConceptCodeSequence[0].CodeValue
             for c in children

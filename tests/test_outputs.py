@@ -167,9 +167,10 @@ def test_sr_with_two_findings(tmp_path, source):
 
 
 def test_sr_is_shaped_as_viewers_read_it(tmp_path, source):
-    """Imaging Measurements holds only the per-finding TID 1410 groups (what OHIF and dwv draw), each with
-    tracking identifier and UID, finding, finding site, probability and its box; the study-level result is
-    in Qualitative Evaluations; an Image Library lists the images; every container is SEPARATE."""
+    """Imaging Measurements holds only the per-finding TID 1501 groups (what OHIF and dwv draw), each with
+    tracking identifier and UID, finding, finding site, the probability INFERRED FROM its box, and a comment
+    "<label> <score>" (the words OHIF writes next to the box); the study-level result is in Qualitative
+    Evaluations; an Image Library lists the images; every container is SEPARATE."""
     src, _ = source
     pred = abnormal(256, 200)
     sr = write_and_check(build_sr([(src, pred)], **uids(9001)), tmp_path / "sr.dcm", templates=True)
@@ -182,13 +183,17 @@ def test_sr_is_shaped_as_viewers_read_it(tmp_path, source):
     (measurements,) = containers(sr, "Imaging Measurements")
     groups = list(measurements.ContentSequence)
     assert len(groups) == len(pred.findings)
-    for group in groups:
-        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1410"
+    for group, f in zip(groups, sorted(pred.findings, key=lambda f: -f.score)):
+        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1501"
         items = list(group.ContentSequence)
         assert len(named(items, "Tracking Identifier")) == 1 and len(named(items, "Tracking Unique Identifier")) == 1
-        assert len(named(items, "Finding")) == 1 and len(named(items, "Probability")) == 1
-        (region,) = named(items, "Image Region")
+        assert len(named(items, "Finding")) == 1
+        assert [i.ValueType for i in items if i.ValueType in ("SCOORD", "SCOORD3D")] == []  # not at the top
+        (probability,) = named(items, "Probability")
+        (region,) = probability.ContentSequence
+        assert (region.ValueType, region.RelationshipType) == ("SCOORD", "INFERRED FROM")
         assert region.GraphicType == "POLYLINE" and list(region.GraphicData[:2]) == list(region.GraphicData[-2:])
+        assert [i.TextValue for i in named(items, "Comment")] == [f"{f.label} {f.score:.2f}"]
     sites = [named(g.ContentSequence, "Finding Site")[0].ConceptCodeSequence[0].CodeMeaning for g in groups]
     assert sites == ["Heart", "Thoracic aorta"]  # cardiomegaly, aortic enlargement: no side
     (evaluations,) = containers(sr, "Qualitative Evaluations")
@@ -226,12 +231,93 @@ def test_sr_for_a_normal_study_says_no_finding(tmp_path, source):
     # one "No abnormality" region per image, the whole image: viewers fail on an SR without any region
     assert polylines(sr) == [(src.SOPInstanceUID, [0.0, 0.0, 200.0, 0.0, 200.0, 256.0, 0.0, 256.0, 0.0, 0.0])]
     (group,) = containers(sr, "Imaging Measurements")[0].ContentSequence
+    statement = "AI: no abnormality detected, P(abnormal) = 0.07, operating point 0.50"
     assert named(group.ContentSequence, "Finding")[0].ConceptCodeSequence[0].CodeMeaning == "No abnormality"
     assert named(group.ContentSequence, "Finding Site")[0].ConceptCodeSequence[0].CodeMeaning == "Chest"
+    assert named(group.ContentSequence, "Tracking Identifier")[0].TextValue == statement
+    comments = [i.TextValue for i in named(group.ContentSequence, "Comment")]
+    assert comments == ["AI: no abnormality"]  # what OHIF shows beside the image, over "P(abnormal): 0.07 1"
+    (p,) = named(group.ContentSequence, "P(abnormal)")
+    assert float(p.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.07)
     text = dsrdump(tmp_path / "sr.dcm", "+Pl")
     assert '"Finding")=(111286,DCM,"No abnormality")' in text
-    assert '"Comment")="AI: no abnormality detected, P(abnormal) = 0.07, operating point 0.50"' in text
+    assert f'"Comment")="{statement}"' in text
     assert src.SOPInstanceUID in dsrdump(tmp_path / "sr.dcm", "+Pu")  # in the Image Library
+
+
+def test_sr_of_an_abnormal_study_without_a_box_says_abnormal_everywhere(tmp_path, source):
+    """P(abnormal) 0.85 and no finding above its floor: the whole-image region a viewer needs carries the
+    study's verdict, never "No abnormality" (issue 21: 5 of 11 real SRs said both)."""
+    src, _ = source
+    pred = dataclasses.replace(normal(256, 200), p_abnormal=0.9, p_no_finding=0.15)
+    sr = write_and_check(build_sr([(src, pred)], **uids(9001)), tmp_path / "sr.dcm", templates=True)
+    (group,) = containers(sr, "Imaging Measurements")[0].ContentSequence
+    statement = "AI: abnormality suspected, P(abnormal) = 0.85, operating point 0.50"
+    assert named(group.ContentSequence, "Finding")[0].ConceptCodeSequence[0].CodeMeaning == "Abnormal"
+    assert named(group.ContentSequence, "Tracking Identifier")[0].TextValue == statement
+    assert [i.TextValue for i in named(group.ContentSequence, "Comment")] == ["AI: abnormality suspected"]
+    (evaluations,) = containers(sr, "Qualitative Evaluations")
+    assert named(evaluations.ContentSequence, "Finding")[0].ConceptCodeSequence[0].CodeMeaning == "Abnormal"
+    assert "No abnormality" not in dsrdump(tmp_path / "sr.dcm", "+Pl")
+
+
+def test_sr_of_an_urgent_study_says_so(tmp_path, source):
+    src, _ = source
+    reasons = ("Pneumothorax 0.91 >= 0.50",)
+    pred = dataclasses.replace(abnormal(256, 200), findings=(finding(12, 0.91, (10, 20, 80, 150)),))
+    sr = write_and_check(
+        build_sr([(src, pred)], priority="urgent", priority_reasons=reasons, **uids(9001)),
+        tmp_path / "sr.dcm",
+        templates=True,
+    )
+    (evaluations,) = containers(sr, "Qualitative Evaluations")
+    (priority,) = named(evaluations.ContentSequence, "Priority")
+    assert priority.ConceptCodeSequence[0].CodeValue == "103391001"  # SCT Urgent
+    (comment,) = named(evaluations.ContentSequence, "Comment")
+    assert comment.TextValue.startswith("URGENT (Pneumothorax 0.91 >= 0.50): AI: abnormality suspected")
+    (group,) = containers(sr, "Imaging Measurements")[0].ContentSequence
+    assert [i.TextValue for i in named(group.ContentSequence, "Comment")] == [
+        "URGENT",
+        "Pneumothorax 0.91",
+    ]
+    routine = build_sr([(src, pred)], **uids(9001))  # the default: routine, no priority item
+    assert not [i for i in content_items(routine) if i.ConceptNameCodeSequence[0].CodeMeaning == "Priority"]
+    with pytest.raises(EncodingError):
+        build_sr([(src, pred)], priority="stat", **uids(9001))
+
+
+def test_sr_names_an_image_the_models_could_not_judge(tmp_path):
+    study = generate_uid()
+    a, b = make_cxr(study_uid=study, rows=128, cols=128), make_cxr(study_uid=study, rows=128, cols=128)
+    refused = Prediction.unanalysable("blank or nearly constant image", "soft", MODELS, (128, 128))
+    sr = write_and_check(
+        build_sr([(a, normal(128, 128)), (b, refused)], **uids(9001)), tmp_path / "sr.dcm", templates=True
+    )
+    groups = containers(sr, "Imaging Measurements")[0].ContentSequence
+    findings = [named(g.ContentSequence, "Finding")[0].ConceptCodeSequence[0].CodeMeaning for g in groups]
+    assert findings == ["No abnormality", "Indeterminate"]
+    assert named(groups[1].ContentSequence, "Tracking Identifier")[0].TextValue == (
+        "AI: not analysable (blank or nearly constant image)"
+    )
+    (source,) = named(groups[1].ContentSequence, "Source of Measurement")  # the whole image, for viewers
+    assert source.ValueType == "SCOORD" and list(source.GraphicData) == [0, 0, 128, 0, 128, 128, 0, 128, 0, 0]
+
+
+def test_sr_template_warnings_are_the_known_ones(tmp_path):
+    """PixelMed's 2022 tables lack rows the SR uses: TID 4019 "Algorithm Manufacturer" and a Comment in a TID 1501
+    group (the words OHIF shows); everything else matches the templates."""
+    study = generate_uid()
+    a, b = make_cxr(study_uid=study, rows=128, cols=128), make_cxr(study_uid=study, rows=128, cols=128)
+    refused = Prediction.unanalysable("blank or nearly constant image", "soft", MODELS, (128, 128))
+    path = tmp_path / "sr.dcm"
+    build_sr([(a, abnormal(128, 128)), (b, refused)], **uids(9001)).save_as(path, enforce_file_format=True)
+    report = sr_validator(path)
+    known = (
+        'TEXT (122405,DCM,"Algorithm Manufacturer"): Content Item not in template',
+        'TEXT (121106,DCM,"Comment"): Content Item not in template',
+    )
+    assert [w for w in report.warnings if not w.endswith(known)] == [], report.output
+    assert [e for e in report.errors if KNOWN_VALIDATOR_LAG not in e] == [], report.output
 
 
 def test_sr_on_real_radiographs(tmp_path, real_source):
@@ -399,7 +485,10 @@ def test_gsps_normal_has_text_but_no_boxes(tmp_path, source):
     src, _ = source
     pr = write_and_check(build_gsps(src, normal(256, 200), **uids(9003)), tmp_path / "pr.dcm")
     assert graphic_objects(pr) == []
-    assert "No finding" in pr.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue
+    assert (
+        "No abnormality, P(abnormal) = 0.07"
+        in pr.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue
+    )
 
 
 def test_gsps_on_real_radiographs_keeps_the_display(tmp_path, real_source):

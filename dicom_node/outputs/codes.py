@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from pydicom.sr.coding import Code
 
+from dicom_node.outputs.verdict import ABNORMAL as ABNORMAL_VERDICT
+from dicom_node.outputs.verdict import NO_ABNORMALITY, NOT_ANALYSABLE
 from inference.types import FINDING_CLASSES, NO_FINDING, NO_FINDING_ID
 
 PRIVATE_SCHEME = "99DCMNODE"
@@ -63,6 +65,15 @@ PROBABILITY = Code("122157", "DCM", "Probability")
 UNIT_NO_UNITS = Code("1", "UCUM", "no units")
 PROCEDURE_XR = Code("43468-8", "LN", "XR unspecified body region")
 COMMENT = Code("121106", "DCM", "Comment")
+# A whole-image region's measurement: that image's P(abnormal) = 1 - P(no finding) (no standard concept found:
+# private; its meaning is the notation of the statements, short enough for a label next to the image).
+P_ABNORMAL = Code("PABNORM", PRIVATE_SCHEME, "P(abnormal)")
+# An image the models could not judge: the image as the source of the measurement that was not made.
+SOURCE_OF_MEASUREMENT = Code("121112", "DCM", "Source of Measurement")
+# An urgent study's priority: SNOMED CT 260870009 |Priority (attribute)| = 103391001 (DICOM CID 3414 lists it as
+# "Urgent Procedure", pydicom's SNOMED table as "Urgency (qualifier value)"; written "Urgent"), urgent studies only.
+PRIORITY = Code("260870009", "SCT", "Priority")
+URGENT = Code("103391001", "SCT", "Urgent")
 # Modality codes for the Image Library (DCM, CID 29): the radiographs the node analyses.
 MODALITIES = {
     "CR": Code("CR", "DCM", "Computed Radiography"),
@@ -123,3 +134,13 @@ def finding_site(class_id: int) -> tuple[Code, bool]:
 def finding_label(class_id: int) -> str:
     """The short display label (the VinDr-CXR class name) for burned-in and GSPS text."""
     return NO_FINDING if int(class_id) == NO_FINDING_ID else FINDING_CLASSES[int(class_id)]
+
+
+def verdict_code(verdict: str) -> Code:
+    """The Finding code of a study's verdict (:mod:`dicom_node.outputs.verdict`): Abnormal, No abnormality, or
+    Indeterminate for a study no image of which could be judged."""
+    table = {ABNORMAL_VERDICT: ABNORMAL, NO_ABNORMALITY: finding_code(NO_FINDING_ID), NOT_ANALYSABLE: INDETERMINATE}
+    try:
+        return table[verdict]
+    except KeyError:
+        raise KeyError(f"unknown verdict {verdict!r}") from None

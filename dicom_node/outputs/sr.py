@@ -6,28 +6,48 @@ Content tree (highdicom's template classes for the parts it has, the root assemb
     ├── Language, Observer: device (uid, name, manufacturer, model), Procedure reported: LN 43468-8
     ├── Image Library (TID 1600): every analysed image
     ├── Imaging Measurements
-    │   └── Measurement Group (TID 1410) per finding (a normal study: one "No abnormality" group per image,
-    │       its region the whole image, its site the chest; an image the models could not judge: an
-    │       "Indeterminate" whole-image group "AI: not analysable (<reason>)")
-    │         Tracking identifier "Finding N: <label>" + UID; Finding (type, DCM 121071): its code
+    │   └── Measurement Group (TID 1501) per finding
+    │         Tracking identifier "Finding N: <label>" + UID; Finding (DCM 121071): its code
     │         Finding Site: lung / pleura / heart / thoracic aorta / chest, with Laterality when the box
     │                       lies on one side of the patient
     │         Algorithm identification (name, versions of the models, parameters)
-    │         Image region: closed 5-point POLYLINE (x_min,y_min)->(x_max,y_min)->(x_max,y_max)->
-    │                       (x_min,y_max)->(x_min,y_min) on the source image (SOP Class/Instance UID)
-    │         Measurement: DCM 122157 Probability = the fused score, unit UCUM "1"
-    └── Qualitative Evaluations (UMLS C0034375): the study-level result
+    │         Measurement: DCM 122157 Probability = the fused score, unit UCUM "1",
+    │           INFERRED FROM its box: a closed 5-point POLYLINE (x_min,y_min)->(x_max,y_min)->(x_max,y_max)->
+    │           (x_min,y_max)->(x_min,y_min) on the source image (SOP Class/Instance UID)
+    │         Comment (DCM 121106): "<label> <score>", e.g. "Cardiomegaly 0.66" (the words viewers show);
+    │           the first group of an urgent study also "URGENT" before it
+    │     and, where no box says what the study is, a whole-image group (TID 1501) with the study's verdict:
+    │         Finding: Abnormal | No abnormality (as the study says), tracking identifier: the study statement,
+    │         Comment: "AI: abnormality suspected" | "AI: no abnormality" (after "URGENT" when urgent),
+    │         Finding Site: chest, Measurement: private "P(abnormal)" of
+    │         that image INFERRED FROM the whole image (a normal study: every image; an abnormal study without
+    │         a box: its abnormal images);
+    │     and for an image the models could not judge (TID 1501): Finding "Indeterminate", tracking
+    │         identifier "AI: not analysable (<reason>)", the whole image as Source of Measurement (a SCOORD)
+    └── Qualitative Evaluations (UMLS C0034375): the study-level result (:mod:`dicom_node.outputs.verdict`)
           CODE  Finding (DCM 121071) = SCT 263654008 Abnormal | DCM 111286 No abnormality
                                        | SCT 82334004 Indeterminate (no image could be judged)
+          CODE  Priority (SCT 260870009) = SCT 103391001 Urgent, for an urgent study only
           TEXT  Comment (DCM 121106) = what the AI did, with its probability and operating point, e.g.
                 "AI: no abnormality detected, P(abnormal) = 0.12, operating point 0.50", and the images
-                it could not judge with the reason, e.g. "AI: no result, 1 of 1 image not analysable (...)"
+                it could not judge with the reason, e.g. "AI: no result, 1 of 1 image not analysable (...)";
+                an urgent study's starts "URGENT (<reasons>): "
 
-Why this shape: viewers draw TID 1410 groups (OHIF, dwv) but stop at a measurement group without image
-geometry, so the study-level result is not a measurement group but TID 1500's own "Qualitative Evaluations"
-(CODE and TEXT items only; its probability is stated in the text). OHIF 3 cannot open an SR without any
-measurement group at all, hence the whole-image "No abnormality" groups of a normal study. Every container is
-ContinuityOfContent SEPARATE, so renderers (dsr2html, DICOMscope) list items instead of running them together.
+Why this shape: what OHIF 3.13 writes next to a region depends on where the region is
+(extensions/cornerstone-dicom-sr, getSopClassHandlerModule ``_processMeasurement``). A group with the region at
+its top level (TID 1410) is labelled only with each NUM as "<concept meaning>: <value, 2 decimals> <unit code>"
+and its first Finding Site as "363698007: <site>" ("Probability: 0.66 1", "363698007: Heart"); the Finding
+and any text are never shown. A group whose region is the source of its measurement (TID 1501, the NUM
+INFERRED FROM the SCOORD, as OHIF's own SRs are written) is labelled with each of its DCM 121106 Comment
+texts, then the NUMs: "Cardiomegaly 0.66:" over "Probability: 0.66 1". dwv 0.36 draws both shapes. Every
+group needs a region: OHIF 3 fails on a group without one and on an SR without any group, hence the
+whole-image groups. OHIF writes a label to the right of its region, so a whole-image region's words stand
+beside the image: they are kept short. PixelMed's 2022 template tables lack a Comment row in TID 1501 and say
+"Content Item not in template" (a warning, not an error) for it; it also checks every group of Imaging
+Measurements against TID 1410 as soon as one has an "Image Region", so all groups are TID 1501. The
+study-level result is TID 1500's own "Qualitative Evaluations" (CODE and TEXT items only; its probability is
+stated in the text). Every container is ContinuityOfContent SEPARATE, so renderers (dsr2html, DICOMscope) list
+items instead of running them together.
 
 Same patient and study as the sources, a new series, CompletionFlag COMPLETE, VerificationFlag
 UNVERIFIED, PreliminaryFlag FINAL (the algorithm's output will not change; no human verified it),
@@ -39,6 +59,8 @@ same result twice gives the same document. Everything, the Series Date/Time incl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -48,6 +70,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node.errors import EncodingError
 from dicom_node.outputs import codes as C
+from dicom_node.outputs.captions import finding_caption
 from dicom_node.outputs.equipment import NodeIdentity, contributing_equipment
 from dicom_node.outputs.geometry import box_polyline, check_geometry
 from dicom_node.outputs.image_library import image_library
@@ -55,9 +78,12 @@ from dicom_node.outputs.library_messages import library_error, no_phi_warnings
 from dicom_node.outputs.series import SERIES_DESCRIPTION, series_dates
 from dicom_node.outputs.source import check_same_study, source_header
 from dicom_node.outputs.uids import derived_uid
-from inference.types import ABNORMAL_OPERATING_POINT, NO_FINDING_ID, Finding, ModelInfo, Prediction, models_summary
+from dicom_node.outputs.verdict import NOT_ANALYSABLE, ROUTINE, StudyVerdict, image_verdict, study_verdict
+from inference.types import NO_FINDING_ID, Finding, ModelInfo, Prediction, models_summary
 
 __all__ = ["build_sr", "study_statement"]
+
+_CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 
 
 def _models(predictions: list[Prediction], identity: NodeIdentity) -> tuple[ModelInfo, ...]:
@@ -83,11 +109,11 @@ def _algorithm(identity: NodeIdentity, models: tuple[ModelInfo, ...], fusion: st
     )
 
 
-def _probability(value: float, name=C.PROBABILITY) -> hd.sr.Measurement:
+def _checked_probability(value: float) -> float:
     v = float(value)
     if not np.isfinite(v) or not 0.0 <= v <= 1.0:
         raise EncodingError(f"probability {value!r} is outside [0, 1]")
-    return hd.sr.Measurement(name=name, value=round(v, 6), unit=C.UNIT_NO_UNITS)
+    return round(v, 6)
 
 
 def _patient_side(ds: Dataset, box: tuple[float, float, float, float]) -> Code | None:
@@ -119,107 +145,144 @@ def _finding_site(ds: Dataset, f: Finding) -> hd.sr.FindingSite:
     return hd.sr.FindingSite(anatomic_location=site, laterality=_patient_side(ds, f.box) if lateral else None)
 
 
+def _region(ds: Dataset, polyline: np.ndarray) -> hd.sr.CoordinatesForMeasurement:
+    """The region a measurement is INFERRED FROM: a closed polyline on the source image."""
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=polyline,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+    )
+
+
+def _group(
+    *,
+    uid: str,
+    identifier: str,
+    finding: Code,
+    site: hd.sr.FindingSite,
+    algorithm: hd.sr.AlgorithmIdentification,
+    measurement: hd.sr.Measurement,
+    comments: Sequence[str],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 measurement group, its comments (the words OHIF shows next to its region) last."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
+        finding_type=finding,
+        finding_sites=[site],
+        algorithm_id=algorithm,
+        measurements=[measurement],
+    )
+    for text in comments:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(name=C.COMMENT, value=text, relationship_type=_CONTAINS))
+    return group
+
+
 def _finding_group(
-    ds: Dataset, f: Finding, n: int, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    ds: Dataset,
+    f: Finding,
+    n: int,
+    sop_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+    extra: Sequence[str] = (),
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     if not 0 <= int(f.class_id) < NO_FINDING_ID:
         raise EncodingError(f"finding {n}: class id {f.class_id!r} is not a finding class (0-13)")
-    code = C.finding_code(f.class_id)
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=box_polyline(f.box, int(ds.Rows), int(ds.Columns)),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+    probability = hd.sr.Measurement(
+        name=C.PROBABILITY,
+        value=_checked_probability(f.score),
+        unit=C.UNIT_NO_UNITS,
+        referenced_coordinates=[_region(ds, box_polyline(f.box, int(ds.Rows), int(ds.Columns)))],
     )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(sop_uid, "finding", ds.SOPInstanceUID, n),
-            identifier=f"Finding {n}: {C.finding_label(f.class_id)}"[:64],
-        ),
-        referenced_region=region,
-        finding_type=code,
-        finding_sites=[_finding_site(ds, f)],
-        algorithm_id=algorithm,
-        measurements=[_probability(f.score)],
+    return _group(
+        uid=derived_uid(sop_uid, "finding", ds.SOPInstanceUID, n),
+        identifier=f"Finding {n}: {C.finding_label(f.class_id)}"[:64],
+        finding=C.finding_code(f.class_id),
+        site=_finding_site(ds, f),
+        algorithm=algorithm,
+        measurement=probability,
+        comments=[*extra, finding_caption(f)],
     )
 
 
-def _whole_image_group(
-    ds: Dataset, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification, pred: Prediction
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """A measurement group with the whole image as its region, the chest as its site: "No abnormality" for
-    each image of a study without findings, "Indeterminate" for an image the models could not judge.
-
-    A normal study's SR still needs one group with an image region: OHIF 3 fails to open an SR without any
-    (black viewport) and dwv ignores it."""
+def _whole_image(ds: Dataset) -> np.ndarray:
     rows, cols = float(ds.Rows), float(ds.Columns)
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=np.array([[0, 0], [cols, 0], [cols, rows], [0, rows], [0, 0]], dtype=np.float64),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+    return np.array([[0, 0], [cols, 0], [cols, rows], [0, rows], [0, 0]], dtype=np.float64)
+
+
+def _verdict_group(
+    ds: Dataset, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification, pred: Prediction, verdict: StudyVerdict
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The whole image, carrying the study's own verdict where no box says it: its finding is the study's
+    (Abnormal, No abnormality), its tracking identifier the study statement, its comment the verdict in a few
+    words ("AI: no abnormality", after "URGENT" for an urgent study: OHIF writes them to the right of the region,
+    beside the image, where a whole sentence does not fit), its measurement this image's P(abnormal). OHIF 3
+    cannot open an SR without any region (black viewport) and dwv ignores it."""
+    p = hd.sr.Measurement(
+        name=C.P_ABNORMAL,
+        value=_checked_probability(1.0 - float(pred.p_no_finding)),
+        unit=C.UNIT_NO_UNITS,
+        referenced_coordinates=[_region(ds, _whole_image(ds))],
     )
-    if pred.not_analysable:
-        kind, label, finding = "not analysable", f"AI: not analysable ({pred.not_analysable})", C.INDETERMINATE
-    else:
-        kind, label, finding = "no abnormality", "AI: no abnormality detected", C.finding_code(NO_FINDING_ID)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    return _group(
+        uid=derived_uid(sop_uid, verdict.verdict, ds.SOPInstanceUID),
+        identifier=verdict.statement,
+        finding=C.verdict_code(verdict.verdict),
+        site=hd.sr.FindingSite(anatomic_location=C.CHEST),
+        algorithm=algorithm,
+        measurement=p,
+        comments=[verdict.flag, verdict.label] if verdict.urgent else [verdict.label],
+    )
+
+
+def _unjudged_group(
+    ds: Dataset, sop_uid: str, algorithm: hd.sr.AlgorithmIdentification, pred: Prediction
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The whole image of an image the models could not judge: "Indeterminate", "AI: not analysable (<reason>)",
+    and the image as the source of the measurement not made: a SCOORD of the whole image in the group itself
+    (TID 1501 row 10). It has no probability to carry its region (highdicom writes no NUM without a value), so
+    OHIF takes it for a TID 1410 region and labels it with its measurements and Finding Site only: it has
+    neither, and OHIF draws the frame without words (and without a code)."""
+    label = f"AI: not analysable ({pred.not_analysable})"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(sop_uid, kind, ds.SOPInstanceUID), identifier=label[:64]
+            uid=derived_uid(sop_uid, "not analysable", ds.SOPInstanceUID), identifier=label
         ),
-        referenced_region=region,
-        finding_type=finding,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=C.CHEST)],
+        finding_type=C.INDETERMINATE,
         algorithm_id=algorithm,
     )
+    source = hd.sr.ScoordContentItem(
+        name=C.SOURCE_OF_MEASUREMENT,
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_whole_image(ds),
+        pixel_origin_interpretation=hd.sr.PixelOriginInterpretationValues.VOLUME,
+        relationship_type=_CONTAINS,
+    )
+    source.ContentSequence = hd.sr.ContentSequence([hd.sr.SourceImageForRegion.from_source_image(ds)])
+    group[0].ContentSequence.append(source)
+    return group
 
 
 def study_statement(predictions: list[Prediction]) -> tuple[Code, str]:
-    """(the study-level Finding code, the sentence the SR states) for a study's predictions.
+    """(the study-level Finding code, the sentence the SR states) for a study's predictions, routine priority.
 
     P(abnormal) is the fused probability of the most suspicious image, 1 - P(no finding); an image is abnormal
     when something is boxed or that probability reaches the operating point (see :mod:`inference.fusion`).
     Images the models could not judge are named with their reason; when no image could be judged the
-    finding is "Indeterminate" and no probability is stated."""
-    judged = [p for p in predictions if not p.not_analysable]
-    refused = [p.not_analysable for p in predictions if p.not_analysable]
-    unjudged = ""
-    if refused:
-        reasons = "; ".join(sorted(set(refused)))
-        images = f"image{'s' if len(predictions) != 1 else ''}"
-        unjudged = f"{len(refused)} of {len(predictions)} {images} not analysable ({reasons})"
-    if not judged:
-        return C.INDETERMINATE, f"AI: no result, {unjudged}"
-    abnormal = any(p.abnormal for p in judged)
-    p_abnormal = max(1.0 - float(p.p_no_finding) for p in judged)
-    if not np.isfinite(p_abnormal) or not 0.0 <= p_abnormal <= 1.0:
-        raise EncodingError(f"P(abnormal) {p_abnormal!r} is outside [0, 1]")
-    n = sum(len(p.findings) for p in judged)
-    where = f"; {n} finding{'s' if n != 1 else ''} marked" if n else ""
-    what = "abnormality suspected" if abnormal else "no abnormality detected"
-    statement = f"AI: {what}, P(abnormal) = {p_abnormal:.2f}, operating point {ABNORMAL_OPERATING_POINT:.2f}{where}"
-    return (C.ABNORMAL if abnormal else C.finding_code(NO_FINDING_ID)), statement + (
-        f"; {unjudged}" if unjudged else ""
-    )
+    finding is "Indeterminate" and no probability is stated. The logic is :func:`verdict.study_verdict`'s."""
+    verdict = study_verdict(predictions)
+    return C.verdict_code(verdict.verdict), verdict.statement
 
 
-def _qualitative_evaluations(predictions: list[Prediction]) -> hd.sr.ContainerContentItem:
-    finding, statement = study_statement(predictions)
+def _qualitative_evaluations(verdict: StudyVerdict) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(
-        name=C.QUALITATIVE_EVALUATIONS,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        is_content_continuous=False,
+        name=C.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS, is_content_continuous=False
     )
-    container.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.CodeContentItem(
-                name=C.FINDING,
-                value=finding,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            ),
-            hd.sr.TextContentItem(
-                name=C.COMMENT, value=statement, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-            ),
-        ]
-    )
+    finding = C.verdict_code(verdict.verdict)
+    items: list = [hd.sr.CodeContentItem(name=C.FINDING, value=finding, relationship_type=_CONTAINS)]
+    if verdict.urgent:
+        items.append(hd.sr.CodeContentItem(name=C.PRIORITY, value=C.URGENT, relationship_type=_CONTAINS))
+    items.append(hd.sr.TextContentItem(name=C.COMMENT, value=verdict.statement, relationship_type=_CONTAINS))
+    container.ContentSequence = hd.sr.ContentSequence(items)
     return container
 
 
@@ -231,11 +294,15 @@ def build_sr(
     series_number: int,
     instance_number: int,
     identity: NodeIdentity,
+    priority: str = ROUTINE,
+    priority_reasons: Sequence[str] = (),
 ) -> Dataset:
     """Encode the predictions for one study's images as one TID 1500 Comprehensive 3D SR.
 
     ``sources``: (source image dataset, its prediction) pairs, all from the same patient and study;
-    the datasets need their header only (pixel data is not read). Raises :class:`EncodingError`.
+    the datasets need their header only (pixel data is not read). ``priority``: "urgent" or "routine" (the
+    site's priority rules, with their ``priority_reasons``): an urgent study says so in Qualitative Evaluations
+    and in its statement. Raises :class:`EncodingError`.
     """
     if not sources:
         raise EncodingError("build_sr needs at least one (source, prediction) pair")
@@ -244,6 +311,10 @@ def build_sr(
     for ds, pred in sources:
         check_geometry(ds, pred)
     preds = [p for _, p in sources]
+    try:
+        verdict = study_verdict([(str(ds.SOPInstanceUID), p) for ds, p in sources], priority, priority_reasons)
+    except ValueError as exc:
+        raise EncodingError(str(exc)) from exc
     models = _models(preds, identity)
     fusion = ",".join(sorted({p.fusion_mode for p in preds}))
     try:
@@ -252,6 +323,7 @@ def build_sr(
                 sources,
                 models,
                 fusion,
+                verdict,
                 series_uid=series_uid,
                 sop_uid=sop_uid,
                 series_number=series_number,
@@ -273,19 +345,37 @@ def _separate(items) -> None:
             _separate(item.ContentSequence)
 
 
-def _build(
-    sources, models, fusion, *, series_uid, sop_uid, series_number, instance_number, identity: NodeIdentity
-) -> Dataset:
-    algorithm = _algorithm(identity, models, fusion)
-    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+def _groups(sources, sop_uid: str, algorithm, verdict: StudyVerdict) -> list:
+    """Every finding's group; where no box says what the study is, the study's verdict on the images that
+    carry it; and each image the models could not judge, where it is."""
+    groups: list = []
     for ds, pred in sources:
         for f in sorted(pred.findings, key=lambda f: -f.score):
-            groups.append(_finding_group(ds, f, len(groups) + 1, sop_uid, algorithm))
-    if not groups:  # no finding: every image says what it is, "No abnormality" or "not analysable"
-        groups = [_whole_image_group(ds, sop_uid, algorithm, pred) for ds, pred in sources]
-    else:  # findings, and the images the models could not judge say so, where they are
-        groups += [_whole_image_group(ds, sop_uid, algorithm, p) for ds, p in sources if p.not_analysable]
+            extra = [verdict.flag] if verdict.urgent and not groups else []
+            groups.append(_finding_group(ds, f, len(groups) + 1, sop_uid, algorithm, extra))
+    if not groups and verdict.verdict != NOT_ANALYSABLE:
+        groups = [
+            _verdict_group(ds, sop_uid, algorithm, pred, verdict)
+            for ds, pred in sources
+            if image_verdict(pred) == verdict.verdict
+        ]
+    return groups + [_unjudged_group(ds, sop_uid, algorithm, p) for ds, p in sources if p.not_analysable]
 
+
+def _build(
+    sources,
+    models,
+    fusion,
+    verdict: StudyVerdict,
+    *,
+    series_uid,
+    sop_uid,
+    series_number,
+    instance_number,
+    identity: NodeIdentity,
+) -> Dataset:
+    algorithm = _algorithm(identity, models, fusion)
+    groups = _groups(sources, sop_uid, algorithm, verdict)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.device_observer_uid,
         name=identity.model_name[:64],
@@ -312,7 +402,7 @@ def _build(
         )
     )
     content.append(image_library([ds for ds, _ in sources]))
-    if groups:  # always: a normal study has its "No abnormality" regions
+    if groups:  # always: a study without a box has its whole-image regions
         measurements = hd.sr.ContainerContentItem(
             name=codes.DCM.ImagingMeasurements, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
         )
@@ -320,7 +410,7 @@ def _build(
         for group in groups:
             measurements.ContentSequence.extend(group)
         content.append(measurements)
-    content.append(_qualitative_evaluations([p for _, p in sources]))
+    content.append(_qualitative_evaluations(verdict))
     root.ContentSequence = content
     _separate([root])
     # The private scheme is declared when a code of it is used (two finding classes have no standard code).

@@ -27,8 +27,12 @@ recorded, service workers are blocked, and every wait is on a condition with a d
 What OHIF 3.13 does with a TID 1500 SR (measured with this harness; tests/test_viewers_harness.py):
 a double-click on the SR thumbnail opens its SR viewport: the referenced image with every region drawn
 read-only by the DICOMSRDisplay tool (a ``polyline`` each in the SVG layer, plus a text box
-``g[data-annotation-uid]`` whose lines are the group's NUM values and its Finding Site, never the
-Finding code), and the prompt "Do you want to continue tracking measurements for this study?"
+``g[data-annotation-uid]``, one ``tspan`` per line, never the Finding code). The lines depend on where the
+region is (extensions/cornerstone-dicom-sr, getSopClassHandlerModule ``_processMeasurement``): for a group with
+its SCOORD at its top level (TID 1410) each NUM as "<concept meaning>: <value, 2 decimals> <unit code>" and the
+first SCT Finding Site as "363698007: <site meaning>"; for a group whose SCOORD is the source of a NUM (INFERRED
+FROM, TID 1501, as OHIF writes its own SRs) each DCM 121106 Comment TEXT as "<text>:", then the NUMs. Then the
+prompt "Do you want to continue tracking measurements for this study?"
 (``[data-cy="yes-hydrate-btn"]``). Yes "hydrates": a closed 5-point POLYLINE becomes an editable
 RectangleROI (``rect``, with computed area/mean/... as its label) and a row titled with the Finding's
 code meaning in the Measurements panel (not for a group with a NUM that has no INFERRED FROM region of
