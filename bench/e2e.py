@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end benchmark with a real PACS: studies sent to Orthanc, auto-routed to the node, results back in Orthanc.
 
-    python bench/e2e.py [--studies 20] [--burst 100] [--tiny] [--stable 2] [--size 1024] [--gsps] [--out DIR]
+    python bench/e2e.py [--studies 20] [--burst 100] [--urgent 1] [--tiny] [--stable 2] [--size 1024] [--gsps]
+                        [--out DIR]
 
 Orthanc (tests/support/orthanc.py, the documented Lua routing rule) forwards every chest DX it stores to a real
 ``dicom-node serve`` (tests/support/node.py) with one worker process, which sends SR + SC (+ GSPS with ``--gsps``)
@@ -18,6 +19,8 @@ first and are not counted. Per study, on the node's clock (its SQLite DB, naive 
                (UTC, whole seconds in Orthanc 1.10: only a consistency check, not a measurement)
     e2e        t_sr - t_ack
     pipeline   jobs.pipeline_s (Pipeline.run only, summed over the study's images)
+    flag       finished_at - t_ack: time from the last image to the flag (the job's results committed, priority
+               decided; /metrics dicom_node_time_to_flag_seconds), median and p95
     overhead   e2e - stable_after_s - pipeline  (target: median < 1 s), split into
       claim    jobs.started_at - (t_ack + stable)    stable timer lateness (created_at) + worker poll
       encode   finished_at - started_at - pipeline_s  read + decode pixels, SR/SC/GSPS encoding
@@ -30,6 +33,9 @@ Phase 2, burst: ``--burst`` one-image studies in one storescu call into Orthanc,
 every SR is delivered. RSS of the node process and its children (the worker) is sampled every second; prints
 RSS at the start, at 25/50/75/100 % of studies done, the max, min/median/max per quarter, and the slope over the
 second half (Theil-Sen, MB per 10 studies; "flat" if <= 1) to judge "flat memory", plus studies per minute.
+``--urgent`` studies (Requested Procedure Priority STAT) are sent last in the same storescu call, behind the
+routine ones: the time to flag (median and p95) of the routine studies is the baseline, and the urgent ones'
+time to flag is given as a ratio to it, with how many routine studies queued before them they overtook.
 
 ``--torch-threads N`` sets OMP_NUM_THREADS=N for the node (its worker inherits it; torch reads it for its intra-op
 threads); left out, torch uses one thread per CPU.
@@ -233,14 +239,19 @@ class Studies:
         self.rng = np.random.default_rng(0)
         self.n = 0
 
-    def make(self, prefix: str) -> tuple[Path, str]:
+    def make(self, prefix: str, **extra) -> tuple[Path, str]:
         self.n += 1
         noise = self.rng.integers(-24, 25, self.base.shape, dtype=np.int32)
         pixels = np.clip(np.roll(self.base, (self.n % 17) - 8, axis=1) + noise, 0, 4095).astype(np.uint16)
         study_uid = generate_uid()
         path = self.folder / f"{prefix}{self.n:04d}.dcm"
         make_cxr(
-            path, pixels=pixels, study_uid=study_uid, patient_id=f"BENCH{self.n:05d}", AccessionNumber=f"B{self.n:07d}"
+            path,
+            pixels=pixels,
+            study_uid=study_uid,
+            patient_id=f"BENCH{self.n:05d}",
+            AccessionNumber=f"B{self.n:07d}",
+            **extra,
         )
         return path, study_uid
 
@@ -375,6 +386,7 @@ def breakdown(row: dict, stable: float) -> dict[str, float]:
         "timer_late": secs(row["created"], due),
         "poll": secs(row["started"], row["created"]),
         "encode": secs(row["finished"], row["started"]) - row["pipeline_s"],
+        "flag": secs(row["finished"], row["t_ack"]),
         "deliver": secs(row["sr_delivered"], row["finished"]),
     }
     if row.get("job_wall") is not None:
@@ -390,7 +402,7 @@ def breakdown(row: dict, stable: float) -> dict[str, float]:
 def print_latency(args, rows: list[dict], meta: dict) -> dict:
     counted = [r for r in rows if not r["warmup"]]
     bds = [breakdown(r, args.stable) for r in counted]
-    cols = ["e2e", "e2e-stable", "pipeline", "overhead", "claim", "encode", "deliver", "commit", "send"]
+    cols = ["e2e", "e2e-stable", "pipeline", "overhead", "claim", "encode", "deliver", "commit", "send", "flag"]
     print()
     print(
         f"Phase 1: latency, {len(counted)} one-image studies one at a time (stable_after_s = {args.stable:g}; "
@@ -406,7 +418,7 @@ def print_latency(args, rows: list[dict], meta: dict) -> dict:
         )
     stats = {}
     print("  " + "-" * 118)
-    for name, q in (("median", 0.5), ("p90", 0.9)):
+    for name, q in (("median", 0.5), ("p90", 0.9), ("p95", 0.95)):
         vals = {c: pct([b[c] for b in bds if c in b], q) for c in cols + ["timer_late", "poll"]}
         stats[name] = vals
         print(f"  {name:>5} " + " ".join(f"{vals[c]:10.3f}" for c in cols))
@@ -431,16 +443,30 @@ def print_latency(args, rows: list[dict], meta: dict) -> dict:
     return {"stats": stats, "met": met, "n": len(counted)}
 
 
+def flag_times(db: NodeDB, jobs_after: int) -> dict[str, float]:
+    """{study UID: seconds from its last image to its flag (job committed)} of the jobs after ``jobs_after``."""
+    rows = db.conn.execute(
+        "SELECT j.study_uid, j.finished_at, (SELECT max(i.received_at) FROM instances i "
+        "WHERE i.study_uid = j.study_uid) AS last_image FROM jobs j WHERE j.id > ? AND j.state = 'done'",
+        (jobs_after,),
+    ).fetchall()
+    return {r["study_uid"]: secs(ts(r["finished_at"]), ts(r["last_image"])) for r in rows}
+
+
 def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Studies) -> dict:
-    n = args.burst
-    files = [studies.make("burst")[0] for _ in range(n)]
+    n_routine = args.burst
+    made = [studies.make("burst") for _ in range(n_routine)]
+    made += [studies.make("urgent", RequestedProcedurePriority="STAT") for _ in range(args.urgent)]
+    urgent_uids = {uid for _, uid in made[n_routine:]}
+    files = [path for path, _ in made]
+    n = len(files)
     before = db.srs_delivered()
     jobs_before = db.conn.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
     sampler = RssSampler(node.proc.pid, db, interval=args.sample_s)
     sampler.start()
     time.sleep(3 * args.sample_s)  # a few samples of the idle, warm node first
     t0 = time.monotonic()
-    log(f"burst: sending {n} studies into Orthanc in one storescu call")
+    log(f"burst: sending {n} studies ({args.urgent} urgent last) into Orthanc in one storescu call")
     r = pacs.storescu(*files, timeout=max(300, 5 * n))
     t_sent = time.monotonic()
     if r.returncode != 0:
@@ -476,6 +502,19 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
     )
     pipeline = [j["pipeline_s"] or 0.0 for j in jobs]
     node_span = secs(last_sr, first_ack)
+    flags = flag_times(db, jobs_before)
+    routine_flag = [t for uid, t in flags.items() if uid not in urgent_uids]
+    urgent_flag = [t for uid, t in flags.items() if uid in urgent_uids]
+    started = {j["study_uid"]: j["started_at"] for j in jobs}
+    created = {j["study_uid"]: j["created_at"] for j in jobs}
+    overtaken = [
+        sum(1 for uid in started if uid not in urgent_uids and created[uid] < created[u] and started[uid] > started[u])
+        for u in urgent_uids
+        if u in started
+    ]
+    queued_before = [
+        sum(1 for uid in created if uid not in urgent_uids and created[uid] < created[u]) for u in urgent_uids
+    ]
 
     samples = sampler.samples
     s0 = samples[0]
@@ -513,6 +552,16 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
         f"{throughput_wall:.1f} studies/min wall (storescu start -> all SRs)"
     )
     print(
+        f"  time to flag (last image -> results committed), routine (baseline): median {pct(routine_flag, 0.5):.2f} s, "
+        f"p95 {pct(routine_flag, 0.95):.2f} s over {len(routine_flag)} studies"
+    )
+    if urgent_flag:
+        print(
+            f"  urgent (STAT, sent last): median {pct(urgent_flag, 0.5):.2f} s, max {max(urgent_flag):.2f} s -> "
+            f"ratio to the routine median {pct(urgent_flag, 0.5) / pct(routine_flag, 0.5):.2f}x; overtook "
+            f"{sum(overtaken)} of {sum(queued_before)} routine jobs queued before them"
+        )
+    print(
         f"  pipeline per study in the burst: median {statistics.median(pipeline):.3f} s, "
         f"p90 {pct(pipeline, 0.9):.3f} s -> pipeline-bound max {60 / statistics.median(pipeline):.1f} studies/min"
     )
@@ -544,6 +593,12 @@ def phase_burst(args, pacs: Orthanc, node: NodeProcess, db: NodeDB, studies: Stu
         "throughput_node_per_min": throughput_node,
         "throughput_wall_per_min": throughput_wall,
         "pipeline_median_s": statistics.median(pipeline),
+        "flag_routine_median_s": pct(routine_flag, 0.5),
+        "flag_routine_p95_s": pct(routine_flag, 0.95),
+        "flag_urgent_median_s": pct(urgent_flag, 0.5),
+        "flag_urgent_ratio": pct(urgent_flag, 0.5) / pct(routine_flag, 0.5) if urgent_flag else float("nan"),
+        "urgent_overtook": sum(overtaken),
+        "urgent_queued_behind": sum(queued_before),
         "rss_start": s0,
         "rss_marks": marks,
         "rss_max": mx,
@@ -560,6 +615,7 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=20, help="phase 1: studies sent one at a time (0 = skip)")
     ap.add_argument("--warmup", type=int, default=1, help="phase 1: warm-up studies first, not counted")
     ap.add_argument("--burst", type=int, default=100, help="phase 2: studies sent at once (0 = skip)")
+    ap.add_argument("--urgent", type=int, default=1, help="phase 2: urgent (STAT) studies sent after the burst")
     ap.add_argument("--tiny", action="store_true", help="tiny random-weight models instead of config.yaml's")
     ap.add_argument("--stable", type=float, default=2.0, help="studies.stable_after_s of the node")
     ap.add_argument("--size", type=int, default=1024, help="image rows = columns")
@@ -659,6 +715,10 @@ def main() -> int:
                 f"-> target < {TARGET_OVERHEAD_S:g} s at the median: {'MET' if lat['met'] else 'NOT MET'}"
             )
             print(
+                f"    time to flag (last image -> results committed) {m['flag']:.2f} / p95 "
+                f"{lat['stats']['p95']['flag']:.2f}"
+            )
+            print(
                 f"    overhead parts (medians): claim {m['claim']:.2f} (timer {m['timer_late']:.2f} + worker poll "
                 f"{m['poll']:.2f}), decode+encode {m['encode']:.2f}, write+commit {m['commit']:.2f}, "
                 f"sender poll+C-STORE {m['send']:.2f}"
@@ -669,6 +729,12 @@ def main() -> int:
                 f"  burst of {burst['n']} studies: {burst['throughput_node_per_min']:.1f} studies/min "
                 f"(pipeline median {burst['pipeline_median_s']:.2f} s/study); all SRs in Orthanc after "
                 f"{burst['wall_s']:.0f} s"
+            )
+            print(
+                f"    time to flag, routine: median {burst['flag_routine_median_s']:.1f} s, p95 "
+                f"{burst['flag_routine_p95_s']:.1f} s; urgent (STAT, sent last): median "
+                f"{burst['flag_urgent_median_s']:.1f} s = {burst['flag_urgent_ratio']:.2f}x the routine median, "
+                f"ahead of {burst['urgent_overtook']} of {burst['urgent_queued_behind']} routine jobs queued before"
             )
             print(
                 f"    RSS node+worker MB: start {s0['total_mb']:.0f}, 25% {mk['25%']['total_mb']:.0f}, "

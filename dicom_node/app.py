@@ -85,9 +85,10 @@ class Node:
         self.store = open_store(config)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"max_instances": 1})
         self.assembler = StudyAssembler(self.store, self.scheduler)
-        self.listener = Listener(config.node, StoreHandler(config, self.store, on_stored=self.assembler.arm))
+        self.ingest = StoreHandler(config, self.store, on_stored=self.assembler.arm)  # C-STORE, STOW-RS, WADO-RS
+        self.listener = Listener(config.node, self.ingest)
         self.sender = Sender(config, self.store)
-        self.backfiller = Backfiller(config, self.store)  # pulls past studies from the PACS (dicom-node backfill)
+        self.backfiller = Backfiller(config, self.store, self.ingest)  # pulls past studies (dicom-node backfill)
         self._ready = multiprocessing.get_context("spawn").Queue()  # workers report "ready" or "failed" here
         self.workers = [
             WorkerProcess(worker_main, config.model_dump(mode="json"), i, self._ready)
@@ -140,6 +141,7 @@ class Node:
                 self.store,
                 functools.partial(build_pipeline, self.config),
                 lambda: self.listener.admission.snapshot()["associations"],
+                self.ingest,
             )
             self.web_port = self.web.start()
         port = self.listener.start()

@@ -15,15 +15,27 @@ import os
 import site
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dicom_node.errors import ConfigError
+from inference.types import FINDING_CLASSES
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 OutputKind = Literal["sr", "sc", "gsps"]
+DESTINATION_TYPES = ("dicom", "hl7", "fhir", "webhook", "email")
 
 
 class _Strict(BaseModel):
@@ -35,6 +47,13 @@ def _ae_title(value: str) -> str:
         raise ValueError(
             f"{value!r} is not a valid AE title (1-16 ASCII characters, no backslash, no leading/trailing spaces)"
         )
+    return value
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{value!r} is not a URL starting with http:// or https://")
     return value
 
 
@@ -226,6 +245,10 @@ class OutputsConfig(_Strict):
 
 
 class DestinationConfig(_Strict):
+    """A DICOM peer (a PACS): the result objects by C-STORE. ``type: dicom`` is the default (older configs name no
+    type)."""
+
+    type: Literal["dicom"] = "dicom"
     name: str
     ae_title: str
     host: str
@@ -238,6 +261,116 @@ class DestinationConfig(_Strict):
     mode: Literal["live", "silent"] = "silent"
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+def secret(value: str | None, env: str | None) -> str | None:
+    """A secret from the config (``value``) or, read when it is used, the environment variable named ``env``."""
+    if value:
+        return value
+    return os.environ.get(env) if env else None
+
+
+class _Notification(_Strict):
+    """What every notification destination (HL7, FHIR, webhook, email) has: a message per study, made when the
+    study is analysed, kept in the outbox and sent like the DICOM results (retried, failed visibly, audited)."""
+
+    name: str
+    mode: Literal["live", "silent"] = "silent"  # as for a DICOM destination
+    when: Literal["urgent", "always"] = "urgent"  # urgent: only studies the priority rules make urgent
+    # Patient name, ID, birth date and sex in the message. Off: the accession number, the Study UID, the verdict,
+    # the priority, the findings and the console link only. An HL7 or FHIR destination feeding a RIS needs it on
+    # (a RIS files results by patient identifiers).
+    include_phi: bool = False
+    timeout_s: float = Field(30, gt=0)  # connecting, and then waiting for the answer
+
+
+class HL7DestinationConfig(_Notification):
+    """HL7 v2.5.1 ORU^R01 over MLLP (optionally TLS) to a RIS or worklist. The ACK decides: AA delivered, AE
+    retried, AR failed."""
+
+    type: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: DestinationTLSConfig | None = None  # null = plain MLLP
+    sending_application: str = "DICOM_NODE"  # MSH-3
+    sending_facility: str = ""  # MSH-4
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+
+
+class FHIRDestinationConfig(_Notification):
+    """A FHIR R4 server: a transaction Bundle (DiagnosticReport and Observations) POSTed to its base URL."""
+
+    type: Literal["fhir"]
+    url: str  # the server's base URL, e.g. https://fhir.example.org/r4
+    token: str | None = None  # bearer token; or, better, ...
+    token_env: str | None = None  # ... the environment variable that holds it (e.g. RIS_TOKEN)
+    tls: DestinationTLSConfig | None = None  # https: null = the system's certificate authorities
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
+
+
+class WebhookDestinationConfig(_Notification):
+    """An HTTP POST: signed JSON (format json), or a Microsoft Teams or Slack incoming-webhook message."""
+
+    type: Literal["webhook"]
+    url: str
+    format: Literal["json", "teams", "slack"] = "json"
+    hmac_key: str | None = None  # HMAC-SHA256 of the body in X-Dicom-Node-Signature-256 (README); or ...
+    hmac_key_env: str | None = None  # ... the environment variable that holds the key
+    template: Path | None = None  # teams/slack: a Jinja2 template of your own (the shipped ones show the context)
+    tls: DestinationTLSConfig | None = None  # https: null = the system's certificate authorities
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
+
+    @model_validator(mode="after")
+    def _template_needs_format(self) -> "WebhookDestinationConfig":
+        if self.template is not None and self.format == "json":
+            raise ValueError("template is for format teams or slack (format json is the node's own document)")
+        return self
+
+
+class EmailDestinationConfig(_Notification):
+    """An email over SMTP (smtplib), its body from a Jinja2 template."""
+
+    type: Literal["email"]
+    host: str
+    port: int = Field(25, ge=1, le=65535)
+    security: Literal["none", "starttls", "tls"] = "none"  # starttls: upgrade on the port; tls: TLS from the start
+    tls: DestinationTLSConfig | None = None  # starttls/tls: null = the system's certificate authorities
+    username: str | None = None  # SMTP AUTH, with password or password_env
+    password: str | None = None
+    password_env: str | None = None
+    from_address: str
+    to: list[str] = Field(min_length=1)
+    subject: str = (
+        "{% if priority == 'urgent' %}URGENT: {% endif %}AI chest X-ray result: {{ headline }}"
+        "{% if accession_number %} (accession {{ accession_number }}){% endif %}"
+    )  # a Jinja2 template
+    template: Path | None = None  # the body: a Jinja2 template of your own (the shipped email.txt.j2 shows it)
+
+
+NotificationConfig = HL7DestinationConfig | FHIRDestinationConfig | WebhookDestinationConfig | EmailDestinationConfig
+
+
+def _destination_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type", "dicom"))
+    return str(getattr(value, "type", "dicom"))
+
+
+AnyDestination = Annotated[
+    Annotated[DestinationConfig, Tag("dicom")]
+    | Annotated[HL7DestinationConfig, Tag("hl7")]
+    | Annotated[FHIRDestinationConfig, Tag("fhir")]
+    | Annotated[WebhookDestinationConfig, Tag("webhook")]
+    | Annotated[EmailDestinationConfig, Tag("email")],
+    Discriminator(
+        _destination_type,
+        custom_error_type="destination_type",
+        custom_error_message="type must be dicom (the default), hl7, fhir, webhook or email",
+    ),
+]
 
 
 class DeliveryConfig(_Strict):
@@ -260,6 +393,14 @@ class WebConfig(_Strict):
     secure_cookies: bool = False  # true when users reach the console over HTTPS (a reverse proxy in front)
     max_upload_mb: float = Field(200, gt=0)  # the analyse page's upload limit (all files of one upload)
     page_size: int = Field(50, ge=1, le=1000)  # studies per page
+    # The console's address as users reach it (e.g. https://ai-node.hospital.org): messages link to a study's page
+    # (<public_url>/studies/<Study UID>). null = messages carry no link.
+    public_url: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v)
 
     @field_validator("users")
     @classmethod
@@ -282,6 +423,86 @@ class WebConfig(_Strict):
             raise ConfigError(str(exc)) from exc
 
 
+MIN_STOW_TOKEN = 16  # characters of a STOW-RS bearer token, at least
+
+
+def _parse_tokens(text: str) -> list[str]:
+    return [t for t in (e.strip() for e in text.split(",")) if t]
+
+
+class DicomWebConfig(_Strict):
+    """STOW-RS ingest on the web server (``POST /dicom-web/studies``): off unless enabled, and never anonymous."""
+
+    enabled: bool = False
+    # Bearer tokens (Authorization: Bearer ...), MIN_STOW_TOKEN+ characters; also DICOM_NODE_STOW_TOKENS="t1,t2".
+    tokens: list[str] = Field(default_factory=list)
+    # HTTP Basic users: name -> password hash (`dicom-node hash-password`); also DICOM_NODE_STOW_USERS="name:hash".
+    users: dict[str, str] = Field(default_factory=dict)
+    max_request_mb: float = Field(2048, gt=0)  # a larger request body is refused (413)
+    read_timeout_s: float = Field(60, gt=0)  # a body that stalls this long is cut off (nothing of it stored)
+
+    @field_validator("tokens")
+    @classmethod
+    def _check_tokens(cls, v: list[str]) -> list[str]:
+        if any(len(t) < MIN_STOW_TOKEN for t in v):
+            raise ValueError(f"a bearer token needs at least {MIN_STOW_TOKEN} characters")
+        return v
+
+    @field_validator("users")
+    @classmethod
+    def _check_users(cls, v: dict[str, str]) -> dict[str, str]:
+        from dicom_node.passwords import check_hash
+
+        for name, hashed in v.items():
+            problem = check_hash(hashed)
+            if problem:
+                raise ValueError(f"user {name!r}: {problem}")
+        return v
+
+    def all_tokens(self) -> list[str]:
+        """The configured tokens plus DICOM_NODE_STOW_TOKENS."""
+        env = _parse_tokens(os.environ.get("DICOM_NODE_STOW_TOKENS", ""))
+        if any(len(t) < MIN_STOW_TOKEN for t in env):
+            raise ConfigError(f"DICOM_NODE_STOW_TOKENS: a bearer token needs at least {MIN_STOW_TOKEN} characters")
+        return [*self.tokens, *env]
+
+    def all_users(self) -> dict[str, str]:
+        """The configured users plus DICOM_NODE_STOW_USERS ("name:hash,name:hash")."""
+        from dicom_node.passwords import parse_users
+
+        try:
+            return {**self.users, **parse_users(os.environ.get("DICOM_NODE_STOW_USERS", ""))}
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("DICOM_NODE_WEB_USERS", "DICOM_NODE_STOW_USERS")) from exc
+
+
+class DicomWebSourceConfig(_Strict):
+    """A DICOMweb archive a backfill searches (QIDO-RS) and retrieves from (WADO-RS)."""
+
+    dicomweb: str  # the service's base URL, e.g. https://pacs.example.org/dicom-web
+    username: str | None = None  # HTTP Basic
+    password: str | None = None  # prefer DICOM_NODE_BACKFILL_PASSWORD
+    token: str | None = None  # bearer token; prefer DICOM_NODE_BACKFILL_TOKEN
+    ca_certificates: Path | None = None  # PEM bundle for an https:// archive; null = the system's
+    timeout_s: float = Field(60, gt=0)  # one HTTP request (connect or read) is given up after this
+
+    @field_validator("dicomweb")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("backfill.source.dicomweb is an http:// or https:// URL (the DICOMweb base)")
+        return v.rstrip("/")
+
+    def secret_password(self) -> str | None:
+        return os.environ.get("DICOM_NODE_BACKFILL_PASSWORD") or self.password
+
+    def secret_token(self) -> str | None:
+        return os.environ.get("DICOM_NODE_BACKFILL_TOKEN") or self.token
+
+    def describe(self) -> str:
+        return self.dicomweb
+
+
 class BackfillSourceConfig(_Strict):
     """The PACS a backfill queries (C-FIND) and retrieves from (C-MOVE)."""
 
@@ -291,6 +512,9 @@ class BackfillSourceConfig(_Strict):
     tls: DestinationTLSConfig | None = None  # null = plain DICOM
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+    def describe(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 def parse_window(value: str) -> tuple[int, int]:
@@ -313,7 +537,9 @@ def parse_window(value: str) -> tuple[int, int]:
 class BackfillConfig(_Strict):
     """``dicom-node backfill``: pulling a site's past studies from its PACS, bounded so that it is never flooded."""
 
-    source: BackfillSourceConfig | None = None  # null = no PACS to pull from (backfill refuses to run)
+    # a PACS over DIMSE {ae_title, host, port}, or a DICOMweb archive {dicomweb: URL, ...}; null = no PACS to pull
+    # from (backfill refuses to run)
+    source: BackfillSourceConfig | DicomWebSourceConfig | None = None
     move_destination: str | None = None  # the AE title the PACS knows this node by; null = node.ae_title
     max_concurrent_moves: int = Field(1, ge=1, le=16)
     studies_per_hour: int = Field(120, ge=0)  # C-MOVEs started per hour; 0 = unbounded
@@ -358,6 +584,28 @@ class DriftConfig(_Strict):
         return v
 
 
+class PriorityConfig(_Strict):
+    """Triage (:mod:`dicom_node.work.priority`): which studies are urgent. Urgent studies are analysed first,
+    their results delivered first, and the outputs and the console flag them; every other study is routine."""
+
+    # a finding (a name of inference.types.FINDING_CLASSES) at or above its score floor makes the study urgent
+    findings: dict[str, float] = Field(default_factory=lambda: {"Pneumothorax": 0.5, "Pleural effusion": 0.6})
+    p_abnormal: float | None = Field(None, ge=0, le=1)  # the study's P(abnormal) at or above this; null = off
+    # the sender's own priority counts: C-STORE Priority HIGH, Requested Procedure Priority STAT (read at ingest)
+    sender_request: bool = True
+
+    @field_validator("findings")
+    @classmethod
+    def _known_findings(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(FINDING_CLASSES))
+        if unknown:
+            raise ValueError(f"unknown finding {unknown[0]!r}; the findings are: {', '.join(FINDING_CLASSES)}")
+        outside = sorted(k for k, floor in v.items() if not 0 <= floor <= 1)
+        if outside:
+            raise ValueError(f"the score floor of {outside[0]!r} must be between 0 and 1")
+        return v
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     audit_file: Path | None = None  # the audit trail (JSON lines); null = <storage.root>/audit.jsonl
@@ -377,12 +625,24 @@ class Config(_Strict):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
-    destinations: list[DestinationConfig] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     backfill: BackfillConfig = Field(default_factory=BackfillConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    dicomweb: DicomWebConfig = Field(default_factory=DicomWebConfig)
+    priority: PriorityConfig = Field(default_factory=PriorityConfig)
+
+    @property
+    def dicom_destinations(self) -> list[DestinationConfig]:
+        """The DICOM peers (``type: dicom``, the default)."""
+        return [d for d in self.destinations if isinstance(d, DestinationConfig)]
+
+    @property
+    def notification_destinations(self) -> list[NotificationConfig]:
+        """HL7, FHIR, webhook and email destinations."""
+        return [d for d in self.destinations if not isinstance(d, DestinationConfig)]
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> "Config":
@@ -411,11 +671,16 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         if getattr(tls, name) is not None:
             setattr(tls, name, fix(getattr(tls, name)))
     for dest in cfg.destinations:
+        if isinstance(dest, WebhookDestinationConfig | EmailDestinationConfig) and dest.template is not None:
+            dest.template = fix(dest.template)
         if dest.tls is not None:
             for name in ("certificate", "private_key", "ca_certificates"):
                 if getattr(dest.tls, name) is not None:
                     setattr(dest.tls, name, fix(getattr(dest.tls, name)))
-    source_tls = cfg.backfill.source.tls if cfg.backfill.source is not None else None
+    source = cfg.backfill.source
+    if isinstance(source, DicomWebSourceConfig) and source.ca_certificates is not None:
+        source.ca_certificates = fix(source.ca_certificates)
+    source_tls = source.tls if isinstance(source, BackfillSourceConfig) else None
     if source_tls is not None:
         for name in ("certificate", "private_key", "ca_certificates"):
             if getattr(source_tls, name) is not None:
@@ -426,7 +691,12 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 def _format_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = list(err["loc"])
+        if len(loc) > 2 and loc[0] == "destinations" and loc[2] in DESTINATION_TYPES:
+            del loc[
+                2
+            ]  # the destination's type, which pydantic names in the path: destinations.0.port, not .0.dicom.port
+        key = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see config.yaml for the documented keys)"

@@ -24,3 +24,10 @@ DELIVERIES = Counter(
     registry=REGISTRY,
 )
 ACTIVE = Gauge("dicom_node_associations_active", "associations holding a slot now", registry=REGISTRY)
+STOW_REQUESTS = Counter(
+    "dicom_node_stow_requests",
+    "STOW-RS requests answered, by HTTP status (each instance also counts in dicom_node_cstore_total, calling_ae "
+    "STOW:<user>)",
+    ["status"],
+    registry=REGISTRY,
+)

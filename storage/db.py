@@ -55,6 +55,9 @@ class Instance(Base):
     station_name: Mapped[str] = mapped_column(String(64), default="", server_default="")
     study_date: Mapped[str] = mapped_column(String(8), default="", server_default="")  # YYYYMMDD
     accession_number: Mapped[str] = mapped_column(String(64), default="", server_default="", index=True)
+    # What the sender asked for, when urgent and priority.sender_request is on: "STAT" (Requested Procedure
+    # Priority), "HIGH" (the C-STORE request's Priority), both, or "" (routine).
+    requested_priority: Mapped[str] = mapped_column(String(16), default="", server_default="")
     size_bytes: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
@@ -81,6 +84,10 @@ class Job(Base):
     crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pipeline_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     models: Mapped[str | None] = mapped_column(Text, nullable=True)  # the model versions that made the result
+    # storage.states.QueuePriority (0 urgent, 1 routine; lower is claimed first): queued urgent when the sender
+    # asked; once done, the study's final priority (the priority rules on its findings) and why ("; "-separated)
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    priority_reasons: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class ImageResult(Base):
@@ -147,6 +154,7 @@ class Delivery(Base):
     last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # its job's final priority
 
 
 class WorkerRow(Base):

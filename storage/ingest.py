@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from storage.base import UPSERT, StoreBase, database_errors, rowcount, utcnow
 from storage.db import Instance, Job, Study
 from storage.errors import DiskFullError, UnknownStudyError
-from storage.states import JobState
+from storage.states import JobState, QueuePriority
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class InstanceMeta:
     station_name: str = ""
     study_date: str = ""
     accession_number: str = ""
+    # the sender's urgent request ("STAT", "HIGH", both; "" = none): the study's job is queued urgent
+    requested_priority: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,21 @@ class IngestStore(StoreBase):
             return [(r[0], cast(datetime, r[1])) for r in rows]  # not None: filtered by the WHERE
 
     @database_errors
+    def study_complete(self, study_uid: str, now: datetime | None = None) -> datetime | None:
+        """The whole study arrived at once (one STOW-RS request, one WADO-RS retrieve): a timer still running is
+        due now, with no stability wait. Returns the new due time, or None when no timer runs (nothing eligible)."""
+        now = now or utcnow()
+        with self._session.begin() as s:
+            changed = rowcount(
+                s.execute(
+                    update(Study)
+                    .where(Study.study_uid == study_uid, Study.stable_due_at.is_not(None))
+                    .values(stable_due_at=now)
+                )
+            )
+        return now if changed else None
+
+    @database_errors
     def study_due_at(self, study_uid: str) -> datetime | None:
         with self._session() as s:
             return s.scalar(select(Study.stable_due_at).where(Study.study_uid == study_uid))
@@ -149,7 +166,8 @@ class IngestStore(StoreBase):
         """The study's timer fired: hand its not-yet-covered eligible instances to a job.
 
         Returns the job id, or None when the timer was re-armed meanwhile or nothing new is eligible.
-        A job still queued for the study absorbs the new instances instead of a second job being made."""
+        A job still queued for the study absorbs the new instances instead of a second job being made. The job
+        is urgent (claimed before routine ones) when the sender asked for any of its new instances urgently."""
         now = now or utcnow()
         with self._session.begin() as s:
             cleared = rowcount(
@@ -161,13 +179,15 @@ class IngestStore(StoreBase):
             )
             if not cleared:
                 return None
-            new = s.scalars(
-                select(Instance.sop_instance_uid).where(
+            rows = s.execute(
+                select(Instance.sop_instance_uid, Instance.requested_priority).where(
                     Instance.study_uid == study_uid, Instance.eligible.is_(True), Instance.job_id.is_(None)
                 )
             ).all()
-            if not new:
+            if not rows:
                 return None
+            new = [r[0] for r in rows]
+            priority = QueuePriority.URGENT if any(r[1] for r in rows) else QueuePriority.ROUTINE
             job = s.scalars(
                 select(Job)
                 .where(Job.study_uid == study_uid, Job.state == JobState.QUEUED)
@@ -181,9 +201,12 @@ class IngestStore(StoreBase):
                     state=JobState.QUEUED,
                     created_at=now,
                     reason="re-analysis: new instances after an earlier job" if analysed_before else "study stable",
+                    priority=priority,
                 )
                 s.add(job)
                 s.flush()
+            elif priority < job.priority:
+                job.priority = priority
             s.execute(update(Instance).where(Instance.sop_instance_uid.in_(new)).values(job_id=job.id))
             return job.id
 
@@ -199,7 +222,18 @@ class IngestStore(StoreBase):
             )
             if not n:
                 raise UnknownStudyError(f"no eligible instances stored for study {study_uid}")
-            job = Job(study_uid=study_uid, state=JobState.QUEUED, created_at=utcnow(), reason="re-analysis requested")
+            requested = s.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.study_uid == study_uid, Instance.eligible.is_(True), Instance.requested_priority != "")
+            )
+            job = Job(
+                study_uid=study_uid,
+                state=JobState.QUEUED,
+                created_at=utcnow(),
+                reason="re-analysis requested",
+                priority=QueuePriority.URGENT if requested else QueuePriority.ROUTINE,
+            )
             s.add(job)
             s.flush()
             s.execute(

@@ -15,7 +15,7 @@ from sqlalchemy import and_, or_, select, update
 from storage.base import StoreBase, database_errors, rowcount, utcnow
 from storage.db import BackfillStudy, Delivery, FindingRow, ImageResult, Instance, Job, Result, WorkerRow
 from storage.errors import StaleJobError
-from storage.states import DeliveryState, JobState
+from storage.states import DeliveryState, JobState, QueuePriority
 
 MAX_JOB_CRASHES = 3  # a job whose worker process died this many times (node running) is failed, not retried
 WORKER_STALE_S = 30.0  # an "alive" worker without a heartbeat for this long is reported stale
@@ -27,6 +27,8 @@ class JobInfo:
     study_uid: str
     attempts: int
     instances: tuple[tuple[str, Path], ...]  # (SOP Instance UID, spool path) of the eligible instances
+    priority: int = QueuePriority.ROUTINE  # as queued: urgent when the sender asked
+    requested: str = ""  # what the sender asked for its instances ("STAT", "HIGH", "STAT, HIGH"; "" = nothing)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class ResultSpec:
     data: bytes
     destinations: tuple[str, ...]  # live destinations: a pending delivery each
     held: tuple[str, ...] = ()  # silent destinations: a held delivery each (sent only if an operator releases it)
+    suffix: str = ".dcm"  # the result file's; a notification message's says what it holds (.hl7, .json, .eml)
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ class JobStore(StoreBase):
     # ---- jobs --------------------------------------------------------------------------------------
     @database_errors
     def claim_job(self, worker: str, lease_s: float) -> JobInfo | None:
-        """Atomically take the oldest queued job, or a running one whose worker's lease ran out."""
+        """Atomically take the oldest urgent queued job, else the oldest queued one, or a running one whose worker's
+        lease ran out (urgent ones first as well)."""
         now = utcnow()
         with self._session.begin() as s:
             while True:
@@ -82,12 +86,12 @@ class JobStore(StoreBase):
                     .where(
                         or_(Job.state == JobState.QUEUED, and_(Job.state == JobState.RUNNING, Job.lease_until < now))
                     )
-                    .order_by(Job.id)
+                    .order_by(Job.priority, Job.id)
                     .limit(1)
                 ).first()
                 if cand is None:
                     return None
-                job_id, study_uid, attempts = cand.id, cand.study_uid, cand.attempts
+                job_id, study_uid, attempts, priority = cand.id, cand.study_uid, cand.attempts, cand.priority
                 if cand.state == JobState.RUNNING and (cand.crashes or 0) >= MAX_JOB_CRASHES:
                     # its worker died every time (a crash or out of memory on this study): stop trying
                     s.execute(
@@ -117,11 +121,19 @@ class JobStore(StoreBase):
                 if got:
                     break
             rows = s.execute(
-                select(Instance.sop_instance_uid, Instance.path)
+                select(Instance.sop_instance_uid, Instance.path, Instance.requested_priority)
                 .where(Instance.study_uid == study_uid, Instance.eligible.is_(True))
                 .order_by(Instance.received_at)
+            ).all()
+            asked = {part.strip() for r in rows for part in (r[2] or "").split(",") if part.strip()}
+            return JobInfo(
+                job_id,
+                study_uid,
+                attempts + 1,
+                tuple((r[0], Path(r[1])) for r in rows),
+                priority,
+                ", ".join(sorted(asked, key=lambda a: (a != "STAT", a))),
             )
-            return JobInfo(job_id, study_uid, attempts + 1, tuple((r[0], Path(r[1])) for r in rows))
 
     @database_errors
     def renew_lease(self, job_id: int, worker: str, lease_s: float) -> bool:
@@ -145,9 +157,15 @@ class JobStore(StoreBase):
         pipeline_s: float | None = None,
         images: list[ImageVerdict] | None = None,
         models: str | None = None,
+        priority: int | None = None,
+        priority_reasons: str | None = None,
     ) -> None:
         """Write result files, then commit their rows, one delivery per destination (pending for a live one, held
         for a silent one; none for a study a backfill pulled), the verdict per image and the job's end at once.
+
+        ``priority`` (a :class:`QueuePriority`) is the study's final priority and ``priority_reasons`` why: kept
+        on the job (the console shows it), and the place of its deliveries in the outbox (urgent ones are sent
+        first). None keeps the priority the job was queued with.
 
         Raises StaleJobError (and keeps nothing) when the job is no longer this worker's: its lease ran out and
         another worker took it over, so exactly one set of results is ever delivered."""
@@ -157,9 +175,14 @@ class JobStore(StoreBase):
             if job is None:  # only a finished study's jobs are ever purged: this worker's lease had run out
                 raise StaleJobError(f"job {job_id} no longer exists")
             study_uid = job.study_uid
+            if priority is None:
+                priority = job.priority
             # a study pulled from the archive by a backfill is never delivered anywhere
             retrospective = s.get(BackfillStudy, study_uid) is not None
-        paths = [self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid)) for r in results]
+        paths = [
+            self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid, r.suffix))
+            for r in results
+        ]
         with self._session.begin() as s:
             owned = rowcount(
                 s.execute(
@@ -172,6 +195,8 @@ class JobStore(StoreBase):
                         reason=None,
                         pipeline_s=pipeline_s,
                         models=models,
+                        priority=priority,
+                        priority_reasons=priority_reasons,
                     )
                 )
             )
@@ -233,6 +258,7 @@ class JobStore(StoreBase):
                             attempts=0,
                             next_attempt_at=now,
                             created_at=now,
+                            priority=priority,
                         )
                     )
 

@@ -14,7 +14,7 @@ from sqlalchemy import and_, func, select, update
 
 from storage.base import StoreBase, database_errors, rowcount, utcnow
 from storage.db import Delivery, Result
-from storage.states import DeliveryState
+from storage.states import DeliveryState, QueuePriority
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class DueDelivery:
     kind: str
     sop_instance_uid: str
     path: Path
+    priority: int = QueuePriority.ROUTINE  # urgent ones come first
 
 
 class OutboxStore(StoreBase):
@@ -45,6 +46,7 @@ class OutboxStore(StoreBase):
     # ---- deliveries --------------------------------------------------------------------------------
     @database_errors
     def due_deliveries(self, limit: int = 50, now: datetime | None = None) -> list[DueDelivery]:
+        """The deliveries due now: those of urgent studies first, then the longest waiting."""
         now = now or utcnow()
         with self._session() as s:
             rows = s.execute(
@@ -55,13 +57,14 @@ class OutboxStore(StoreBase):
                     Result.kind,
                     Result.sop_instance_uid,
                     Result.path,
+                    Delivery.priority,
                 )
                 .join(Result, Result.id == Delivery.result_id)
                 .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .order_by(Delivery.priority, Delivery.next_attempt_at, Delivery.id)
                 .limit(limit)
             )
-            return [DueDelivery(r[0], r[1], r[2], r[3], r[4], Path(r[5])) for r in rows]
+            return [DueDelivery(r[0], r[1], r[2], r[3], r[4], Path(r[5]), r[6]) for r in rows]
 
     @database_errors
     def _set_delivery(self, delivery_id: int, **values) -> None:

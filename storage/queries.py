@@ -23,7 +23,7 @@ from storage.base import database_errors, utcnow
 from storage.db import Delivery, FindingRow, ImageResult, Instance, Job, Result, Study, WorkerRow
 from storage.jobs import worker_state
 from storage.repository import Store
-from storage.states import JobState
+from storage.states import JobState, QueuePriority
 
 STUDY_STATES = ("receiving", *JobState, "skipped")  # a study is receiving, in its latest job's state, or skipped
 THROUGHPUT_BIN_S = 300  # the overview's last hour in 5-minute bins
@@ -45,6 +45,7 @@ class StudyRow:
     skip_reasons: list[str] = field(default_factory=list)
     abnormal: bool | None = None  # the latest done job's verdict (any image abnormal)
     findings: int = 0
+    urgent: bool = False  # the latest job's priority (queued urgent by the sender, or found urgent once done)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class Queries:
 
     @staticmethod
     def _fill(s: Session, rows: list[StudyRow]) -> None:
-        """Counts, skip reasons and verdicts of one page of studies (three small queries)."""
+        """Counts, skip reasons, priorities and verdicts of one page of studies (a few small queries)."""
         by_uid = {r.study_uid: r for r in rows}
         if not by_uid:
             return
@@ -161,6 +162,10 @@ class Queries:
             .distinct()
         ):
             by_uid[uid].skip_reasons.append(str(reason))
+        latest = {r.job_id: r for r in rows if r.job_id is not None}
+        if latest:
+            for job_id in s.scalars(select(Job.id).where(Job.id.in_(latest), Job.priority == QueuePriority.URGENT)):
+                latest[job_id].urgent = True
         jobs = {r.job_id: r for r in rows if r.job_id is not None and r.state == JobState.DONE}
         if jobs:
             for job_id, abnormal in s.execute(

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from storage.base import StoreBase, database_errors, utcnow
-from storage.db import Delivery, FindingRow, Instance, Job, Purge, Study, WorkerRow
+from storage.db import BackfillStudy, Delivery, FindingRow, Instance, Job, Purge, Study, WorkerRow
 from storage.jobs import worker_state
 from storage.states import DeliveryState, JobState
 
@@ -54,6 +54,40 @@ class ReportingStore(StoreBase):
                 (float(p or 0.0), (end - start).total_seconds() if start and end else float(p or 0.0))
                 for p, start, end in rows
             ]
+
+    @database_errors
+    def recent_time_to_flag(self, within_s: float) -> list[tuple[int, float]]:
+        """(final priority, seconds from the study's last image received before its job was claimed to the job's
+        results committed: its flag) of the jobs done in the last ``within_s`` s. A job is no new flag, and left
+        out, when no image came since the study's previous job was queued (an operator's re-analysis); so are
+        studies a backfill pulled (retrospective)."""
+        since = utcnow() - timedelta(seconds=within_s)
+        earlier = aliased(Job)
+        last_image = (
+            select(func.max(Instance.received_at))
+            .where(Instance.study_uid == Job.study_uid, Instance.received_at <= Job.started_at)
+            .correlate(Job)
+            .scalar_subquery()
+        )
+        previous_job = (
+            select(func.max(earlier.created_at))
+            .where(earlier.study_uid == Job.study_uid, earlier.id < Job.id)
+            .correlate(Job)
+            .scalar_subquery()
+        )
+        with self._session() as s:
+            rows = s.execute(
+                select(Job.priority, Job.finished_at, last_image, previous_job).where(
+                    Job.finished_at >= since,
+                    Job.state == JobState.DONE,
+                    Job.study_uid.not_in(select(BackfillStudy.study_uid)),
+                )
+            ).all()
+        return [
+            (int(p), (end - image).total_seconds())
+            for p, end, image, previous in rows
+            if end is not None and image is not None and (previous is None or image > previous)
+        ]
 
     @database_errors
     def status(self) -> dict:

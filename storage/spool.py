@@ -45,9 +45,9 @@ class Spool:
         s = _name(study_uid)
         return self.files / s[:2] / s / f"{_name(sop_uid)}.dcm"
 
-    def result_path(self, study_uid: str, sop_uid: str) -> Path:
+    def result_path(self, study_uid: str, sop_uid: str, suffix: str = ".dcm") -> Path:
         s = _name(study_uid)
-        return self.results / s[:2] / s / f"{_name(sop_uid)}.dcm"
+        return self.results / s[:2] / s / f"{_name(sop_uid)}{suffix}"
 
     def write_temp(self, data: bytes | memoryview) -> Path:
         """Write bytes to a new fsync'd temp file and return its path."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class JobState(StrEnum):
@@ -17,3 +17,10 @@ class DeliveryState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"  # permanent failure or attempts exhausted; `dicom-node retry` re-queues
     HELD = "held"  # made for a silent destination: kept, never sent unless an operator releases it
+
+
+class QueuePriority(IntEnum):
+    """A job's and a delivery's place in their queues, stored as the number: the lower is taken first."""
+
+    URGENT = 0  # the sender asked for it, or (once analysed) the priority rules found it urgent
+    ROUTINE = 1

@@ -109,11 +109,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if cfg.backfill.source is None:
         raise UsageError(
             "backfill.source is not configured: add the PACS to pull from to config.yaml, e.g. "
-            "backfill: {source: {ae_title: PACS, host: 10.0.0.5, port: 104}}"
+            "backfill: {source: {ae_title: PACS, host: 10.0.0.5, port: 104}} or "
+            "backfill: {source: {dicomweb: https://pacs.example.org/dicom-web}}"
         )
     query = _query(args)
     settings: dict[str, Any] = {
-        "source": f"{cfg.backfill.source.ae_title}@{cfg.backfill.source.host}:{cfg.backfill.source.port}",
+        "source": cfg.backfill.source.describe(),
         "max_concurrent_moves": args.max_concurrent_moves,
         "studies_per_hour": args.studies_per_hour,
         "window": args.window,
@@ -123,7 +124,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         run_id = store.create_backfill_run(query, settings)
         print(
             f"backfill run {run_id} recorded: {_describe_query(query)}; the running `dicom-node serve` pulls it "
-            f"from {cfg.backfill.source.ae_title}"
+            f"from {cfg.backfill.source.describe()}"
         )
         if args.no_wait:
             print(f"follow it with: dicom-node backfill --status (cancel: dicom-node backfill --cancel {run_id})")

@@ -17,11 +17,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from dicom_node import __version__
 from dicom_node.cli import backfill, golive
 from dicom_node.cli.command_table import TRAINING_COMMANDS
-from dicom_node.config import Config, load_config
+from dicom_node.config import (
+    Config,
+    FHIRDestinationConfig,
+    HL7DestinationConfig,
+    NotificationConfig,
+    WebhookDestinationConfig,
+    load_config,
+)
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.logs import setup_logging
 
@@ -66,6 +74,7 @@ def _destination_lines(cfg: Config) -> list[str]:
         for d in cfg.destinations
         if d.mode == "silent"
     ]
+    lines += [line for d in cfg.notification_destinations for line in _notification_lines(d)]
     live = [d.name for d in cfg.destinations if d.mode == "live"]
     if live:
         from dicom_node.factories import open_store
@@ -85,6 +94,28 @@ def _destination_lines(cfg: Config) -> list[str]:
                 )
             else:
                 lines.append(f"destination {name}: live; models {sr_parameter(validation)}")
+    return lines
+
+
+def _notification_lines(d: NotificationConfig) -> list[str]:
+    """What a notification destination gets (never its URL's path or a secret: a webhook URL's path is one), and a
+    warning per secret's environment variable that is not set here."""
+    if isinstance(d, HL7DestinationConfig):
+        where = f"HL7 ORU over MLLP{' (TLS)' if d.tls else ''} to {d.host}:{d.port}"
+    elif isinstance(d, FHIRDestinationConfig | WebhookDestinationConfig):
+        kind = "FHIR Bundle" if isinstance(d, FHIRDestinationConfig) else f"{d.format} webhook"
+        where = f"{kind} to {urlsplit(d.url).netloc}"
+    else:
+        where = f"email via {d.host}:{d.port} to {len(d.to)} recipient(s)"
+    which = "every study" if d.when == "always" else "urgent studies only"
+    phi = "with patient name and ID" if d.include_phi else "without patient data"
+    line = f"destination {d.name}: {where}, {which}, {phi}"
+    if isinstance(d, HL7DestinationConfig | FHIRDestinationConfig) and not d.include_phi:
+        line += " (a RIS files results by patient identifiers: it needs include_phi: true)"
+    lines = [line]
+    for env in (getattr(d, "token_env", None), getattr(d, "hmac_key_env", None), getattr(d, "password_env", None)):
+        if env and not os.environ.get(env):
+            lines.append(f"WARNING: destination {d.name}: the environment variable {env} is not set here")
     return lines
 
 

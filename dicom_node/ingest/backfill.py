@@ -9,6 +9,11 @@ Bounds, so that the PACS is never flooded (``backfill`` in config.yaml; a run ma
 ``max_concurrent_moves`` moves at once, ``studies_per_hour`` moves started in any hour (counted in the database,
 so a restart does not reset it), and only inside ``window`` (local time).
 
+The source may instead be a DICOMweb archive (``backfill.source: {dicomweb: URL}``): the search is QIDO-RS and each
+study is retrieved with WADO-RS by the node itself, each instance through the same store function as a C-STORE
+(:meth:`~dicom_node.ingest.store_handler.StoreHandler.store_file`), and the study is complete (its timer due at once)
+when its retrieve ends. Bounds, retries and resume are the same ("move" below means either).
+
 A search or a move that fails is retried with exponential backoff (with jitter), up to ``max_attempts``; a
 permanent failure (the PACS does not know the node, ...) is not retried. Each failure is visible: ``last_error``
 of the run or study (``backfill --status``, the console), a log line, and ``/metrics``. Everything is in the
@@ -24,12 +29,17 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from dicom_node import audit
-from dicom_node.config import Config, parse_window
+from dicom_node.config import BackfillSourceConfig, Config, parse_window
+from dicom_node.ingest.store_handler import StoreHandler
 from dicom_node.logs import safe_traceback
+from dicom_node.net.dicomweb import DicomWebQueryClient
 from dicom_node.net.query import (
     MoveError,
+    MoveResult,
     PermanentQueryError,
     QueryClient,
     QueryError,
@@ -74,14 +84,19 @@ def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
 class Backfiller:
     """The backfill side of ``serve``: :meth:`tick` runs every ``backfill.check_interval_s``."""
 
-    def __init__(self, config: Config, store: Store):
+    def __init__(self, config: Config, store: Store, ingest: StoreHandler | None = None):
         self.config = config
         self.cfg = config.backfill
         self.store = store
+        self.ingest = ingest  # stores what a DICOMweb source's retrieves bring (the C-STORE handler's function)
         self.destination = self.cfg.move_destination or config.node.ae_title
         timeouts = Timeouts(config.delivery.connect_timeout_s, config.delivery.dimse_timeout_s, self.cfg.move_timeout_s)
         source = self.cfg.source
-        self.client = QueryClient(source, config.node.ae_title, timeouts) if source is not None else None
+        self.client: QueryClient | DicomWebQueryClient | None = None
+        if isinstance(source, BackfillSourceConfig):
+            self.client = QueryClient(source, config.node.ae_title, timeouts)
+        elif source is not None:
+            self.client = DicomWebQueryClient(source)
         self._pool = ThreadPoolExecutor(max_workers=MAX_MOVE_THREADS, thread_name_prefix="backfill-move")
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -219,7 +234,10 @@ class Backfiller:
     def _move(self, due: DueMove) -> None:
         assert self.client is not None
         try:
-            result = self.client.move_study(due.study_uid, self.destination)
+            if isinstance(self.client, DicomWebQueryClient):
+                result = self._retrieve(due.study_uid)
+            else:
+                result = self.client.move_study(due.study_uid, self.destination)
         except MoveError as exc:
             self._move_failed(due, exc.kind(str(exc)), exc.counts.completed)
         except QueryError as exc:
@@ -237,6 +255,20 @@ class Backfiller:
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+    def _retrieve(self, study_uid: str) -> MoveResult:
+        """WADO-RS: the study's instances through the store function, then the study is complete (due now)."""
+        assert isinstance(self.client, DicomWebQueryClient) and self.ingest is not None
+        ingest = self.ingest
+        calling = "WADO:backfill"
+        peer = urlsplit(self.client.source.dicomweb).hostname or "?"
+
+        def store(path: Path) -> bool:
+            return ingest.store_file(path, calling=calling, peer=peer, transport="WADO-RS").stored
+
+        result = self.client.retrieve_study(study_uid, self.store.spool.tmp, store)
+        ingest.study_complete(study_uid)
+        return result
 
     def _move_failed(self, due: DueMove, exc: QueryError, moved: int) -> None:
         if self.stopping.is_set():

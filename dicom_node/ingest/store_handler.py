@@ -17,6 +17,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from dicom_node.errors import (
     UndecodableInstanceError,
 )
 from dicom_node.ingest.selection import device_fields, header_fields, select
-from dicom_node.ingest.statuses import STORED, status_for
+from dicom_node.ingest.statuses import STORED, StoreStatus, status_for
 from dicom_node.logs import safe_traceback
 from dicom_node.net.fastpath import start_flush
 from dicom_node.net.spoolfile import full_disk_error
@@ -60,6 +61,7 @@ _KNOWN_VRS = frozenset(v.value for v in VR)
 # but old modalities write them and PACS accept them: refusing those would lose real images.
 _UID_CHARS = re.compile(r"[0-9]+(\.[0-9]+)*")
 PIXEL_DATA = 0x7FE00010
+C_STORE_HIGH = 1  # the C-STORE request's Priority: 0 MEDIUM (what most senders send), 1 HIGH, 2 LOW
 
 
 def check_decodable(ds: Dataset) -> None:
@@ -77,6 +79,32 @@ def check_decodable(ds: Dataset) -> None:
         if elem.VR == "SQ":
             for item in elem.value:
                 check_decodable(item)
+
+
+def _priority_value(ds: Dataset) -> str:
+    """Requested Procedure Priority as received (upper case; "" when absent), without pydicom's validation."""
+    elem = ds.get_item("RequestedProcedurePriority")
+    value = elem.value if elem is not None else ""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip(" \x00").upper()
+
+
+def requested_priority(ds: Dataset, c_store_priority: int | None) -> str:
+    """What the sender asked for urgently (:mod:`dicom_node.work.priority`): "STAT" (Requested Procedure Priority,
+    at the top level or in an item of the Request Attributes Sequence), "HIGH" (the C-STORE request's Priority),
+    "STAT, HIGH" for both, "" for neither."""
+    asked = []
+    values = [_priority_value(ds)]
+    try:
+        values += [_priority_value(item) for item in ds.get("RequestAttributesSequence") or ()]
+    except Exception:  # noqa: BLE001 - a malformed sequence asks for nothing
+        pass
+    if "STAT" in values:
+        asked.append("STAT")
+    if c_store_priority == C_STORE_HIGH:
+        asked.append("HIGH")
+    return ", ".join(asked)
 
 
 def sop_class_name(uid: str) -> str:
@@ -164,6 +192,17 @@ def check_complete(ds: Dataset, path: Path) -> None:
         )
 
 
+def file_transfer_syntax(path: Path) -> str:
+    """The Transfer Syntax UID of a Part 10 file's meta group (header only); "" when it has none."""
+    try:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=[Tag(0x0002, 0x0010)]).file_meta
+    except Exception as exc:
+        if _io_failure(exc):
+            raise StorageError(f"cannot read the received file ({type(exc).__name__})") from exc
+        raise UndecodableInstanceError(f"not a DICOM file ({type(exc).__name__})") from exc
+    return str(meta.get("TransferSyntaxUID", "") or "")
+
+
 def read_received(path: Path) -> Dataset:
     """The header of a received file, checked. Our own I/O failure is a StorageError (the sender may retry);
     anything wrong with the bytes the peer sent is an UndecodableInstanceError that says what."""
@@ -182,8 +221,27 @@ def read_received(path: Path) -> Dataset:
     return ds
 
 
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What became of one received file, whatever carried it (C-STORE, STOW-RS, WADO-RS)."""
+
+    status: StoreStatus
+    comment: str | None  # the ErrorComment / FailureReason text sent back (None: the status's own)
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    duplicate: bool = False
+
+    @property
+    def stored(self) -> bool:
+        return self.status is STORED
+
+
 class StoreHandler:
-    """``EVT_C_STORE`` handler. ``on_stored(study_uid, due_at)`` re-arms the study's stable timer."""
+    """``EVT_C_STORE`` handler. ``on_stored(study_uid, due_at)`` re-arms the study's stable timer.
+
+    :meth:`store_file` is the same storing logic without a pynetdicom event: STOW-RS and the DICOMweb backfill
+    hand it a complete file in the spool's tmp folder (which they still own and delete afterwards)."""
 
     def __init__(self, config: Config, store: Store, on_stored: Callable[[str, datetime], None] | None = None):
         self.config = config
@@ -191,13 +249,49 @@ class StoreHandler:
         self.on_stored = on_stored
 
     def __call__(self, event) -> Dataset | int:
-        t0 = time.perf_counter()
-        calling = event.assoc.requestor.ae_title
-        sop_class = str(event.request.AffectedSOPClassUID)
-        peer = event.assoc.requestor.address
         try:
-            stored, eligible, reason, study_uid = self._store(event, sop_class, calling)
+            path = Path(event.dataset_path)
+            sop_class = str(event.request.AffectedSOPClassUID)
+            syntax = str(event.context.transfer_syntax)
+            announced = str(event.request.AffectedSOPInstanceUID or "")
+        except Exception:  # noqa: BLE001 - as store_file: a broken request is a status, never an exception
+            path, sop_class, syntax, announced = Path(), "", "", ""
+        outcome = self.store_file(
+            path,
+            calling=event.assoc.requestor.ae_title,
+            peer=event.assoc.requestor.address,
+            sop_class=sop_class,
+            transfer_syntax=syntax,
+            announced_sop_uid=announced,
+            c_store_priority=getattr(getattr(event, "request", None), "Priority", None),
+        )
+        return STORED.code if outcome.stored else outcome.status.dataset(outcome.comment)
+
+    def store_file(
+        self,
+        path: Path,
+        *,
+        calling: str,
+        peer: str,
+        sop_class: str | None = None,
+        transfer_syntax: str | None = None,
+        announced_sop_uid: str = "",
+        expected_study_uid: str | None = None,
+        transport: str = "C-STORE",
+        c_store_priority: int | None = None,
+    ) -> StoreOutcome:
+        """Store one received file: checks, selection, the durable store, status, audit, metrics and the study's
+        timer. ``sop_class`` and ``transfer_syntax`` are the command's (C-STORE); None = the file's own (STOW-RS,
+        WADO-RS). ``expected_study_uid``: the study the request named (STOW-RS ``/studies/{uid}``). Never raises."""
+        t0 = time.perf_counter()
+        info: dict[str, str] = {"sop_class": sop_class or "", "sop_uid": "", "study_uid": ""}
+        extra = {} if transport == "C-STORE" else {"transport": transport}
+        try:
+            stored, eligible, reason, study_uid = self._store(
+                path, sop_class, transfer_syntax, announced_sop_uid, expected_study_uid, calling, info, c_store_priority
+            )
         except Exception as exc:  # noqa: BLE001 - never raise into pynetdicom: every failure is a status
+            sop_class = info["sop_class"]
             status = status_for(exc)
             metrics.CSTORES.labels(f"0x{status.code:04X}", calling).inc()
             audit.event(
@@ -207,20 +301,29 @@ class StoreHandler:
                 sop_class=sop_class_name(sop_class),
                 status=f"0x{status.code:04X}",
                 reason=str(exc) if isinstance(exc, (InstanceRejected, StorageError)) else status.comment,
+                **extra,
             )
             if isinstance(exc, InstanceRejected):
-                log.warning("C-STORE %s from %s refused: %s", sop_class_name(sop_class), calling, exc)
+                log.warning("%s %s from %s refused: %s", transport, sop_class_name(sop_class), calling, exc)
             elif isinstance(exc, StorageError):
-                log.error("C-STORE %s from %s refused: %s", sop_class_name(sop_class), calling, exc)
+                log.error("%s %s from %s refused: %s", transport, sop_class_name(sop_class), calling, exc)
             else:
                 log.error(
-                    "C-STORE %s from %s failed (0x%04X):\n%s",
+                    "%s %s from %s failed (0x%04X):\n%s",
+                    transport,
                     sop_class_name(sop_class),
                     calling,
                     status.code,
                     safe_traceback(exc),
                 )
-            return status.dataset(str(exc) if isinstance(exc, InstanceRejected) else None)
+            return StoreOutcome(
+                status,
+                str(exc) if isinstance(exc, InstanceRejected) else None,
+                sop_class,
+                info["sop_uid"],
+                info["study_uid"],
+            )
+        sop_class = info["sop_class"]
         size = _size(stored.path)
         metrics.CSTORES.labels("0x0000", calling).inc()
         if size and not stored.duplicate:
@@ -234,36 +337,66 @@ class StoreHandler:
             bytes=size,
             duplicate=stored.duplicate,
             eligible=eligible,
+            **extra,
         )
+        outcome = StoreOutcome(STORED, None, sop_class, info["sop_uid"], study_uid, stored.duplicate)
         if stored.duplicate:
-            log.info("C-STORE %s from %s: already stored", sop_class_name(sop_class), calling)
-            return STORED.code
+            log.info("%s %s from %s: already stored", transport, sop_class_name(sop_class), calling)
+            return outcome
         log.info(
-            "C-STORE %s from %s: stored (%s) in %.0f ms",
+            "%s %s from %s: stored (%s) in %.0f ms",
+            transport,
             sop_class_name(sop_class),
             calling,
             "eligible" if eligible else f"skipped: {reason}",
             (time.perf_counter() - t0) * 1000,
         )
-        if stored.stable_due_at is not None and self.on_stored is not None:
-            try:
-                self.on_stored(study_uid, stored.stable_due_at)
-            except Exception as exc:  # noqa: BLE001 - the row is committed; the timer is restored on restart
-                log.error("could not arm the study timer:\n%s", safe_traceback(exc))
-        return STORED.code
+        if stored.stable_due_at is not None:
+            self._arm(study_uid, stored.stable_due_at)
+        return outcome
 
-    def _store(self, event, sop_class: str, calling: str):
-        received = Path(event.dataset_path)
+    def study_complete(self, study_uid: str) -> None:
+        """The whole study arrived in one piece (one STOW-RS request, one WADO-RS retrieve): its timer is due now,
+        with no stability wait. Call it only after every instance's row is committed."""
+        due = self.store.study_complete(study_uid)
+        if due is not None:
+            self._arm(study_uid, due)
+
+    def _arm(self, study_uid: str, due: datetime) -> None:
+        if self.on_stored is None:
+            return
+        try:
+            self.on_stored(study_uid, due)
+        except Exception as exc:  # noqa: BLE001 - the row is committed; the timer is restored on restart
+            log.error("could not arm the study timer:\n%s", safe_traceback(exc))
+
+    def _store(
+        self,
+        received: Path,
+        sop_class: str | None,
+        transfer_syntax: str | None,
+        announced: str,
+        expected_study_uid: str | None,
+        calling: str,
+        info: dict[str, str],
+        c_store_priority: int | None = None,  # the C-STORE request's Priority (1 = HIGH)
+    ):
         if full_disk_error(str(received)) is not None:
             received.unlink(missing_ok=True)
             raise DiskFullError("no space left on the storage while receiving")
         start_flush(received)
-        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        if transfer_syntax is None:  # the file's own (STOW-RS, WADO-RS): read from its file meta
+            transfer_syntax = file_transfer_syntax(received)
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
             check_inflated_size(received, self.config.node.max_inflated_mb << 20)
         ds = read_received(received)
+        if sop_class is None:
+            sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+        info["sop_class"] = sop_class
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
         sop_uid = str(ds.get("SOPInstanceUID", "") or "")  # never the command's: the file must say what it is
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        info["sop_uid"], info["study_uid"] = sop_uid, study_uid
         missing = [
             k
             for k, v in (
@@ -275,9 +408,10 @@ class StoreHandler:
         ]
         if missing:
             raise MissingUIDError(f"missing {', '.join(missing)}")
-        announced = str(event.request.AffectedSOPInstanceUID or "")
         if announced and announced != sop_uid:
             raise UIDMismatchError("SOP Instance UID differs from the command")
+        if expected_study_uid and expected_study_uid != study_uid:
+            raise UIDMismatchError("Study Instance UID differs from the request's")
         uids = (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid), ("SOPInstanceUID", sop_uid))
         invalid = [k for k, v in uids if len(v) > 64 or not _UID_CHARS.fullmatch(v)]
         if invalid:
@@ -293,17 +427,24 @@ class StoreHandler:
             eligible, reason = select(ds, self.config.selection, own_output=own)
         except Exception as exc:  # noqa: BLE001 - malformed attribute values (e.g. NumberOfFrames "abc")
             eligible, reason = False, f"header could not be read ({type(exc).__name__})"
+        requested = ""
+        if self.config.priority.sender_request:  # the study is queued urgent (analysed first)
+            try:
+                requested = requested_priority(ds, c_store_priority)
+            except Exception:  # noqa: BLE001 - an unreadable priority is no request
+                requested = ""
         meta = InstanceMeta(
             sop_instance_uid=sop_uid,
             study_uid=study_uid,
             series_uid=series_uid,
             sop_class_uid=sop_class,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            transfer_syntax_uid=str(transfer_syntax),
             calling_ae=calling,
             eligible=eligible,
             skip_reason=reason,
             **{k: v[:64] for k, v in fields.items()},
             **device,
+            requested_priority=requested,
         )
         stored = self.store.add_instance(received, meta, self.config.studies.stable_after_s)
         return stored, eligible, reason, study_uid

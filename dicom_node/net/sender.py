@@ -1,7 +1,10 @@
-"""The sender: delivers stored result objects to their destinations by C-STORE, and never loses one.
+"""The sender: delivers stored result objects to their destinations, and never loses one.
 
-Each (result object, destination) pair is a persisted delivery. An apscheduler job polls for due deliveries,
-opens one association per destination for the batch, and classifies every failure:
+Each (result object, destination) pair is a persisted delivery. An apscheduler job polls for due deliveries and
+groups them by destination. A DICOM destination gets its batch by C-STORE over one association; a notification
+destination (HL7, FHIR, webhook, email) gets each stored message through its channel
+(:mod:`dicom_node.net.channels`, which says how each protocol's answers are classified). Every failure is
+classified:
 
 - transient (refused connection, timeout, abort, association rejected-transient, 0xA7xx out of resources,
   no response): retried with exponential backoff and jitter, up to ``delivery.max_attempts``;
@@ -16,16 +19,16 @@ import logging
 import random
 import threading
 from datetime import timedelta
-from itertools import groupby
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_node import audit, metrics
-from dicom_node.config import Config, DestinationConfig
+from dicom_node.config import Config, DestinationConfig, NotificationConfig
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_node.logs import safe_traceback
+from dicom_node.net.channels import Channels, PeerUnreachable
 from dicom_node.net.fastpath import no_delay
 from dicom_node.net.pynetdicom_internals import rejection_result
 from dicom_node.net.tls import client_context
@@ -33,11 +36,13 @@ from storage import Store
 from storage.base import utcnow
 from storage.errors import StorageError
 from storage.outbox import DueDelivery
+from storage.states import QueuePriority
 
 log = logging.getLogger(__name__)
 
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
 PERMANENT_STATUSES = {0x0122, 0x0124}  # SOP class not supported, not authorized
+DICOM_KINDS = {"sr", "sc", "gsps"}  # the result kinds that are DICOM objects (the others are messages)
 
 
 def classify_status(status: int) -> type[Exception] | None:
@@ -53,13 +58,14 @@ class Sender:
     def __init__(self, config: Config, store: Store):
         self.config = config
         self.store = store
-        self.destinations: dict[str, DestinationConfig] = {d.name: d for d in config.destinations}
+        self.destinations: dict[str, DestinationConfig | NotificationConfig] = {d.name: d for d in config.destinations}
         # TLS contexts made once, at start: a certificate that cannot be loaded stops the start with the reason
         self._tls = {
             d.name: (client_context(d.tls, d.name), d.tls.server_name or d.host)
-            for d in config.destinations
+            for d in config.dicom_destinations
             if d.tls is not None
         }
+        self.channels = Channels(config.notification_destinations)
         self._lock = threading.Lock()
 
     def run_due(self) -> int:
@@ -69,8 +75,11 @@ class Sender:
         delivered = 0
         try:
             due = self.store.due_deliveries(limit=200)
-            for name, group in groupby(sorted(due, key=lambda d: d.destination), key=lambda d: d.destination):
-                delivered += self._deliver_batch(name, list(group))
+            by_destination: dict[str, list[DueDelivery]] = {}  # in the outbox's order: urgent first, then oldest
+            for d in due:
+                by_destination.setdefault(d.destination, []).append(d)
+            for name, batch in by_destination.items():
+                delivered += self._deliver_batch(name, batch)
         except StorageError as exc:  # nothing is lost: undelivered rows stay pending and are tried next poll
             log.error("sender: storage failure, retrying: %s", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must not stop the sender's schedule; say where it is
@@ -91,8 +100,13 @@ class Sender:
                 "destination %s is silent: %d pending deliveries held (dicom-node release sends them)", name, held
             )
             return 0
+        if not isinstance(dest, DestinationConfig):
+            return self._notify(dest, batch)
         datasets = {}
         for d in batch:
+            if d.kind not in DICOM_KINDS:  # a destination renamed from another type: its message is no DICOM object
+                self._failed(d, PermanentDeliveryError(f"a {d.kind.upper()} message cannot go to a DICOM destination"))
+                continue
             try:
                 datasets[d.id] = dcmread(d.path)
             except Exception as exc:  # noqa: BLE001 - a missing/corrupt result file cannot be sent
@@ -130,7 +144,8 @@ class Sender:
                     self._failed(d, TransientDeliveryError("association aborted"))
                     continue
                 try:
-                    rsp = assoc.send_c_store(datasets[d.id])
+                    high = d.priority == QueuePriority.URGENT  # an urgent study's results: C-STORE Priority HIGH
+                    rsp = assoc.send_c_store(datasets[d.id], priority=1 if high else 0)
                 except (ValueError, AttributeError) as exc:  # pynetdicom: no accepted presentation context,
                     # the object cannot be encoded, or it lacks its UIDs: sending it again would not help
                     self._failed(d, PermanentDeliveryError(f"cannot send: {exc}"))
@@ -145,17 +160,53 @@ class Sender:
                     continue
                 problem = classify_status(int(status))
                 if problem is None:
-                    self.store.mark_delivered(d.id)
-                    metrics.DELIVERIES.labels(name, "delivered").inc()
-                    audit.event("delivery_done", delivery=d.id, destination=name, kind=d.kind)
+                    self._delivered(d)
                     delivered += 1
-                    log.info("delivered %s to %s", d.kind.upper(), name)
                 else:
                     self._failed(d, problem(f"C-STORE status 0x{int(status):04X}"))
         finally:
             if assoc.is_established:
                 assoc.release()
         return delivered
+
+    def _notify(self, dest: NotificationConfig, batch: list[DueDelivery]) -> int:
+        """Each stored message of ``batch`` through the destination's channel, one after the other."""
+        delivered = 0
+        unreachable: PeerUnreachable | None = None
+        for d in batch:
+            if unreachable is not None:  # the peer is down or silent: the rest of the batch waits for the next try
+                self._failed(d, unreachable)
+                continue
+            if d.kind != dest.type:  # a destination renamed from another type
+                self._failed(
+                    d, PermanentDeliveryError(f"a {d.kind.upper()} result cannot go to a {dest.type} destination")
+                )
+                continue
+            try:
+                payload = d.path.read_bytes()
+            except OSError as exc:
+                self.store.mark_failed(d.id, f"result file unreadable: {exc.strerror or exc}")
+                continue
+            try:
+                said = self.channels.send(dest, payload, d.id)
+            except (TransientDeliveryError, PermanentDeliveryError) as exc:
+                if isinstance(exc, PeerUnreachable):
+                    unreachable = exc
+                self._failed(d, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - anything else: retry, keep the trace
+                log.error("delivery %d: unexpected error while sending:\n%s", d.id, safe_traceback(exc))
+                self._failed(d, TransientDeliveryError(f"cannot send ({type(exc).__name__})"))
+                continue
+            self._delivered(d, said)
+            delivered += 1
+        return delivered
+
+    def _delivered(self, d: DueDelivery, said: str = "") -> None:
+        self.store.mark_delivered(d.id)
+        metrics.DELIVERIES.labels(d.destination, "delivered").inc()
+        audit.event("delivery_done", delivery=d.id, destination=d.destination, kind=d.kind)
+        log.info("delivered %s to %s%s", d.kind.upper(), d.destination, f" ({said})" if said else "")
 
     def _failed(self, d: DueDelivery, err: Exception) -> None:
         cfg = self.config.delivery

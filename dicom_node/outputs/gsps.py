@@ -10,9 +10,12 @@ INVERSE for MONOCHROME1 sources (a presentation state overrides the image's phot
 interpretation), IDENTITY otherwise. Built with highdicom's ``GrayscaleSoftcopyPresentationState`` (same
 patient and study, a new series); the body part, which it cannot be given, is set in one step after it,
 :func:`_after_construction`.
+For an urgent study (:mod:`dicom_node.work.priority`) that text leads with "URGENT" and why.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
@@ -20,7 +23,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError
 from dicom_node.imaging.pixels import first_value
-from dicom_node.outputs.captions import BANNER_TEXT, summary_text
+from dicom_node.outputs.captions import BANNER_TEXT, banner_text, summary_text
 from dicom_node.outputs.codes import finding_label
 from dicom_node.outputs.equipment import NodeIdentity, contributing_equipment
 from dicom_node.outputs.geometry import box_polyline, check_geometry
@@ -47,7 +50,9 @@ def _text_box(x0: float, y0: float, x1: float, rows: int, cols: int, text: str) 
     return (left, max(top, 0.0), left + width, bottom)
 
 
-def _annotation(header: Dataset, prediction: Prediction, layer: hd.pr.GraphicLayer) -> hd.pr.GraphicAnnotation:
+def _annotation(
+    header: Dataset, prediction: Prediction, layer: hd.pr.GraphicLayer, banner: str
+) -> hd.pr.GraphicAnnotation:
     rows, cols = int(header.Rows), int(header.Columns)
     graphics, texts = [], []
     for f in sorted(prediction.findings, key=lambda f: -f.score):
@@ -68,7 +73,7 @@ def _annotation(header: Dataset, prediction: Prediction, layer: hd.pr.GraphicLay
                 text_justification=hd.pr.TextJustificationValues.LEFT,
             )
         )
-    summary = f"{BANNER_TEXT}: {summary_text(prediction)}"
+    summary = f"{banner}: {summary_text(prediction)}"
     texts.append(
         hd.pr.TextObject(
             text_value=summary,
@@ -92,8 +97,11 @@ def build_gsps(
     instance_number: int,
     identity: NodeIdentity,
     window: tuple[float, float] | None = None,
+    priority: str = "routine",
+    priority_reasons: Sequence[str] = (),
 ) -> Dataset:
-    """A GSPS referencing ``source`` with the findings as graphic annotations on layer "AI".
+    """A GSPS referencing ``source`` with the findings as graphic annotations on layer "AI"; its top-left text
+    leads with "URGENT" and why when ``priority`` (the study's) is "urgent".
 
     ``window``: the (center, width) the node displayed the image with (see
     :func:`dicom_node.imaging.pixels.display_window`); None uses the source's first window if it has a
@@ -130,7 +138,7 @@ def build_gsps(
                 content_label=CONTENT_LABEL,
                 content_description=BANNER_TEXT,
                 graphic_layers=[layer],
-                graphic_annotations=[_annotation(header, prediction, layer)],
+                graphic_annotations=[_annotation(header, prediction, layer, banner_text(priority, priority_reasons))],
                 institution_name=identity.institution,
                 voi_lut_transformations=voi,
                 presentation_lut_transformation=hd.PresentationLUTTransformation(presentation_lut_shape=shape),

@@ -2,7 +2,9 @@
 
 RGB, 8 bits, the source image (as displayed: VOI applied, MONOCHROME1 inverted) with
 
-- a red banner above it: "AI result - not for primary diagnosis",
+- a red banner above it: "AI result - not for primary diagnosis"; for an urgent study (:mod:`dicom_node.work.priority`)
+  in yellow, led by "URGENT" and why ("URGENT - suspected Pneumothorax (0.72) - AI result - ..."), which the
+  header's Image Comments also say ("URGENT: suspected Pneumothorax (0.72)"),
 - each finding's box in its class colour with "<label> <score>" on a filled tag,
 - a summary bar below it: "Abnormal (p=0.91), 2 findings" / "No finding (p=0.93)".
 
@@ -16,13 +18,15 @@ Text uses OpenCV's built-in Hershey font (no font files).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError
-from dicom_node.outputs.captions import BANNER_TEXT, summary_text
+from dicom_node.outputs.captions import banner_text, summary_text, urgent_comment
 from dicom_node.outputs.codes import finding_label
 from dicom_node.outputs.equipment import NodeIdentity, contributing_equipment
 from dicom_node.outputs.library_messages import library_error, no_phi_warnings
@@ -33,6 +37,7 @@ from inference.types import Prediction
 __all__ = ["build_sc", "render_overlay"]
 
 BANNER_RGB = (176, 0, 0)
+URGENT_TEXT_RGB = (255, 255, 0)  # an urgent study's banner text: yellow on the red banner
 BAR_RGB = (32, 32, 32)
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 # One colour per VinDr-CXR class id (RGB), distinct on a grey radiograph.
@@ -69,8 +74,11 @@ def _centered_text(img: np.ndarray, text: str, y0: int, y1: int, color=(255, 255
     cv2.putText(img, text, (x, y), FONT, scale, color, thickness, cv2.LINE_AA)
 
 
-def render_overlay(image01: np.ndarray, prediction: Prediction) -> tuple[np.ndarray, int]:
-    """RGB uint8 picture with banner, boxes, labels and summary; returns (rgb, banner_height)."""
+def render_overlay(
+    image01: np.ndarray, prediction: Prediction, priority: str = "routine", reasons: Sequence[str] = ()
+) -> tuple[np.ndarray, int]:
+    """RGB uint8 picture with banner, boxes, labels and summary; returns (rgb, banner_height). An urgent study's
+    banner says URGENT and why (``reasons``), in yellow; its size, and so every box's place, stays the same."""
     img = np.asarray(image01, dtype=np.float32)
     if img.ndim != 2 or not np.isfinite(img).all():
         raise EncodingError(f"expected a finite 2-D image in [0, 1], got shape {img.shape}")
@@ -81,7 +89,8 @@ def render_overlay(image01: np.ndarray, prediction: Prediction) -> tuple[np.ndar
     canvas[band : band + rows] = grey[..., None]
     canvas[:band] = BANNER_RGB
     canvas[band + rows :] = BAR_RGB
-    _centered_text(canvas, BANNER_TEXT, 0, band)
+    urgent = urgent_comment(priority, reasons) is not None
+    _centered_text(canvas, banner_text(priority, reasons), 0, band, URGENT_TEXT_RGB if urgent else (255, 255, 255))
     _centered_text(canvas, summary_text(prediction), band + rows, rows + 2 * band)
 
     line = max(2, int(round(min(rows, cols) / 350)))
@@ -158,9 +167,12 @@ def build_sc(
     series_number: int,
     instance_number: int,
     identity: NodeIdentity,
+    priority: str = "routine",
+    priority_reasons: Sequence[str] = (),
 ) -> Dataset:
     """Secondary Capture of ``image01`` (the source as decoded by :func:`dicom_node.imaging.pixels.decode_image`: full
-    size, or a smaller JPEG 2000 resolution level) with ``prediction`` (on image01's pixels) burned in.
+    size, or a smaller JPEG 2000 resolution level) with ``prediction`` (on image01's pixels) burned in. ``priority``
+    "urgent" (the study's, with ``priority_reasons``) flags it in the banner and the Image Comments.
     Raises :class:`EncodingError`."""
     require_source_image(source)
     shape = tuple(np.shape(image01))
@@ -168,7 +180,7 @@ def build_sc(
         raise EncodingError(f"image shape {shape} does not fit the source ({source.Rows}x{source.Columns})")
     if tuple(prediction.image_size) != shape:
         raise EncodingError("prediction image size does not match the image: boxes would be misplaced")
-    rgb, _band = render_overlay(image01, prediction)
+    rgb, _band = render_overlay(image01, prediction, priority, priority_reasons)
     orientation = _orientation(source)
     models = tuple(prediction.models) or tuple(identity.models)
     try:
@@ -187,6 +199,9 @@ def build_sc(
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"cannot build the Secondary Capture: {library_error(exc)}") from exc
     _after_construction(sc, source, orientation_known=orientation is not None)
+    comment = urgent_comment(priority, priority_reasons)
+    if comment is not None:
+        sc.ImageComments = comment[:10240]
     return sc
 
 

@@ -10,7 +10,10 @@ Two kinds:
   counted whichever process did it, and the figures agree with ``dicom-node status --json``: instances, studies,
   jobs and deliveries by state, the queue (depth, oldest queued job's age), workers by state, what retention
   purged, deliveries by destination, findings by class, backfill runs and studies by state (and those waiting
-  for a retry), free disk, and the job and pipeline times of the last hour (histograms).
+  for a retry), free disk, and the job and pipeline times of the last hour (histograms), and the time from a
+  study's last image to its flag (results committed) of the last hour by final priority,
+  ``dicom_node_time_to_flag_seconds{priority}`` (histogram; an operator's re-analysis and backfilled studies are
+  not counted).
 - **Drift of live traffic** (:class:`DriftCollector`, :mod:`dicom_node.web.drift`), per device of the rolling
   window (``drift.window_days``) against the configured model pair's latest site validation:
   ``dicom_node_drift_psi{device}``, ``dicom_node_drift_psi_limit{device}`` (the PSI above which the device alerts:
@@ -33,8 +36,18 @@ from prometheus_client.registry import Collector
 from dicom_node.metrics import ACTIVE, REGISTRY
 from dicom_node.web.drift import DriftWatch
 from storage import Store
+from storage.states import QueuePriority
 
 PIPELINE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# from the last image: studies.stable_after_s (10 s by default), then the queue, the models and the commit
+TIME_TO_FLAG_BUCKETS = (2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+def _buckets(values: list[float], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    """Cumulative histogram buckets of ``values`` as Prometheus wants them (``+Inf`` last)."""
+    out: list[tuple[str, float]] = [(str(bound), len([v for v in values if v <= bound])) for bound in bounds]
+    out.append(("+Inf", len(values)))
+    return out
 
 
 class StoreCollector(Collector):
@@ -99,6 +112,17 @@ class StoreCollector(Collector):
             h = HistogramMetricFamily(name, what, unit="")
             h.add_metric([], buckets, float(sum(durations)))
             yield h
+        flags = self.store.recent_time_to_flag(3600)
+        h = HistogramMetricFamily(
+            "dicom_node_time_to_flag_seconds",
+            "seconds from a study's last received image to its flag (results committed) of the studies done in the "
+            "last hour, by final priority",
+            labels=["priority"],
+        )
+        for priority in QueuePriority:
+            seconds = [t for p, t in flags if p == priority]
+            h.add_metric([priority.name.lower()], _buckets(seconds, TIME_TO_FLAG_BUCKETS), float(sum(seconds)))
+        yield h
         findings = GaugeMetricFamily(
             "dicom_node_findings", "findings reported in the studies still stored, by class", labels=["finding"]
         )

@@ -31,6 +31,7 @@ from dicom_node.web.metrics import registry_for
 from storage import Store
 
 if TYPE_CHECKING:
+    from dicom_node.ingest.store_handler import StoreHandler
     from inference.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,15 @@ def readiness(config: Config, store: Store) -> dict[str, str]:
 
 
 def make_app(
-    config: Config, store: Store, load_pipeline: Callable[[], Pipeline], active: Callable[[], int] | None = None
+    config: Config,
+    store: Store,
+    load_pipeline: Callable[[], Pipeline],
+    active: Callable[[], int] | None = None,
+    ingest: StoreHandler | None = None,
 ) -> Starlette:
     """The web side: health, readiness, metrics and the console. ``load_pipeline`` builds the models for the
-    console's analyse page on first use; ``active`` counts the open DICOM associations (for /metrics)."""
+    console's analyse page on first use; ``active`` counts the open DICOM associations (for /metrics); ``ingest``
+    (the C-STORE handler) stores what STOW-RS receives when ``dicomweb.enabled``."""
     registry = registry_for(store, active, DriftWatch(config, store))
 
     async def healthz(_: Request) -> Response:
@@ -78,11 +84,17 @@ def make_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     console = Console(config, store, load_pipeline)
+    stow: list[Route] = []
+    if config.dicomweb.enabled and ingest is not None:
+        from dicom_node.web.stow import Stow
+
+        stow = Stow(config, ingest).routes()
     return Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            *stow,
             *console.routes(),
         ],
         middleware=[
@@ -142,9 +154,10 @@ class WebServer:
         store: Store,
         load_pipeline: Callable[[], Pipeline],
         active: Callable[[], int] | None = None,
+        ingest: StoreHandler | None = None,
     ):
         self.config = config
-        app = make_app(config, store, load_pipeline, active)
+        app = make_app(config, store, load_pipeline, active, ingest)
         self.server = uvicorn.Server(
             uvicorn.Config(
                 app, host=config.web.host, port=config.web.port, log_level="warning", access_log=False, lifespan="off"

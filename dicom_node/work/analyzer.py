@@ -1,4 +1,5 @@
-"""The analyser: one claimed job in, its result objects out (SR for the study, SC and GSPS per image).
+"""The analyser: one claimed job in, its result objects out (SR for the study, SC and GSPS per image, and one
+message per notification destination whose ``when`` the study's priority meets: HL7, FHIR, webhook or email).
 
 Pure: it reads the job's spool files and writes nothing; the worker hands its results to storage in one commit.
 """
@@ -21,9 +22,11 @@ from dicom_node.imaging.pixels import decode_image, read_dataset
 from dicom_node.ingest.selection import header_fields
 from dicom_node.outputs.equipment import NodeIdentity
 from dicom_node.outputs.gsps import build_gsps
+from dicom_node.outputs.messages import PAYLOAD_SUFFIX, payload_for, summarise
 from dicom_node.outputs.sc import build_sc
 from dicom_node.outputs.sr import build_sr
 from dicom_node.outputs.uids import derived_uid
+from dicom_node.work.priority import Priority, study_priority
 from inference.pipeline import Pipeline
 from inference.types import Prediction
 from storage.jobs import FindingSpec, ImageVerdict, JobInfo, ResultSpec
@@ -50,7 +53,8 @@ class _Analysed:
 
 
 Wanted = tuple[tuple[str, ...], tuple[str, ...]]  # destinations taking an output: (live, silent)
-Analysis = tuple[list[ResultSpec], float, list[ImageVerdict]]  # result objects, pipeline seconds, verdicts
+# result objects, pipeline seconds, verdicts, the study's priority
+Analysis = tuple[list[ResultSpec], float, list[ImageVerdict], Priority]
 
 
 class Analyzer:
@@ -71,7 +75,7 @@ class Analyzer:
 
     def wanted(self, kind: str) -> Wanted:
         """The destinations that take ``kind``: (live ones, silent ones)."""
-        takes = [d for d in self.config.destinations if kind in d.outputs]
+        takes = [d for d in self.config.dicom_destinations if kind in d.outputs]
         return tuple(d.name for d in takes if d.mode == "live"), tuple(d.name for d in takes if d.mode == "silent")
 
     def analyse_many(self, jobs: list[JobInfo]) -> list[Analysis | Exception]:
@@ -114,7 +118,8 @@ class Analyzer:
             try:
                 n = sum(1 for t in todo if t[0] == j)
                 verdicts = [verdict(a.sop_uid, a.prediction, self._raw(a)) for a in got]
-                out.append((self._encode(got), per_image_s * n, verdicts))
+                priority = study_priority(self.config.priority, [a.prediction for a in got], jobs[j].requested)
+                out.append((self._encode(got, priority), per_image_s * n, verdicts, priority))
             except Exception as exc:  # noqa: BLE001 - an encoding failure fails this job only
                 out.append(exc)
         return out
@@ -151,7 +156,7 @@ class Analyzer:
             raise undecodable[0]
         return analysed, decoded
 
-    def _encode(self, analysed: list[_Analysed]) -> list[ResultSpec]:
+    def _encode(self, analysed: list[_Analysed], priority: Priority) -> list[ResultSpec]:
         out = self.config.outputs
         ident = self.identity
         results: list[ResultSpec] = []
@@ -164,6 +169,8 @@ class Analyzer:
             series_number=out.series_number_sr,
             instance_number=1,
             identity=ident,
+            priority=priority.level,
+            priority_reasons=priority.reasons,
         )
         results.append(_spec("sr", sr, None, self.wanted("sr")))
         sc_dest, pr_dest = self.wanted("sc"), self.wanted("gsps")
@@ -180,6 +187,8 @@ class Analyzer:
                     series_number=out.series_number_sc,
                     instance_number=n,
                     identity=ident,
+                    priority=priority.level,
+                    priority_reasons=priority.reasons,
                 )
                 results.append(_spec("sc", sc, a.sop_uid, sc_dest))
             if any(pr_dest):
@@ -192,9 +201,37 @@ class Analyzer:
                     instance_number=n,
                     identity=ident,
                     window=a.window,
+                    priority=priority.level,
+                    priority_reasons=priority.reasons,
                 )
                 results.append(_spec("gsps", pr, a.sop_uid, pr_dest))
+        results.extend(self._messages(analysed, priority))
         return results
+
+    def _messages(self, analysed: list[_Analysed], priority: Priority) -> list[ResultSpec]:
+        """One message per notification destination that wants this study (``when: always``, or ``urgent`` and
+        the study is urgent). A message is not a DICOM object: its result row's SOP Instance UID is a generated
+        UID that names the message (unique, like an object's), its SOP Class and Series UIDs are empty."""
+        wanted = [d for d in self.config.notification_destinations if d.when == "always" or priority.urgent]
+        if not wanted:
+            return []
+        summary = summarise(
+            [(a.header, a.prediction) for a in analysed], priority.level, priority.reasons, self.config.web.public_url
+        )
+        return [
+            ResultSpec(
+                kind=d.type,
+                sop_instance_uid=generate_uid(),
+                sop_class_uid="",
+                series_uid="",
+                source_sop_uid=None,
+                data=payload_for(d, summary),
+                destinations=(d.name,) if d.mode == "live" else (),
+                held=(d.name,) if d.mode == "silent" else (),
+                suffix=PAYLOAD_SUFFIX[d.type],
+            )
+            for d in wanted
+        ]
 
 
 def verdict(sop_uid: str, pred: Prediction, p_raw: float | None = None) -> ImageVerdict:

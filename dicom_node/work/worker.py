@@ -106,9 +106,16 @@ class Worker:
         try:
             if isinstance(outcome, Exception):
                 raise outcome
-            results, pipeline_s, images = outcome
+            results, pipeline_s, images, priority = outcome
             self.store.finish_job(
-                job.id, self.name, results, pipeline_s=pipeline_s, images=images, models=self.models or None
+                job.id,
+                self.name,
+                results,
+                pipeline_s=pipeline_s,
+                images=images,
+                models=self.models or None,
+                priority=priority.queue,
+                priority_reasons="; ".join(priority.reasons) or None,
             )
         except StaleJobError as exc:
             log.warning("%s", exc)
@@ -129,7 +136,9 @@ class Worker:
                 reason=reason if isinstance(exc, DicomNodeError) else type(exc).__name__,
             )
             return
-        audit.event("job_done", job=job.id, study=audit.study_key(job.study_uid), results=len(results))
+        audit.event(
+            "job_done", job=job.id, study=audit.study_key(job.study_uid), results=len(results), priority=priority.level
+        )
         kinds = ", ".join(sorted({r.kind for r in results}))
         log.info(
             "job %d done in %.2f s (pipeline %.2f s): %d result object(s) [%s]",
