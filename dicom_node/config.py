@@ -35,7 +35,7 @@ from inference.types import FINDING_CLASSES
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 OutputKind = Literal["sr", "sc", "gsps"]
-DESTINATION_TYPES = ("dicom", "hl7", "fhir", "webhook", "email")
+DESTINATION_TYPES = ("dicom", "dicomweb", "hl7", "fhir", "webhook", "email")
 
 
 class _Strict(BaseModel):
@@ -263,6 +263,47 @@ class DestinationConfig(_Strict):
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
 
+class DicomWebDestinationConfig(_Strict):
+    """A DICOMweb archive: the result objects by STOW-RS, all of a study's due results in one request. It takes
+    the same outputs as a DICOM destination; auth is HTTP Basic, a bearer token or a client certificate."""
+
+    type: Literal["dicomweb"]
+    name: str
+    url: str  # the DICOMweb root, e.g. https://pacs.example.org/dicom-web (the node POSTs to {url}/studies)
+    username: str | None = None  # HTTP Basic, with password or, better, ...
+    password: str | None = None
+    password_env: str | None = None  # ... the environment variable that holds it
+    token: str | None = None  # bearer token; or, better, ...
+    token_env: str | None = None  # ... the environment variable that holds it
+    certificate: Path | None = None  # the node's client certificate (PEM), for an archive that asks for one
+    private_key: Path | None = None
+    ca_certificates: Path | None = None  # PEM bundle for an https:// archive; null = the system's
+    outputs: list[OutputKind] = Field(default_factory=lambda: list[OutputKind](["sr", "sc", "gsps"]))
+    mode: Literal["live", "silent"] = "silent"  # as for a DICOM destination
+    timeout_s: float = Field(60, gt=0)  # connecting, and then waiting for the answer to one request
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _http_url(v).rstrip("/")))
+
+    @model_validator(mode="after")
+    def _auth(self) -> "DicomWebDestinationConfig":
+        if self.username and (self.token or self.token_env):
+            raise ValueError("give username (HTTP Basic) or token/token_env (bearer), not both")
+        if (self.password or self.password_env) and not self.username:
+            raise ValueError("password/password_env needs a username")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+    def secret_password(self) -> str | None:
+        return secret(self.password, self.password_env)
+
+    def secret_token(self) -> str | None:
+        return secret(self.token, self.token_env)
+
+
+ResultDestination = DestinationConfig | DicomWebDestinationConfig  # the destinations of the DICOM result objects
+
+
 def secret(value: str | None, env: str | None) -> str | None:
     """A secret from the config (``value``) or, read when it is used, the environment variable named ``env``."""
     if value:
@@ -361,6 +402,7 @@ def _destination_type(value: Any) -> str:
 
 AnyDestination = Annotated[
     Annotated[DestinationConfig, Tag("dicom")]
+    | Annotated[DicomWebDestinationConfig, Tag("dicomweb")]
     | Annotated[HL7DestinationConfig, Tag("hl7")]
     | Annotated[FHIRDestinationConfig, Tag("fhir")]
     | Annotated[WebhookDestinationConfig, Tag("webhook")]
@@ -368,7 +410,7 @@ AnyDestination = Annotated[
     Discriminator(
         _destination_type,
         custom_error_type="destination_type",
-        custom_error_message="type must be dicom (the default), hl7, fhir, webhook or email",
+        custom_error_message="type must be dicom (the default), dicomweb, hl7, fhir, webhook or email",
     ),
 ]
 
@@ -640,9 +682,14 @@ class Config(_Strict):
         return [d for d in self.destinations if isinstance(d, DestinationConfig)]
 
     @property
+    def result_destinations(self) -> list[ResultDestination]:
+        """The destinations of the DICOM result objects (SR, SC, GSPS): DICOM peers and DICOMweb archives."""
+        return [d for d in self.destinations if isinstance(d, DestinationConfig | DicomWebDestinationConfig)]
+
+    @property
     def notification_destinations(self) -> list[NotificationConfig]:
         """HL7, FHIR, webhook and email destinations."""
-        return [d for d in self.destinations if not isinstance(d, DestinationConfig)]
+        return [d for d in self.destinations if not isinstance(d, DestinationConfig | DicomWebDestinationConfig)]
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> "Config":
@@ -673,7 +720,11 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     for dest in cfg.destinations:
         if isinstance(dest, WebhookDestinationConfig | EmailDestinationConfig) and dest.template is not None:
             dest.template = fix(dest.template)
-        if dest.tls is not None:
+        if isinstance(dest, DicomWebDestinationConfig):
+            for name in ("certificate", "private_key", "ca_certificates"):
+                if getattr(dest, name) is not None:
+                    setattr(dest, name, fix(getattr(dest, name)))
+        elif dest.tls is not None:
             for name in ("certificate", "private_key", "ca_certificates"):
                 if getattr(dest.tls, name) is not None:
                     setattr(dest.tls, name, fix(getattr(dest.tls, name)))

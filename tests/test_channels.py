@@ -268,7 +268,7 @@ def test_destination_types_in_the_configuration(tmp_path):
     assert fhir.when == "urgent" and fhir.include_phi is False and fhir.mode == "silent"  # the defaults
     assert cfg.notification_destinations[3].template == tmp_path / "teams.j2"  # relative to the config file
     for bad, says in [
-        ({"type": "fax", "name": "x"}, "type must be dicom (the default), hl7, fhir, webhook or email"),
+        ({"type": "fax", "name": "x"}, "type must be dicom (the default), dicomweb, hl7, fhir, webhook or email"),
         ({"type": "hl7", "name": "x", "host": "h", "port": 1, "outputs": ["sr"]}, "destinations.0.outputs"),
         ({"type": "fhir", "name": "x", "url": "ftp://x"}, "http:// or https://"),
         ({"type": "webhook", "name": "x", "url": "http://x", "template": "t.j2"}, "template is for format"),

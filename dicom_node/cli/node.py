@@ -24,6 +24,7 @@ from dicom_node.cli import backfill, golive
 from dicom_node.cli.command_table import TRAINING_COMMANDS
 from dicom_node.config import (
     Config,
+    DicomWebDestinationConfig,
     FHIRDestinationConfig,
     HL7DestinationConfig,
     NotificationConfig,
@@ -75,6 +76,14 @@ def _destination_lines(cfg: Config) -> list[str]:
         if d.mode == "silent"
     ]
     lines += [line for d in cfg.notification_destinations for line in _notification_lines(d)]
+    for d in cfg.destinations:
+        if isinstance(d, DicomWebDestinationConfig):
+            lines.append(f"destination {d.name}: STOW-RS to {urlsplit(d.url).hostname}, one request per study")
+            lines += [
+                f"WARNING: destination {d.name}: the environment variable {env} is not set here"
+                for env in (d.password_env, d.token_env)
+                if env and not os.environ.get(env)
+            ]
     live = [d.name for d in cfg.destinations if d.mode == "live"]
     if live:
         from dicom_node.factories import open_store

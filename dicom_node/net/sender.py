@@ -1,7 +1,9 @@
 """The sender: delivers stored result objects to their destinations, and never loses one.
 
 Each (result object, destination) pair is a persisted delivery. An apscheduler job polls for due deliveries and
-groups them by destination. A DICOM destination gets its batch by C-STORE over one association; a notification
+groups them by destination. A DICOM destination gets its batch by C-STORE over one association; a DICOMweb
+destination gets each study's share of the batch in one STOW-RS request (:mod:`dicom_node.net.stowrs`, which says
+how HTTP statuses and per-instance failures are classified); a notification
 destination (HL7, FHIR, webhook, email) gets each stored message through its channel
 (:mod:`dicom_node.net.channels`, which says how each protocol's answers are classified). Every failure is
 classified:
@@ -18,19 +20,21 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
+from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_node import audit, metrics
-from dicom_node.config import Config, DestinationConfig, NotificationConfig
+from dicom_node.config import Config, DestinationConfig, DicomWebDestinationConfig, NotificationConfig
 from dicom_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_node.logs import safe_traceback
 from dicom_node.net.channels import Channels, PeerUnreachable
 from dicom_node.net.fastpath import no_delay
 from dicom_node.net.pynetdicom_internals import rejection_result
+from dicom_node.net.stowrs import StowClient
 from dicom_node.net.tls import client_context
 from storage import Store
 from storage.base import utcnow
@@ -58,7 +62,9 @@ class Sender:
     def __init__(self, config: Config, store: Store):
         self.config = config
         self.store = store
-        self.destinations: dict[str, DestinationConfig | NotificationConfig] = {d.name: d for d in config.destinations}
+        self.destinations: dict[str, DestinationConfig | DicomWebDestinationConfig | NotificationConfig] = {
+            d.name: d for d in config.destinations
+        }
         # TLS contexts made once, at start: a certificate that cannot be loaded stops the start with the reason
         self._tls = {
             d.name: (client_context(d.tls, d.name), d.tls.server_name or d.host)
@@ -66,6 +72,7 @@ class Sender:
             if d.tls is not None
         }
         self.channels = Channels(config.notification_destinations)
+        self.stow = {d.name: StowClient(d) for d in config.destinations if isinstance(d, DicomWebDestinationConfig)}
         self._lock = threading.Lock()
 
     def run_due(self) -> int:
@@ -100,6 +107,8 @@ class Sender:
                 "destination %s is silent: %d pending deliveries held (dicom-node release sends them)", name, held
             )
             return 0
+        if isinstance(dest, DicomWebDestinationConfig):
+            return self._stow(dest, batch)
         if not isinstance(dest, DestinationConfig):
             return self._notify(dest, batch)
         datasets = {}
@@ -169,6 +178,55 @@ class Sender:
                 assoc.release()
         return delivered
 
+    def _stow(self, dest: DicomWebDestinationConfig, batch: list[DueDelivery]) -> int:
+        """``batch`` grouped by study (in the outbox's order), each study's results in one STOW-RS request."""
+        by_study: dict[str, list[tuple[DueDelivery, str, bytes]]] = {}
+        for d in batch:
+            if d.kind not in DICOM_KINDS:  # a destination renamed from another type: its message is no DICOM object
+                self._failed(d, PermanentDeliveryError(f"a {d.kind.upper()} message cannot go to a DICOM destination"))
+                continue
+            try:
+                data = d.path.read_bytes()
+                header = dcmread(BytesIO(data), stop_before_pixels=True)
+                study, sop = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+            except Exception as exc:  # noqa: BLE001 - a missing/corrupt result file cannot be sent
+                self.store.mark_failed(d.id, f"result file unreadable: {exc}")
+                continue
+            by_study.setdefault(study, []).append((d, sop, data))
+        client = self.stow[dest.name]
+        delivered = 0
+        unreachable: PeerUnreachable | None = None
+        for items in by_study.values():
+            jitter = (random.uniform(0.5, 1.0), utcnow())  # a study's results retried together stay in one request
+            if unreachable is not None:  # the archive is down or silent: the other studies wait for the next try
+                for d, _, _ in items:
+                    self._failed(d, unreachable, jitter)
+                continue
+            try:
+                status, outcomes = client.store([(sop, data) for _, sop, data in items])
+            except (TransientDeliveryError, PermanentDeliveryError) as exc:
+                if isinstance(exc, PeerUnreachable):
+                    unreachable = exc
+                for d, _, _ in items:
+                    self._failed(d, exc, jitter)
+                continue
+            except Exception as exc:  # noqa: BLE001 - anything else: retry, keep the trace
+                log.error("STOW-RS to %s: unexpected error while sending:\n%s", dest.name, safe_traceback(exc))
+                for d, _, _ in items:
+                    self._failed(d, TransientDeliveryError(f"cannot send ({type(exc).__name__})"), jitter)
+                continue
+            log.info(
+                "STOW-RS to %s: %d result objects of a study in one request: HTTP %d", dest.name, len(items), status
+            )
+            for d, sop, _ in items:
+                problem = outcomes.get(sop)
+                if problem is None:
+                    self._delivered(d, f"STOW-RS HTTP {status}")
+                    delivered += 1
+                else:
+                    self._failed(d, problem, jitter)
+        return delivered
+
     def _notify(self, dest: NotificationConfig, batch: list[DueDelivery]) -> int:
         """Each stored message of ``batch`` through the destination's channel, one after the other."""
         delivered = 0
@@ -208,7 +266,9 @@ class Sender:
         audit.event("delivery_done", delivery=d.id, destination=d.destination, kind=d.kind)
         log.info("delivered %s to %s%s", d.kind.upper(), d.destination, f" ({said})" if said else "")
 
-    def _failed(self, d: DueDelivery, err: Exception) -> None:
+    def _failed(self, d: DueDelivery, err: Exception, together: tuple[float, datetime] | None = None) -> None:
+        """Failed for good, or retried later (``together``: the jitter and the time the delay counts from, the same
+        for deliveries that must be retried together)."""
         cfg = self.config.delivery
         attempts = d.attempts + 1
         if isinstance(err, PermanentDeliveryError) or attempts >= cfg.max_attempts:
@@ -221,9 +281,10 @@ class Sender:
             )
             return
         delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (attempts - 1))
-        delay *= random.uniform(0.5, 1.0)  # jitter: many results do not retry in lock-step
+        jitter, now = together or (random.uniform(0.5, 1.0), utcnow())  # many results do not retry in lock-step
+        delay *= jitter
         log.warning(
             "delivery %d of %s to %s: %s; retry %d in %.1f s", d.id, d.kind.upper(), d.destination, err, attempts, delay
         )
-        self.store.mark_retry(d.id, utcnow() + timedelta(seconds=delay), str(err))
+        self.store.mark_retry(d.id, now + timedelta(seconds=delay), str(err))
         metrics.DELIVERIES.labels(d.destination, "retry").inc()

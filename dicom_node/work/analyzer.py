@@ -75,7 +75,7 @@ class Analyzer:
 
     def wanted(self, kind: str) -> Wanted:
         """The destinations that take ``kind``: (live ones, silent ones)."""
-        takes = [d for d in self.config.dicom_destinations if kind in d.outputs]
+        takes = [d for d in self.config.result_destinations if kind in d.outputs]
         return tuple(d.name for d in takes if d.mode == "live"), tuple(d.name for d in takes if d.mode == "silent")
 
     def analyse_many(self, jobs: list[JobInfo]) -> list[Analysis | Exception]:
