@@ -57,6 +57,17 @@ def _http_url(value: str) -> str:
     return value
 
 
+def _password_hashes(users: dict[str, str]) -> dict[str, str]:
+    """Login name -> password hash (`dicom-node hash-password`): each hash must be one the node can check."""
+    from dicom_node.passwords import check_hash
+
+    for name, hashed in users.items():
+        problem = check_hash(hashed)
+        if problem:
+            raise ValueError(f"user {name!r}: {problem}")
+    return users
+
+
 class AllowedPeer(_Strict):
     """A calling AE title and the hosts it may call from (like Orthanc's DicomCheckModalityHost)."""
 
@@ -444,16 +455,7 @@ class WebConfig(_Strict):
     def _check_public_url(cls, v: str | None) -> str | None:
         return None if v is None else _http_url(v)
 
-    @field_validator("users")
-    @classmethod
-    def _check_users(cls, v: dict[str, str]) -> dict[str, str]:
-        from dicom_node.passwords import check_hash
-
-        for name, hashed in v.items():
-            problem = check_hash(hashed)
-            if problem:
-                raise ValueError(f"user {name!r}: {problem}")
-        return v
+    _check_users = field_validator("users")(classmethod(lambda cls, v: _password_hashes(v)))
 
     def all_users(self) -> dict[str, str]:
         """The configured users plus DICOM_NODE_WEB_USERS."""
@@ -490,16 +492,7 @@ class DicomWebConfig(_Strict):
             raise ValueError(f"a bearer token needs at least {MIN_STOW_TOKEN} characters")
         return v
 
-    @field_validator("users")
-    @classmethod
-    def _check_users(cls, v: dict[str, str]) -> dict[str, str]:
-        from dicom_node.passwords import check_hash
-
-        for name, hashed in v.items():
-            problem = check_hash(hashed)
-            if problem:
-                raise ValueError(f"user {name!r}: {problem}")
-        return v
+    _check_users = field_validator("users")(classmethod(lambda cls, v: _password_hashes(v)))
 
     def all_tokens(self) -> list[str]:
         """The configured tokens plus DICOM_NODE_STOW_TOKENS."""

@@ -19,9 +19,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 
 from storage.base import StoreBase, database_errors, utcnow
-from storage.db import BackfillStudy, ImageResult, Instance, Job, Validation
+from storage.db import BackfillStudy, ImageResult, Instance, Job
 from storage.devices import device_label
 from storage.states import JobState
+from storage.validation import newest_of_pair
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,7 @@ class DriftStore(StoreBase):
         """The reference of the newest validation of this model pair; None when it has none (or it kept no
         reference: ``details`` without ``"reference"``)."""
         with self._session() as s:
-            row = s.scalars(
-                select(Validation)
-                .where(
-                    Validation.classifier_sha256 == classifier_sha256.lower(),
-                    Validation.detector_sha256 == detector_sha256.lower(),
-                )
-                .order_by(Validation.created_at.desc(), Validation.id.desc())
-                .limit(1)
-            ).first()
+            row = s.scalars(newest_of_pair(classifier_sha256, detector_sha256)).first()
         if row is None:
             return None
         try:

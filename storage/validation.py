@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import Select, or_, select
 
 from storage.base import StoreBase, database_errors, utcnow
 from storage.db import BackfillStudy, GroundTruth, ImageResult, Instance, Job, Study, Validation
@@ -80,6 +80,19 @@ def made_by(models: str | None, classifier_sha256: str, detector_sha256: str) ->
     """Whether a job's ``models`` text (``classifier ... (4f2a9c1b); detector ... (a1b2c3d4)``) names both."""
     text = models or ""
     return f"({classifier_sha256[:8].lower()})" in text and f"({detector_sha256[:8].lower()})" in text
+
+
+def newest_of_pair(classifier_sha256: str, detector_sha256: str) -> Select[Validation]:
+    """The query for the newest validation of exactly this model pair (another sha256 has none)."""
+    return (
+        select(Validation)
+        .where(
+            Validation.classifier_sha256 == classifier_sha256.lower(),
+            Validation.detector_sha256 == detector_sha256.lower(),
+        )
+        .order_by(Validation.created_at.desc(), Validation.id.desc())
+        .limit(1)
+    )
 
 
 class ValidationStore(StoreBase):
@@ -287,15 +300,7 @@ class ValidationStore(StoreBase):
     def latest_validation(self, classifier_sha256: str, detector_sha256: str) -> Validation | None:
         """The newest validation of exactly this model pair (another sha256 has none)."""
         with self._session() as s:
-            return s.scalars(
-                select(Validation)
-                .where(
-                    Validation.classifier_sha256 == classifier_sha256.lower(),
-                    Validation.detector_sha256 == detector_sha256.lower(),
-                )
-                .order_by(Validation.created_at.desc(), Validation.id.desc())
-                .limit(1)
-            ).first()
+            return s.scalars(newest_of_pair(classifier_sha256, detector_sha256)).first()
 
     @database_errors
     def validation(self, validation_id: int) -> Validation | None:
