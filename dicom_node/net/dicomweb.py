@@ -30,7 +30,14 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 from dicom_node.config import DicomWebSourceConfig
-from dicom_node.net.query import MoveResult, PermanentQueryError, QueryError, StudyMatch, TransientQueryError
+from dicom_node.net.query import (
+    MoveResult,
+    PermanentQueryError,
+    QueryError,
+    StudyMatch,
+    TransientQueryError,
+    study_queries,
+)
 
 PERMANENT_HTTP = {400, 401, 403, 404, 405, 406, 410, 501}
 PAGE = 100  # QIDO-RS results asked for at once (limit/offset)
@@ -107,37 +114,32 @@ class DicomWebQueryClient:
         accession_numbers: Iterable[str] = (),
         study_uids: Iterable[str] = (),
     ) -> list[StudyMatch]:
-        keys: list[dict[str, str]] = [{}]
-        accession_numbers, study_uids = list(accession_numbers), list(study_uids)
-        if accession_numbers or study_uids:
-            keys = [{"AccessionNumber": a} for a in accession_numbers] + [{"StudyInstanceUID": u} for u in study_uids]
         found: dict[str, StudyMatch] = {}
         client = self._client()
         try:
-            for key in keys:
-                for modality in list(modalities) or [""]:
-                    filters = dict(key)
-                    if date_range:
-                        filters["StudyDate"] = date_range
-                    if modality:
-                        filters["ModalitiesInStudy"] = modality
-                    offset = 0
-                    while True:  # our own paging: an archive that ignores offset must not loop for ever
-                        page = client.search_for_studies(
-                            search_filters=filters,
-                            fields=["NumberOfStudyRelatedInstances", "ModalitiesInStudy"],
-                            limit=PAGE,
-                            offset=offset,
-                        )
-                        new = 0
-                        for item in page:
-                            match = _match(item)
-                            if match is not None and match.study_uid not in found:
-                                found[match.study_uid] = match
-                                new += 1
-                        if len(page) < PAGE or not new:
-                            break
-                        offset += len(page)
+            for key, modality in study_queries(modalities, accession_numbers, study_uids):
+                filters = dict(key)
+                if date_range:
+                    filters["StudyDate"] = date_range
+                if modality:
+                    filters["ModalitiesInStudy"] = modality
+                offset = 0
+                while True:  # our own paging: an archive that ignores offset must not loop for ever
+                    page = client.search_for_studies(
+                        search_filters=filters,
+                        fields=["NumberOfStudyRelatedInstances", "ModalitiesInStudy"],
+                        limit=PAGE,
+                        offset=offset,
+                    )
+                    new = 0
+                    for item in page:
+                        match = _match(item)
+                        if match is not None and match.study_uid not in found:
+                            found[match.study_uid] = match
+                            new += 1
+                    if len(page) < PAGE or not new:
+                        break
+                    offset += len(page)
         except Exception as exc:
             raise classify(exc, self._where, "QIDO-RS search") from exc
         finally:

@@ -42,6 +42,17 @@ PENDING = (0xFF00, 0xFF01)
 PERMANENT_STATUSES = {0x0122, 0x0124, 0xA801}
 
 
+def study_queries(
+    modalities: Iterable[str], accession_numbers: Iterable[str], study_uids: Iterable[str]
+) -> list[tuple[dict[str, str], str]]:
+    """The study-level searches a backfill sends, C-FIND or QIDO-RS alike: (key, modality) for each modality ("":
+    any), the key being one accession number or Study UID when lists are given, else none."""
+    accession_numbers, study_uids = list(accession_numbers), list(study_uids)
+    keys: list[dict[str, str]] = [{"AccessionNumber": a} for a in accession_numbers]
+    keys += [{"StudyInstanceUID": u} for u in study_uids]
+    return [(key, modality) for key in keys or [{}] for modality in list(modalities) or [""]]
+
+
 class QueryError(DicomNodeError):
     """A C-FIND or C-MOVE against the PACS failed."""
 
@@ -164,17 +175,13 @@ class QueryClient:
     ) -> list[StudyMatch]:
         """Studies matching the date range ("YYYYMMDD-YYYYMMDD", "" = any date) and one of ``modalities``; when
         accession numbers or Study UIDs are given, only those (each its own C-FIND, on one association)."""
-        keys: list[dict[str, str]] = [{}]
-        if accession_numbers or study_uids:
-            keys = [{"AccessionNumber": a} for a in accession_numbers] + [{"StudyInstanceUID": u} for u in study_uids]
         found: dict[str, StudyMatch] = {}
         assoc = self._associate(StudyRootQueryRetrieveInformationModelFind, self.timeouts.dimse_s)
         try:
-            for key in keys:
-                for modality in list(modalities) or [""]:
-                    for match in self._find(assoc, date_range, modality, key):
-                        if match.study_uid not in found:
-                            found[match.study_uid] = match
+            for key, modality in study_queries(modalities, accession_numbers, study_uids):
+                for match in self._find(assoc, date_range, modality, key):
+                    if match.study_uid not in found:
+                        found[match.study_uid] = match
         finally:
             self._done(assoc)
         return list(found.values())
