@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom import _config as pynetdicom_config
 
-from dicom_node import audit
+from dicom_node import __version__, audit
 from dicom_node.config import Config
 from dicom_node.errors import DicomNodeError, WorkerStartError
 from dicom_node.factories import build_pipeline, describe_pipeline, open_store
@@ -38,6 +38,7 @@ from dicom_node.ingest.assembly import StudyAssembler
 from dicom_node.ingest.backfill import Backfiller
 from dicom_node.ingest.store_handler import StoreHandler
 from dicom_node.logs import safe_traceback, setup_logging
+from dicom_node.membership import HEARTBEAT_S, STALE_S, Membership, default_instance_name
 from dicom_node.net import spoolfile
 from dicom_node.net.listener import Listener
 from dicom_node.net.sender import Sender
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SENDER_POLL_S = 0.1  # how often the outbox is checked for due deliveries (a cheap indexed query)
+SWEEP_S = 5.0  # how often the leader looks for study timers overdue (their listener gone) and lost partial files
 SUPERVISE_S = 1.0  # how often the worker processes are checked
 RESTART_INITIAL_S, RESTART_MAX_S = 1.0, 60.0  # restart backoff after a worker died, doubling per quick death
 WORKER_STABLE_S = 60.0  # a worker that has lived this long resets its backoff
@@ -82,7 +84,9 @@ class Node:
         audit.configure(
             log_cfg.audit_path(config.storage.root), int(log_cfg.audit_max_mb * 1e6), log_cfg.audit_backups, rotate=True
         )
-        self.store = open_store(config)
+        self.instance = config.node.instance_name or default_instance_name()
+        self.store = open_store(config, owner=self.instance)  # partial files go to tmp/<instance>/
+        self.membership = Membership(self.store, self.instance, self._became_leader)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"max_instances": 1})
         self.assembler = StudyAssembler(self.store, self.scheduler)
         self.ingest = StoreHandler(config, self.store, on_stored=self.assembler.arm)  # C-STORE, STOW-RS, WADO-RS
@@ -91,7 +95,7 @@ class Node:
         self.backfiller = Backfiller(config, self.store, self.ingest)  # pulls past studies (dicom-node backfill)
         self._ready = multiprocessing.get_context("spawn").Queue()  # workers report "ready" or "failed" here
         self.workers = [
-            WorkerProcess(worker_main, config.model_dump(mode="json"), i, self._ready)
+            WorkerProcess(worker_main, config.model_dump(mode="json"), i, self._ready, prefix=self.instance)
             for i in range(config.workers.count)
         ]
         self.web: WebServer | None = None
@@ -104,17 +108,24 @@ class Node:
 
     def start(self) -> int:
         """Start everything; returns the bound DICOM port."""
+        version = __version__
+        self.membership.register(version)  # refuses a second running instance of the same name
         receive_into_spool(self.store)
         removed = self.store.spool.clean_tmp()
         if removed:
             log.info("removed %d partial files of interrupted transfers (never acknowledged)", removed)
-        orphans = self.store.remove_unreferenced_files()
-        if orphans:
-            log.warning(
-                "set aside %d unreferenced spool files in %s (a crash between writing a file and committing its row)",
-                orphans,
-                self.store.spool.root / "orphans",
-            )
+        others = [n.name for n in self.store.nodes(STALE_S) if n.state == "running" and n.name != self.instance]
+        if others:  # one of them may be between placing a received file and committing its row
+            log.info("instances %s are running: the check for unreferenced spool files is left out", ", ".join(others))
+        else:
+            orphans = self.store.remove_unreferenced_files()
+            if orphans:
+                log.warning(
+                    "set aside %d unreferenced spool files in %s (a crash between writing a file and committing "
+                    "its row)",
+                    orphans,
+                    self.store.spool.root / "orphans",
+                )
         self.scheduler.start()
         restored = self.assembler.restore()
         if restored:
@@ -142,14 +153,39 @@ class Node:
                 functools.partial(build_pipeline, self.config),
                 lambda: self.listener.admission.snapshot()["associations"],
                 self.ingest,
+                self.membership.snapshot,
             )
             self.web_port = self.web.start()
         port = self.listener.start()
+        self.membership.register(
+            version,
+            f"{self.config.node.host}:{port}",
+            f"{self.config.web.host}:{self.web_port}" if self.web_port else "",
+        )
+        self.membership.beat()  # the first instance on a database leads at once
+        self.scheduler.add_job(
+            self.membership.beat,
+            "interval",
+            seconds=HEARTBEAT_S,
+            id="heartbeat",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        self.scheduler.add_job(
+            self.membership.leader_only(self._sweep),
+            "interval",
+            seconds=SWEEP_S,
+            id="sweep",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
         retention = self.config.retention
         policy = RetentionPolicy(retention.keep_days, retention.high_watermark_percent, retention.low_watermark_percent)
         if policy.active:
             self.scheduler.add_job(
-                functools.partial(run_retention, Purger(self.store, policy)),
+                self.membership.leader_only(functools.partial(run_retention, Purger(self.store, policy))),
                 "interval",
                 seconds=retention.check_interval_s,
                 id="retention",
@@ -166,7 +202,7 @@ class Node:
                     d.name,
                 )
         self.scheduler.add_job(
-            self.sender.run_due,
+            self.membership.leader_only(self.sender.run_due),
             "interval",
             seconds=SENDER_POLL_S,
             id="sender",
@@ -175,9 +211,8 @@ class Node:
             misfire_grace_time=None,
         )
         if self.config.backfill.source is not None:
-            self.backfiller.start()
             self.scheduler.add_job(
-                self.backfiller.tick,
+                self.membership.leader_only(self.backfiller.tick),
                 "interval",
                 seconds=self.config.backfill.check_interval_s,
                 id="backfill",
@@ -186,6 +221,25 @@ class Node:
                 misfire_grace_time=None,
             )
         return port
+
+    def _became_leader(self) -> None:
+        """This instance leads now: what the previous leader left under way is picked up (study timers of every
+        listener, moves of a backfill that were in progress)."""
+        restored = self.assembler.restore()
+        if restored:
+            log.info("leader: armed %d study timers", restored)
+        if self.config.backfill.source is not None:
+            self.backfiller.start()
+
+    def _sweep(self) -> None:
+        """The leader's housekeeping: studies whose timer is overdue (their listener is gone) are made jobs, and
+        partial files of processes that are gone are removed from tmp/ (never acknowledged)."""
+        fired = self.assembler.fire_overdue(grace_s=SWEEP_S)
+        if fired:
+            log.info("leader: %d overdue study timer(s) fired (their listener stopped)", fired)
+        removed = self.store.spool.clean_tmp_of(self.store.live_owners(STALE_S), min_age_s=STALE_S)
+        if removed:
+            log.info("leader: removed %d partial files of stopped instances or workers from tmp/", removed)
 
     def _wait_for_workers(self) -> None:
         """Until every worker has loaded its models; WorkerStartError (with the reason) if one cannot."""
@@ -264,6 +318,7 @@ class Node:
             w.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        self.membership.stop()  # after the last scheduled job: a leader hands its lease back now
         self.store.close()
         log.info("stopped")
 
@@ -302,7 +357,8 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None, ready: Any
     config = Config.model_validate(config_data)
     setup_logging(config.logging.level)
     audit.configure(config.logging.audit_path(config.storage.root))  # appends; serve rotates
-    store = open_store(config)
+    store = open_store(config, owner=name)  # partial files go to tmp/<name>/
+    store.spool.clean_tmp()  # a worker restarted under this name: what its predecessor left was never committed
     try:
         pipeline = build_pipeline(config)
         worker = Worker(config, store, Analyzer(config, pipeline), name, describe_pipeline(pipeline))

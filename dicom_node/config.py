@@ -124,6 +124,8 @@ class NodeConfig(_Strict):
     port: int = Field(11112, ge=0, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)  # [] = any
     allowed_peers: list[AllowedPeer] = Field(default_factory=list)  # [] = any AE from any host
+    # This serve instance's name among those sharing one database (each must have its own; null: the host name).
+    instance_name: str | None = Field(None, min_length=1, max_length=64)
     max_associations: int = Field(16, ge=1)
     max_connections_per_peer: int = Field(8, ge=1)  # open connections one host (IP) may hold
     max_inflated_mb: int = Field(512, ge=1)  # a deflated data set may inflate to at most this

@@ -21,9 +21,13 @@ if TYPE_CHECKING:
 __all__ = ["open_store", "build_pipeline", "describe_pipeline"]
 
 
-def open_store(config: Config) -> Store:
+def open_store(config: Config, owner: str = "") -> Store:
+    """The Store of ``config``; ``owner`` names this process's own folder in the spool's ``tmp/`` (a ``serve``
+    instance's or a worker's name; a short command writes into ``tmp/`` itself)."""
     config.storage.root.mkdir(parents=True, exist_ok=True)
-    return Store(config.storage.resolved_database_url, config.storage.root, config.storage.min_free_disk_mb)
+    return Store(
+        config.storage.resolved_database_url, config.storage.root, config.storage.min_free_disk_mb, owner=owner
+    )
 
 
 def build_pipeline(config: Config) -> Pipeline:

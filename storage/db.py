@@ -18,6 +18,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -271,6 +272,37 @@ class BackfillStudy(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # Pulled for `dicom-node reanalyze` of a study the node no longer held: its results are delivered like a
+    # live study's (a backfill's never are).
+    deliver: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+
+
+class NodeRow(Base):
+    """One ``serve`` instance sharing this database: what it listens on and its last heartbeat (database time).
+    ``state``: running, stopped (a clean stop), gone (its heartbeat stopped: the leader noticed)."""
+
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    role: Mapped[str] = mapped_column(String(16), default="follower")  # leader or follower, as last beaten
+    dicom_address: Mapped[str] = mapped_column(String(128), default="")
+    web_address: Mapped[str] = mapped_column(String(128), default="")
+    version: Mapped[str] = mapped_column(String(32), default="")
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Leader(Base):
+    """The one row that says which ``serve`` instance is the leader (it runs the study-timer sweep, retention,
+    the sender and backfills) until when: a lease on the database's clock, renewed by its heartbeat."""
+
+    __tablename__ = "leader"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    holder: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[datetime] = mapped_column(DateTime)
+    since: Mapped[datetime] = mapped_column(DateTime)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -53,8 +53,8 @@ class IngestStore(StoreBase):
     """Instances in, jobs out: the ingest and study-assembly part of the Store."""
 
     @database_errors
-    def __init__(self, database_url: str, root: Path, min_free_disk_mb: float = 0):
-        super().__init__(database_url, root, min_free_disk_mb)
+    def __init__(self, database_url: str, root: Path, min_free_disk_mb: float = 0, owner: str = ""):
+        super().__init__(database_url, root, min_free_disk_mb, owner)
         # Built once: these run for every received image, before its C-STORE is answered (Core, cached SQL).
         upsert = UPSERT[self.engine.dialect.name](Study)
         self._study_upsert = upsert.on_conflict_do_update(
@@ -77,7 +77,7 @@ class IngestStore(StoreBase):
     def instance_file(self, sop_uid: str) -> Path | None:
         with self._session() as s:
             path = s.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_uid))
-            return Path(path) if path is not None else None
+            return self.spool.resolve(path) if path is not None else None
 
     @database_errors
     def add_instance(
@@ -123,7 +123,13 @@ class IngestStore(StoreBase):
                 )
                 conn.execute(
                     self._instance_insert,
-                    {**meta.__dict__, "size_bytes": size, "path": str(final), "received_at": now, "job_id": None},
+                    {
+                        **meta.__dict__,
+                        "size_bytes": size,
+                        "path": self.spool.relative(final),
+                        "received_at": now,
+                        "job_id": None,
+                    },
                 )
         except IntegrityError:
             committed = self.instance_file(meta.sop_instance_uid)

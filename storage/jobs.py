@@ -130,7 +130,7 @@ class JobStore(StoreBase):
                 job_id,
                 study_uid,
                 attempts + 1,
-                tuple((r[0], Path(r[1])) for r in rows),
+                tuple((r[0], self.spool.resolve(r[1])) for r in rows),
                 priority,
                 ", ".join(sorted(asked, key=lambda a: (a != "STAT", a))),
             )
@@ -177,8 +177,10 @@ class JobStore(StoreBase):
             study_uid = job.study_uid
             if priority is None:
                 priority = job.priority
-            # a study pulled from the archive by a backfill is never delivered anywhere
-            retrospective = s.get(BackfillStudy, study_uid) is not None
+            # a study pulled from the archive by a backfill is never delivered anywhere (one fetched for a
+            # re-analysis is)
+            pulled = s.get(BackfillStudy, study_uid)
+            retrospective = pulled is not None and not pulled.deliver
         paths = [
             self.spool.write_file(r.data, self.spool.result_path(study_uid, r.sop_instance_uid, r.suffix))
             for r in results
@@ -240,7 +242,7 @@ class JobStore(StoreBase):
                     sop_class_uid=spec.sop_class_uid,
                     series_uid=spec.series_uid,
                     source_sop_uid=spec.source_sop_uid,
-                    path=str(path),
+                    path=self.spool.relative(path),
                     created_at=now,
                 )
                 s.add(row)

@@ -64,7 +64,7 @@ class OutboxStore(StoreBase):
                 .order_by(Delivery.priority, Delivery.next_attempt_at, Delivery.id)
                 .limit(limit)
             )
-            return [DueDelivery(r[0], r[1], r[2], r[3], r[4], Path(r[5]), r[6]) for r in rows]
+            return [DueDelivery(r[0], r[1], r[2], r[3], r[4], self.spool.resolve(r[5]), r[6]) for r in rows]
 
     @database_errors
     def _set_delivery(self, delivery_id: int, **values) -> None:

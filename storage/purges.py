@@ -113,7 +113,7 @@ class PurgeStore(StoreBase):
             s.execute(delete(Job).where(Job.study_uid == study_uid))
             s.execute(delete(Study).where(Study.study_uid == study_uid))
         size = 0
-        for p in map(Path, [*instances, *results]):
+        for p in map(self.spool.resolve, [*instances, *results]):
             try:
                 size += p.stat().st_size
                 p.unlink()

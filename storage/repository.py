@@ -13,12 +13,14 @@ the session factory and the spool they share):
 - :class:`storage.purges.PurgeStore`: retention's purges and the spool's unreferenced files;
 - :class:`storage.validation.ValidationStore`: site ground truth, validation cases and recorded validations;
 - :class:`storage.drift.DriftStore`: live results per device and week against a validation (drift watching);
-- :class:`storage.backfill.BackfillStore`: backfill runs (retrospective pulls from the PACS) and their studies.
+- :class:`storage.backfill.BackfillStore`: backfill runs (retrospective pulls from the PACS) and their studies;
+- :class:`storage.cluster.ClusterStore`: the ``serve`` instances sharing the database, and their leader.
 """
 
 from __future__ import annotations
 
 from storage.backfill import BackfillStore
+from storage.cluster import ClusterStore
 from storage.drift import DriftStore
 from storage.ingest import IngestStore
 from storage.jobs import JobStore
@@ -28,5 +30,15 @@ from storage.reporting import ReportingStore
 from storage.validation import ValidationStore
 
 
-class Store(IngestStore, JobStore, OutboxStore, ReportingStore, PurgeStore, ValidationStore, DriftStore, BackfillStore):
+class Store(
+    IngestStore,
+    JobStore,
+    OutboxStore,
+    ReportingStore,
+    PurgeStore,
+    ValidationStore,
+    DriftStore,
+    BackfillStore,
+    ClusterStore,
+):
     """One database and spool; its methods are those of the concerns it is composed of."""

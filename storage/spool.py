@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from storage.errors import StorageError
@@ -30,13 +31,30 @@ def _name(uid: str) -> str:
 
 
 class Spool:
-    def __init__(self, root: Path):
+    """The folder ``storage.root``: ``spool/`` (received instances), ``results/`` (result objects) and ``tmp/``.
+
+    Several hosts may share one spool (a shared file system, mounted anywhere): the database holds every path
+    relative to the root (:meth:`relative`, :meth:`resolve`), and each process writes its partial files in a
+    folder of its own, ``tmp/<owner>/`` (the serve instance's or the worker's name), so that a process starting
+    up removes its own leftovers and never another host's transfer in progress."""
+
+    def __init__(self, root: Path, owner: str = ""):
         self.root = Path(root)
-        self.tmp = self.root / "tmp"
+        self.tmp_root = self.root / "tmp"
+        self.owner = _safe_owner(owner)
+        self.tmp = self.tmp_root / self.owner if self.owner else self.tmp_root
         self.files = self.root / "spool"
         self.results = self.root / "results"
         for d in (self.tmp, self.files, self.results):
             d.mkdir(parents=True, exist_ok=True)
+
+    def relative(self, path: Path) -> str:
+        """How the database keeps a spool file's path: relative to the root, the same on every host."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    def resolve(self, stored: str) -> Path:
+        """A path as the database keeps it, on this host (an absolute one, from before 0.7's migration, as is)."""
+        return self.root / stored
 
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / (1024 * 1024)
@@ -113,10 +131,47 @@ class Spool:
         temp.unlink(missing_ok=True)
 
     def clean_tmp(self) -> int:
-        """Remove leftovers of interrupted transfers and writes (never acknowledged, so nothing is lost)."""
+        """Remove this process's leftovers of interrupted transfers and writes (never acknowledged, so nothing is
+        lost): the files in its own ``tmp/<owner>/`` folder."""
         n = 0
         for p in self.tmp.iterdir():
             if p.is_file():
                 p.unlink(missing_ok=True)
                 n += 1
         return n
+
+    def clean_tmp_of(self, live_owners: set[str], min_age_s: float) -> int:
+        """Remove the partial files of processes that are gone (a host lost mid-transfer: never acknowledged):
+        files under ``tmp/<owner>/`` for owners not in ``live_owners``, untouched for ``min_age_s``; the folder
+        goes too once empty; likewise files in ``tmp/`` itself (a command's, or written before owners existed).
+        Returns how many files were removed."""
+        n, now = 0, time.time()
+        live = {_safe_owner(o) for o in live_owners}
+
+        def remove_old(p: Path) -> int:
+            try:
+                if p.is_file() and now - p.stat().st_mtime >= min_age_s:
+                    p.unlink()
+                    return 1
+            except FileNotFoundError:
+                pass
+            return 0
+
+        for entry in self.tmp_root.iterdir():
+            if not entry.is_dir():
+                n += remove_old(entry)
+                continue
+            if entry.name in live or entry == self.tmp:
+                continue
+            n += sum(remove_old(p) for p in entry.iterdir())
+            try:
+                if now - entry.stat().st_mtime >= min_age_s:  # not the folder of a process starting up right now
+                    entry.rmdir()
+            except OSError:  # not empty: files of a transfer still being written, or too young
+                pass
+        return n
+
+
+def _safe_owner(owner: str) -> str:
+    """A folder name from an instance or worker name (letters, digits, ``._-``; anything else becomes ``_``)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in owner)[:64].lstrip(".")

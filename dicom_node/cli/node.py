@@ -172,8 +172,25 @@ def _store(args: argparse.Namespace) -> Iterator[Store]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from dicom_node.membership import STALE_S
+
     with _store(args) as store:
         report = store.status()
+        report["nodes"] = [
+            {
+                "name": n.name,
+                "host": n.host,
+                "state": n.state,
+                "role": n.role,
+                "dicom": n.dicom_address,
+                "web": n.web_address,
+                "version": n.version,
+                "heartbeat_at": n.heartbeat_at.replace(tzinfo=UTC).isoformat(),
+            }
+            for n in store.nodes(STALE_S)
+        ]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -183,6 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"oldest queued job: {'-' if age is None else f'{age:.0f} s'}")
     for k, v in report["last_activity"].items():
         print(f"last {k.replace('_', ' ')}: {v or '-'}")
+    for n in report["nodes"]:  # the serve instances sharing this database
+        print(f"instance    {n['name']} {n['state']} {n['role']} dicom={n['dicom'] or '-'} web={n['web'] or '-'}")
     return 0
 
 
@@ -191,7 +210,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(cfg.logging.level)
-    worker_main(cfg.model_dump(mode="json"), f"worker-{os.getpid()}", None)
+    from dicom_node.membership import default_instance_name
+
+    host = (cfg.node.instance_name or default_instance_name())[:40]
+    worker_main(cfg.model_dump(mode="json"), f"{host}-worker-{os.getpid()}", None)
     return 0
 
 
@@ -230,9 +252,25 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_reanalyze(args: argparse.Namespace) -> int:
+    """Queue a re-analysis of a study the node holds; one it does not hold (never received, purged by retention, or
+    its files gone) is fetched from ``backfill.source`` first, by the running ``serve``, then analysed and delivered.
+    """
+    cfg = _config(args)
     with _store(args) as store:
-        job_id = store.reanalyze(args.study_uid)
-    print(f"queued job {job_id}: re-analysis of the study; results go to the configured destinations")
+        holding = store.study_holding(args.study_uid)
+        if not holding.instances or holding.missing:
+            why = (
+                f"{holding.missing} of its {holding.eligible} image files are gone"
+                if holding.missing
+                else "never received, or purged by retention"
+            )
+            return backfill.fetch_for_reanalysis(cfg, store, args.study_uid, why)
+        job_id = store.reanalyze(args.study_uid)  # UnknownStudyError when none of its instances is eligible
+        retrospective = store.is_retrospective(args.study_uid)
+    if retrospective:
+        print(f"queued job {job_id}: re-analysis of the study; a backfill pulled it: results are kept, not delivered")
+    else:
+        print(f"queued job {job_id}: re-analysis of the study; results go to the configured destinations")
     return 0
 
 
@@ -287,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="every held result of this destination")
     sp.add_argument("--since", help="only results made since this date/time (ISO, e.g. 2026-12-01)")
     sp.add_argument("--study-uid", help="only this study's results")
-    command("reanalyze", cmd_reanalyze, "queue a re-analysis of a study").add_argument(
-        "study_uid", help="Study Instance UID"
-    )
+    command(
+        "reanalyze", cmd_reanalyze, "queue a re-analysis of a study (one not held here is fetched from backfill.source)"
+    ).add_argument("study_uid", help="Study Instance UID")
     sp = command("analyze", cmd_analyze, "analyse DICOM, PNG or JPEG files offline; writes JSON + overlay PNG")
     sp.add_argument("files", nargs="+", help="files or folders")
     sp.add_argument("--output", "-o", default="analysis", help="output folder (default: ./analysis)")

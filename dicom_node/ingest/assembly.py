@@ -7,12 +7,12 @@ atomically). Timers live in the database (studies.stable_due_at), so they are re
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from storage import Store
-from storage.base import utcnow
+from storage.base import to_local, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class StudyAssembler:
         self.scheduler = scheduler
 
     def arm(self, study_uid: str, due_at: datetime) -> None:
-        run_at = max(due_at, utcnow()).replace(tzinfo=UTC)
+        run_at = to_local(max(due_at, utcnow()))  # due_at is on the database's clock, the scheduler on this host's
         self.scheduler.add_job(
             self._fire,
             "date",
@@ -41,6 +41,17 @@ class StudyAssembler:
         for study_uid, due in pending:
             self.arm(study_uid, due)
         return len(pending)
+
+    def fire_overdue(self, grace_s: float) -> int:
+        """Make jobs of studies whose timer is more than ``grace_s`` overdue: their listener stopped before its
+        timer fired (the leader sweeps for these; study_stable is atomic, so a timer firing too does no harm).
+        Returns how many studies became jobs."""
+        late = utcnow() - timedelta(seconds=grace_s)
+        fired = 0
+        for study_uid, due in self.store.pending_study_timers():
+            if due <= late and self.store.study_stable(study_uid) is not None:
+                fired += 1
+        return fired
 
     def _fire(self, study_uid: str) -> None:
         try:

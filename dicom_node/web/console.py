@@ -46,6 +46,7 @@ from starlette.templating import Jinja2Templates
 
 from dicom_node import __version__, audit
 from dicom_node.config import Config
+from dicom_node.membership import STALE_S
 from dicom_node.passwords import hash_password, verify_password
 from dicom_node.web.auth import LoginThrottle, csrf_ok
 from dicom_node.web.drift import DriftWatch, weekly_chart
@@ -269,6 +270,7 @@ class Console:
                 "status": status,
                 "throughput": self.queries.throughput(),
                 "workers": self.queries.workers(),
+                "nodes": self.store.nodes(STALE_S),  # the serve instances sharing this database
                 "destinations": self.queries.destinations([d.name for d in self.config.destinations]),
                 "backfill": self.store.backfill_progress(limit=5),  # retrospective pulls from the PACS
                 "disk": {
@@ -308,7 +310,7 @@ class Console:
             return self.render(
                 request, "message.html", 404, title="No such study", text="No study with this UID is stored."
             )
-        patient = await run_in_threadpool(_patient_header, [Path(i.path) for i in detail.instances])
+        patient = await run_in_threadpool(_patient_header, [self.store.spool.resolve(i.path) for i in detail.instances])
         verdicts = {v.sop_instance_uid: v for v in detail.images}
         overlays = {r.source_sop_uid: r for r in detail.results if r.kind == "sc"}
         return self.render(
@@ -348,7 +350,7 @@ class Console:
         result = await run_in_threadpool(self.queries.result, request.path_params["result_id"])
         if result is None or result.kind != "sc":
             return PlainTextResponse("no such overlay\n", status_code=404)
-        png = await run_in_threadpool(_sc_png, Path(result.path))
+        png = await run_in_threadpool(_sc_png, self.store.spool.resolve(result.path))
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     async def analyse_form(self, request: Request, user: str) -> Response:

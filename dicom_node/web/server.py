@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -66,6 +66,7 @@ def make_app(
     load_pipeline: Callable[[], Pipeline],
     active: Callable[[], int] | None = None,
     ingest: StoreHandler | None = None,
+    membership: Callable[[], dict[str, str]] | None = None,
 ) -> Starlette:
     """The web side: health, readiness, metrics and the console. ``load_pipeline`` builds the models for the
     console's analyse page on first use; ``active`` counts the open DICOM associations (for /metrics); ``ingest``
@@ -78,7 +79,10 @@ def make_app(
     async def readyz(_: Request) -> Response:
         checks = readiness(config, store)
         ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        body: dict[str, Any] = {"ready": ready, "checks": checks}
+        if membership is not None:  # which serve instance answers, and whether it leads (storage.cluster)
+            body.update(membership())
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -155,9 +159,10 @@ class WebServer:
         load_pipeline: Callable[[], Pipeline],
         active: Callable[[], int] | None = None,
         ingest: StoreHandler | None = None,
+        membership: Callable[[], dict[str, str]] | None = None,
     ):
         self.config = config
-        app = make_app(config, store, load_pipeline, active, ingest)
+        app = make_app(config, store, load_pipeline, active, ingest, membership)
         self.server = uvicorn.Server(
             uvicorn.Config(
                 app, host=config.web.host, port=config.web.port, log_level="warning", access_log=False, lifespan="off"

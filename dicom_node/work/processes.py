@@ -18,11 +18,13 @@ from typing import Any
 
 
 class WorkerProcess:
-    def __init__(self, target: Callable[..., None], config_data: dict, index: int, ready: Any = None):
+    def __init__(
+        self, target: Callable[..., None], config_data: dict, index: int, ready: Any = None, prefix: str = "worker"
+    ):
         self.target = target
         self.config_data = config_data
         self.ready = ready
-        self.name = f"worker-{os.getpid()}-{index}"
+        self.name = f"{prefix[:40]}-worker-{os.getpid()}-{index}"  # unique across hosts sharing a database
         self.started_at = 0.0
         self.deaths_in_a_row = 0  # consecutive deaths soon after a start: the backoff grows with them
         self.restart_at: float | None = None  # when the supervisor restarts it (None: not scheduled)

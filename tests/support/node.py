@@ -165,13 +165,19 @@ class NodeProcess:
         return self.rows_of(sql, ())
 
     def rows_of(self, sql: str, parameters: tuple | list) -> list[dict]:
-        """:meth:`rows` of a query with ``?`` parameters."""
-        con = sqlite3.connect(Path(self.config["storage"]["root"]) / "dicom-node.sqlite3")
+        """:meth:`rows` of a query with ``?`` parameters. A ``path`` column (the database keeps spool paths
+        relative to ``storage.root``) comes back as the file's full path, as ``spool_path`` makes it."""
+        root = Path(self.config["storage"]["root"])
+        con = sqlite3.connect(root / "dicom-node.sqlite3")
         con.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in con.execute(sql, parameters)]
+            rows = [dict(r) for r in con.execute(sql, parameters)]
         finally:
             con.close()
+        for r in rows:
+            if isinstance(r.get("path"), str):
+                r["path"] = str(root / r["path"])
+        return rows
 
     def store(self) -> Store:
         """The node's storage, opened as ``dicom-node status`` opens it (same config file, same code)."""
