@@ -18,12 +18,13 @@ from collections.abc import Callable
 
 from dicom_node import audit
 from storage import Store
+from storage.cluster import NODE_STALE_S
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0  # how often each instance beats (and the leader renews its lease)
 LEASE_S = 10.0  # how long a leader's lease lasts without a beat: the longest takeover after the leader dies
-STALE_S = 15.0  # an instance or worker silent this long is gone (its partial files may be removed)
+STALE_S = NODE_STALE_S  # an instance or worker silent this long is gone (its partial files may be removed)
 
 
 def default_instance_name() -> str:

@@ -38,6 +38,9 @@ def _running(pid: int) -> bool:
     return True
 
 
+NODE_STALE_S = 15.0  # an instance or worker silent this long is gone (its partial files may be removed)
+
+
 class DuplicateInstanceError(StorageError):
     """Another running instance has this name (``node.instance_name``)."""
 

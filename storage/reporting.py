@@ -13,13 +13,14 @@ from typing import Any, cast
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
-from storage.base import StoreBase, database_errors, utcnow
+from storage.base import database_errors, utcnow
+from storage.cluster import NODE_STALE_S, ClusterStore
 from storage.db import BackfillStudy, Delivery, FindingRow, Instance, Job, Purge, Study, WorkerRow
 from storage.jobs import worker_state
 from storage.states import DeliveryState, JobState
 
 
-class ReportingStore(StoreBase):
+class ReportingStore(ClusterStore):
     """The read-only reporting part of the Store."""
 
     @database_errors
@@ -100,6 +101,7 @@ class ReportingStore(StoreBase):
         def iso(t: datetime | None) -> str | None:
             return t.replace(tzinfo=UTC).isoformat() if t else None
 
+        nodes = self.nodes(NODE_STALE_S)  # before the session: SQLite allows one open transaction per process here
         with self._session() as s:
             total = cast(int, s.scalar(select(func.count()).select_from(Instance)))
             eligible = cast(
@@ -145,4 +147,17 @@ class ReportingStore(StoreBase):
                     "job_finished_at": iso(s.scalar(select(func.max(Job.finished_at)))),
                     "delivery_at": iso(s.scalar(select(func.max(Delivery.delivered_at)))),
                 },
+                "nodes": [  # the serve instances sharing this database (storage.cluster)
+                    {
+                        "name": n.name,
+                        "host": n.host,
+                        "state": n.state,
+                        "role": n.role,
+                        "dicom": n.dicom_address,
+                        "web": n.web_address,
+                        "version": n.version,
+                        "heartbeat_at": iso(n.heartbeat_at),
+                    }
+                    for n in nodes
+                ],
             }

@@ -9,7 +9,9 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,8 @@ def echo(node, source: str = "127.0.0.1", calling: str = "PROBE") -> bool:
 
 
 def tmp_files(node) -> list[Path]:
-    return sorted((Path(node.config["storage"]["root"]) / "tmp").iterdir())
+    """The files in the spool's tmp/, in its per-process folders (tmp/<owner>/) too."""
+    return sorted(p for p in (Path(node.config["storage"]["root"]) / "tmp").rglob("*") if p.is_file())
 
 
 def spool_files(node) -> set[str]:
@@ -115,6 +118,80 @@ def test_one_host_cannot_take_every_connection(node_factory):
         s.close()
     wait_for(lambda: echo(node, "127.0.0.3"), 3, interval=0.1, what="the host's connections to be counted free")
     assert "127.0.0.3" in node.log() and "connections per host" in node.log()
+
+
+LOCAL_LIMIT_EXCEEDED_RJ = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit
+
+
+def test_associations_over_the_per_host_limit_are_rejected_transient_and_the_node_serves_on(node_factory):
+    """30 associations at once from one host with the defaults (8 connections per host, 16 slots): 8 are
+    served, the 22 others get an A-ASSOCIATE-RJ a sender retries (not a closed connection), pynetdicom and dcmtk
+    alike."""
+    node = node_factory()
+    start = threading.Barrier(30)
+
+    def associate(_):
+        ae = AE(ae_title="BUSYPACS")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = 10
+        start.wait(10)
+        return ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+
+    with ThreadPoolExecutor(30) as pool:
+        assocs = list(pool.map(associate, range(30)))
+    held = [a for a in assocs if a.is_established]
+    rejected = [a for a in assocs if a.is_rejected]
+    try:
+        assert len(held) == 8 and len(rejected) == 22, (len(held), len(rejected))
+        for a in rejected:
+            p = a.acceptor.primitive
+            assert (p.result, p.result_source, p.diagnostic) == LOCAL_LIMIT_EXCEEDED_RJ
+        assert all(a.send_c_echo().Status == 0x0000 for a in held)  # the 8 are served meanwhile
+        res = subprocess.run(
+            ["echoscu", "-to", "5", "-ta", "5", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "Rejected Transient" in out and "Local Limit Exceeded" in out, out
+    finally:
+        for a in held:
+            a.release()
+    wait_for(lambda: echo(node), 3, interval=0.1, what="the host's connections back")
+    assert all(echo(node) for _ in range(3)) and node.proc.poll() is None
+    assert node.log().count("connections per host") >= 23
+
+
+def test_slow_clients_over_the_per_host_limit_hold_nothing(node_factory):
+    """Over-limit connections that send nothing, trickle their request or never read the answer take no slot,
+    no per-host count and no accept: others are served at once, and each is closed within about a second."""
+    node = node_factory(node={"max_associations": 2, "max_connections_per_peer": 2})
+    rq = associate_rq(node.ae_title)
+    held = [connect(node.port, "127.0.0.5") for _ in range(2)]  # the host's 2 connections, silent
+    opened = time.monotonic()
+    silent = [connect(node.port, "127.0.0.5") for _ in range(5)]
+    trickling = [connect(node.port, "127.0.0.5") for _ in range(5)]
+    for s in trickling:
+        s.sendall(rq[:3])
+    deaf = connect(node.port, "127.0.0.5")  # sends its request, does not read the answer for now
+    deaf.sendall(rq)
+    deaf_sent = time.monotonic()
+    t0 = time.monotonic()
+    assert echo(node, "127.0.0.1") and echo(node, "127.0.0.1")  # both slots free: the refused hold none
+    assert time.monotonic() - t0 < 1.5
+    for s in trickling:
+        s.sendall(rq[3:6])
+    for s in held:
+        s.close()
+    wait_for(lambda: echo(node, "127.0.0.5"), 3, interval=0.1, what="the host served again")
+    for s in silent + trickling:
+        assert closed_by_peer(s, 4) is not None, "an over-limit connection was never closed"
+    assert time.monotonic() - opened < 5
+    time.sleep(max(0.0, deaf_sent + 2.5 - time.monotonic()))  # past the node's linger after its answer
+    assert read_pdu(deaf) == (0x03, bytes((0, *LOCAL_LIMIT_EXCEEDED_RJ)))  # the rejection waited for it
+    assert read_pdu(deaf) == (0, b"")  # then the node's close, no reset: the request had been read
+    assert node.proc.poll() is None
 
 
 def test_simultaneous_requests_get_exactly_the_configured_number_of_slots(node_factory):
@@ -304,3 +381,26 @@ def test_a_calling_ae_is_accepted_only_from_its_own_host(node_factory):
         text=True,
     )
     assert res.returncode == 2 and "not an IP address or network" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("vr", [b"lo", b"\x01\x02"])
+def test_an_invalid_vr_after_the_uids_is_refused_naming_the_element(shared_node, tmp_path, vr):
+    """pydicom reads an element whose VR is not two capital letters as implicit VR and goes on misreading the
+    rest: the data set then seemed to end before its Pixel Data, and was stored as "no pixel data"."""
+    node = shared_node
+    stored, mark = spool_files(node), node.log_mark()
+    ds = make_cxr(tmp_path / "good.dcm", rows=64, cols=64)
+    raw = (tmp_path / "good.dcm").read_bytes()
+    study_id = b"\x20\x00\x10\x00SH"  # (0020,0010) Study ID, after the Study and Series Instance UIDs
+    assert raw.count(study_id) == 1 and raw.index(study_id) > raw.index(ds.SeriesInstanceUID.encode())
+    (tmp_path / "bad.dcm").write_bytes(raw.replace(study_id, study_id[:4] + vr))
+    status = send_file(node, tmp_path / "bad.dcm")  # the file's bytes as they are
+    shown = f"'{vr.decode()}'" if vr.isalpha() else f"0x{vr.hex()}"
+    assert status.Status == 0xC210, hex(status.Status)
+    assert status.ErrorComment == f"dataset cannot be decoded: bad VR {shown} in (0020,0010) StudyID"
+    assert not tmp_files(node) and spool_files(node) == stored
+    assert not node.rows_of("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (ds.SOPInstanceUID,))
+    assert not node.rows_of("SELECT 1 FROM studies WHERE study_uid = ?", (ds.StudyInstanceUID,))
+    assert not node.rows_of("SELECT 1 FROM jobs WHERE study_uid = ?", (ds.StudyInstanceUID,))
+    assert "(0020,0010) StudyID" in node.log(mark) and "no pixel data" not in node.log(mark)
+    assert send_file(node, tmp_path / "good.dcm").Status == 0x0000  # the same image, well formed, is stored

@@ -345,6 +345,7 @@ def test_status_json_documented_shape(node_factory, tmp_path):
         "oldest_queued_job_age_s",
         "purged",
         "last_activity",
+        "nodes",
     }
     assert st["workers"] == {"alive": 0, "stale": 0, "dead": 0} and st["oldest_queued_job_age_s"] >= 0
     assert st["purged"] == {"studies": 0, "instances": 0, "bytes": 0, "last_at": None}
@@ -352,13 +353,17 @@ def test_status_json_documented_shape(node_factory, tmp_path):
     assert set(st["jobs"]) == {"total", "queued", "running", "done", "failed"}
     assert set(st["deliveries"]) == {"total", "pending", "delivered", "failed", "held"}
     assert st["last_activity"]["instance_received_at"].startswith("20")
+    ((me,),) = [st["nodes"]]  # the serve instances on this database: this one, leading
+    assert (me["state"], me["role"], me["dicom"]) == ("running", "leader", f"127.0.0.1:{node.port}")
     node.stop()
     age = st.pop("oldest_queued_job_age_s")  # the one value that grows by itself
     later = node.status()
     assert later.pop("oldest_queued_job_age_s") >= age
+    assert [(n["state"], n["role"]) for n in later.pop("nodes")] == [("stopped", "follower")]
+    st.pop("nodes")
     assert later == st  # read straight from storage: works with the node stopped
     printed = json.loads(node.cli("status", "--json").stdout)  # and the command prints exactly that
-    assert printed.pop("oldest_queued_job_age_s") >= age and printed == st
+    assert printed.pop("oldest_queued_job_age_s") >= age and printed.pop("nodes") and printed == st
 
 
 def test_no_phi_in_logs(node_factory, tmp_path):
@@ -459,7 +464,7 @@ def test_a_full_disk_answers_0xA700_and_the_association_lives_on(node_factory, t
     assert assoc.is_established  # not aborted: the sender may retry later
     assert assoc.send_c_store(small).Status == 0x0000  # what fits is stored
     assoc.release()
-    assert list((small_filesystem / "tmp").iterdir()) == []  # the partial file is gone
+    assert [p for p in (small_filesystem / "tmp").rglob("*") if p.is_file()] == []  # the partial file is gone
     assert node.status()["instances"]["total"] == 1
     assert "Traceback" not in node.log()
 

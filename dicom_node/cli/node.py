@@ -172,25 +172,8 @@ def _store(args: argparse.Namespace) -> Iterator[Store]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from datetime import UTC
-
-    from dicom_node.membership import STALE_S
-
     with _store(args) as store:
         report = store.status()
-        report["nodes"] = [
-            {
-                "name": n.name,
-                "host": n.host,
-                "state": n.state,
-                "role": n.role,
-                "dicom": n.dicom_address,
-                "web": n.web_address,
-                "version": n.version,
-                "heartbeat_at": n.heartbeat_at.replace(tzinfo=UTC).isoformat(),
-            }
-            for n in store.nodes(STALE_S)
-        ]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -64,6 +64,56 @@ PIXEL_DATA = 0x7FE00010
 C_STORE_HIGH = 1  # the C-STORE request's Priority: 0 MEDIUM (what most senders send), 1 HIGH, 2 LOW
 
 
+def _element_label(tag) -> str:
+    """An element named for a status or the log: its tag, then its keyword when the dictionary has one."""
+    keyword = keyword_for_tag(tag)
+    return f"{Tag(tag)} {keyword}" if keyword else str(Tag(tag))
+
+
+def _vr_text(vr: bytes | str | None) -> str:
+    """A VR as received, quoted when it is printable ASCII, else in hex (it is the peer's garbage)."""
+    if vr is None:
+        return "?"
+    raw = vr.encode("latin-1", "replace") if isinstance(vr, str) else vr
+    text = raw.decode("latin-1")
+    return f"'{text}'" if text.isascii() and text.isprintable() else f"0x{raw.hex()}"
+
+
+def bad_vr_error(tag, vr: bytes | str | None) -> UndecodableInstanceError:
+    """The refusal of a data set with an element whose VR is not a DICOM VR. The element comes first in the
+    message: the ErrorComment keeps only 64 characters."""
+    return UndecodableInstanceError(f"dataset cannot be decoded: bad VR {_vr_text(vr)} in {_element_label(tag)}")
+
+
+def check_explicit_vrs(ds: Dataset, path: Path | None) -> None:
+    """In an explicit VR data set, no element may lose its VR part way through.
+
+    pydicom reads an element whose VR is not two capital letters (``config.assume_implicit_vr_switch``) as if
+    the writer had switched to implicit VR there, and goes on: the VR's two bytes become half of a length, the
+    rest of the data set is misread from there and may silently end early - the Pixel Data with it. Such an
+    element is the first one read without a VR (``RawDataElement.VR`` None) after elements read with theirs;
+    it is refused, named, with the VR as received (read back from ``path``; None: not available, as in a
+    deflated data set). A data set implicit from its first element (explicit VR announced, implicit VR
+    written: old writers do that) is read as implicit VR, as before; :func:`check_complete` still catches a
+    misreading of it."""
+    if ds.original_encoding[0] is not False:  # implicit VR transfer syntax: no element has a VR of its own
+        return
+    explicit = None  # whether the first element read as received carried its VR
+    for tag in ds.keys():
+        raw = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(raw, RawDataElement):
+            continue  # converted already by pydicom (Specific Character Set)
+        if explicit is None:
+            explicit = raw.VR is not None
+        elif explicit and raw.VR is None:
+            vr = None
+            if path is not None and raw.value_tell is not None and raw.value_tell >= 4:
+                with open(path, "rb") as f:  # read as implicit: tag (4), length (4, the VR's 2 bytes first)
+                    f.seek(raw.value_tell - 4)
+                    vr = f.read(2) or None
+            raise bad_vr_error(tag, vr)
+
+
 def check_decodable(ds: Dataset) -> None:
     """pydicom parses lazily: find broken data now rather than in the worker later. Every element must have
     a known VR (implicit VR data sets get theirs from the dictionary) and every sequence must parse, item by
@@ -72,7 +122,7 @@ def check_decodable(ds: Dataset) -> None:
         raw = ds.get_item(tag, keep_deferred=True)  # never load a deferred value (Pixel Data) here
         if isinstance(raw, RawDataElement):
             if raw.VR is not None and raw.VR not in _KNOWN_VRS:
-                raise ValueError(f"unknown VR {raw.VR!r} in {tag}")
+                raise bad_vr_error(tag, raw.VR)
             if tag == PIXEL_DATA or (raw.VR not in (None, "SQ", "UN") and raw.length != 0xFFFFFFFF):
                 continue
         elem = ds[tag]
@@ -208,9 +258,11 @@ def read_received(path: Path) -> Dataset:
     anything wrong with the bytes the peer sent is an UndecodableInstanceError that says what."""
     try:
         ds = dcmread(path, defer_size=4096)  # header only: large values stay on disk
+        deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian  # inflated offsets
+        check_explicit_vrs(ds, None if deflated else path)
+        if not deflated:
+            check_complete(ds, path)  # before check_decodable, which replaces the raw elements it reads
         check_decodable(ds)
-        if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:  # offsets are inflated ones
-            check_complete(ds, path)
     except UndecodableInstanceError:
         raise
     except Exception as exc:

@@ -7,18 +7,21 @@
 ``AssociationServer``). :class:`AcceptorServer` overrides documented hooks of pynetdicom's
 ``ThreadedAssociationServer`` and of ``socketserver``:
 
-- ``verify_request``: a connection over the limits of :class:`~dicom_node.net.admission.Admission` is closed on
-  accept, before a thread exists for it;
+- ``process_request``: a connection over the per-host limit of :class:`~dicom_node.net.admission.Admission`
+  gets no thread: it goes to the server's :class:`~dicom_node.net.admission.Refuser`, which answers its
+  association request with an A-ASSOCIATE-RJ "local limit exceeded" and closes it (a TLS connection is closed
+  at once: answering would take a TLS handshake first);
 - ``get_request``: TCP_NODELAY on every connection; a TLS connection is only wrapped here, its handshake happens
   in the connection's own thread (:mod:`dicom_node.net.tls`), so one client that stalls it stops nobody else;
 - ``shutdown``: as pynetdicom's, without taking the server off the AE's list of the servers ``start_server``
-  made (``make_server`` does not put it there).
+  made (``make_server`` does not put it there); it also ends the refuser.
 """
 
 from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
 import threading
 from datetime import datetime
 from typing import Any, cast
@@ -27,7 +30,7 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from dicom_node.net.admission import Admission
+from dicom_node.net.admission import REQUEST_WAIT_S, Admission, Refuser
 from dicom_node.net.fastpath import no_delay
 from dicom_node.net.pynetdicom_internals import AcceptorRequestHandler, check_version
 from dicom_node.net.spoolfile import cleanup_receive_files
@@ -43,11 +46,38 @@ class AcceptorServer(ThreadedAssociationServer):
     ) -> None:
         self.admission = admission
         self.tls_accept = tls_accept
+        self._refuser: Refuser | None = None
+        self._refuser_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        """socketserver's hook, called on accept: False closes the connection before a thread exists for it."""
-        return self.admission is None or self.admission.connection_opened(client_address[0])
+    @property
+    def refuser(self) -> Refuser:
+        """The :class:`Refuser` of this server's over-limit connections, made with the first one: it waits for
+        their association requests at most :data:`~dicom_node.net.admission.REQUEST_WAIT_S` (or the AE's
+        ``acse_timeout``, when shorter)."""
+        with self._refuser_lock:
+            if self._refuser is None:
+                acse = getattr(self.ae, "acse_timeout", None)
+                self._refuser = Refuser(wait_s=min(REQUEST_WAIT_S, acse) if acse else REQUEST_WAIT_S)
+            return self._refuser
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """socketserver's hook, called on accept (after ``verify_request``, which accepts all): a connection over
+        the per-host limit goes to the refuser, which answers and closes it (a TLS one is closed at once); any
+        other gets its thread, as pynetdicom's server does."""
+        host = client_address[0]
+        if self.admission is not None and not self.admission.connection_opened(host):
+            if isinstance(request, ssl.SSLSocket):
+                self.shutdown_request(request)
+            else:
+                self.refuser.refuse(request, host)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (none left?): the connection is not served, give it back
+            if self.admission is not None:
+                self.admission.finished(None, host)
+            raise
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = cast(socket.socket, self.socket).accept()
@@ -67,6 +97,10 @@ class AcceptorServer(ThreadedAssociationServer):
     def shutdown(self) -> None:
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+        with self._refuser_lock:
+            refuser, self._refuser = self._refuser, None
+        if refuser is not None:
+            refuser.close()
 
 
 def start_acceptor(

@@ -18,7 +18,8 @@ internals it relies on; ``docs/pynetdicom-upstream-request.md`` is the upstream 
 
 Done with public API instead, in :mod:`dicom_node.net.acceptor`: the server (``AE.make_server`` with
 ``server_class`` and ``request_handler``), its ``get_request`` (TLS handshake off the accepting thread, TCP_NODELAY)
-and ``verify_request`` (connections per host).
+and ``process_request`` (connections per host, the over-limit ones answered by
+:class:`dicom_node.net.admission.Refuser`).
 """
 
 from __future__ import annotations
