@@ -82,7 +82,10 @@ class Node:
         self.config = config
         log_cfg = config.logging
         audit.configure(
-            log_cfg.audit_path(config.storage.root), int(log_cfg.audit_max_mb * 1e6), log_cfg.audit_backups, rotate=True
+            log_cfg.audit_path(config.storage.root, config.node.instance_name),
+            int(log_cfg.audit_max_mb * 1e6),
+            log_cfg.audit_backups,
+            rotate=True,
         )
         self.instance = config.node.instance_name or default_instance_name()
         self.store = open_store(config, owner=self.instance)  # partial files go to tmp/<instance>/
@@ -356,7 +359,7 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None, ready: Any
 
     config = Config.model_validate(config_data)
     setup_logging(config.logging.level)
-    audit.configure(config.logging.audit_path(config.storage.root))  # appends; serve rotates
+    audit.configure(config.logging.audit_path(config.storage.root, config.node.instance_name))  # serve rotates
     store = open_store(config, owner=name)  # partial files go to tmp/<name>/
     store.spool.clean_tmp()  # a worker restarted under this name: what its predecessor left was never committed
     try:

@@ -38,6 +38,11 @@ OutputKind = Literal["sr", "sc", "gsps"]
 DESTINATION_TYPES = ("dicom", "dicomweb", "hl7", "fhir", "webhook", "email")
 
 
+def safe_name(name: str) -> str:
+    """A file name made of an instance's name (letters, digits, ``._-``; anything else becomes ``_``)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".") or "_"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -649,8 +654,12 @@ class LoggingConfig(_Strict):
     audit_max_mb: float = Field(10, gt=0)  # rotated beyond this size ...
     audit_backups: int = Field(5, ge=0)  # ... keeping this many old files
 
-    def audit_path(self, storage_root: Path) -> Path:
-        return self.audit_file if self.audit_file is not None else storage_root / "audit.jsonl"
+    def audit_path(self, storage_root: Path, instance: str | None = None) -> Path:
+        """``audit_file``, or ``audit.jsonl`` in the storage root; ``audit-<instance>.jsonl`` when the instance is
+        named (``node.instance_name``): instances sharing a spool each append to and rotate a file of their own."""
+        if self.audit_file is not None:
+            return self.audit_file
+        return storage_root / (f"audit-{safe_name(instance)}.jsonl" if instance else "audit.jsonl")
 
 
 class Config(_Strict):
