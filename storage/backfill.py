@@ -14,6 +14,12 @@ those an earlier run pulled or is pulling (a failed or skipped one is taken over
 in the database, so a node killed at any moment resumes where it was: a study found ``moving`` at start-up is
 moved again (the store ignores the instances it already has). A study present here is retrospective: its results
 are never delivered (:meth:`storage.jobs.JobStore.finish_job`).
+
+The exception is a **re-analysis fetch**: ``dicom-node reanalyze`` of a study the node does not hold (never
+received, purged by retention, or its files gone) records a run of that one Study UID whose settings say
+``deliver: true``. Its search takes the study whatever this table or the node's studies say (an earlier run's row,
+moved or not, is taken over: pending again), and marks the row ``deliver``: its results are delivered as a live
+study's. Such a move goes before a backfill's (:meth:`BackfillStore.next_due_move`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, cast
 from sqlalchemy import and_, func, or_, select, update
 
 from storage.base import StoreBase, database_errors, rowcount, utcnow
-from storage.db import BackfillRun, BackfillStudy, Study
+from storage.db import BackfillRun, BackfillStudy, Instance, Job, Study
 
 RUN_STATES = ("searching", "moving", "done", "cancelled", "failed")
 STUDY_STATES = ("pending", "moving", "moved", "failed", "skipped")
@@ -61,6 +67,21 @@ class DueMove:
     state: str
     attempts: int
     settings: dict[str, Any]
+    deliver: bool = False  # a re-analysis fetch: its results are delivered
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What the node holds of a study: its instances, the eligible ones, and of those the ones whose file is gone."""
+
+    instances: int
+    eligible: int
+    missing: int
+
+    @property
+    def analysable(self) -> bool:
+        """Everything needed for a re-analysis is here (no fetch needed)."""
+        return self.eligible > 0 and self.missing == 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +164,7 @@ class BackfillStore(StoreBase):
             run = s.get(BackfillRun, run_id)
             if run is None or run.state != "searching":  # cancelled meanwhile
                 return SearchOutcome(len(unique), 0, 0)
+            deliver = bool(json.loads(run.settings or "{}").get("deliver"))  # a re-analysis fetch
             uids = list(unique)
             known: dict[str, BackfillStudy] = {}
             stored: set[str] = set()
@@ -154,12 +176,20 @@ class BackfillStore(StoreBase):
                 stored.update(s.scalars(select(Study.study_uid).where(Study.study_uid.in_(chunk))))
             for uid, f in unique.items():
                 row = known.get(uid)
-                if row is not None and row.state in ("failed", "skipped"):
+                if row is not None and deliver:
+                    # fetched again for a re-analysis (purged since an earlier pull, or its files gone): this run
+                    # takes it over; a move under way goes on, now for this run
+                    row.run_id, row.deliver, row.last_error, row.finished_at = run_id, True, None, None
+                    if row.state != "moving":
+                        row.state, row.attempts, row.next_attempt_at, row.started_at = "pending", 0, now, None
+                    new += 1
+                elif row is not None and row.state in ("failed", "skipped"):
                     # an earlier run gave it up or was cancelled before pulling it: this run tries again
                     row.run_id, row.state, row.attempts, row.last_error = run_id, "pending", 0, None
                     row.next_attempt_at, row.started_at, row.finished_at = now, None, None
+                    row.deliver = False  # a backfill's pull: never delivered
                     new += 1
-                elif row is not None or uid in stored:
+                elif row is not None or (uid in stored and not deliver):
                     held += 1
                 else:
                     s.add(
@@ -174,6 +204,7 @@ class BackfillStore(StoreBase):
                             attempts=0,
                             next_attempt_at=now,
                             created_at=now,
+                            deliver=deliver,
                         )
                     )
                     new += 1
@@ -246,7 +277,7 @@ class BackfillStore(StoreBase):
     @database_errors
     def next_due_move(self, stale_before: datetime, now: datetime | None = None) -> DueMove | None:
         """The next study to pull of a run that is moving: a pending one that is due, or one whose move started
-        before ``stale_before`` and never finished. :meth:`claim_move` takes it."""
+        before ``stale_before`` and never finished; a re-analysis fetch first. :meth:`claim_move` takes it."""
         now = now or utcnow()
         with self._session() as s:
             row = s.execute(
@@ -256,6 +287,7 @@ class BackfillStore(StoreBase):
                     BackfillStudy.state,
                     BackfillStudy.attempts,
                     BackfillRun.settings,
+                    BackfillStudy.deliver,
                 )
                 .join(BackfillRun, BackfillRun.id == BackfillStudy.run_id)
                 .where(
@@ -265,12 +297,17 @@ class BackfillStore(StoreBase):
                         and_(BackfillStudy.state == "moving", BackfillStudy.started_at < stale_before),
                     ),
                 )
-                .order_by(BackfillStudy.next_attempt_at, BackfillStudy.run_id, BackfillStudy.study_uid)
+                .order_by(
+                    BackfillStudy.deliver.desc(),
+                    BackfillStudy.next_attempt_at,
+                    BackfillStudy.run_id,
+                    BackfillStudy.study_uid,
+                )
                 .limit(1)
             ).first()
             if row is None:
                 return None
-            return DueMove(row[0], row[1], row[2], row[3], json.loads(row[4] or "{}"))
+            return DueMove(row[0], row[1], row[2], row[3], json.loads(row[4] or "{}"), bool(row[5]))
 
     @database_errors
     def claim_move(self, due: DueMove) -> bool:
@@ -340,21 +377,55 @@ class BackfillStore(StoreBase):
     # ---- what was pulled ---------------------------------------------------------------------------------
     @database_errors
     def is_retrospective(self, study_uid: str) -> bool:
-        """Whether a backfill pulled (or is pulling) this study: its results are never delivered."""
+        """Whether a backfill pulled (or is pulling) this study: its results are never delivered (a re-analysis
+        fetch's are: not retrospective)."""
         with self._session() as s:
-            return s.get(BackfillStudy, study_uid) is not None
+            row = s.get(BackfillStudy, study_uid)
+            return row is not None and not row.deliver
 
     @database_errors
     def retrospective_studies(self, study_uids: list[str] | None = None) -> set[str]:
-        """The studies of ``study_uids`` (or all) that a backfill pulled."""
+        """The studies of ``study_uids`` (or all) that a backfill pulled (not those fetched for a re-analysis)."""
         with self._session() as s:
-            q = select(BackfillStudy.study_uid)
+            q = select(BackfillStudy.study_uid).where(BackfillStudy.deliver.is_(False))
             if study_uids is None:
                 return set(s.scalars(q))
             out: set[str] = set()
             for i in range(0, len(study_uids), 500):
                 out.update(s.scalars(q.where(BackfillStudy.study_uid.in_(study_uids[i : i + 500]))))
             return out
+
+    # ---- re-analysis fetches -------------------------------------------------------------------------------
+    @database_errors
+    def study_holding(self, study_uid: str) -> Holding:
+        """What the node holds of a study (``dicom-node reanalyze`` fetches it when nothing eligible is held, or
+        when an eligible instance's file is gone)."""
+        with self._session() as s:
+            rows = s.execute(select(Instance.eligible, Instance.path).where(Instance.study_uid == study_uid)).all()
+        eligible = [path for ok, path in rows if ok]
+        missing = sum(1 for path in eligible if not self.spool.resolve(path).is_file())
+        return Holding(len(rows), len(eligible), missing)
+
+    @database_errors
+    def fetched_study_needs_job(self, study_uid: str) -> bool:
+        """After a re-analysis fetch moved ``study_uid``: True when no job will analyse it by itself, because every
+        instance was one the node had a row for already (its file was gone, and is back): no study timer runs and
+        no job was made since the move started. The caller queues the re-analysis."""
+        with self._session() as s:
+            row = s.get(BackfillStudy, study_uid)
+            study = s.get(Study, study_uid)
+            if row is None or not row.deliver or study is None or study.stable_due_at is not None:
+                return False
+            since = row.started_at or row.created_at
+            newer = s.scalar(
+                select(func.count()).select_from(Job).where(Job.study_uid == study_uid, Job.created_at >= since)
+            )
+            eligible = s.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.study_uid == study_uid, Instance.eligible.is_(True))
+            )
+            return not newer and bool(eligible)
 
     # ---- progress ----------------------------------------------------------------------------------------
     @database_errors

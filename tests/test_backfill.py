@@ -1,11 +1,12 @@
 """`dicom-node backfill`: a site's past studies pulled from its PACS (Orthanc) over C-FIND and C-MOVE, analysed by
 the node and never delivered; resumable after kill -9, retried with backoff while the PACS is down, bounded.
+`dicom-node reanalyze` of a study the node does not hold (never received, purged, files gone) fetches it the same
+way, and its results are delivered.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.error
 import urllib.parse
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from dicom_node.cli import main
 from dicom_node.passwords import hash_password
 from storage import Store
 from storage.backfill import FoundStudy
 from storage.base import utcnow
-from storage.db import Study
+from storage.db import BackfillStudy, Instance, Study
 from support.dicom_factory import make_cxr
 from support.models import make_tiny_models
 from support.node import NodeProcess, wait_for
@@ -97,6 +99,77 @@ def test_search_failures_back_off_then_fail(store):
     assert store.backfill_progress(run)[0].state == "failed"
 
 
+def test_a_reanalysis_fetch_takes_the_study_whatever_was_pulled_or_held_and_goes_first(store):
+    a, b, held = generate_uid(), generate_uid(), generate_uid()
+    with store._session.begin() as s:  # held: a row in studies (its files gone, say)
+        s.add(Study(study_uid=held, first_received_at=utcnow(), last_received_at=utcnow(), stable_due_at=None))
+    backfill = store.create_backfill_run({"from": "2026-11-01"}, {})
+    assert store.backfill_search_done(backfill, [FoundStudy(a), FoundStudy(b)]).new == 2
+    d = store.next_due_move(stale_before=utcnow())
+    assert d is not None and d.study_uid in (a, b)
+    assert store.claim_move(d)
+    store.mark_moved(d.study_uid, 1)  # pulled by the backfill (then purged by retention, say)
+    assert store.is_retrospective(d.study_uid)
+
+    fetch = store.create_backfill_run({"study_uids": [d.study_uid, held]}, {"deliver": True})
+    out = store.backfill_search_done(fetch, [FoundStudy(d.study_uid), FoundStudy(held)])
+    assert (out.found, out.new, out.already_held) == (2, 2, 0)  # neither "already held": both fetched again
+    with store._session() as s:
+        rows = {r.study_uid: r for r in s.scalars(select(BackfillStudy))}
+    assert (rows[d.study_uid].run_id, rows[d.study_uid].state, rows[d.study_uid].deliver) == (fetch, "pending", True)
+    assert rows[d.study_uid].attempts == 0 and rows[held].deliver and rows[held].run_id == fetch
+    other = b if d.study_uid == a else a
+    assert not rows[other].deliver and rows[other].run_id == backfill
+    assert not store.is_retrospective(d.study_uid) and store.retrospective_studies([a, b, held]) == {other}
+    first = store.next_due_move(stale_before=utcnow())  # before the backfill's study, due earlier
+    assert first is not None and first.deliver and first.run_id == fetch
+    # a backfill that later finds a fetched study leaves it alone; one that takes over a failed fetch never delivers
+    later = store.create_backfill_run({}, {})
+    assert store.backfill_search_done(later, [FoundStudy(held)]).already_held == 1
+    assert store.claim_move(first)
+    store.mark_move_failed(first.study_uid, "gone from the PACS")
+    again = store.create_backfill_run({}, {})
+    assert store.backfill_search_done(again, [FoundStudy(first.study_uid)]).new == 1
+    assert store.is_retrospective(first.study_uid)
+
+
+def test_study_holding_and_when_a_fetched_study_needs_its_job(store):
+    uid = generate_uid()
+    assert store.study_holding(uid).instances == 0
+    run = store.create_backfill_run({"study_uids": [uid]}, {"deliver": True})
+    store.backfill_search_done(run, [FoundStudy(uid)])
+    d = store.next_due_move(stale_before=utcnow())
+    assert d is not None and store.claim_move(d)
+    files = []
+    with store._session.begin() as s:
+        s.add(Study(study_uid=uid, first_received_at=utcnow(), last_received_at=utcnow(), stable_due_at=None))
+        s.flush()
+        for i, eligible in enumerate((True, True, False)):
+            path = store.spool.instance_path(uid, f"{uid}.{i}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            files.append(path)
+            s.add(
+                Instance(
+                    sop_instance_uid=f"{uid}.{i}", study_uid=uid, series_uid="1.2", sop_class_uid="1.2",
+                    transfer_syntax_uid="1.2", modality="DX", body_part="CHEST", view_position="PA",
+                    calling_ae="T", eligible=eligible, skip_reason=None, size_bytes=1,
+                    path=store.spool.relative(path), received_at=utcnow(),
+                )
+            )  # fmt: skip
+    h = store.study_holding(uid)
+    assert (h.instances, h.eligible, h.missing, h.analysable) == (3, 2, 0, True)
+    files[0].unlink()
+    assert store.study_holding(uid).missing == 1 and not store.study_holding(uid).analysable
+    store.mark_moved(uid, 2)
+    assert store.fetched_study_needs_job(uid)  # nothing new arrived: no timer, no job since the move started
+    store.reanalyze(uid)
+    assert not store.fetched_study_needs_job(uid)
+    with store._session.begin() as s:
+        s.get(BackfillStudy, uid).deliver = False
+    assert not store.fetched_study_needs_job(uid)  # a backfill's study: its timer only
+
+
 # ---- the command line: usage errors ----------------------------------------------------------------------------
 def _config(tmp_path: Path, source: bool = True) -> str:
     cfg = {"storage": {"root": str(tmp_path / "var")}, "destinations": []}
@@ -132,6 +205,22 @@ def test_argparse_errors_and_no_source_exit_2(tmp_path, capsys):
     assert exc.value.code == 2 and "is not a date YYYY-MM-DD" in capsys.readouterr().err
     assert main(["backfill", "--config", _config(tmp_path, source=False), "--from", "2026-11-01"]) == 2
     assert "backfill.source is not configured" in capsys.readouterr().err
+
+
+def test_reanalyze_of_a_study_not_held_without_a_source_exits_2_naming_the_key(tmp_path, capsys):
+    uid = generate_uid()
+    assert main(["reanalyze", "--config", _config(tmp_path, source=False), uid]) == 2
+    err = capsys.readouterr().err
+    assert "not held here" in err and "backfill.source is not configured" in err and "Traceback" not in err
+    assert main(["reanalyze", "--config", _config(tmp_path), "1.2.x"]) == 2
+    assert "not a UID" in capsys.readouterr().err
+    assert main(["reanalyze", "--config", _config(tmp_path), uid]) == 0
+    out = capsys.readouterr().out
+    assert "backfill run 1 recorded to fetch it from PACS" in out and "dicom-node backfill --status" in out
+    assert uid not in out
+    assert main(["backfill", "--config", _config(tmp_path), "--status", "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)
+    assert run["deliver"] is True and run["query"] == "CR/DX, 1 Study UID(s)" and run["state"] == "searching"
 
 
 def test_no_wait_records_the_run_and_status_lists_it(tmp_path, capsys):
@@ -309,6 +398,70 @@ def test_by_accession_and_study_uid_lists_and_nothing_pulled_twice(site, archive
     assert "run 2  done" in status and "run 1  done" in status
 
 
+def delivered(node: NodeProcess, study_uid: str) -> list[dict]:
+    return node.rows_of(
+        "SELECT d.state FROM deliveries d JOIN results r ON r.id = d.result_id WHERE r.study_uid = ?", (study_uid,)
+    )
+
+
+def jobs_of(node: NodeProcess, study_uid: str) -> list[dict]:
+    return node.rows_of("SELECT state FROM jobs WHERE study_uid = ? ORDER BY id", (study_uid,))
+
+
+@pytest.mark.slow
+def test_reanalyze_fetches_a_study_not_held_analyses_and_delivers_it_and_a_backfill_still_sends_nothing(site, archive):
+    studies, _ct = archive
+    pacs, node = site()
+    never, pulled_then_purged = studies[0].study_uid, studies[1].study_uid
+    # a plain backfill of one study: analysed, nothing delivered
+    r = node.cli("backfill", "--study-uid", pulled_then_purged)
+    assert "moved 1 (1 images), failed 0" in r.stdout, r.stdout
+    # reanalyze of a study the node never had: a run of that study, worked by serve; the command returns at once
+    r = node.cli("reanalyze", never)
+    assert "the study is not held here (never received, or purged by retention): backfill run 2 recorded" in r.stdout
+    assert "dicom-node backfill --status" in r.stdout and never not in r.stdout
+    wait_for(lambda: run_state(node, 2)["state"] == "done", 60, what="the fetch")
+    wait_for(
+        lambda: [d["state"] for d in delivered(node, never)] == ["delivered"] * 3, 120, what="SR, SC, GSPS delivered"
+    )
+    assert {s["Modality"]: len(s["instances"]) for s in pacs.series_of_study(never)} == {
+        "DX": 1, "SR": 1, "OT": 1, "PR": 1
+    }  # fmt: skip
+    assert [j["state"] for j in jobs_of(node, pulled_then_purged)] == ["done"]
+    assert delivered(node, pulled_then_purged) == [] and node_outputs_in(pacs, [pulled_then_purged]) == 0
+    assert "re-analysis: results delivered" in node.cli("backfill", "--status").stdout
+
+    # the backfilled study, purged by retention, then re-analysed: fetched again (its row taken over), delivered
+    assert node.store().purge_study(pulled_then_purged)[0] == 1
+    r = node.cli("reanalyze", pulled_then_purged)
+    assert "backfill run 3 recorded" in r.stdout, r.stdout
+    wait_for(lambda: run_state(node, 3)["state"] == "done", 60, what="the second fetch")
+    row = pulled(node)[pulled_then_purged]
+    assert (row["run_id"], row["state"], row["deliver"], row["attempts"]) == (3, "moved", 1, 1)
+    wait_for(
+        lambda: [d["state"] for d in delivered(node, pulled_then_purged)] == ["delivered"] * 3,
+        120,
+        what="the purged study's results delivered",
+    )
+    assert node_outputs_in(pacs, [pulled_then_purged]) == 3
+
+    # the fetched study's image file gone (its row still there): fetched again, the file back, re-analysed
+    (image,) = node.rows_of("SELECT path FROM instances WHERE study_uid = ?", (never,))
+    Path(image["path"]).unlink()
+    r = node.cli("reanalyze", never)
+    assert "(1 of its 1 image files are gone): backfill run 4 recorded" in r.stdout, r.stdout
+    wait_for(lambda: len(delivered(node, never)) == 6, 120, what="the second re-analysis delivered")
+    assert Path(image["path"]).is_file()
+    wait_for(lambda: [j["state"] for j in jobs_of(node, never)] == ["done", "done"], 30, what="two jobs, no more")
+    wait_for(lambda: {d["state"] for d in delivered(node, never)} == {"delivered"}, 60, what="delivered")
+    # a study held: re-analysed as before, with no fetch
+    r = node.cli("reanalyze", never)
+    assert r.stdout.startswith("queued job") and "results go to the configured destinations" in r.stdout
+    assert len(node.rows("SELECT id FROM backfill_runs")) == 4
+    log = node.log()
+    assert "re-analysis of the fetched study queued" in log and never not in log and "Traceback" not in log
+
+
 @pytest.mark.slow
 def test_kill_9_mid_backfill_loses_nothing_and_pulls_nothing_twice(site, archive):
     studies, _ct = archive
@@ -332,7 +485,7 @@ def test_kill_9_mid_backfill_loses_nothing_and_pulls_nothing_twice(site, archive
     assert node.rows("SELECT count(*) AS n FROM instances")[0]["n"] == 8
     assert node.rows("SELECT count(*) AS n FROM deliveries")[0]["n"] == 0
     tmp = Path(node.config["storage"]["root"]) / "tmp"
-    assert not tmp.exists() or os.listdir(tmp) == []
+    assert not tmp.exists() or [p for p in tmp.rglob("*") if p.is_file()] == []  # tmp/<name>/: the folders stay
 
 
 @pytest.mark.slow

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import subprocess
 import threading
 import time
 import urllib.parse
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pydicom
@@ -104,8 +104,9 @@ def raw_request(
 
 
 def tmp_files(node: NodeProcess) -> list[str]:
+    """Partial files left in tmp/ (each process writes in a folder of its own there: tmp/<name>/)."""
     tmp = Path(node.config["storage"]["root"]) / "tmp"
-    return os.listdir(tmp) if tmp.exists() else []
+    return [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()] if tmp.exists() else []
 
 
 def instances(node: NodeProcess) -> set[str]:
@@ -202,6 +203,87 @@ def test_wrong_credentials_non_dicom_part_oversized_and_truncated_bodies(stow_no
     assert not (uids(more) & instances(node))
     assert tmp_files(node) == []
     assert "Traceback" not in node.log()
+
+
+NATIVE = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
+
+
+def xml_attribute(parent: ET.Element, tag: str, vr: str, keyword: str) -> ET.Element:
+    """The one ``DicomAttribute`` child of ``parent`` with this tag, checking its vr and keyword."""
+    found = [a for a in parent.findall(f"{NATIVE}DicomAttribute") if a.get("tag") == tag]
+    assert len(found) == 1, (tag, ET.tostring(parent))
+    assert (found[0].get("vr"), found[0].get("keyword")) == (vr, keyword)
+    return found[0]
+
+
+def xml_values(attr: ET.Element) -> list[str]:
+    values = attr.findall(f"{NATIVE}Value")
+    assert [v.get("number") for v in values] == [str(i) for i in range(1, len(values) + 1)]
+    return [v.text or "" for v in values]
+
+
+def xml_items(attr: ET.Element) -> list[ET.Element]:
+    items = attr.findall(f"{NATIVE}Item")
+    assert [i.get("number") for i in items] == [str(i) for i in range(1, len(items) + 1)]
+    return items
+
+
+def test_store_response_in_xml_when_accept_asks_for_it_and_406_when_nothing_fits(stow_node, tmp_path):
+    node = stow_node
+    study_uid, files = study_files(tmp_path / "a", 2)
+    body = tmp_path / "body.bin"
+    body.write_bytes(multipart([b"not dicom at all", *(f.read_bytes() for f in files)]))
+
+    def curl(accept: str) -> tuple[int, str, str]:
+        r = subprocess.run(
+            ["curl", "-sS", "--noproxy", "*", "-o", str(tmp_path / "answer"), "-w", "%{http_code} %{content_type}",
+             "-X", "POST", f"{node.web_url}/dicom-web/studies", "-H", f"Authorization: Bearer {TOKEN}",
+             "-H", f"Accept: {accept}",
+             "-H", 'Content-Type: multipart/related; type="application/dicom"; boundary=dicomnodeboundary',
+             "--data-binary", f"@{body}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        code, _, ctype = r.stdout.partition(" ")
+        return int(code), ctype, (tmp_path / "answer").read_text()
+
+    # PS3.18 Table 10.5.3-1 in the Native DICOM Model (PS3.19 A.1): 202, one stored, the non-DICOM part failed
+    code, ctype, text = curl("application/dicom+xml")
+    assert code == 202 and ctype.startswith("application/dicom+xml"), (code, ctype, text)
+    root = ET.fromstring(text)
+    assert root.tag == f"{NATIVE}NativeDicomModel"
+    assert xml_values(xml_attribute(root, "00081190", "UR", "RetrieveURL")) == [
+        f"{node.web_url}/dicom-web/studies/{study_uid}"
+    ]
+    referenced = xml_items(xml_attribute(root, REFERENCED_SOP_SEQUENCE, "SQ", "ReferencedSOPSequence"))
+    assert {xml_values(xml_attribute(i, "00081155", "UI", "ReferencedSOPInstanceUID"))[0] for i in referenced} == (
+        uids(files)
+    )
+    for item in referenced:
+        sop = xml_values(xml_attribute(item, "00081155", "UI", "ReferencedSOPInstanceUID"))[0]
+        assert xml_values(xml_attribute(item, "00081150", "UI", "ReferencedSOPClassUID")) == [
+            "1.2.840.10008.5.1.4.1.1.1.1"
+        ]
+        assert xml_values(xml_attribute(item, "00081190", "UR", "RetrieveURL")) == [
+            f"{node.web_url}/dicom-web/studies/{study_uid}/instances/{sop}"
+        ]
+    (failed,) = xml_items(xml_attribute(root, FAILED_SOP_SEQUENCE, "SQ", "FailedSOPSequence"))
+    assert xml_values(xml_attribute(failed, FAILURE_REASON, "US", "FailureReason")) == [str(0xC210)]
+    assert [a.get("tag") for a in root] == sorted(a.get("tag") for a in root)  # in tag order
+    assert uids(files) <= instances(node)
+
+    # JSON for */* and for a JSON-or-XML Accept that prefers JSON (the same instances again: stored once, 202)
+    for accept in ("*/*", "application/dicom+json, application/dicom+xml;q=0.5"):
+        code, ctype, text = curl(accept)
+        assert code == 202 and ctype.startswith("application/dicom+json"), (accept, code, ctype)
+        assert len(json.loads(text)[REFERENCED_SOP_SEQUENCE]["Value"]) == 2
+    # an Accept the node cannot answer: 406 before the body is read, nothing stored
+    study2, files2 = study_files(tmp_path / "b", 1)
+    body.write_bytes(multipart([files2[0].read_bytes()]))
+    for accept in ("text/html", "application/dicom+xml;q=0, application/dicom+json;q=0"):
+        code, _, text = curl(accept)
+        assert code == 406 and "application/dicom+xml" in text, (accept, code, text)
+    assert not (uids(files2) & instances(node)) and tmp_files(node) == []
+    assert 'dicom_node_stow_requests_total{status="406"} 2.0' in session().get(node.web_url + "/metrics").text
 
 
 def test_a_body_that_stalls_is_cut_off(node_factory, password_hash, tmp_path):

@@ -9,6 +9,9 @@ The command records the run in the database; the running ``dicom-node serve`` wo
 per study to the node itself, within the bounds of ``backfill`` in config.yaml or of this run's options). Unless
 ``--no-wait``, it follows the run with a progress bar and prints a summary; Ctrl-C stops following, not the run.
 No training code and no torch here (:mod:`dicom_node.cli.node` registers the command).
+
+``dicom-node reanalyze`` of a study the node does not hold records the same kind of run, for that one Study UID and
+marked ``deliver`` (:func:`fetch_for_reanalysis`): its results are delivered, unlike a backfill's.
 """
 
 from __future__ import annotations
@@ -86,6 +89,38 @@ def read_accessions(path: Path) -> list[str]:
     return out
 
 
+def _source_missing(what: str) -> UsageError:
+    return UsageError(
+        f"{what}backfill.source is not configured: add the PACS to pull from to config.yaml, e.g. "
+        "backfill: {source: {ae_title: PACS, host: 10.0.0.5, port: 104}} or "
+        "backfill: {source: {dicomweb: https://pacs.example.org/dicom-web}}"
+    )
+
+
+def _check_uid(uid: str, option: str) -> None:
+    if not uid or len(uid) > 64 or any(c not in "0123456789." for c in uid):
+        raise UsageError(f"{option} {uid!r}: not a UID (digits and dots, 64 characters at most)")
+
+
+def fetch_for_reanalysis(cfg: Config, store: Store, study_uid: str, why: str) -> int:
+    """``dicom-node reanalyze`` of a study the node does not hold (``why`` says how): record a run that fetches it
+    from ``backfill.source``, marked ``deliver`` (analysed, and its results delivered as a live study's); the
+    running ``serve`` works it before any backfill's moves. Returns 0 (UsageError when no source is configured)."""
+    _check_uid(study_uid, "STUDY_UID")
+    if cfg.backfill.source is None:
+        raise _source_missing(f"the study is not held here ({why}) and cannot be fetched: ")
+    source = cfg.backfill.source.describe()
+    query = {"from": None, "to": None, "modalities": list(DEFAULT_MODALITIES), "accession_numbers": [],
+             "study_uids": [study_uid]}  # fmt: skip
+    run_id = store.create_backfill_run(query, {"source": source, "deliver": True})
+    print(
+        f"the study is not held here ({why}): backfill run {run_id} recorded to fetch it from {source}; the running "
+        "`dicom-node serve` pulls it, analyses it and sends its results to the configured destinations"
+    )
+    print(f"follow it with: dicom-node backfill --status (cancel: dicom-node backfill --cancel {run_id})")
+    return 0
+
+
 def _open_store(cfg: Config) -> Store:
     from dicom_node.factories import open_store
 
@@ -107,11 +142,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         raise UsageError("--json goes with --status")
     cfg = load_config(args.config)
     if cfg.backfill.source is None:
-        raise UsageError(
-            "backfill.source is not configured: add the PACS to pull from to config.yaml, e.g. "
-            "backfill: {source: {ae_title: PACS, host: 10.0.0.5, port: 104}} or "
-            "backfill: {source: {dicomweb: https://pacs.example.org/dicom-web}}"
-        )
+        raise _source_missing("")
     query = _query(args)
     settings: dict[str, Any] = {
         "source": cfg.backfill.source.describe(),
@@ -150,8 +181,7 @@ def _query(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--accession {a!r}: not an accession number (16 characters at most)")
     uids = list(args.study_uid or [])
     for u in uids:
-        if not u or len(u) > 64 or any(c not in "0123456789." for c in u):
-            raise UsageError(f"--study-uid {u!r}: not a UID (digits and dots, 64 characters at most)")
+        _check_uid(u, "--study-uid")
     if not (args.date_from or args.date_to or accessions or uids):
         raise UsageError("say what to pull: --from/--to YYYY-MM-DD, --accession / --accessions-file, or --study-uid")
     if args.date_from and args.date_to and args.date_from > args.date_to:
@@ -171,6 +201,11 @@ def _query(args: argparse.Namespace) -> dict[str, Any]:
         "accession_numbers": sorted(set(accessions)),
         "study_uids": sorted(set(uids)),
     }
+
+
+def _describe_run(p: RunProgress) -> str:
+    """A run's query, and whether it is a re-analysis fetch (its results delivered)."""
+    return _describe_query(p.query) + ("; re-analysis: results delivered" if p.settings.get("deliver") else "")
 
 
 def _describe_query(query: dict[str, Any]) -> str:
@@ -245,6 +280,7 @@ def _status(store: Store, as_json: bool) -> int:
                         "created_at": _iso(p.created_at),
                         "finished_at": _iso(p.finished_at),
                         "query": _describe_query(p.query),
+                        "deliver": bool(p.settings.get("deliver")),
                         "settings": p.settings,
                         "found": p.found,
                         "already_held": p.already_held,
@@ -268,7 +304,7 @@ def _status(store: Store, as_json: bool) -> int:
     for p in runs:
         s = p.studies
         total = sum(s.values())
-        print(f"run {p.id}  {p.state:9s} created {_iso(p.created_at)}  {_describe_query(p.query)}")
+        print(f"run {p.id}  {p.state:9s} created {_iso(p.created_at)}  {_describe_run(p)}")
         if p.state == "searching":
             if p.last_error:
                 print(f"  search: retrying (attempt {p.attempts + 1} at {_iso(p.next_attempt_at)}): {p.last_error}")

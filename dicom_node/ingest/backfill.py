@@ -9,6 +9,12 @@ Bounds, so that the PACS is never flooded (``backfill`` in config.yaml; a run ma
 ``max_concurrent_moves`` moves at once, ``studies_per_hour`` moves started in any hour (counted in the database,
 so a restart does not reset it), and only inside ``window`` (local time).
 
+A **re-analysis fetch** (``dicom-node reanalyze`` of a study the node no longer holds: a run of one Study UID with
+``deliver`` in its settings) goes before the backfill's moves and waits for neither ``window`` nor
+``studies_per_hour`` (it counts towards the hour); ``max_concurrent_moves`` applies. Its study is analysed and its
+results delivered as a live study's. When every instance it brought was one the node had a row for (its file was
+gone), no study timer runs: the re-analysis is queued here once the move is done.
+
 The source may instead be a DICOMweb archive (``backfill.source: {dicomweb: URL}``): the search is QIDO-RS and each
 study is retrieved with WADO-RS by the node itself, each instance through the same store function as a C-STORE
 (:meth:`~dicom_node.ingest.store_handler.StoreHandler.store_file`), and the study is complete (its timer due at once)
@@ -127,6 +133,8 @@ class Backfiller:
             value = settings.get(key)
             return default if value is None else value
 
+        if settings.get("deliver"):  # an operator's re-analysis of one study: now, not in the night's window
+            return Bounds(int(pick("max_concurrent_moves", self.cfg.max_concurrent_moves)), 0, None)
         return Bounds(
             int(pick("max_concurrent_moves", self.cfg.max_concurrent_moves)),
             int(pick("studies_per_hour", self.cfg.studies_per_hour)),
@@ -252,9 +260,21 @@ class Backfiller:
             else:
                 self.store.mark_moved(due.study_uid, result.completed + result.warning)
                 log.info("backfill run %d: study moved (%d images)", due.run_id, result.completed + result.warning)
+                if due.deliver:
+                    self._analyse_fetched(due)
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+    def _analyse_fetched(self, due: DueMove) -> None:
+        """A re-analysis fetch is done: queue the re-analysis unless the study's timer (or a job made since the move
+        started) already sees to it: when the node had a row for every instance, only their files were back."""
+        try:
+            if self.store.fetched_study_needs_job(due.study_uid):
+                job_id = self.store.reanalyze(due.study_uid)
+                log.info("backfill run %d: re-analysis of the fetched study queued (job %d)", due.run_id, job_id)
+        except StorageError as exc:  # UnknownStudyError: purged meanwhile; nothing to analyse
+            log.error("backfill run %d: could not queue the re-analysis of the fetched study: %s", due.run_id, exc)
 
     def _retrieve(self, study_uid: str) -> MoveResult:
         """WADO-RS: the study's instances through the store function, then the study is complete (due now)."""

@@ -13,9 +13,11 @@ server, ``multipart/related; type="application/dicom"``.
 - **Never anonymous.** Bearer tokens or HTTP Basic users (``dicomweb`` in config.yaml, or the environment); wrong or
   missing credentials get 401 with ``WWW-Authenticate``; repeated failures from one address wait (429).
 
-The response is the PS3.18 store response in DICOM JSON: ReferencedSOPSequence (with RetrieveURL), and
-FailedSOPSequence with each FailureReason, which is the C-STORE status the same instance would have got
-(0xA700 out of resources, 0xA900 does not match, 0xC210 cannot understand, ...).
+The response is the PS3.18 store response: ReferencedSOPSequence (with RetrieveURL), and FailedSOPSequence with
+each FailureReason, which is the C-STORE status the same instance would have got (0xA700 out of resources, 0xA900
+does not match, 0xC210 cannot understand, ...). It is DICOM JSON (``application/dicom+json``), or the Native DICOM
+Model of PS3.19 Annex A (``application/dicom+xml``) when the client's Accept prefers it; an Accept that allows
+neither gets 406 before the body is read.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import logging
 import os
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -49,6 +53,11 @@ from dicom_node.web.auth import LoginThrottle
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
+NATIVE_DICOM_NS = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+# what a store response can be, in the server's order of preference (plain application/json: for clients that ask
+# for JSON without naming DICOM's media type)
+RESPONSE_TYPES = (DICOM_JSON, DICOM_XML, "application/json")
 REALM = 'Basic realm="dicom-node STOW-RS", Bearer realm="dicom-node STOW-RS"'
 MAX_PART_HEADERS = 16
 
@@ -173,8 +182,8 @@ class Credentials:
 
 def store_response(
     outcomes: list[StoreOutcome], failed_parts: list[tuple[str, str, int]], base_url: str
-) -> tuple[int, dict]:
-    """The PS3.18 store response (DICOM JSON) and its HTTP status: 200 all stored, 202 some, 409 none."""
+) -> tuple[int, Dataset]:
+    """The PS3.18 store response (Table 10.5.3-1) and its HTTP status: 200 all stored, 202 some, 409 none."""
     ds = Dataset()
     referenced, failed = [], []
     studies = set()
@@ -202,7 +211,68 @@ def store_response(
     if failed:
         ds.FailedSOPSequence = failed
     status = 200 if not failed else 202 if referenced else 409
-    return status, ds.to_json_dict()
+    return status, ds
+
+
+def native_dicom_xml(ds: Dataset) -> bytes:
+    """``ds`` in the Native DICOM Model (PS3.19 Annex A.1): ``NativeDicomModel`` holding one ``DicomAttribute``
+    (tag, vr, keyword) per element in tag order, its values as ``Value number="n"`` and a sequence's items as
+    ``Item number="n"``; an empty element has neither."""
+    root = ET.Element("NativeDicomModel", xmlns=NATIVE_DICOM_NS)
+    root.set("xml:space", "preserve")
+    _xml_attributes(root, ds)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _xml_attributes(parent: ET.Element, ds: Dataset) -> None:
+    for elem in ds:  # a Dataset iterates in tag order
+        attr = ET.SubElement(parent, "DicomAttribute", {"tag": f"{elem.tag:08X}", "vr": elem.VR})
+        keyword = keyword_for_tag(elem.tag)
+        if keyword:
+            attr.set("keyword", keyword)
+        if elem.VR == "SQ":
+            for n, item in enumerate(elem.value, 1):
+                _xml_attributes(ET.SubElement(attr, "Item", number=str(n)), item)
+            continue
+        if elem.value is None or elem.value == "":
+            continue
+        values = list(elem.value) if elem.VM > 1 else [elem.value]
+        for n, v in enumerate(values, 1):
+            ET.SubElement(attr, "Value", number=str(n)).text = str(v)
+
+
+def negotiate(accept: str) -> str | None:
+    """The store response's media type for the request's Accept header (RFC 9110 12.5.1: the most specific range
+    that matches gives a type its quality; the highest quality wins, ties in :data:`RESPONSE_TYPES` order), or None
+    when the client accepts none of them (406). No Accept, or ``*/*``: DICOM JSON."""
+    if not accept.strip():
+        return DICOM_JSON
+    ranges: list[tuple[str, str, float]] = []
+    for item in accept.split(","):
+        media, _, params = item.strip().partition(";")
+        kind, _, sub = media.strip().lower().partition("/")
+        if not kind:
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        ranges.append((kind, sub.strip() or "*", q))
+    best, best_q = None, 0.0
+    for offer in RESPONSE_TYPES:
+        kind, _, sub = offer.partition("/")
+        quality = None  # of the most specific range that matches: type/subtype, then type/*, then */*
+        for pattern in ((kind, sub), (kind, "*"), ("*", "*")):
+            quality = next((q for k, st, q in ranges if (k, st) == pattern), None)
+            if quality is not None:
+                break
+        if quality is not None and quality > best_q:
+            best, best_q = offer, quality
+    return best
 
 
 class Stow:
@@ -243,6 +313,9 @@ class Stow:
             self.throttle.failed(peer)
             return self._error(401, "authentication required", peer, None, **{"WWW-Authenticate": REALM})
         self.throttle.succeeded(peer)
+        answer_type = negotiate(request.headers.get("accept", ""))
+        if answer_type is None:
+            return self._error(406, f"Accept allows neither {DICOM_JSON} nor {DICOM_XML}", peer, user)
         ctype, params = parse_options_header(request.headers.get("content-type", ""))
         boundary = params.get(b"boundary")
         if ctype.lower() != b"multipart/related" or not boundary:
@@ -270,7 +343,7 @@ class Stow:
         finally:
             await run_in_threadpool(reader.discard)
         base = str(request.base_url).rstrip("/") + "/dicom-web"
-        status, body = store_response(outcomes, bad_parts, base)
+        status, answer = store_response(outcomes, bad_parts, base)
         stored = sum(1 for o in outcomes if o.stored)
         failed = len(outcomes) - stored + len(bad_parts)
         metrics.STOW_REQUESTS.labels(str(status)).inc()
@@ -284,7 +357,9 @@ class Stow:
             (time.perf_counter() - t0) * 1000,
             status,
         )
-        return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+        if answer_type == DICOM_XML:
+            return Response(native_dicom_xml(answer), status_code=status, media_type=DICOM_XML)
+        return JSONResponse(answer.to_json_dict(), status_code=status, media_type=answer_type)
 
     def _too_big(self) -> str:
         return f"request larger than dicomweb.max_request_mb ({self.max_bytes >> 20} MB)"
