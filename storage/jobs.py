@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from storage.base import StoreBase, database_errors, rowcount, utcnow
 from storage.db import BackfillStudy, Delivery, FindingRow, ImageResult, Instance, Job, Result, WorkerRow
@@ -299,6 +299,20 @@ class JobStore(StoreBase):
                 row.started_at = now
             row.state, row.pid, row.host, row.models = "alive", pid, host, models
             row.heartbeat_at, row.current_job = now, current_job
+
+    @database_errors
+    def live_workers(self) -> int:
+        """Workers alive with a heartbeat within WORKER_STALE_S, on any host (one indexed count: /readyz)."""
+        since = utcnow() - timedelta(seconds=WORKER_STALE_S)
+        with self._session() as s:
+            return int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(WorkerRow)
+                    .where(WorkerRow.state == "alive", WorkerRow.heartbeat_at >= since)
+                )
+                or 0
+            )
 
     @database_errors
     def worker_stopped(self, name: str) -> None:

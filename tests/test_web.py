@@ -41,7 +41,12 @@ def test_health_readiness_and_metrics_agree_with_status(node_factory, tmp_path, 
     assert get(f"{base}/healthz") == (200, "ok\n")
     wait_for(lambda: get(f"{base}/readyz")[0] == 200, 30, what="ready")
     ready = json.loads(get(f"{base}/readyz")[1])
-    assert ready == {"ready": True, "checks": {"database": "ok", "spool": "ok", "disk": "ok", "workers": "ok"}}
+    assert ready == {
+        "ready": True,
+        "checks": {"database": "ok", "spool": "ok", "disk": "ok", "workers": "ok"},
+        "instance": node.rows("SELECT name FROM nodes")[0]["name"],
+        "role": "leader",
+    }
 
     for i in range(2):
         make_cxr(tmp_path / f"{i}.dcm")

@@ -38,10 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def readiness(config: Config, store: Store) -> dict[str, str]:
-    """Each check -> "ok" or what is wrong."""
+    """Each check -> "ok" or what is wrong. Cheap (load balancers ask every few seconds): one count query.
+
+    Workers count only for an instance that runs its own (``workers.count`` > 0): a pure listener can receive and
+    keep studies while no worker is up anywhere (they wait in the queue), so a load balancer keeps sending to it."""
     checks: dict[str, str] = {}
     try:
-        status = store.status()
+        alive = store.live_workers()
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready; the type says which
         return {"database": f"unreachable ({type(exc).__name__})"}
@@ -55,8 +58,8 @@ def readiness(config: Config, store: Store) -> dict[str, str]:
     free = store.spool.free_mb()
     floor = config.storage.min_free_disk_mb
     checks["disk"] = "ok" if free >= floor else f"{free:.0f} MB free, below storage.min_free_disk_mb ({floor})"
-    alive = status["workers"]["alive"]
-    checks["workers"] = "ok" if alive else "no live worker with loaded models"
+    if config.workers.count > 0:
+        checks["workers"] = "ok" if alive else "no live worker with loaded models"
     return checks
 
 
