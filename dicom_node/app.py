@@ -159,13 +159,7 @@ class Node:
                 self.membership.snapshot,
             )
             self.web_port = self.web.start()
-        port = self.listener.start()
-        self.membership.register(
-            version,
-            f"{self.config.node.host}:{port}",
-            f"{self.config.web.host}:{self.web_port}" if self.web_port else "",
-        )
-        self.membership.beat()  # the first instance on a database leads at once
+        self.membership.beat()  # the first instance on a database leads at once (timers were re-armed above)
         self.scheduler.add_job(
             self.membership.beat,
             "interval",
@@ -223,14 +217,19 @@ class Node:
                 coalesce=True,
                 misfire_grace_time=None,
             )
+        port = self.listener.start()  # last: "listening" means everything is up
+        self.membership.addresses(
+            f"{self.config.node.host}:{port}", f"{self.config.web.host}:{self.web_port}" if self.web_port else ""
+        )
         return port
 
     def _became_leader(self) -> None:
         """This instance leads now: what the previous leader left under way is picked up (study timers of every
         listener, moves of a backfill that were in progress)."""
-        restored = self.assembler.restore()
-        if restored:
-            log.info("leader: armed %d study timers", restored)
+        if self.scheduler.get_job("heartbeat") is not None:  # taking over (at start, start() re-armed them)
+            restored = self.assembler.restore()
+            if restored:
+                log.info("leader: armed %d study timers", restored)
         if self.config.backfill.source is not None:
             self.backfiller.start()
 

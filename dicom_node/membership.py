@@ -52,6 +52,13 @@ class Membership:
             self.name, socket.gethostname(), os.getpid(), dicom_address, web_address, version, STALE_S
         )
 
+    def addresses(self, dicom_address: str, web_address: str) -> None:
+        """Where this instance listens, once it does (shown by ``status`` and the console)."""
+        try:
+            self.store.node_addresses(self.name, dicom_address, web_address)
+        except Exception as exc:  # noqa: BLE001 - only what is shown; the next start records it
+            log.warning("instance %s: addresses not recorded: %s", self.name, exc)
+
     def beat(self) -> str:
         """One heartbeat (scheduled every HEARTBEAT_S; also once at start). A beat that cannot reach the database
         leaves the role as it was: a leader whose lease runs out meanwhile finds out at its next beat."""

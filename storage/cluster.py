@@ -86,6 +86,13 @@ class ClusterStore(StoreBase):
             row.started_at = row.heartbeat_at = now
 
     @database_errors
+    def node_addresses(self, name: str, dicom_address: str, web_address: str) -> None:
+        with self._session.begin() as s:
+            s.execute(
+                update(NodeRow).where(NodeRow.name == name).values(dicom_address=dicom_address, web_address=web_address)
+            )
+
+    @database_errors
     def node_heartbeat(self, name: str, lease_s: float) -> str:
         """This instance is alive: record it, take or keep the leader's lease, and return the role it now holds
         (``leader`` or ``follower``)."""

@@ -48,7 +48,9 @@ def test_reanalyze_of_an_unknown_study_is_a_clear_error(tmp_path):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"storage:\n  root: {tmp_path / 'var'}\n")
     r = dicom_node("reanalyze", "1.2.3.4.5", "--config", str(cfg))
-    assert r.returncode == 1 and "no eligible instances stored for study" in r.stderr and "Traceback" not in r.stderr
+    # not held here, and nowhere configured to fetch it from (reanalyze fetches from backfill.source when set)
+    assert r.returncode == 2 and "not held here" in r.stderr and "backfill.source" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_unreadable_database_is_a_storage_error_not_a_traceback(tmp_path):
