@@ -5,8 +5,8 @@ docs/haproxy/haproxy.cfg), without the kills.
 
     sudo .venv/bin/python bench/multihost.py [--studies 60] [--parallel 4] [--rounds 2] [--listeners 2]
 
-Two listener hosts (``dicom-node serve``, no workers) behind HAProxy and one worker host (``/readyz`` wants a live
-worker; ``studies.stable_after_s`` is an hour, so it analyses nothing and the run measures receiving only). Each
+Two listener hosts (``dicom-node serve``, no workers) behind HAProxy and one worker host (``studies.stable_after_s``
+is an hour, so it analyses nothing and the run measures receiving only). Each
 round sends ``--studies`` new studies (real radiographs from nih-matched, 256 px, every other study with a second
 image) from the PACS host through HAProxy, ``--parallel`` associations at once, one association per study: first
 with only listener1 in HAProxy (listener2 in maintenance), then with all listeners. Printed per run: instances,
