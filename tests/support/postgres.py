@@ -42,22 +42,25 @@ class PostgresServer:
         if r.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed: {r.stderr[-2000:]}")
 
+    listen: tuple[str, ...] = ()  # addresses to listen on besides 127.0.0.1
+    settings: tuple[str, ...] = ()  # more "-c name=value" server settings
+    hba: tuple[str, ...] = ()  # more pg_hba.conf lines
+
     def start(self) -> "PostgresServer":
         self._run(
             str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER, "-A", "trust", "--no-sync", "-E", "UTF8"
         )
+        if self.hba:
+            with open(self.data / "pg_hba.conf", "a") as fh:
+                fh.writelines(f"{line}\n" for line in self.hba)
+        settings = [f"listen_addresses={','.join(('127.0.0.1', *self.listen))}", *self.settings]
         self.proc = subprocess.Popen(
             [
                 *self._as,
                 str(self.bindir / "postgres"),
-                "-D",
-                str(self.data),
-                "-p",
-                str(self.port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                f"unix_socket_directories={self.folder}",
+                *("-D", str(self.data), "-p", str(self.port)),
+                *("-c", f"unix_socket_directories={self.folder}"),
+                *(arg for setting in settings for arg in ("-c", setting)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -123,39 +123,9 @@ class LanPostgres(PostgresServer):
     def __init__(self, bindir: Path, lan_address: str, lan_network: str):
         super().__init__(bindir)
         self.lan_address, self.lan_network = lan_address, lan_network
-
-    def start(self) -> LanPostgres:
-        self._run(
-            str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.USER, "-A", "trust", "--no-sync", "-E", "UTF8"
-        )
-        with open(self.data / "pg_hba.conf", "a") as fh:
-            fh.write(f"host all all {self.lan_network} trust\n")
-        self.proc = subprocess.Popen(
-            [
-                *self._as,
-                str(self.bindir / "postgres"),
-                *("-D", str(self.data), "-p", str(self.port)),
-                *("-c", f"listen_addresses=127.0.0.1,{self.lan_address}"),
-                *("-c", f"unix_socket_directories={self.folder}"),
-                *("-c", "max_connections=200", "-c", "fsync=off", "-c", "synchronous_commit=off"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(
-            lambda: (
-                self.proc.poll() is not None
-                or subprocess.run(
-                    [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True
-                ).returncode
-                == 0
-            ),
-            60,
-            what="PostgreSQL to accept connections",
-        )
-        if self.proc.poll() is not None:
-            raise RuntimeError("PostgreSQL exited at start-up")
-        return self
+        self.listen = (lan_address,)
+        self.settings = ("max_connections=200", "fsync=off", "synchronous_commit=off")
+        self.hba = (f"host all all {lan_network} trust",)
 
 
 @dataclass
