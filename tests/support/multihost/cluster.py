@@ -30,9 +30,11 @@ import json
 import os
 import queue
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -196,7 +198,9 @@ class Cluster:
         self.skews: dict[str, str | None] = {}
         self.haproxy: subprocess.Popen | None = None
         self.storescp: subprocess.Popen | None = None
-        self.stats_socket = self.folder / "hosts" / "lb" / "admin.sock"
+        # a UNIX socket path has at most 97 characters for HAProxy: a short folder of its own, not the test's
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="dn-lb-"))
+        self.stats_socket = self._socket_dir / "admin.sock"
         self.received = self.folder / "hosts" / "pacs" / "received"
 
     # ---- the machine ----------------------------------------------------------------------------------------
@@ -518,3 +522,4 @@ class Cluster:
                 self.engine.dispose()
             if self.pg is not None:
                 self.pg.stop()
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
