@@ -130,9 +130,18 @@ class Node:
                     self.store.spool.root / "orphans",
                 )
         self.scheduler.start()
-        restored = self.assembler.restore()
-        if restored:
-            log.info("re-armed %d study timers after restart", restored)
+        self.membership.beat()  # the first instance on a database leads at once (and re-arms every study timer)
+        if not self.membership.leads:
+            self._restore_timers()  # a follower re-arms them too: the studies it received are due soon
+        self.scheduler.add_job(  # from now on, also while the workers load their models (longer than a lease)
+            self.membership.beat,
+            "interval",
+            seconds=HEARTBEAT_S,
+            id="heartbeat",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
         for w in self.workers:
             w.start()
         if self.workers:
@@ -159,16 +168,6 @@ class Node:
                 self.membership.snapshot,
             )
             self.web_port = self.web.start()
-        self.membership.beat()  # the first instance on a database leads at once (timers were re-armed above)
-        self.scheduler.add_job(
-            self.membership.beat,
-            "interval",
-            seconds=HEARTBEAT_S,
-            id="heartbeat",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
         self.scheduler.add_job(
             self.membership.leader_only(self._sweep),
             "interval",
@@ -226,12 +225,14 @@ class Node:
     def _became_leader(self) -> None:
         """This instance leads now: what the previous leader left under way is picked up (study timers of every
         listener, moves of a backfill that were in progress)."""
-        if self.scheduler.get_job("heartbeat") is not None:  # taking over (at start, start() re-armed them)
-            restored = self.assembler.restore()
-            if restored:
-                log.info("leader: armed %d study timers", restored)
+        self._restore_timers()
         if self.config.backfill.source is not None:
             self.backfiller.start()
+
+    def _restore_timers(self) -> None:
+        restored = self.assembler.restore()
+        if restored:
+            log.info("re-armed %d study timers after restart", restored)
 
     def _sweep(self) -> None:
         """The leader's housekeeping: studies whose timer is overdue (their listener is gone) are made jobs, and

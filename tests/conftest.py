@@ -102,3 +102,16 @@ def models(tmp_path_factory) -> dict[str, str]:
 
     clf, det = make_tiny_models(tmp_path_factory.mktemp("models"), p_abnormal=0.8, detector_logit=-0.3)
     return {"classifier": str(clf), "detector": str(det)}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A Store on each supported database in turn (a module whose tests need another store defines its own)."""
+    from storage import Store
+
+    url = (
+        f"sqlite:///{tmp_path / 'db.sqlite3'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    )
+    s = Store(url, tmp_path / "var")
+    yield s
+    s.close()

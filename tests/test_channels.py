@@ -209,6 +209,19 @@ def summary(priority: str = "urgent") -> StudySummary:
     return summarise([(ds, strong_prediction())], priority, URGENT_WHY, "https://node.example.org/")
 
 
+def email_dest(port: int, **kw) -> dict:
+    """The SMTP destination of the end-to-end tests: one radiologist's address, on the test's own SMTP server."""
+    return {
+        "type": "email",
+        "name": "mail",
+        "host": "127.0.0.1",
+        "port": port,
+        "from_address": "ai@node.org",
+        "to": ["radiologist@hospital.org"],
+        **kw,
+    }
+
+
 def hl7_dest(port: int, **kw) -> dict:
     return {
         "type": "hl7",
@@ -456,15 +469,7 @@ def test_each_channel_delivers_to_its_peer(node_factory, peers, tmp_path, monkey
             {"type": "webhook", "name": "hook", "url": http.url("/hook"), "hmac_key": HMAC_KEY, **common},
             {"type": "webhook", "name": "teams", "url": http.url("/teams"), "format": "teams", **common},
             {"type": "webhook", "name": "slack", "url": http.url("/slack"), "format": "slack", **common},
-            {
-                "type": "email",
-                "name": "mail",
-                "host": "127.0.0.1",
-                "port": smtp.port,
-                "from_address": "ai@node.org",
-                "to": ["radiologist@hospital.org"],
-                **common,
-            },
+            email_dest(smtp.port, **common),
         ],
         tmp_path,
     )
@@ -651,15 +656,7 @@ def channel_node(node_factory, models, tmp_path, ris, http, smtp) -> NodeProcess
             hl7_dest(ris.port, when="urgent"),
             {"type": "fhir", "name": "fhir", "url": http.url("/fhir"), "token": TOKEN, **common},
             {"type": "webhook", "name": "hook", "url": http.url("/hook"), "hmac_key": HMAC_KEY, **common},
-            {
-                "type": "email",
-                "name": "mail",
-                "host": "127.0.0.1",
-                "port": smtp.port,
-                "from_address": "ai@node.org",
-                "to": ["radiologist@hospital.org"],
-                **common,
-            },
+            email_dest(smtp.port, **common),
         ],
         tmp_path,
         workers={"count": 1, "job_lease_s": 5},

@@ -29,7 +29,6 @@ from dicom_node.outputs.sc import BANNER_RGB, build_sc, render_overlay
 from dicom_node.passwords import hash_password
 from dicom_node.work.priority import ROUTINE, URGENT, study_priority
 from inference.types import FINDING_CLASSES, Finding, Prediction
-from storage import Store
 from storage.base import utcnow
 from storage.ingest import InstanceMeta
 from storage.jobs import ResultSpec
@@ -158,16 +157,6 @@ def meta(sop: str, study: str, requested: str = "") -> InstanceMeta:
 
 def result(sop: str) -> ResultSpec:
     return ResultSpec("sr", sop, "1.2.840.10008.5.1.4.1.1.88.34", "9.9", None, b"DICM" * 10, ("pacs",))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'db.sqlite3'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    )
-    s = Store(url, tmp_path / "var")
-    yield s
-    s.close()
 
 
 def test_urgent_jobs_are_claimed_first_and_their_results_delivered_first(store):

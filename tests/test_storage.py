@@ -16,16 +16,6 @@ from storage.ingest import InstanceMeta
 from storage.jobs import MAX_JOB_CRASHES, ResultSpec
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = (
-        f"sqlite:///{tmp_path / 'db.sqlite3'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    )
-    s = Store(url, tmp_path / "var")
-    yield s
-    s.close()
-
-
 def meta(sop: str, study: str = "1.2.3", eligible: bool = True) -> InstanceMeta:
     return InstanceMeta(
         sop,
