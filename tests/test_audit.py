@@ -42,7 +42,7 @@ def test_the_audit_trail_records_who_sent_what_and_who_was_turned_away(node_fact
     assert not ae.associate("127.0.0.1", node.port, ae_title="WRONG_AE").is_established
     held = [connect(node.port, "127.0.0.4") for _ in range(2)]
     extra = connect(node.port, "127.0.0.4")
-    assert closed_by_peer(extra, 2) is not None
+    assert closed_by_peer(extra, 5) is not None
     for s in held:
         s.close()
 

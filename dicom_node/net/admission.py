@@ -157,7 +157,7 @@ def _calling_ae(assoc) -> str:
 
 A_ASSOCIATE_RQ = 0x01
 PDU_HEADER = struct.Struct(">BBL")
-REQUEST_WAIT_S = 1.0  # most time from accept to the whole A-ASSOCIATE-RQ of a refused connection (and the acse timeout)
+REQUEST_WAIT_S = 3.0  # most time from accept to the whole A-ASSOCIATE-RQ of a refused connection (and the acse timeout)
 LINGER_S = 1.0  # most time the refused peer gets to close first after the RJ (so that it reads the RJ, not a reset)
 MAX_REFUSING = 128  # refused connections handled at once; beyond, the next are closed at once
 
