@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from support.dicom_factory import make_cxr
@@ -126,26 +127,42 @@ LOCAL_LIMIT_EXCEEDED_RJ = (0x02, 0x03, 0x02)  # rejected-transient, service-prov
 def test_associations_over_the_per_host_limit_are_rejected_transient_and_the_node_serves_on(node_factory):
     """30 associations at once from one host with the defaults (8 connections per host, 16 slots): 8 are
     served, the 22 others get an A-ASSOCIATE-RJ a sender retries (not a closed connection), pynetdicom and dcmtk
-    alike."""
+    alike.
+
+    What each requestor received is taken from pynetdicom's ``EVT_PDU_RECV``, not from ``is_rejected``: when the
+    RJ arrives and pynetdicom's own reactor closes the connection (AE-4) before its requesting thread has
+    checked that the connection opened, pynetdicom 3.0 reports the association as aborted with the RJ unread
+    in its queue (a race inside the client, seen about once in 30 on two cores)."""
     node = node_factory()
     start = threading.Barrier(30)
 
     def associate(_):
+        answers: list = []
         ae = AE(ae_title="BUSYPACS")
         ae.add_requested_context(Verification)
         ae.acse_timeout = 10
         start.wait(10)
-        return ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assoc = ae.associate(
+            "127.0.0.1",
+            node.port,
+            ae_title=node.ae_title,
+            evt_handlers=[(evt.EVT_PDU_RECV, lambda event: answers.append(event.pdu))],
+        )
+        return assoc, answers
 
     with ThreadPoolExecutor(30) as pool:
-        assocs = list(pool.map(associate, range(30)))
-    held = [a for a in assocs if a.is_established]
-    rejected = [a for a in assocs if a.is_rejected]
+        results = list(pool.map(associate, range(30)))
+    held = [a for a, _ in results if a.is_established]
+    rejections = [
+        (pdu.result, pdu.source, pdu.reason_diagnostic)
+        for a, answers in results
+        if not a.is_established
+        for pdu in answers
+        if isinstance(pdu, A_ASSOCIATE_RJ)
+    ]
     try:
-        assert len(held) == 8 and len(rejected) == 22, (len(held), len(rejected))
-        for a in rejected:
-            p = a.acceptor.primitive
-            assert (p.result, p.result_source, p.diagnostic) == LOCAL_LIMIT_EXCEEDED_RJ
+        assert len(held) == 8 and len(rejections) == 22, (len(held), rejections)
+        assert set(rejections) == {LOCAL_LIMIT_EXCEEDED_RJ}, rejections
         assert all(a.send_c_echo().Status == 0x0000 for a in held)  # the 8 are served meanwhile
         res = subprocess.run(
             ["echoscu", "-to", "5", "-ta", "5", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
