@@ -5,11 +5,14 @@ client that stalls the TLS handshake holds up nobody; the sender delivers to an 
 from __future__ import annotations
 
 import io
+import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import Config
 from dicom_node.net.sender import Sender
@@ -47,10 +50,11 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-def _tls_node(node_factory, pki: Path, **tls):
+def _tls_node(node_factory, pki: Path, node_settings: dict | None = None, **tls):
     port = free_port()
     node = node_factory(
         node={
+            **(node_settings or {}),
             "acse_timeout_s": 2,
             "tls": {
                 "port": port,
@@ -116,6 +120,30 @@ def test_a_stalled_tls_handshake_holds_up_nobody(node_factory, pki):
     for s in stalled:
         assert closed_by_peer(s, 6) is not None
     assert "TLS handshake failed" in node.log()
+
+
+def test_tls_connections_over_the_per_host_limit_get_the_transient_rejection(node_factory, pki):
+    """A host at its connection limit on the TLS port: its next TLS association gets the A-ASSOCIATE-RJ a sender
+    retries (after a TLS handshake), as on the plain port; one that never starts its handshake is just closed."""
+    node, port = _tls_node(node_factory, pki, {"max_connections_per_peer": 1}, require_client_certificate=True)
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "PACS-CLIENT.pem"), str(pki / "PACS-CLIENT.key"))
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE", tls_args=(ctx, "127.0.0.1"))
+    assert held.is_established  # the host's one connection
+    try:
+        res = echoscu(port, *client(pki, "PACS-CLIENT"))
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "Rejected Transient" in out and "Local Limit Exceeded" in out, out
+        silent = connect(port)  # over the limit too, and no ClientHello: closed after the request wait (2 s)
+        waited = closed_by_peer(silent, 6)
+        assert waited is not None and waited < 4, waited
+        assert held.send_c_echo().Status == 0x0000  # the held association is served meanwhile
+    finally:
+        held.release()
+    wait_for(lambda: echoscu(port, *client(pki, "PACS-CLIENT")).returncode == 0, 5, what="the host served again")
+    assert node.log().count("connections per host") >= 2 and node.proc.poll() is None
 
 
 def test_results_reach_an_orthanc_that_speaks_only_tls(pki, tmp_path):

@@ -9,8 +9,8 @@
 
 - ``process_request``: a connection over the per-host limit of :class:`~dicom_node.net.admission.Admission`
   gets no thread: it goes to the server's :class:`~dicom_node.net.admission.Refuser`, which answers its
-  association request with an A-ASSOCIATE-RJ "local limit exceeded" and closes it (a TLS connection is closed
-  at once: answering would take a TLS handshake first);
+  association request with an A-ASSOCIATE-RJ "local limit exceeded" and closes it (on a TLS connection after
+  a TLS handshake of its own, non-blocking in the refuser's thread);
 - ``get_request``: TCP_NODELAY on every connection; a TLS connection is only wrapped here, its handshake happens
   in the connection's own thread (:mod:`dicom_node.net.tls`), so one client that stalls it stops nobody else;
 - ``shutdown``: as pynetdicom's, without taking the server off the AE's list of the servers ``start_server``
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import socket
 import socketserver
-import ssl
 import threading
 from datetime import datetime
 from typing import Any, cast
@@ -63,14 +62,11 @@ class AcceptorServer(ThreadedAssociationServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """socketserver's hook, called on accept (after ``verify_request``, which accepts all): a connection over
-        the per-host limit goes to the refuser, which answers and closes it (a TLS one is closed at once); any
-        other gets its thread, as pynetdicom's server does."""
+        the per-host limit goes to the refuser, which answers and closes it (TLS too); any other gets its
+        thread, as pynetdicom's server does."""
         host = client_address[0]
         if self.admission is not None and not self.admission.connection_opened(host):
-            if isinstance(request, ssl.SSLSocket):
-                self.shutdown_request(request)
-            else:
-                self.refuser.refuse(request, host)
+            self.refuser.refuse(request, host)
             return
         try:
             super().process_request(request, client_address)

@@ -8,7 +8,8 @@ with a limit of 16 were all refused. Here:
 - **Connections per host.** The server's ``process_request`` (socketserver's hook, called on accept) refuses a
   connection when its host (IP address) already holds ``max_connections_per_peer`` open connections, before
   any thread or DUL exists for it. One host cannot take every connection or thread. The refused connection
-  goes to the :class:`Refuser`: its A-ASSOCIATE-RQ, read within :data:`REQUEST_WAIT_S`, is answered with an
+  goes to the :class:`Refuser`: its A-ASSOCIATE-RQ (after the TLS handshake, on a TLS port), read within
+  :data:`REQUEST_WAIT_S`, is answered with an
   A-ASSOCIATE-RJ "local limit exceeded" (transient: a PACS that opens many associations retries instead of
   seeing a network error), then the connection is closed; nothing arrives in time: it is just closed. The
   refuser is one thread with non-blocking sockets, a deadline on each and at most :data:`MAX_REFUSING` of
@@ -29,6 +30,7 @@ import ipaddress
 import logging
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -175,13 +177,16 @@ class _Refusal:
     header: bytearray = field(default_factory=bytearray)  # the first 6 bytes: the PDU header
     received: int = 0  # bytes read so far (the rest of the request is read and dropped)
     answered: bool = False  # the RJ is sent: waiting for the peer to close
+    handshaking: bool = False  # a TLS connection whose handshake is not done yet
+    events: int = selectors.EVENT_READ  # what the selector waits for (a TLS handshake may want to write)
 
 
 class Refuser:
     """Answers refused connections with an A-ASSOCIATE-RJ and closes them, in one thread of its own.
 
-    For each connection (non-blocking, registered with one selector): read the A-ASSOCIATE-RQ (its header, then
-    its length in bytes, dropped) within ``wait_s`` of accept; send the RJ (10 bytes: a fresh socket's send
+    For each connection (non-blocking, registered with one selector): on a TLS connection (an ``ssl.SSLSocket``
+    not yet handshaken) complete the TLS handshake first, non-blocking; read the A-ASSOCIATE-RQ (its header,
+    then its length in bytes, dropped) within ``wait_s`` of accept; send the RJ (10 bytes: a fresh socket's send
     buffer takes them at once; a send that would block closes the connection); then wait up to ``linger_s``
     for the peer to close first, as an acceptor does after an RJ (PS3.8 state Sta13), so the peer reads the RJ
     rather than a connection reset. Anything else - nothing in time, a PDU that is not an A-ASSOCIATE-RQ, an
@@ -219,7 +224,8 @@ class Refuser:
             full = self._closed or self._count >= self.max_pending
             if not full:
                 self._count += 1
-                self._inbox.append(_Refusal(sock, host, time.monotonic() + self.wait_s))
+                tls = isinstance(sock, ssl.SSLSocket)
+                self._inbox.append(_Refusal(sock, host, time.monotonic() + self.wait_s, handshaking=tls))
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="refuser", daemon=True)
                     self._thread.start()
@@ -267,7 +273,7 @@ class Refuser:
                     if key.data is None:
                         self._drain_wake()
                     else:
-                        self._on_readable(key.data)
+                        self._on_ready(key.data)
                 now = time.monotonic()
                 for key in list(self._selector.get_map().values()):
                     if key.data is not None and key.data.deadline <= now:
@@ -296,40 +302,72 @@ class Refuser:
         except OSError:
             pass
 
-    def _on_readable(self, r: _Refusal) -> None:
+    def _on_ready(self, r: _Refusal) -> None:
+        """The connection can be read (or written, during a TLS handshake): go as far as it allows."""
+        if r.handshaking and not self._handshake(r):
+            return
+        while True:  # until it would block: a TLS socket may hold decrypted bytes the selector cannot see
+            try:
+                data = r.sock.recv(65536)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                return
+            except (OSError, ValueError):  # SSLWantWriteError included: no renegotiation for a refusal
+                data = b""
+            if not data:  # closed by the peer (or an error): done
+                self._finish(r)
+                return
+            if not self._on_data(r, data):
+                return
+
+    def _handshake(self, r: _Refusal) -> bool:
+        """One step of a TLS handshake: True when it is done (the connection is then read)."""
         try:
-            data = r.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:  # closed by the peer (or an error): done
+            r.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._wait_for(r, selectors.EVENT_READ)
+            return False
+        except ssl.SSLWantWriteError:
+            self._wait_for(r, selectors.EVENT_WRITE)
+            return False
+        except (OSError, ValueError):  # a failed handshake, a reset: close, unanswered
             self._finish(r)
-            return
+            return False
+        r.handshaking = False
+        self._wait_for(r, selectors.EVENT_READ)
+        return True
+
+    def _wait_for(self, r: _Refusal, events: int) -> None:
+        if r.events != events:
+            r.events = events
+            self._selector.modify(r.sock, events, r)
+
+    def _on_data(self, r: _Refusal, data: bytes) -> bool:
+        """Bytes of the request (or after the answer): False when the connection is finished with."""
         if r.answered:
-            return  # after the RJ: whatever still comes is dropped until the peer closes
+            return True  # after the RJ: whatever still comes is dropped until the peer closes
         r.received += len(data)
         if len(r.header) < PDU_HEADER.size:
             r.header += data[: PDU_HEADER.size - len(r.header)]
             if len(r.header) < PDU_HEADER.size:
-                return
+                return True
             if r.header[0] != A_ASSOCIATE_RQ:
                 self._finish(r)
-                return
+                return False
         _, _, length = PDU_HEADER.unpack(r.header)
         if r.received < PDU_HEADER.size + length:
-            return  # more of the request to come (before the deadline)
+            return True  # more of the request to come (before the deadline)
         try:
             sent = r.sock.send(self.pdu)
-        except OSError:
+        except (OSError, ValueError):  # SSLWantWriteError included: a fresh connection takes 10 bytes at once
             sent = 0
         if sent != len(self.pdu):
             self._finish(r)
-            return
+            return False
         r.answered = True
         r.deadline = time.monotonic() + self.linger_s
         self.answered += 1
         log.debug("A-ASSOCIATE-RJ (local limit exceeded) sent to %s", r.host)
+        return True
 
     def _finish(self, r: _Refusal, registered: bool = True) -> None:
         if registered:
