@@ -80,13 +80,7 @@ class Node:
 
     def __init__(self, config: Config):
         self.config = config
-        log_cfg = config.logging
-        audit.configure(
-            log_cfg.audit_path(config.storage.root, config.node.instance_name),
-            int(log_cfg.audit_max_mb * 1e6),
-            log_cfg.audit_backups,
-            rotate=True,
-        )
+        configure_audit(config)
         self.instance = config.node.instance_name or default_instance_name()
         self.store = open_store(config, owner=self.instance)  # partial files go to tmp/<instance>/
         self.membership = Membership(self.store, self.instance, self._became_leader)
@@ -351,6 +345,16 @@ class Node:
             self.stop()
 
 
+def configure_audit(config: Config) -> None:
+    """The audit trail of this process: ``serve`` and every worker append to (and rotate) the instance's file."""
+    log_cfg = config.logging
+    audit.configure(
+        log_cfg.audit_path(config.storage.root, config.node.instance_name),
+        int(log_cfg.audit_max_mb * 1e6),
+        log_cfg.audit_backups,
+    )
+
+
 def worker_main(config_data: dict, name: str, parent_pid: int | None, ready: Any = None) -> None:
     """A worker: in a child process of ``serve`` (then it exits when its parent is gone) or in the foreground
     (``dicom-node worker``). Exits on SIGTERM/SIGINT after the job at hand."""
@@ -359,7 +363,7 @@ def worker_main(config_data: dict, name: str, parent_pid: int | None, ready: Any
 
     config = Config.model_validate(config_data)
     setup_logging(config.logging.level)
-    audit.configure(config.logging.audit_path(config.storage.root, config.node.instance_name))  # serve rotates
+    configure_audit(config)
     store = open_store(config, owner=name)  # partial files go to tmp/<name>/
     store.spool.clean_tmp()  # a worker restarted under this name: what its predecessor left was never committed
     try:

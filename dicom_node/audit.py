@@ -26,13 +26,16 @@ the study's folder in the spool, so an operator can find it, while the line itse
 the node's own texts (never a library's exception message).
 
 Every process of the node (``serve``, its workers, ``dicom-node worker``) appends whole lines with ``O_APPEND``
-(atomic for lines of this size on a local filesystem); only ``serve`` rotates the file (``logging.audit_max_mb``,
-``logging.audit_backups``), and a worker's next line opens the new file. :func:`configure` is called by the
+(atomic for lines of this size on a local filesystem), opening the file for each line. Whichever process sees
+the file beyond ``logging.audit_max_mb`` rotates it (keeping ``logging.audit_backups``), under an exclusive
+``flock`` on ``.<name>.lock`` beside it and after checking the size again, so processes sharing one file rotate
+it once; the next line of each opens the new file. :func:`configure` is called by the
 composition root; until then :func:`event` does nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,15 +47,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_state: dict = {"path": None, "max_bytes": 0, "backups": 0, "rotate": False}
+_state: dict = {"path": None, "max_bytes": 0, "backups": 0}
 
 
-def configure(path: str | os.PathLike | None, max_bytes: int = 0, backups: int = 0, rotate: bool = False) -> None:
-    """Write the trail to ``path`` (None: nowhere). ``rotate``: this process rotates it beyond ``max_bytes``."""
+def configure(path: str | os.PathLike | None, max_bytes: int = 0, backups: int = 0) -> None:
+    """Write the trail to ``path`` (None: nowhere), rotated beyond ``max_bytes`` (0: never; see the module)."""
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     with _lock:
-        _state.update(path=Path(path) if path else None, max_bytes=max_bytes, backups=backups, rotate=rotate)
+        _state.update(path=Path(path) if path else None, max_bytes=max_bytes, backups=backups)
 
 
 def study_key(study_uid: str) -> str:
@@ -74,10 +77,22 @@ def event(name: str, **fields) -> None:
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            if _state["rotate"] and _state["max_bytes"] and size > _state["max_bytes"]:
-                _rotate(path, _state["backups"])
+            if _state["max_bytes"] and size > _state["max_bytes"]:
+                _rotate_if_over(path, _state["max_bytes"], _state["backups"])
         except OSError as exc:
             log.error("audit trail %s cannot be written (%s)", path, exc.strerror)
+
+
+def _rotate_if_over(path: Path, max_bytes: int, backups: int) -> None:
+    """Rotate ``path`` if it is still beyond ``max_bytes`` once this process holds the rotation lock (another
+    process of the node may have rotated it meanwhile)."""
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.stat().st_size > max_bytes:
+                _rotate(path, backups)
+        except FileNotFoundError:
+            pass  # rotated away with no backups kept, by another process
 
 
 def _rotate(path: Path, backups: int) -> None:

@@ -5,6 +5,9 @@ checked in the end-to-end test with Orthanc, where they happen.)"""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from pynetdicom import AE
@@ -77,3 +80,28 @@ def test_the_audit_trail_rotates_and_keeps_whole_lines(node_factory, tmp_path):
         assert f.stat().st_size < 4000
         for line in f.read_text().splitlines():
             json.loads(line)
+
+
+def test_processes_sharing_one_trail_rotate_it_once_per_limit(tmp_path):
+    """``serve`` and its workers, or a standalone ``dicom-node worker``, append to one instance's file, and each may
+    rotate it: three processes writing at once leave every kept file whole, each old one full (rotated once, past
+    the limit; a second rotation by another process would have left a small one) and none far beyond the limit."""
+    path = tmp_path / "audit-host-a.jsonl"
+    limit = 4000
+    script = (
+        "import sys, time\nfrom dicom_node import audit\n"
+        "audit.configure(sys.argv[1], int(sys.argv[2]), 3)\n"
+        "time.sleep(max(0.0, float(sys.argv[4]) - time.time()))\n"  # all three start writing together
+        "for i in range(500):\n    audit.event('probe', n=i, writer=sys.argv[3])\n"
+    )
+    start = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(limit), str(k), start]) for k in range(3)]
+    assert all(p.wait(60) == 0 for p in procs)
+    names = sorted(p.name for p in tmp_path.glob("audit-host-a.jsonl*"))
+    backups = [f"{path.name}.{i}" for i in (1, 2, 3)]
+    assert names in ([path.name, *backups], backups), names  # no current file when the last line rotated it
+    for i in (1, 2, 3):
+        size = path.with_name(f"{path.name}.{i}").stat().st_size
+        assert limit < size < limit + 3 * 200, (i, size)  # full, and at most a line per process beyond
+    for f in tmp_path.glob("audit-host-a.jsonl*"):
+        assert all(json.loads(line)["event"] == "probe" for line in f.read_text().splitlines())
