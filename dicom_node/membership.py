@@ -65,6 +65,7 @@ class Membership:
         with self._lock:
             try:
                 self.store.sync_clock()
+                self.store.spool.keep_tmp()
                 role = self.store.node_heartbeat(self.name, LEASE_S)
             except Exception as exc:  # noqa: BLE001 - the database is away: say so, keep beating
                 log.warning("instance %s: heartbeat not recorded: %s", self.name, exc)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from storage.errors import StorageError
 
+TMP_FOLDER_IDLE_S = 600.0  # an empty tmp/<owner>/ nobody touched for this long is a gone process's: removed
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -45,8 +47,19 @@ class Spool:
         self.tmp = self.tmp_root / self.owner if self.owner else self.tmp_root
         self.files = self.root / "spool"
         self.results = self.root / "results"
-        for d in (self.tmp, self.files, self.results):
+        for d in (self.files, self.results):
             d.mkdir(parents=True, exist_ok=True)
+        self.keep_tmp()
+
+    def keep_tmp(self) -> None:
+        """Mark this process's ``tmp/<owner>/`` as in use (its time set to now; made again if it is gone): at start
+        and at every heartbeat, so that a leader's :meth:`clean_tmp_of` never removes the folder of a process that
+        runs, however stale its heartbeat row (a worker restarted under the same name, a database that was away)."""
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            os.utime(self.tmp)
+        except OSError as exc:
+            raise StorageError(f"cannot keep the tmp folder: {exc.strerror}") from exc
 
     def relative(self, path: Path) -> str:
         """How the database keeps a spool file's path: relative to the root, the same on every host."""
@@ -143,8 +156,9 @@ class Spool:
     def clean_tmp_of(self, live_owners: set[str], min_age_s: float) -> int:
         """Remove the partial files of processes that are gone (a host lost mid-transfer: never acknowledged):
         files under ``tmp/<owner>/`` for owners not in ``live_owners``, untouched for ``min_age_s``; the folder
-        goes too once empty; likewise files in ``tmp/`` itself (a command's, or written before owners existed).
-        Returns how many files were removed."""
+        goes too once empty and untouched for :data:`TMP_FOLDER_IDLE_S` (a running process touches its own at
+        every heartbeat: :meth:`keep_tmp`); likewise files in ``tmp/`` itself (a command's, or written before
+        owners existed). Returns how many files were removed."""
         n, now = 0, time.time()
         live = {_safe_owner(o) for o in live_owners}
 
@@ -165,7 +179,7 @@ class Spool:
                 continue
             n += sum(remove_old(p) for p in entry.iterdir())
             try:
-                if now - entry.stat().st_mtime >= min_age_s:  # not the folder of a process starting up right now
+                if now - entry.stat().st_mtime >= max(min_age_s, TMP_FOLDER_IDLE_S):  # no process keeps it
                     entry.rmdir()
             except OSError:  # not empty: files of a transfer still being written, or too young
                 pass

@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from storage import Store
 from storage.base import utcnow
 from storage.cluster import DuplicateInstanceError
+from storage.spool import Spool
 from support.dcmtk import DcmtkStoreSCP
 from support.dicom_factory import make_cxr
 from support.node import NodeProcess, wait_for
@@ -192,6 +193,28 @@ def test_partial_files_of_a_gone_process_are_removed_never_a_live_ones(tmp_path)
         ]
     finally:
         store.close()
+
+
+def test_a_process_restarted_under_its_name_keeps_its_tmp_folder_through_the_leaders_sweep(tmp_path):
+    """A worker killed and restarted under the same name is not live until its first heartbeat (after its models
+    load): the leader's sweep meanwhile must leave its (empty, long untouched) tmp folder, or every write of the
+    restarted worker fails. An empty folder nobody has touched for 10 minutes is removed."""
+    root = tmp_path / "var"
+    leader = Store(f"sqlite:///{tmp_path / 'db.sqlite3'}", root, 0, owner="leader")
+    try:
+        tmp = leader.spool.tmp_root
+        (tmp / "worker-1").mkdir()
+        (tmp / "gone-long-ago").mkdir()
+        an_hour_ago = time.time() - 3600
+        for folder in ("worker-1", "gone-long-ago"):
+            os.utime(tmp / folder, (an_hour_ago, an_hour_ago))
+        restarted = Spool(root, owner="worker-1")  # the worker starts again, its heartbeat not recorded yet
+        leader.spool.clean_tmp_of({"leader"}, min_age_s=15)
+        assert sorted(p.name for p in tmp.iterdir()) == ["leader", "worker-1"]
+        restarted.write_file(b"a result", root / "results" / "r.dcm")  # its writes go through its tmp folder
+        assert (root / "results" / "r.dcm").read_bytes() == b"a result"
+    finally:
+        leader.close()
 
 
 def _ready(node: NodeProcess) -> dict:

@@ -49,6 +49,7 @@ class Worker:
         while True:
             try:
                 self.store.sync_clock()  # leases are on the database's clock: follow this host's clock if it steps
+                self.store.spool.keep_tmp()  # this worker's tmp/ folder is in use (a leader never removes it)
                 self.store.worker_heartbeat(self.name, os.getpid(), host, self.models, self.current_job)
             except StorageError as exc:
                 log.warning("worker %s: heartbeat not recorded: %s", self.name, exc)

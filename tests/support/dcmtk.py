@@ -66,20 +66,28 @@ class DcmtkStoreSCP:
             self.proc.wait(10)
 
     def received(self) -> list[pydicom.Dataset]:
-        return [pydicom.dcmread(p) for p in sorted(self.out.iterdir()) if p.is_file()]
+        """The data sets storescp has finished writing (it writes in place: one still being written is left out
+        until it is whole)."""
+        whole = (_whole(p) for p in sorted(self.out.iterdir()) if p.is_file())
+        return [ds for ds in whole if ds is not None]
 
     def dataset(self, sop_uid: str) -> pydicom.Dataset | None:
         """The received data set once storescp has finished writing it, else None."""
         for p in self.out.iterdir():
             if p.name.endswith("." + sop_uid):
-                try:
-                    ds = pydicom.dcmread(p)
-                    ds.PixelData  # noqa: B018 - the whole file is there
-                    return ds
-                except Exception:  # noqa: BLE001 - still being written
-                    return None
+                return _whole(p)
         return None
 
     def received_uids(self) -> set[str]:
         """SOP Instance UIDs received (storescp names files <modality>.<SOP Instance UID>)."""
         return {p.name.split(".", 1)[1] for p in self.out.iterdir()}
+
+
+def _whole(path: Path) -> pydicom.Dataset | None:
+    """The data set in ``path`` read to its end, or None while it is still being written."""
+    try:
+        ds = pydicom.dcmread(path)
+        ds.get("PixelData")  # read everything, pixel data included
+        return ds
+    except Exception:  # noqa: BLE001 - still being written: truncated, no preamble yet
+        return None
