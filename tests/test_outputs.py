@@ -212,6 +212,8 @@ def test_sr_is_shaped_as_viewers_read_it(tmp_path, source):
         ((10, 50, 80, 150), None, "Right"),  # image left = patient's right on a PA/AP chest as displayed
         ((120, 50, 190, 150), None, "Left"),
         ((10, 50, 80, 150), ["R", "F"], "Left"),  # flipped: columns run towards the patient's right
+        ((10, 50, 80, 150), ["RA", "F"], "Left"),  # oblique: by its left-right letter
+        ((10, 50, 80, 150), ["P", "F"], None),  # a lateral film: the image's halves are not the patient's sides
         ((60, 50, 150, 150), None, None),  # across the midline: no side
     ],
 )
@@ -440,6 +442,22 @@ def test_sc_on_real_radiographs(tmp_path, real_source):
     pred = abnormal(rows, cols)
     sc = write_and_check(build_sc(real_source, load_image(real_source), pred, **uids(9002)), tmp_path / "sc.dcm")
     check_sc(sc, real_source, pred)
+
+
+@pytest.mark.parametrize(
+    "orientation,expected",
+    [
+        (["P", "FL"], ["P", "FL"]),  # oblique, valid: kept (highdicom's SCImage alone refuses it)
+        (["L", "F"], ["L", "F"]),
+        (["LR", "F"], None),  # both ends of one axis: not an orientation, left empty (unknown, not invented)
+        (["X", "F"], None),
+    ],
+)
+def test_sc_keeps_the_sources_patient_orientation_oblique_too(tmp_path, orientation, expected):
+    src = make_cxr(rows=256, cols=200, PatientOrientation=orientation)
+    pred = abnormal(256, 200)
+    sc = write_and_check(build_sc(src, np.zeros((256, 200), np.float32), pred, **uids(9002)), tmp_path / "sc.dcm")
+    assert (list(sc.PatientOrientation) if sc.PatientOrientation else None) == expected
 
 
 def test_sc_refuses_an_image_of_another_size(source):

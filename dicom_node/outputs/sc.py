@@ -114,20 +114,28 @@ def render_overlay(
 
 
 def _orientation(source: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation when valid (one or more of A, P, R, L, H, F for each direction: oblique
+    values such as P\\FL included), else None."""
     value = source.get("PatientOrientation")
     if value is None or len(value) != 2:
         return None
-    allowed = set("AHFLPR")
     row, col = (str(v).strip().upper() for v in value)
-    if row and col and set(row) <= allowed and set(col) <= allowed:
-        return row, col
-    return None
+    return (row, col) if _direction(row) and _direction(col) else None
+
+
+def _direction(value: str) -> bool:
+    """One direction of Patient Orientation (PS3.3 C.7.6.1.1.1): 1 to 3 letters, at most one of each axis."""
+    axes = ("AP", "RL", "HF")
+    return (
+        0 < len(value) <= 3
+        and all(any(c in axis for axis in axes) for c in value)
+        and all(sum(c in axis for c in value) <= 1 for axis in axes)
+    )
 
 
 def _sc_image(
     source: Dataset,
     rgb: np.ndarray,
-    orientation,
     models,
     *,
     series_uid,
@@ -147,7 +155,7 @@ def _sc_image(
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=identity.manufacturer,
-        patient_orientation=orientation or ("L", "F"),
+        patient_orientation=("L", "F"),  # replaced after construction: SCImage takes only one letter each
         contributing_equipment=[contributing_equipment(identity, models)] if models else None,
         series_description=SERIES_DESCRIPTION["sc"],
         manufacturer_model_name=identity.model_name[:64],
@@ -188,7 +196,6 @@ def build_sc(
             sc = _sc_image(
                 source,
                 rgb,
-                orientation,
                 models,
                 series_uid=series_uid,
                 sop_uid=sop_uid,
@@ -198,19 +205,20 @@ def build_sc(
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"cannot build the Secondary Capture: {library_error(exc)}") from exc
-    _after_construction(sc, source, orientation_known=orientation is not None)
+    _after_construction(sc, source, orientation)
     comment = urgent_comment(priority, priority_reasons)
     if comment is not None:
         sc.ImageComments = comment[:10240]
     return sc
 
 
-def _after_construction(sc: Dataset, source: Dataset, *, orientation_known: bool) -> None:
+def _after_construction(sc: Dataset, source: Dataset, orientation: tuple[str, str] | None) -> None:
     """What highdicom's ``SCImage`` cannot be given, set on the built image: the one edit after construction.
 
-    - Patient Orientation emptied (Type 2C: unknown, not invented) when the source has no valid one: for the
-      PATIENT coordinate system (the other, SLIDE, is for microscopy) ``SCImage`` requires an orientation, so an
-      unknown one is passed as L\\F and blanked here.
+    - Patient Orientation as the source has it, or empty (Type 2C: unknown, not invented) when it has no valid
+      one: for the PATIENT coordinate system (the other, SLIDE, is for microscopy) ``SCImage`` requires an
+      orientation of one letter per direction, so it is given L\\F, and an oblique one (``P\\FL``) or none is
+      set here.
     - Body Part Examined from the source, or an empty Laterality (:func:`copy_body_part`): ``SCImage`` takes no
       body part, and a laterality only as R or L.
     - Image Type DERIVED\\SECONDARY: ``SCImage`` writes DERIVED\\SECONDARY\\OTHER.
@@ -222,8 +230,7 @@ def _after_construction(sc: Dataset, source: Dataset, *, orientation_known: bool
     Series Date/Time are not set here: they go to the constructor (:func:`series_dates`). View Position is
     deliberately not copied: the SC is not a radiograph to analyse.
     """
-    if not orientation_known:
-        sc.PatientOrientation = ""
+    sc.PatientOrientation = list(orientation) if orientation else ""
     copy_body_part(sc, source)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"

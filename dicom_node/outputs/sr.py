@@ -121,7 +121,8 @@ def _patient_side(ds: Dataset, box: tuple[float, float, float, float]) -> Code |
 
     Which side of the image is the patient's right: Patient Orientation's row direction says where the
     columns run ("L": towards the patient's left, the usual display of a PA or AP chest); without it the
-    usual display is assumed."""
+    usual display is assumed. Columns that run neither way (a lateral film: "A" or "P") give no side; an oblique
+    row direction ("LP") counts by its left-right letter."""
     cols = float(ds.Columns)
     x0, x1 = sorted((min(max(float(box[0]), 0.0), cols), min(max(float(box[2]), 0.0), cols)))
     width = x1 - x0
@@ -129,9 +130,11 @@ def _patient_side(ds: Dataset, box: tuple[float, float, float, float]) -> Code |
         return None
     on_left = (min(x1, cols / 2) - min(x0, cols / 2)) / width  # share of the box in the image's left half
     orientation = ds.get("PatientOrientation")
-    rows_towards = str(orientation[0]).upper()[:1] if orientation and len(orientation) == 2 else "L"
+    rows_towards = str(orientation[0]).strip().upper() if orientation and len(orientation) == 2 else "L"
+    if rows_towards and "L" not in rows_towards and "R" not in rows_towards:
+        return None  # the image's halves are not the patient's sides
     left_half_is, right_half_is = codes.SCT.Right, codes.SCT.Left  # the usual display of a PA/AP chest
-    if rows_towards == "R":  # columns run towards the patient's right: flipped
+    if "R" in rows_towards:  # columns run towards the patient's right: flipped
         left_half_is, right_half_is = right_half_is, left_half_is
     if on_left >= 0.85:
         return left_half_is
