@@ -17,7 +17,7 @@ from storage.base import database_errors, utcnow
 from storage.cluster import NODE_STALE_S, ClusterStore
 from storage.db import BackfillStudy, Delivery, FindingRow, Instance, Job, Purge, Study, WorkerRow
 from storage.jobs import worker_state
-from storage.states import DeliveryState, JobState
+from storage.states import DeliveryState, JobState, QueuePriority
 
 
 class ReportingStore(ClusterStore):
@@ -116,6 +116,11 @@ class ReportingStore(ClusterStore):
             now = utcnow()
             workers = s.execute(select(WorkerRow.state, WorkerRow.heartbeat_at)).all()
             oldest_queued = s.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.QUEUED))
+            urgent_queued = s.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.state == JobState.QUEUED, Job.priority == QueuePriority.URGENT)
+            )
             purged = s.execute(
                 select(
                     func.coalesce(func.sum(Purge.studies), 0),
@@ -133,6 +138,7 @@ class ReportingStore(ClusterStore):
                     state: sum(1 for st, hb in workers if worker_state(st, hb, now) == state)
                     for state in ("alive", "stale", "dead")
                 },
+                "urgent_queued_jobs": int(urgent_queued or 0),
                 "oldest_queued_job_age_s": (
                     round((now - oldest_queued).total_seconds(), 1) if oldest_queued is not None else None
                 ),

@@ -342,12 +342,14 @@ def test_status_json_documented_shape(node_factory, tmp_path):
         "jobs",
         "deliveries",
         "workers",
+        "urgent_queued_jobs",
         "oldest_queued_job_age_s",
         "purged",
         "last_activity",
         "nodes",
     }
     assert st["workers"] == {"alive": 0, "stale": 0, "dead": 0} and st["oldest_queued_job_age_s"] >= 0
+    assert st["urgent_queued_jobs"] == 0  # a routine study
     assert st["purged"] == {"studies": 0, "instances": 0, "bytes": 0, "last_at": None}
     assert st["studies"] == {"total": 1, "receiving": 0, "complete": 1}
     assert set(st["jobs"]) == {"total", "queued", "running", "done", "failed"}

@@ -293,6 +293,9 @@ def test_an_urgent_study_sent_behind_20_routine_ones_is_analysed_before_them(nod
     urgent = make_cxr(tmp_path / "stat.dcm", patient_id="STAT-PATIENT", RequestedProcedurePriority="STAT")
     assert node.storescu(tmp_path / "stat.dcm").returncode == 0
     wait_for(lambda: node.status()["jobs"]["queued"] == 21, 60, what="the urgent study queued behind them")
+    shown = node.cli("status")
+    assert "urgent queued: 1" in shown.stdout and node.status()["urgent_queued_jobs"] == 1, shown.stdout
+    assert 'data-queue="urgent">1<' in console_page(node.web_url, "/")  # the overview's queue card
 
     run_worker(node, tmp_path / "worker.log", lambda: node.status()["jobs"]["done"] == 21)
     jobs = node.rows("SELECT id, study_uid, priority, priority_reasons, started_at, finished_at FROM jobs")

@@ -180,7 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for section in ("instances", "studies", "jobs", "deliveries", "workers", "purged"):
         print(f"{section:11s} " + "  ".join(f"{k}={v}" for k, v in report[section].items()))
     age = report["oldest_queued_job_age_s"]
-    print(f"oldest queued job: {'-' if age is None else f'{age:.0f} s'}")
+    print(f"oldest queued job: {'-' if age is None else f'{age:.0f} s'}; urgent queued: {report['urgent_queued_jobs']}")
     for k, v in report["last_activity"].items():
         print(f"last {k.replace('_', ' ')}: {v or '-'}")
     for n in report["nodes"]:  # the serve instances sharing this database
