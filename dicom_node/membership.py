@@ -62,10 +62,10 @@ class Membership:
     def beat(self) -> str:
         """One heartbeat (scheduled every HEARTBEAT_S; also once at start). A beat that cannot reach the database
         leaves the role as it was: a leader whose lease runs out meanwhile finds out at its next beat."""
+        self.store.spool.keep_tmp()  # with or without the database: a leader never removes a running one's tmp/
         with self._lock:
             try:
                 self.store.sync_clock()
-                self.store.spool.keep_tmp()
                 role = self.store.node_heartbeat(self.name, LEASE_S)
             except Exception as exc:  # noqa: BLE001 - the database is away: say so, keep beating
                 log.warning("instance %s: heartbeat not recorded: %s", self.name, exc)

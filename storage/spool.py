@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 from storage.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 TMP_FOLDER_IDLE_S = 600.0  # an empty tmp/<owner>/ nobody touched for this long is a gone process's: removed
 
@@ -47,19 +50,21 @@ class Spool:
         self.tmp = self.tmp_root / self.owner if self.owner else self.tmp_root
         self.files = self.root / "spool"
         self.results = self.root / "results"
-        for d in (self.files, self.results):
+        for d in (self.files, self.results, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        self.keep_tmp()
+        if self.owner:
+            self.keep_tmp()
 
     def keep_tmp(self) -> None:
         """Mark this process's ``tmp/<owner>/`` as in use (its time set to now; made again if it is gone): at start
         and at every heartbeat, so that a leader's :meth:`clean_tmp_of` never removes the folder of a process that
-        runs, however stale its heartbeat row (a worker restarted under the same name, a database that was away)."""
+        runs, however stale its heartbeat row (a worker restarted under the same name, a database that was away).
+        Never raises: a spool that cannot be reached is reported by the writes that need it."""
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
             os.utime(self.tmp)
         except OSError as exc:
-            raise StorageError(f"cannot keep the tmp folder: {exc.strerror}") from exc
+            log.warning("tmp folder %s not kept: %s", self.tmp, exc.strerror)
 
     def relative(self, path: Path) -> str:
         """How the database keeps a spool file's path: relative to the root, the same on every host."""

@@ -212,8 +212,9 @@ def test_sr_is_shaped_as_viewers_read_it(tmp_path, source):
         ((10, 50, 80, 150), None, "Right"),  # image left = patient's right on a PA/AP chest as displayed
         ((120, 50, 190, 150), None, "Left"),
         ((10, 50, 80, 150), ["R", "F"], "Left"),  # flipped: columns run towards the patient's right
-        ((10, 50, 80, 150), ["RA", "F"], "Left"),  # oblique: by its left-right letter
+        ((10, 50, 80, 150), ["RA", "F"], "Left"),  # oblique: by its principal (first) letter
         ((10, 50, 80, 150), ["P", "F"], None),  # a lateral film: the image's halves are not the patient's sides
+        ((10, 50, 80, 150), ["PL", "F"], None),  # mainly lateral
         ((60, 50, 150, 150), None, None),  # across the midline: no side
     ],
 )
@@ -450,7 +451,9 @@ def test_sc_on_real_radiographs(tmp_path, real_source):
         (["P", "FL"], ["P", "FL"]),  # oblique, valid: kept (highdicom's SCImage alone refuses it)
         (["L", "F"], ["L", "F"]),
         (["LR", "F"], None),  # both ends of one axis: not an orientation, left empty (unknown, not invented)
+        (["L", "R"], None),  # rows and columns along one axis
         (["X", "F"], None),
+        ("LF", None),  # one value, not two
     ],
 )
 def test_sc_keeps_the_sources_patient_orientation_oblique_too(tmp_path, orientation, expected):

@@ -124,8 +124,15 @@ def test_a_stalled_tls_handshake_holds_up_nobody(node_factory, pki):
 
 def test_tls_connections_over_the_per_host_limit_get_the_transient_rejection(node_factory, pki):
     """A host at its connection limit on the TLS port: its next TLS association gets the A-ASSOCIATE-RJ a sender
-    retries (after a TLS handshake), as on the plain port; one that never starts its handshake is just closed."""
-    node, port = _tls_node(node_factory, pki, {"max_connections_per_peer": 1}, require_client_certificate=True)
+    retries (after a TLS handshake), as on the plain port; a client certificate not on the list gets no answer,
+    and one that never starts its handshake is just closed."""
+    node, port = _tls_node(
+        node_factory,
+        pki,
+        {"max_connections_per_peer": 1},
+        require_client_certificate=True,
+        allowed_client_names=["PACS-CLIENT"],
+    )
     ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     ctx.load_cert_chain(str(pki / "PACS-CLIENT.pem"), str(pki / "PACS-CLIENT.key"))
     ae = AE(ae_title="PACS")
@@ -136,6 +143,9 @@ def test_tls_connections_over_the_per_host_limit_get_the_transient_rejection(nod
         res = echoscu(port, *client(pki, "PACS-CLIENT"))
         out = res.stdout + res.stderr
         assert res.returncode != 0 and "Rejected Transient" in out and "Local Limit Exceeded" in out, out
+        intruder = echoscu(port, *client(pki, "INTRUDER"))  # signed by the CA, not on the list: no answer at all
+        assert intruder.returncode != 0 and "Rejected" not in intruder.stdout + intruder.stderr
+        wait_for(lambda: "not in node.tls.allowed_client_names" in node.log(), 5, what="the intruder's refusal")
         silent = connect(port)  # over the limit too, and no ClientHello: closed after the request wait (2 s)
         waited = closed_by_peer(silent, 6)
         assert waited is not None and waited < 4, waited

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
 import threading
 from datetime import datetime
 from typing import Any, cast
@@ -33,7 +34,7 @@ from dicom_node.net.admission import REQUEST_WAIT_S, Admission, Refuser
 from dicom_node.net.fastpath import no_delay
 from dicom_node.net.pynetdicom_internals import AcceptorRequestHandler, check_version
 from dicom_node.net.spoolfile import cleanup_receive_files
-from dicom_node.net.tls import TLSAccept, wrap_accepted
+from dicom_node.net.tls import TLSAccept, client_allowed, wrap_accepted
 
 
 class AcceptorServer(ThreadedAssociationServer):
@@ -57,8 +58,14 @@ class AcceptorServer(ThreadedAssociationServer):
         with self._refuser_lock:
             if self._refuser is None:
                 acse = getattr(self.ae, "acse_timeout", None)
-                self._refuser = Refuser(wait_s=min(REQUEST_WAIT_S, acse) if acse else REQUEST_WAIT_S)
+                self._refuser = Refuser(
+                    wait_s=min(REQUEST_WAIT_S, acse) if acse else REQUEST_WAIT_S,
+                    tls_client_allowed=self._tls_client_allowed,
+                )
             return self._refuser
+
+    def _tls_client_allowed(self, sock: ssl.SSLSocket, host: str) -> bool:
+        return self.tls_accept is None or client_allowed(sock, self.tls_accept, host)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """socketserver's hook, called on accept (after ``verify_request``, which accepts all): a connection over

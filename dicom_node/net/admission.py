@@ -35,7 +35,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dicom_node import audit, metrics
@@ -199,8 +199,10 @@ class Refuser:
         wait_s: float = REQUEST_WAIT_S,
         linger_s: float = LINGER_S,
         max_pending: int = MAX_REFUSING,
+        tls_client_allowed: Callable[[ssl.SSLSocket, str], bool] | None = None,
     ):
         self.pdu = reject_pdu(*reject)
+        self.tls_client_allowed = tls_client_allowed  # after a TLS handshake: False closes it unanswered
         self.wait_s = wait_s
         self.linger_s = linger_s
         self.max_pending = max_pending
@@ -306,7 +308,7 @@ class Refuser:
         """The connection can be read (or written, during a TLS handshake): go as far as it allows."""
         if r.handshaking and not self._handshake(r):
             return
-        while True:  # until it would block: a TLS socket may hold decrypted bytes the selector cannot see
+        while True:  # one read per readiness, more only for decrypted bytes a TLS socket holds (unseen by select)
             try:
                 data = r.sock.recv(65536)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
@@ -317,6 +319,8 @@ class Refuser:
                 self._finish(r)
                 return
             if not self._on_data(r, data):
+                return
+            if not (isinstance(r.sock, ssl.SSLSocket) and r.sock.pending()):
                 return
 
     def _handshake(self, r: _Refusal) -> bool:
@@ -333,6 +337,9 @@ class Refuser:
             self._finish(r)
             return False
         r.handshaking = False
+        if self.tls_client_allowed is not None and not self.tls_client_allowed(r.sock, r.host):  # type: ignore[arg-type]
+            self._finish(r)  # a certificate not on the list: no answer, as on a connection within the limit
+            return False
         self._wait_for(r, selectors.EVENT_READ)
         return True
 

@@ -89,6 +89,12 @@ def finish_handshake(sock: ssl.SSLSocket, accept: TLSAccept, host: str) -> bool:
     except (OSError, ssl.SSLError) as exc:
         why = getattr(exc, "reason", None) or "timeout"
         return _refused(host, f"TLS handshake failed ({type(exc).__name__}: {why})")
+    return client_allowed(sock, accept, host)
+
+
+def client_allowed(sock: ssl.SSLSocket, accept: TLSAccept, host: str) -> bool:
+    """After the handshake: does the client certificate carry one of ``allowed_names`` (when there are any)?
+    False is logged and audited."""
     if accept.allowed_names:
         names = peer_names(sock)
         if not names & accept.allowed_names:

@@ -8,6 +8,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node.outputs import codes as C
+from dicom_node.outputs.source import patient_orientation
 
 __all__ = ["image_library"]
 
@@ -39,8 +40,8 @@ def image_library(sources: list[Dataset]) -> hd.sr.ContainerContentItem:
             )
         for name, value in ((codes.DCM.PixelDataRows, ds.Rows), (codes.DCM.PixelDataColumns, ds.Columns)):
             items.append(hd.sr.NumContentItem(name=name, value=int(value), unit=_PIXELS, relationship_type=acq))
-        orientation = [str(v).strip() for v in (ds.get("PatientOrientation") or [])]
-        if len(orientation) == 2 and all(orientation):
+        orientation = patient_orientation(ds)
+        if orientation is not None:
             items.append(
                 hd.sr.TextContentItem(name=codes.DCM.PatientOrientationRow, value=orientation[0], relationship_type=acq)
             )

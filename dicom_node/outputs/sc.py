@@ -31,7 +31,7 @@ from dicom_node.outputs.codes import finding_label
 from dicom_node.outputs.equipment import NodeIdentity, contributing_equipment
 from dicom_node.outputs.library_messages import library_error, no_phi_warnings
 from dicom_node.outputs.series import SERIES_DESCRIPTION, series_dates
-from dicom_node.outputs.source import copy_body_part, require_source_image, source_header
+from dicom_node.outputs.source import copy_body_part, patient_orientation, require_source_image, source_header
 from inference.types import Prediction
 
 __all__ = ["build_sc", "render_overlay"]
@@ -113,26 +113,6 @@ def render_overlay(
     return canvas, band
 
 
-def _orientation(source: Dataset) -> tuple[str, str] | None:
-    """The source's Patient Orientation when valid (one or more of A, P, R, L, H, F for each direction: oblique
-    values such as P\\FL included), else None."""
-    value = source.get("PatientOrientation")
-    if value is None or len(value) != 2:
-        return None
-    row, col = (str(v).strip().upper() for v in value)
-    return (row, col) if _direction(row) and _direction(col) else None
-
-
-def _direction(value: str) -> bool:
-    """One direction of Patient Orientation (PS3.3 C.7.6.1.1.1): 1 to 3 letters, at most one of each axis."""
-    axes = ("AP", "RL", "HF")
-    return (
-        0 < len(value) <= 3
-        and all(any(c in axis for axis in axes) for c in value)
-        and all(sum(c in axis for c in value) <= 1 for axis in axes)
-    )
-
-
 def _sc_image(
     source: Dataset,
     rgb: np.ndarray,
@@ -189,7 +169,7 @@ def build_sc(
     if tuple(prediction.image_size) != shape:
         raise EncodingError("prediction image size does not match the image: boxes would be misplaced")
     rgb, _band = render_overlay(image01, prediction, priority, priority_reasons)
-    orientation = _orientation(source)
+    orientation = patient_orientation(source)
     models = tuple(prediction.models) or tuple(identity.models)
     try:
         with no_phi_warnings():

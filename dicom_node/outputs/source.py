@@ -3,7 +3,8 @@
 - :func:`require_source_image` and :func:`check_same_study`: the source(s) have what an output refers to;
 - :func:`source_header`: a cleaned copy of the source's header (without pixel data) that highdicom copies patient
   and study from;
-- :func:`copy_body_part`: General Series' Body Part Examined (or an empty Laterality), set on the built output.
+- :func:`copy_body_part`: General Series' Body Part Examined (or an empty Laterality), set on the built output;
+- :func:`patient_orientation`: the source's Patient Orientation when it is a valid one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError
 
-__all__ = ["check_same_study", "require_source_image", "source_header", "copy_body_part"]
+__all__ = ["check_same_study", "require_source_image", "source_header", "copy_body_part", "patient_orientation"]
+
+_AXES = ("AP", "RL", "HF")
 
 # Type 2 patient/study attributes that highdicom reads from a source; real files lack some of them.
 _TYPE2_FROM_SOURCE = (
@@ -167,3 +170,28 @@ def copy_body_part(out: Dataset, source: Dataset) -> None:
         out.BodyPartExamined = source.BodyPartExamined
     elif "Laterality" not in out:
         out.Laterality = ""
+
+
+def patient_orientation(ds: Dataset) -> tuple[str, str] | None:
+    """Patient Orientation (PS3.3 C.7.6.1.1.1) as (row direction, column direction) when valid, else None: two
+    values, each of 1 to 3 letters among A/P, R/L, H/F with at most one per axis, the first (principal) letters of
+    the two on different axes. Oblique values such as ``P\\FL`` are valid."""
+    value = ds.get("PatientOrientation")
+    if isinstance(value, (str, bytes)) or value is None or len(value) != 2:  # one value ("LF") is not two
+        return None
+    row, col = (str(v).strip().upper() for v in value)
+    if not (_direction(row) and _direction(col)):
+        return None
+    return (row, col) if _axis(row[0]) != _axis(col[0]) else None
+
+
+def _direction(value: str) -> bool:
+    return (
+        0 < len(value) <= 3
+        and all(_axis(c) is not None for c in value)
+        and all(sum(c in axis for c in value) <= 1 for axis in _AXES)
+    )
+
+
+def _axis(letter: str) -> str | None:
+    return next((axis for axis in _AXES if letter in axis), None)

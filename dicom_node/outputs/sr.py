@@ -76,7 +76,7 @@ from dicom_node.outputs.geometry import box_polyline, check_geometry
 from dicom_node.outputs.image_library import image_library
 from dicom_node.outputs.library_messages import library_error, no_phi_warnings
 from dicom_node.outputs.series import SERIES_DESCRIPTION, series_dates
-from dicom_node.outputs.source import check_same_study, source_header
+from dicom_node.outputs.source import check_same_study, patient_orientation, source_header
 from dicom_node.outputs.uids import derived_uid
 from dicom_node.outputs.verdict import NOT_ANALYSABLE, ROUTINE, StudyVerdict, image_verdict, study_verdict
 from inference.types import NO_FINDING_ID, Finding, ModelInfo, Prediction, models_summary
@@ -121,20 +121,20 @@ def _patient_side(ds: Dataset, box: tuple[float, float, float, float]) -> Code |
 
     Which side of the image is the patient's right: Patient Orientation's row direction says where the
     columns run ("L": towards the patient's left, the usual display of a PA or AP chest); without it the
-    usual display is assumed. Columns that run neither way (a lateral film: "A" or "P") give no side; an oblique
-    row direction ("LP") counts by its left-right letter."""
+    usual display is assumed (also for an invalid one). Columns that run mainly another way (a lateral film: "A"
+    or "P", or "PL") give no side; an oblique row direction counts by its principal (first) letter."""
     cols = float(ds.Columns)
     x0, x1 = sorted((min(max(float(box[0]), 0.0), cols), min(max(float(box[2]), 0.0), cols)))
     width = x1 - x0
     if width <= 0:
         return None
     on_left = (min(x1, cols / 2) - min(x0, cols / 2)) / width  # share of the box in the image's left half
-    orientation = ds.get("PatientOrientation")
-    rows_towards = str(orientation[0]).strip().upper() if orientation and len(orientation) == 2 else "L"
-    if rows_towards and "L" not in rows_towards and "R" not in rows_towards:
+    orientation = patient_orientation(ds)
+    rows_towards = orientation[0][0] if orientation else "L"  # the principal letter of the row direction
+    if rows_towards not in "LR":
         return None  # the image's halves are not the patient's sides
     left_half_is, right_half_is = codes.SCT.Right, codes.SCT.Left  # the usual display of a PA/AP chest
-    if "R" in rows_towards:  # columns run towards the patient's right: flipped
+    if rows_towards == "R":  # columns run towards the patient's right: flipped
         left_half_is, right_half_is = right_half_is, left_half_is
     if on_left >= 0.85:
         return left_half_is

@@ -47,9 +47,9 @@ class Worker:
         """Say "alive" (and which job) every HEARTBEAT_S until the worker stops; a storage failure skips a beat."""
         host = socket.gethostname()
         while True:
+            self.store.spool.keep_tmp()  # this worker's tmp/ is in use (a leader never removes it), database or not
             try:
                 self.store.sync_clock()  # leases are on the database's clock: follow this host's clock if it steps
-                self.store.spool.keep_tmp()  # this worker's tmp/ folder is in use (a leader never removes it)
                 self.store.worker_heartbeat(self.name, os.getpid(), host, self.models, self.current_job)
             except StorageError as exc:
                 log.warning("worker %s: heartbeat not recorded: %s", self.name, exc)
